@@ -1,0 +1,1510 @@
+#!/usr/bin/env python3
+"""llm_proxy: share one local LLM server safely, with a token bucket per API key.
+
+What it is
+    A small HTTP daemon that sits in front of an OpenAI-compatible server (Ollama, llama.cpp
+    server, vLLM, LM Studio, ...) and forwards /v1 requests to it. Every client key (the bearer
+    token) gets its own refillable token bucket. When a key's bucket is empty the proxy answers
+    by itself: with an OpenAI-shaped assistant message ("limit reached, wait 5 min") that chat
+    UIs simply display, or, with LIMIT_RESPONSE=429, with the 429 error that OpenAI SDKs raise as
+    RateLimitError. Otherwise clients must not notice the proxy: same bodies, same statuses, same
+    streaming cadence as the upstream.
+
+How to run
+    python3 llm_proxy.py                 # defaults: listen on :8899, upstream Ollama on :11434
+    python3 llm_proxy.py --help          # every setting, its environment variable and default
+
+    Configuration comes from environment variables, each with a matching --flag (the flag wins).
+    `Config.from_env` is the only place that reads them. Bind to 127.0.0.1 unless you mean to share
+    the proxy, and set PROXY_API_KEYS when you do: without it any bearer token is accepted and
+    simply gets its own bucket.
+
+How it works
+    http.server's ThreadingHTTPServer runs one thread per client connection. A request is parsed
+    and its path normalised once (so /v1//chat/./completions/ is charged as what it is), the key is
+    authenticated, the cost is taken atomically from the key's bucket, and the request is forwarded
+    through a small keep-alive pool of http.client connections. The response is relayed piece by
+    piece as it arrives, never buffered whole: server-sent events reach the client when the
+    upstream writes them. A client that goes away closes the upstream connection at once, which
+    is what stops generation on llama.cpp, vLLM and Ollama. A request that never got an answer
+    from the upstream (unreachable, timed out, 5xx) is refunded.
+
+    Buckets refill in discrete steps (REFILL_TOKENS every REFILL_INTERVAL_SECONDS) on each bucket's
+    own grid, which starts when a full bucket is first spent. A full bucket is therefore the same
+    as a new one and is dropped from memory: the store only holds keys that have spent something
+    recently.
+
+Not done here (yet)
+    Per-key policies, metrics, usage-based charging, fair upstream queueing and a shared store for
+    several instances are separate pieces of work; see README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import hmac
+import http.client
+import json
+import math
+import os
+import select
+import signal
+import socket
+import ssl
+import sys
+import threading
+import time
+import urllib.parse
+import uuid
+from dataclasses import dataclass
+from email.utils import formatdate
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable, Iterable, Mapping, Sequence
+
+__version__ = "0.1.0"
+__all__ = [
+    "Config", "ConfigError", "ProxyError", "BucketPolicy", "Quota", "MemoryBucketStore",
+    "estimate_cost", "request_cost", "normalize_path", "ProxyHandler", "ProxyServer", "main",
+]
+
+
+# ####################################################################### constants ####
+
+CHARGED_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
+HEALTH_PATH = "/health"
+API_PREFIX = "/v1"
+
+#: Hop-by-hop headers (RFC 9110 section 7.6.1) are never forwarded, in either direction. The
+#: others are ours to set: Host and Content-Length describe the upstream request, Authorization
+#: carries the upstream key (never the client's), Expect is answered here.
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
+    "te", "trailer", "transfer-encoding", "upgrade",
+})
+NOT_FORWARDED_UP = HOP_BY_HOP | {
+    "host", "content-length", "authorization", "expect", "accept-encoding", "x-forwarded-for",
+}
+RATE_LIMIT_HEADERS = (
+    "X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset",
+    "X-RateLimit-Refill-Tokens", "X-RateLimit-Refill-Seconds", "X-RateLimit-Reset-Seconds",
+)
+LIMIT_HEADERS = ("Retry-After", "retry-after-ms", "x-should-retry")
+#: Upstream headers the proxy always replaces with its own.
+NOT_FORWARDED_DOWN = HOP_BY_HOP | {"content-length"} | {
+    "access-control-allow-origin", "access-control-expose-headers",
+    "access-control-allow-credentials", "access-control-allow-headers",
+    "access-control-allow-methods", "access-control-max-age",
+}
+CORS_HEADERS = (
+    ("Access-Control-Allow-Origin", "*"),
+    ("Access-Control-Expose-Headers", ", ".join(RATE_LIMIT_HEADERS + LIMIT_HEADERS)),
+)
+#: openai-python waits exactly what Retry-After says up to this many seconds; longer, it backs off
+#: on its own schedule, so the proxy also says x-should-retry: false to make it fail fast.
+SDK_MAX_RETRY_AFTER = 120
+
+READ_CHUNK = 64 * 1024
+MAX_CHUNK_LINE = 1024
+POOL_MAX_IDLE = 128
+LISTEN_BACKLOG = 1024
+KEEPALIVE_SECONDS = 75.0
+SHUTDOWN_GRACE_SECONDS = 30.0
+SWEEP_EVERY_SECONDS = 60.0
+
+
+# ########################################################################## errors ####
+
+class ConfigError(ValueError):
+    """A setting is invalid; the message names it and is shown as one line at start-up."""
+
+
+class ProxyError(Exception):
+    """An error the client gets as OpenAI-shaped JSON: {"error": {message, type, param, code}}.
+
+    Raised anywhere below the handler; the handler's one error boundary sends it, or, once
+    response headers are out, closes the connection instead.
+    """
+
+    def __init__(self, status: HTTPStatus, message: str, *, type: str = "invalid_request_error",
+                 code: str | None = None, param: str | None = None,
+                 headers: Sequence[tuple[str, str]] = (), close: bool = False) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.code = code
+        self.param = param
+        self.headers = tuple(headers)
+        self.close = close
+
+    def body(self) -> bytes:
+        return error_body(self.message, self.type, self.code, self.param)
+
+
+class ClientGone(Exception):
+    """The client closed its connection; nothing more can be sent to it."""
+
+
+class UpstreamTimeout(Exception):
+    """The upstream sent nothing for READ_TIMEOUT seconds."""
+
+
+def error_body(message: str, type: str, code: str | None = None, param: str | None = None) -> bytes:
+    return json.dumps({"error": {"message": message, "type": type, "param": param,
+                                 "code": code}}).encode()
+
+
+# ########################################################################## config ####
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting: its environment variable (and aliases), flag, default and help."""
+    env: str
+    field: str
+    default: str
+    help: str
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.env.lower().replace("_", "-")
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("HOST", "host", "0.0.0.0", "address to listen on (127.0.0.1 keeps it to this machine)"),
+    Setting("PORT", "port", "8899", "port to listen on (0 picks a free one)"),
+    Setting("BASE_API_URL", "base_api_url", "http://127.0.0.1:11434/v1",
+            "upstream base URL including /v1 (http or https)", ("UPSTREAM_BASE_URL",)),
+    Setting("BASE_API_KEY", "base_api_key", "",
+            "key sent upstream as 'Authorization: Bearer ...' (the client's is never forwarded)",
+            ("UPSTREAM_API_KEY",)),
+    Setting("BASE_MODEL", "base_model", "",
+            "when set, the model of every charged request is rewritten to it and /v1/models "
+            "lists only it", ("UPSTREAM_MODEL",)),
+    Setting("MAX_TOKENS", "max_tokens", "10", "bucket size (tokens)"),
+    Setting("REFILL_TOKENS", "refill_tokens", "2", "tokens added at each refill"),
+    Setting("REFILL_INTERVAL_SECONDS", "refill_interval_seconds", "300", "seconds between refills"),
+    Setting("REQUEST_TOKEN_COST", "request_token_cost", "1",
+            "cost of one completion request in request mode"),
+    Setting("TOKEN_COST_MODE", "token_cost_mode", "request",
+            "request (flat cost) or estimate (characters/4 plus the response reserve)"),
+    Setting("RESPONSE_TOKEN_RESERVE", "response_token_reserve", "256",
+            "estimate mode: tokens reserved for the answer when the request sets no max_tokens"),
+    Setting("PROXY_API_KEYS", "proxy_api_keys", "",
+            "comma-separated client keys; when set, any other or missing key gets 401"),
+    Setting("LIMIT_RESPONSE", "limit_response", "message",
+            "what an empty bucket answers: message (200, an assistant message) or 429"),
+    Setting("OPEN_TIMEOUT", "open_timeout", "10", "seconds to connect to the upstream"),
+    Setting("READ_TIMEOUT", "read_timeout", "120",
+            "seconds the upstream may stay silent before a response or between two reads"),
+    Setting("MAX_BODY_BYTES", "max_body_bytes", str(32 * 1024 * 1024), "largest request body"),
+    Setting("TRUST_FORWARDED_FOR", "trust_forwarded_for", "0",
+            "1: bucket keyless clients by the last X-Forwarded-For address (behind a proxy you run)"),
+)
+
+
+def _parse_int(name: str, raw: str, minimum: int = 1, maximum: int | None = None) -> int:
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{name} must be at most {maximum}, got {value}")
+    return value
+
+
+def _parse_seconds(name: str, raw: str) -> float:
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise ConfigError(f"{name} must be a number of seconds, got {raw!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{name} must be a positive number of seconds, got {raw!r}")
+    return value
+
+
+def _parse_choice(name: str, raw: str, choices: Sequence[str]) -> str:
+    value = raw.strip().lower()
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {raw!r}")
+    return value
+
+
+def _parse_bool(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be 0 or 1, got {raw!r}")
+
+
+def _parse_url(name: str, raw: str) -> str:
+    url = raw.strip()
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 -- raises ValueError on a bad port
+    except ValueError:
+        raise ConfigError(f"{name} is not a valid URL: {raw!r}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{name} must be an http:// or https:// URL, got {raw!r}")
+    if parts.query or parts.fragment:
+        raise ConfigError(f"{name} must not have a query or fragment, got {raw!r}")
+    return url.rstrip("/")
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not usage + message
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every setting, validated. Built once by `from_env`; handlers read `self.server.config`."""
+    host: str = "0.0.0.0"
+    port: int = 8899
+    base_api_url: str = "http://127.0.0.1:11434/v1"
+    base_api_key: str = ""
+    base_model: str = ""
+    max_tokens: int = 10
+    refill_tokens: int = 2
+    refill_interval_seconds: float = 300.0
+    request_token_cost: int = 1
+    token_cost_mode: str = "request"
+    response_token_reserve: int = 256
+    proxy_api_keys: tuple[str, ...] = ()
+    limit_response: str = "message"
+    open_timeout: float = 10.0
+    read_timeout: float = 120.0
+    max_body_bytes: int = 32 * 1024 * 1024
+    trust_forwarded_for: bool = False
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None,
+                 argv: Sequence[str] | None = None) -> "Config":
+        """Read the environment, let --flags override it, validate, and return the Config.
+
+        Raises ConfigError naming the variable on the first invalid value.
+        """
+        environ = os.environ if environ is None else environ
+        flags = vars(build_arg_parser().parse_args(argv))
+        raw: dict[str, str] = {}
+        for setting in SETTINGS:
+            value = flags.get(setting.field)
+            if value is None:
+                for name in (setting.env, *setting.aliases):
+                    if name in environ:
+                        value = environ[name]
+                        break
+            raw[setting.env] = setting.default if value is None else value
+        return cls(
+            host=raw["HOST"].strip() or "0.0.0.0",
+            port=_parse_int("PORT", raw["PORT"], 0, 65535),
+            base_api_url=_parse_url("BASE_API_URL", raw["BASE_API_URL"]),
+            base_api_key=raw["BASE_API_KEY"].strip(),
+            base_model=raw["BASE_MODEL"].strip(),
+            max_tokens=_parse_int("MAX_TOKENS", raw["MAX_TOKENS"]),
+            refill_tokens=_parse_int("REFILL_TOKENS", raw["REFILL_TOKENS"]),
+            refill_interval_seconds=_parse_seconds("REFILL_INTERVAL_SECONDS",
+                                                   raw["REFILL_INTERVAL_SECONDS"]),
+            request_token_cost=_parse_int("REQUEST_TOKEN_COST", raw["REQUEST_TOKEN_COST"]),
+            token_cost_mode=_parse_choice("TOKEN_COST_MODE", raw["TOKEN_COST_MODE"],
+                                          ("request", "estimate")),
+            response_token_reserve=_parse_int("RESPONSE_TOKEN_RESERVE",
+                                              raw["RESPONSE_TOKEN_RESERVE"], 0),
+            proxy_api_keys=tuple(k.strip() for k in raw["PROXY_API_KEYS"].split(",") if k.strip()),
+            limit_response=_parse_choice("LIMIT_RESPONSE", raw["LIMIT_RESPONSE"],
+                                         ("message", "429")),
+            open_timeout=_parse_seconds("OPEN_TIMEOUT", raw["OPEN_TIMEOUT"]),
+            read_timeout=_parse_seconds("READ_TIMEOUT", raw["READ_TIMEOUT"]),
+            max_body_bytes=_parse_int("MAX_BODY_BYTES", raw["MAX_BODY_BYTES"]),
+            trust_forwarded_for=_parse_bool("TRUST_FORWARDED_FOR", raw["TRUST_FORWARDED_FOR"]),
+        )
+
+    @property
+    def bucket_policy(self) -> "BucketPolicy":
+        return BucketPolicy(self.max_tokens, self.refill_tokens, self.refill_interval_seconds)
+
+    def warnings(self) -> list[str]:
+        """Settings that are valid but almost certainly not what the operator meant."""
+        found = []
+        if self.token_cost_mode == "estimate" and self.max_tokens < self.response_token_reserve:
+            found.append(
+                f"TOKEN_COST_MODE=estimate with MAX_TOKENS={self.max_tokens} below "
+                f"RESPONSE_TOKEN_RESERVE={self.response_token_reserve}: every request that does "
+                "not set a small max_tokens costs more than a bucket holds and is refused")
+        return found
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    parser = _ArgumentParser(
+        prog="llm_proxy.py",
+        description="Share one OpenAI-compatible LLM server, with a token bucket per API key. "
+                    "Every setting is an environment variable; its --flag overrides it.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"llm_proxy {__version__}")
+    for s in SETTINGS:
+        default = "(empty)" if not s.default else s.default
+        names = " or ".join((s.env, *s.aliases))
+        parser.add_argument(s.flag, dest=s.field, metavar=s.env, default=None,
+                            help=f"{s.help} [env {names}; default {default}]")
+    return parser
+
+
+# ###################################################################### bucket store ####
+
+@dataclass(frozen=True)
+class BucketPolicy:
+    """How large a bucket is and how it refills."""
+    capacity: int
+    refill_tokens: int
+    refill_interval: float
+
+
+@dataclass(frozen=True)
+class Quota:
+    """What a bucket said about one request: admitted or not, and the numbers for the headers."""
+    admitted: bool
+    limit: int
+    remaining: int
+    reset_seconds: float   # until the next refill; 0 when the bucket is full
+    wait_seconds: float    # until this cost could be admitted; 0 when admitted; inf if never
+    policy: BucketPolicy
+
+
+class _Bucket:
+    __slots__ = ("tokens", "anchor", "policy")
+
+    def __init__(self, tokens: int, anchor: float, policy: BucketPolicy) -> None:
+        self.tokens = tokens
+        self.anchor = anchor      # the refill grid: refills land at anchor + k * interval
+        self.policy = policy
+
+    def refill(self, now: float) -> None:
+        """Add every refill due by `now`. A full bucket's grid restarts at `now`, so a full
+        bucket behaves exactly like a new one (which is why full buckets can be forgotten)."""
+        p = self.policy
+        if self.tokens < p.capacity:
+            steps = int((now - self.anchor) // p.refill_interval)
+            if steps > 0:
+                self.tokens = min(p.capacity, self.tokens + steps * p.refill_tokens)
+                self.anchor += steps * p.refill_interval
+        if self.tokens >= p.capacity:
+            self.tokens = p.capacity
+            self.anchor = now
+
+    def quota(self, admitted: bool, cost: int, now: float) -> Quota:
+        p = self.policy
+        reset = 0.0 if self.tokens >= p.capacity else max(0.0, self.anchor + p.refill_interval - now)
+        if admitted or self.tokens >= cost:
+            wait = 0.0
+        elif cost > p.capacity:
+            wait = math.inf
+        else:
+            steps = math.ceil((cost - self.tokens) / p.refill_tokens)
+            wait = max(0.0, self.anchor + steps * p.refill_interval - now)
+        return Quota(admitted, p.capacity, self.tokens, reset, wait, p)
+
+
+class MemoryBucketStore:
+    """Token buckets in a dict behind one lock; every operation is atomic.
+
+    Methods for the caller: take(), refund(), peek(), len(). Only buckets that are not full are
+    held: a bucket refilled to full is the same as a new one, so it is dropped (on access, and by
+    a sweep at most once a minute). Memory is bounded by the number of keys that spent tokens
+    within one full refill period.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._buckets: dict[str, _Bucket] = {}
+        self._last_sweep = clock()
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def _load(self, key: str, policy: BucketPolicy, now: float) -> _Bucket:
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            return _Bucket(policy.capacity, now, policy)
+        bucket.policy = policy
+        bucket.refill(now)
+        return bucket
+
+    def _store(self, key: str, bucket: _Bucket) -> None:
+        if bucket.tokens >= bucket.policy.capacity:
+            self._buckets.pop(key, None)
+        else:
+            self._buckets[key] = bucket
+
+    def take(self, key: str, cost: int, policy: BucketPolicy) -> Quota:
+        """Spend `cost` tokens if the bucket holds them; say how it stands either way."""
+        with self._lock:
+            now = self._clock()
+            if now - self._last_sweep >= SWEEP_EVERY_SECONDS:
+                self._sweep(now)
+            bucket = self._load(key, policy, now)
+            admitted = bucket.tokens >= cost
+            if admitted:
+                bucket.tokens -= cost
+                self._store(key, bucket)
+            return bucket.quota(admitted, cost, now)
+
+    def refund(self, key: str, amount: int, policy: BucketPolicy) -> Quota:
+        """Give back tokens taken for a request the upstream never served (never above full)."""
+        with self._lock:
+            now = self._clock()
+            bucket = self._load(key, policy, now)
+            bucket.tokens = min(policy.capacity, bucket.tokens + amount)
+            bucket.refill(now)
+            self._store(key, bucket)
+            return bucket.quota(True, 0, now)
+
+    def peek(self, key: str, policy: BucketPolicy) -> Quota:
+        """How the bucket stands now, without creating it."""
+        with self._lock:
+            now = self._clock()
+            bucket = self._load(key, policy, now)
+            if key in self._buckets:
+                self._store(key, bucket)  # drops it if it has refilled to full
+            return bucket.quota(True, 0, now)
+
+    def _sweep(self, now: float) -> None:
+        full = []
+        for key, bucket in self._buckets.items():
+            bucket.refill(now)
+            if bucket.tokens >= bucket.policy.capacity:
+                full.append(key)
+        for key in full:
+            del self._buckets[key]
+        self._last_sweep = now
+
+
+# ################################################################## cost estimation ####
+
+def _string_stats(value: object) -> tuple[int, int]:
+    """(number of strings, total characters) of every string value in a JSON document, skipping
+    values under any key named "model". Iterative, so deeply nested input cannot blow the stack."""
+    count = chars = 0
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            count += 1
+            chars += len(item)
+        elif isinstance(item, dict):
+            stack.extend(v for k, v in item.items() if k != "model")
+        elif isinstance(item, list):
+            stack.extend(item)
+    return count, chars
+
+
+def _whole(value: object) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return None
+
+
+def response_reserve(body: Mapping[str, object], default: int) -> int:
+    """Tokens set aside for the answer: max_completion_tokens, else max_tokens, else `default`
+    (a negative or non-integer value counts as absent)."""
+    for name in ("max_completion_tokens", "max_tokens"):
+        value = _whole(body.get(name))
+        if value is not None:
+            return value
+    return default
+
+
+def estimate_cost(body: Mapping[str, object], reserve: int) -> int:
+    """The prototype's estimate: ceil(len(" ".join(strings)) / 4) + reserve, at least 1."""
+    count, chars = _string_stats(body)
+    joined = chars + max(0, count - 1)
+    return max(1, math.ceil(joined / 4) + response_reserve(body, reserve))
+
+
+def request_cost(body: Mapping[str, object], config: Config) -> int:
+    if config.token_cost_mode == "estimate":
+        return estimate_cost(body, config.response_token_reserve)
+    return config.request_token_cost
+
+
+# ################################################################## limit responses ####
+
+def wait_text(seconds: float) -> str:
+    """'N s' under a minute, else 'N min', both rounded up."""
+    whole = max(1, math.ceil(seconds))
+    return f"{whole} s" if whole < 60 else f"{math.ceil(whole / 60)} min"
+
+
+def limit_message(seconds: float) -> str:
+    return f"limit reached, wait {wait_text(seconds)}"
+
+
+def _completion_id(route: str) -> str:
+    prefix = "chatcmpl-" if route == "/v1/chat/completions" else "cmpl-"
+    return prefix + uuid.uuid4().hex[:24]
+
+
+def _sse(events: Iterable[object]) -> bytes:
+    return b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events) + \
+        b"data: [DONE]\n\n"
+
+
+ZERO_USAGE = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+
+
+def limit_completion(route: str, model: str, text: str, *, stream: bool, include_usage: bool,
+                     created: int) -> tuple[str, bytes]:
+    """The assistant-message answer to a limited request, in the shape the client asked for:
+    (content type, body) of a chat.completion / text_completion object or their SSE streams."""
+    ident = _completion_id(route)
+    head = {"id": ident, "created": created, "model": model}
+    chat = route == "/v1/chat/completions"
+    if not stream:
+        if chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                      "logprobs": None, "finish_reason": "stop"}
+            obj = {**head, "object": "chat.completion"}
+        else:
+            choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": "stop"}
+            obj = {**head, "object": "text_completion"}
+        body = {"id": ident, "object": obj["object"], "created": created, "model": model,
+                "choices": [choice], "usage": dict(ZERO_USAGE)}
+        return "application/json", json.dumps(body).encode()
+    usage = {"usage": None} if include_usage else {}
+    if chat:
+        base = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model}
+        deltas = [({"role": "assistant", "content": ""}, None), ({"content": text}, None),
+                  ({}, "stop")]
+        events: list[object] = [
+            {**base, "choices": [{"index": 0, "delta": d, "logprobs": None, "finish_reason": f}],
+             **usage} for d, f in deltas]
+    else:
+        base = {"id": ident, "object": "text_completion", "created": created, "model": model}
+        pieces = [(text, None), ("", "stop")]
+        events = [{**base, "choices": [{"text": t, "index": 0, "logprobs": None,
+                                        "finish_reason": f}], **usage} for t, f in pieces]
+    if include_usage:
+        events.append({**base, "choices": [], "usage": dict(ZERO_USAGE)})
+    return "text/event-stream; charset=utf-8", _sse(events)
+
+
+def rate_limit_headers(quota: Quota) -> list[tuple[str, str]]:
+    """The X-RateLimit-* headers of every charged response (the prototype's names)."""
+    return [
+        ("X-RateLimit-Limit", str(quota.limit)),
+        ("X-RateLimit-Remaining", str(max(0, quota.remaining))),
+        ("X-RateLimit-Reset", str(math.ceil(quota.reset_seconds))),
+        ("X-RateLimit-Refill-Tokens", str(quota.policy.refill_tokens)),
+        ("X-RateLimit-Refill-Seconds", _number(quota.policy.refill_interval)),
+        ("X-RateLimit-Reset-Seconds", str(math.ceil(quota.wait_seconds))),
+    ]
+
+
+def retry_headers(wait: float) -> list[tuple[str, str]]:
+    """Retry-After (whole seconds) and retry-after-ms, which openai-python reads first; past what
+    the SDK would wait, x-should-retry: false so it fails fast instead of backing off blindly."""
+    seconds = max(1, math.ceil(wait))
+    headers = [("Retry-After", str(seconds)), ("retry-after-ms", str(max(1, math.ceil(wait * 1000))))]
+    if seconds > SDK_MAX_RETRY_AFTER:
+        headers.append(("x-should-retry", "false"))
+    return headers
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+# ######################################################################## requests ####
+
+def normalize_path(target: str) -> tuple[str, str]:
+    """Split a request target into (normalised path, raw query).
+
+    The path is percent-decoded once, empty and '.' segments are dropped, '..' segments are
+    resolved (never above the root) and a trailing slash is removed. Routing, charging and
+    forwarding all use this one result, so no other spelling reaches a route uncharged.
+    Raises ProxyError(400) for targets that cannot be a path.
+    """
+    if target.startswith(("http://", "https://")):  # absolute-form (RFC 9112 section 3.2.2)
+        target = urllib.parse.urlsplit(target)._replace(scheme="", netloc="").geturl() or "/"
+    path, _, query = target.partition("?")
+    query = query.partition("#")[0]
+    path = path.partition("#")[0]
+    if not path.startswith("/"):
+        raise ProxyError(HTTPStatus.BAD_REQUEST, "Invalid request target.")
+    try:
+        decoded = urllib.parse.unquote(path, errors="strict")
+    except UnicodeDecodeError:
+        raise ProxyError(HTTPStatus.BAD_REQUEST, "Invalid percent-encoding in path.") from None
+    if any(ch < " " or ch in "\x7f\\" for ch in decoded) or any(ch <= " " for ch in query):
+        raise ProxyError(HTTPStatus.BAD_REQUEST, "Invalid character in request target.")
+    segments: list[str] = []
+    for segment in decoded.split("/"):
+        if segment == "..":
+            if segments:
+                segments.pop()
+        elif segment and segment != ".":
+            segments.append(segment)
+    return "/" + "/".join(segments), query
+
+
+def parse_json_object(body: bytes) -> dict:
+    """The body of a charged request: a JSON object, or ProxyError(400)."""
+    try:
+        value = json.loads(body)
+    except RecursionError:
+        raise ProxyError(HTTPStatus.BAD_REQUEST, "Request body is nested too deeply.") from None
+    except (UnicodeDecodeError, ValueError):
+        raise ProxyError(HTTPStatus.BAD_REQUEST,
+                         "We could not parse the JSON body of your request. The body must be "
+                         "valid JSON (UTF-8).") from None
+    if not isinstance(value, dict):
+        raise ProxyError(HTTPStatus.BAD_REQUEST, "The request body must be a JSON object.")
+    return value
+
+
+def bearer_token(authorization: str | None) -> str:
+    if not authorization:
+        return ""
+    scheme, _, token = authorization.strip().partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
+def key_digest(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def key_label(key: str) -> str:
+    """How a client key appears in logs: a short hash, never the key."""
+    return key_digest(key)[:10]
+
+
+class KeyRing:
+    """The accepted client keys, held only as SHA-256 digests.
+
+    A lookup hashes the presented key, finds the candidates sharing the digest's first 16 hex
+    digits in a dict, and compares the whole digest with hmac.compare_digest. The cost does not
+    grow with the number of keys, and timing reveals at most something about a hash of the key,
+    never how much of the key itself was right.
+    """
+
+    _PREFIX = 16
+
+    def __init__(self, keys: Iterable[str]) -> None:
+        self._by_prefix: dict[str, list[str]] = {}
+        for key in keys:
+            digest = key_digest(key)
+            self._by_prefix.setdefault(digest[:self._PREFIX], []).append(digest)
+
+    def __bool__(self) -> bool:
+        return bool(self._by_prefix)
+
+    def accepts(self, key: str) -> bool:
+        digest = key_digest(key)
+        found = False
+        for candidate in self._by_prefix.get(digest[:self._PREFIX], ()):
+            found |= hmac.compare_digest(candidate, digest)
+        return found
+
+
+# ######################################################################## upstream ####
+
+@dataclass(frozen=True)
+class Upstream:
+    scheme: str
+    host: str
+    port: int
+    base_path: str
+
+    @classmethod
+    def from_url(cls, url: str) -> "Upstream":
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        return cls(parts.scheme, parts.hostname or "", port, parts.path.rstrip("/"))
+
+    def path_for(self, path: str, query: str) -> str:
+        """The upstream target for a normalised /v1 path: the base URL's path replaces /v1."""
+        tail = path[len(API_PREFIX):]
+        quoted = urllib.parse.quote(self.base_path + tail, safe="/:@!$&'()*+,;=-._~")
+        return quoted + ("?" + query if query else "")
+
+
+class UpstreamPool:
+    """Idle keep-alive connections to the upstream, reused last-in first-out.
+
+    acquire() gives a connected connection and whether it was reused; release() returns one whose
+    response was read to the end; anything else must be closed by the caller.
+    """
+
+    def __init__(self, upstream: Upstream, open_timeout: float, read_timeout: float,
+                 max_idle: int = POOL_MAX_IDLE) -> None:
+        self.upstream = upstream
+        self.open_timeout = open_timeout
+        self.read_timeout = read_timeout
+        self.max_idle = max_idle
+        self._idle: list[http.client.HTTPConnection] = []
+        self._lock = threading.Lock()
+        self._ssl = ssl.create_default_context() if upstream.scheme == "https" else None
+
+    def acquire(self) -> tuple[http.client.HTTPConnection, bool]:
+        while True:
+            with self._lock:
+                conn = self._idle.pop() if self._idle else None
+            if conn is None:
+                return self._connect(), False
+            if not _connection_dropped(conn.sock):
+                return conn, True
+            conn.close()
+
+    def _connect(self) -> http.client.HTTPConnection:
+        u = self.upstream
+        if self._ssl is not None:
+            conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+                u.host, u.port, timeout=self.open_timeout, context=self._ssl)
+        else:
+            conn = http.client.HTTPConnection(u.host, u.port, timeout=self.open_timeout)
+        try:
+            conn.connect()
+        except (socket.timeout, TimeoutError):
+            conn.close()
+            raise ProxyError(HTTPStatus.GATEWAY_TIMEOUT, "The upstream server did not accept "
+                             "the connection in time.", type="server_error",
+                             code="upstream_timeout") from None
+        except OSError:
+            conn.close()
+            raise ProxyError(HTTPStatus.BAD_GATEWAY, "The upstream server could not be reached.",
+                             type="server_error", code="upstream_unreachable") from None
+        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn.sock.settimeout(self.read_timeout)
+        return conn
+
+    def release(self, conn: http.client.HTTPConnection) -> None:
+        with self._lock:
+            if len(self._idle) < self.max_idle:
+                self._idle.append(conn)
+                return
+        conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+
+def _connection_dropped(sock: socket.socket | None) -> bool:
+    """An idle keep-alive socket that is readable has been closed by the upstream (or holds
+    garbage): either way it cannot carry a new request."""
+    if sock is None:
+        return True
+    try:
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        return bool(poller.poll(0))
+    except (OSError, ValueError):
+        return True
+
+
+def _buffered(resp: http.client.HTTPResponse, sock: socket.socket) -> bool:
+    """Whether the response already holds unread bytes (so waiting on the socket would stall).
+
+    http.client reads through a BufferedReader; peeking at it with the socket briefly
+    non-blocking returns what is buffered without waiting for more.
+    """
+    fp = resp.fp
+    if fp is None:
+        return True
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return True
+    timeout = sock.gettimeout()
+    try:
+        sock.settimeout(0.0)
+        return bool(fp.peek(1))
+    except (BlockingIOError, ssl.SSLWantReadError, OSError, ValueError):
+        return False
+    finally:
+        sock.settimeout(timeout)
+
+
+def wait_readable(upstream: socket.socket, client: socket.socket | None, timeout: float) -> bool:
+    """Block until the upstream socket is readable, watching the client socket meanwhile.
+
+    Raises ClientGone as soon as the client closes its end (so the caller can close the upstream
+    and stop generation), UpstreamTimeout after `timeout` seconds of silence. Returns whether the
+    client should still be watched: a client that sent more bytes (a pipelined request) is not
+    gone, and watching it further would spin.
+    """
+    poller = select.poll()
+    poller.register(upstream, select.POLLIN)
+    if client is not None:
+        poller.register(client, select.POLLIN)
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise UpstreamTimeout()
+        events = poller.poll(remaining * 1000)
+        if not events:
+            raise UpstreamTimeout()
+        watching = client is not None
+        for fd, _ in events:
+            if client is not None and fd == client.fileno():
+                if _peer_closed(client):
+                    raise ClientGone()
+                poller.unregister(client)
+                client, watching = None, False
+        if any(fd == upstream.fileno() for fd, _ in events):
+            return watching
+
+
+def _peer_closed(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True
+
+
+# ######################################################################### handler ####
+
+class ProxyHandler(BaseHTTPRequestHandler):
+    """One client connection: parse, authenticate, charge, forward, log.
+
+    Policy lives in the functions and classes above; this class only wires them to HTTP. Its one
+    error boundary is `_handle`: a ProxyError becomes the OpenAI error body, or, once response
+    headers are out, a closed connection.
+    """
+
+    protocol_version = "HTTP/1.1"
+    server_version = f"llm_proxy/{__version__}"
+    disable_nagle_algorithm = True      # headers and small SSE events must not wait for ACKs
+    timeout = KEEPALIVE_SECONDS         # idle keep-alive connections and stuck writes
+    server: "ProxyServer"
+
+    # -- dispatch ---------------------------------------------------------------------------
+
+    def do_GET(self) -> None:
+        self._handle()
+
+    do_POST = do_PUT = do_PATCH = do_DELETE = do_GET
+
+    def do_OPTIONS(self) -> None:
+        """CORS preflight: allow whatever the browser asks for (x-stainless-* included)."""
+        self._begin()
+        asked = self.headers.get("Access-Control-Request-Headers", "")
+        allowed = _header_safe(asked) or "Authorization, Content-Type"
+        self._send(HTTPStatus.NO_CONTENT, [
+            ("Access-Control-Allow-Methods", "GET, POST, PUT, PATCH, DELETE, OPTIONS"),
+            ("Access-Control-Allow-Headers", allowed),
+            ("Access-Control-Max-Age", "86400"),
+        ], None)
+        self._log_access()
+
+    # -- the error boundary -----------------------------------------------------------------
+
+    def _begin(self) -> None:
+        self._started = time.perf_counter()
+        self._headers_sent = False
+        self._body_consumed = False
+        self._status = 0
+        self._cost: int | None = None
+        self._remaining: int | None = None
+        self._label = "-"
+        self._route = ""
+        self._note = ""
+
+    def _handle(self) -> None:
+        self._begin()
+        self.server.request_started()
+        try:
+            self._proxy()
+        except ProxyError as err:
+            self._fail(err)
+        except ClientGone:
+            self.close_connection = True
+            self._status = self._status if self._headers_sent else 499
+            self._note = "client closed"
+        except (KeyboardInterrupt, SystemExit, MemoryError):
+            raise
+        except Exception as exc:  # a bug: answer 500, log one line, keep serving
+            self.server.log(f"error: {type(exc).__name__} while handling "
+                            f"{self.command} {_loggable(self._route or '?')}")
+            self._fail(ProxyError(HTTPStatus.INTERNAL_SERVER_ERROR, "The proxy failed to handle "
+                                  "the request.", type="server_error", close=True))
+        finally:
+            self.server.request_finished()
+            self._log_access()
+
+    def _fail(self, err: ProxyError) -> None:
+        if self._headers_sent:
+            self.close_connection = True
+            return
+        if err.close:
+            self.close_connection = True
+        try:
+            self._send(err.status, [("Content-Type", "application/json"), *err.headers],
+                       err.body() if self.command != "HEAD" else None)
+        except OSError:
+            self.close_connection = True
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own errors (malformed request line, headers too long, unsupported
+        method) as OpenAI-shaped JSON instead of an HTML page."""
+        if not hasattr(self, "_started"):
+            self._begin()
+        self.close_connection = True
+        status = HTTPStatus(code)
+        text = {HTTPStatus.BAD_REQUEST: "Malformed HTTP request.",
+                HTTPStatus.NOT_IMPLEMENTED: f"Method not supported: {_loggable(self.command or '')}."}
+        self._fail(ProxyError(status, text.get(status, status.phrase + ".")))
+        self._log_access()
+
+    def parse_request(self) -> bool:
+        # An HTTP/0.9 request line ("GET /path") has no version and no headers; http.server
+        # would wait for headers that never come. No API client speaks it: refuse it at once.
+        words = self.raw_requestline.split()
+        if len(words) == 2:
+            self.command = words[0].decode("latin-1")
+            self.send_error(HTTPStatus.BAD_REQUEST)
+            return False
+        return super().parse_request()
+
+    # -- the request ------------------------------------------------------------------------
+
+    def _proxy(self) -> None:
+        config = self.server.config
+        self._route = self.path.partition("?")[0]  # for the log until it is normalised
+        path, query = normalize_path(self.path)
+        self._route = path
+        if path == HEALTH_PATH and self.command == "GET":
+            return self._health()
+        if path != API_PREFIX and not path.startswith(API_PREFIX + "/"):
+            raise ProxyError(HTTPStatus.NOT_FOUND, f"Invalid URL ({self.command} {path}).",
+                             code="unknown_url")
+        bucket_key = self._authenticate()
+        body = self._read_body()
+        if path == "/v1/models" and self.command == "GET" and config.base_model:
+            return self._send_json(HTTPStatus.OK, {"object": "list", "data": [
+                {"id": config.base_model, "object": "model", "created": 0,
+                 "owned_by": "llm_proxy"}]})
+        if self.command != "POST" or path not in CHARGED_ROUTES:
+            return self._forward(path, query, body, None, None)
+
+        payload = parse_json_object(body)
+        policy = config.bucket_policy
+        cost = request_cost(payload, config)
+        self._cost = cost
+        if cost > policy.capacity:
+            raise ProxyError(
+                HTTPStatus.BAD_REQUEST,
+                f"This request would cost {cost} tokens, but a bucket holds at most "
+                f"{policy.capacity}, so it can never be admitted. Send a shorter request or a "
+                "smaller max_tokens.", code="request_exceeds_bucket")
+        quota = self.server.store.take(bucket_key, cost, policy)
+        self._remaining = quota.remaining
+        if not quota.admitted:
+            self._cost = 0
+            return self._send_limited(path, payload, quota)
+        if config.base_model:
+            payload["model"] = config.base_model
+            body = json.dumps(payload).encode()
+        self._forward(path, query, body, bucket_key, quota)
+
+    def _authenticate(self) -> str:
+        """The caller's bucket key, or ProxyError(401). Keyless callers share their IP's bucket."""
+        token = bearer_token(self.headers.get("Authorization"))
+        ring = self.server.keys
+        if ring and not (token and ring.accepts(token)):
+            message = ("Incorrect API key provided." if token else
+                       "You didn't provide an API key. Provide it in the Authorization header "
+                       "as 'Bearer YOUR_KEY'.")
+            raise ProxyError(HTTPStatus.UNAUTHORIZED, message, code="invalid_api_key")
+        if token:
+            self._label = key_label(token)
+            return "key:" + key_digest(token)
+        return "ip:" + self._client_ip()
+
+    def _client_ip(self) -> str:
+        if self.server.config.trust_forwarded_for:
+            forwarded = [p.strip() for p in ",".join(
+                self.headers.get_all("X-Forwarded-For") or []).split(",") if p.strip()]
+            if forwarded:
+                return forwarded[-1]
+        return self.client_address[0]
+
+    def _has_body(self) -> bool:
+        headers = getattr(self, "headers", None)  # absent when the request line was malformed
+        if headers is None:
+            return False
+        return bool(headers.get("Content-Length", "0").strip() not in ("", "0")
+                    or headers.get("Transfer-Encoding"))
+
+    def _read_body(self) -> bytes:
+        """The whole request body, within MAX_BODY_BYTES (decided from Content-Length before
+        reading). Ambiguous framing is refused and the connection closed (request smuggling)."""
+        limit = self.server.config.max_body_bytes
+        lengths = {v.strip() for v in self.headers.get_all("Content-Length") or []}
+        encoding = ",".join(self.headers.get_all("Transfer-Encoding") or []).strip().lower()
+        if encoding:
+            if lengths:
+                raise ProxyError(HTTPStatus.BAD_REQUEST, "Both Content-Length and "
+                                 "Transfer-Encoding were sent.", close=True)
+            if encoding != "chunked":
+                raise ProxyError(HTTPStatus.BAD_REQUEST, "Unsupported Transfer-Encoding.",
+                                 close=True)
+            body = self._read_chunked(limit)
+        else:
+            if len(lengths) > 1:
+                raise ProxyError(HTTPStatus.BAD_REQUEST, "Conflicting Content-Length headers.",
+                                 close=True)
+            raw = lengths.pop() if lengths else "0"
+            if not raw.isdigit():
+                raise ProxyError(HTTPStatus.BAD_REQUEST, "Invalid Content-Length.", close=True)
+            length = int(raw)
+            if length > limit:
+                raise ProxyError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                                 f"Request body is {length} bytes; the limit is {limit}.",
+                                 code="request_too_large", close=True)
+            body = self._read_exactly(length)
+        self._body_consumed = True
+        return body
+
+    def _read_exactly(self, length: int) -> bytes:
+        try:
+            body = self.rfile.read(length) if length else b""
+        except (socket.timeout, TimeoutError):
+            raise ProxyError(HTTPStatus.REQUEST_TIMEOUT, "Timed out reading the request body.",
+                             close=True) from None
+        except OSError:
+            raise ClientGone() from None
+        if len(body) < length:
+            raise ClientGone()
+        return body
+
+    def _read_chunked(self, limit: int) -> bytes:
+        parts, total = [], 0
+        while True:
+            line = self.rfile.readline(MAX_CHUNK_LINE + 1)
+            if not line:
+                raise ClientGone()
+            size_text = line.split(b";", 1)[0].strip()
+            if len(line) > MAX_CHUNK_LINE or not size_text or \
+                    any(c not in b"0123456789abcdefABCDEF" for c in size_text):
+                raise ProxyError(HTTPStatus.BAD_REQUEST, "Invalid chunked body.", close=True)
+            size = int(size_text, 16)
+            if size == 0:
+                break
+            total += size
+            if total > limit:
+                raise ProxyError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                                 f"Request body is over the limit of {limit} bytes.",
+                                 code="request_too_large", close=True)
+            parts.append(self._read_exactly(size))
+            if self.rfile.readline(MAX_CHUNK_LINE + 1).strip():
+                raise ProxyError(HTTPStatus.BAD_REQUEST, "Invalid chunked body.", close=True)
+        while True:  # trailers, ignored
+            line = self.rfile.readline(MAX_CHUNK_LINE + 1)
+            if not line:
+                raise ClientGone()
+            if not line.strip():
+                return b"".join(parts)
+
+    # -- local answers ----------------------------------------------------------------------
+
+    def _health(self) -> None:
+        """{"ok": true, "quota": …} for the caller's bucket, without creating one. A caller
+        without a key gets only {"ok": true} when keys are required (a liveness probe)."""
+        answer: dict[str, object] = {"ok": True}
+        token = bearer_token(self.headers.get("Authorization"))
+        if token or not self.server.keys:
+            bucket_key = self._authenticate()
+            policy = self.server.config.bucket_policy
+            quota = self.server.store.peek(bucket_key, policy)
+            answer["quota"] = {
+                "limit": quota.limit, "remaining": quota.remaining,
+                "reset_seconds": math.ceil(quota.reset_seconds),
+                "refill_tokens": policy.refill_tokens,
+                "refill_interval_seconds": policy.refill_interval,
+            }
+        self._send_json(HTTPStatus.OK, answer)
+
+    def _send_limited(self, route: str, payload: dict, quota: Quota) -> None:
+        config = self.server.config
+        headers = rate_limit_headers(quota) + retry_headers(quota.wait_seconds)
+        text = limit_message(quota.wait_seconds)
+        if config.limit_response == "429":
+            raise ProxyError(HTTPStatus.TOO_MANY_REQUESTS,
+                             f"Rate limit reached for this key: {text}. Please try again in "
+                             f"{math.ceil(quota.wait_seconds)}s.",
+                             type="requests", code="rate_limit_exceeded", headers=headers)
+        model = payload.get("model")
+        options = payload.get("stream_options")
+        content_type, body = limit_completion(
+            route, model if isinstance(model, str) else "", text,
+            stream=payload.get("stream") is True,
+            include_usage=isinstance(options, dict) and options.get("include_usage") is True,
+            created=int(time.time()))
+        self._send(HTTPStatus.OK, [("Content-Type", content_type), *headers], body)
+
+    def _send_json(self, status: HTTPStatus, value: object) -> None:
+        self._send(status, [("Content-Type", "application/json")], json.dumps(value).encode())
+
+    # -- forwarding -------------------------------------------------------------------------
+
+    def _upstream_headers(self, body: bytes) -> dict[str, str]:
+        connection_named = {t.strip().lower() for v in self.headers.get_all("Connection") or []
+                            for t in v.split(",")}
+        headers: dict[str, str] = {}
+        for name, value in self.headers.items():
+            lower = name.lower()
+            if lower in NOT_FORWARDED_UP or lower in connection_named:
+                continue
+            headers[name] = f"{headers[name]}, {value}" if name in headers else value
+        forwarded = ", ".join(self.headers.get_all("X-Forwarded-For") or [])
+        peer = self.client_address[0]
+        headers["X-Forwarded-For"] = f"{forwarded}, {peer}" if forwarded else peer
+        key = self.server.config.base_api_key
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        if body or self.command in ("POST", "PUT", "PATCH"):
+            headers["Content-Length"] = str(len(body))
+        return headers
+
+    def _forward(self, path: str, query: str, body: bytes, bucket_key: str | None,
+                 quota: Quota | None) -> None:
+        """Send the request upstream and relay the answer as it arrives.
+
+        Refunds the charge when the upstream never answered or answered 5xx. Once the response
+        head is out, failures close the connection (a stream gets a final error event first).
+        """
+        pool = self.server.pool
+        target = pool.upstream.path_for(path, query)
+        headers = self._upstream_headers(body)
+        try:
+            conn, resp = self._exchange(pool, target, headers, body)
+        except ProxyError:
+            self._refund(bucket_key, quota)
+            raise
+        keep = False
+        try:
+            if resp.status >= 500 and quota is not None:
+                quota = self._refund(bucket_key, quota)
+            keep = self._relay(resp, conn.sock, quota)
+        except ProxyError:  # the upstream failed before a byte of its body reached the client
+            self._refund(bucket_key, quota)
+            raise
+        finally:
+            if keep and resp.isclosed() and not resp.will_close:
+                pool.release(conn)
+            else:
+                conn.close()
+
+    def _refund(self, bucket_key: str | None, quota: Quota | None) -> Quota | None:
+        if bucket_key is None or quota is None or not self._cost:
+            return quota
+        refunded = self.server.store.refund(bucket_key, self._cost, quota.policy)
+        self._cost, self._remaining = 0, refunded.remaining
+        return refunded
+
+    def _exchange(self, pool: UpstreamPool, target: str, headers: dict[str, str],
+                  body: bytes) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+        """Send the request and read the response head. A reused connection that the upstream
+        had closed meanwhile fails before any byte comes back; that one is retried on a new one."""
+        for attempt in (1, 2):
+            conn, reused = pool.acquire()
+            try:
+                conn.request(self.command, target, body=body if body else None, headers=headers)
+                wait_readable(conn.sock, self.connection, pool.read_timeout)
+                return conn, conn.getresponse()
+            except (ConnectionResetError, BrokenPipeError, http.client.RemoteDisconnected):
+                conn.close()
+                if reused and attempt == 1:
+                    continue
+                raise ProxyError(HTTPStatus.BAD_GATEWAY, "The upstream server closed the "
+                                 "connection without answering.", type="server_error",
+                                 code="upstream_unreachable") from None
+            except (UpstreamTimeout, socket.timeout, TimeoutError):
+                conn.close()
+                raise ProxyError(HTTPStatus.GATEWAY_TIMEOUT, "The upstream server did not answer "
+                                 "in time.", type="server_error", code="upstream_timeout") from None
+            except ClientGone:
+                conn.close()
+                raise
+            except (OSError, http.client.HTTPException):
+                conn.close()
+                raise ProxyError(HTTPStatus.BAD_GATEWAY, "The upstream server sent an invalid "
+                                 "response.", type="server_error", code="upstream_error") from None
+        raise AssertionError("unreachable")
+
+    def _relay(self, resp: http.client.HTTPResponse, sock: socket.socket,
+               quota: Quota | None) -> bool:
+        """Relay status, headers and body. Returns True when the body was relayed whole."""
+        headers = _response_headers(resp, quota)
+        no_body = resp.status in (HTTPStatus.NO_CONTENT, HTTPStatus.NOT_MODIFIED) or \
+            self.command == "HEAD"
+        length = None if resp.chunked else resp.length
+        chunked = length is None and not no_body and self.request_version == "HTTP/1.1"
+        if no_body:
+            pass
+        elif length is not None:
+            headers.append(("Content-Length", str(length)))
+        elif chunked:
+            headers.append(("Transfer-Encoding", "chunked"))
+        else:  # an HTTP/1.0 client: the end of the body is the end of the connection
+            self.close_connection = True
+        if no_body:
+            self._send(HTTPStatus(resp.status), headers, None, reason=resp.reason)
+            resp.close()
+            return True
+        stream = "text/event-stream" in (resp.getheader("Content-Type") or "")
+        head = self._head(resp.status, resp.reason, headers)
+        watch: socket.socket | None = self.connection
+        try:
+            while True:
+                if resp.fp is None or (not resp.chunked and resp.length == 0):
+                    resp.close()
+                    break
+                if not _buffered(resp, sock):
+                    if not wait_readable(sock, watch, self.server.pool.read_timeout):
+                        watch = None
+                piece = resp.read1(READ_CHUNK)
+                if not piece:
+                    break
+                data = b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece
+                self._write(head + data if head else data)
+                head = b""
+        except (UpstreamTimeout, OSError, ValueError, http.client.HTTPException) as exc:
+            self._abort_relay(head, chunked and stream, exc)
+            return False
+        self._write(head + (b"0\r\n\r\n" if chunked else b""))
+        return True
+
+    def _abort_relay(self, head: bytes, sse_chunked: bool, exc: BaseException) -> None:
+        """The upstream failed mid-body. Before any byte went out, the client still gets a clean
+        error; after, a stream gets a final OpenAI error event (which the openai SDK raises as
+        APIError) and a terminated chunked body, and the connection is closed."""
+        timed_out = isinstance(exc, (UpstreamTimeout, socket.timeout, TimeoutError))
+        message = ("The upstream server stopped sending the response." if timed_out else
+                   "The upstream server broke off the response.")
+        self.close_connection = True
+        if head:
+            # nothing went out yet: a plain error is still possible
+            self._headers_sent = False
+            status = HTTPStatus.GATEWAY_TIMEOUT if timed_out else HTTPStatus.BAD_GATEWAY
+            raise ProxyError(status, message, type="server_error",
+                             code="upstream_timeout" if timed_out else "upstream_error")
+        if sse_chunked:
+            event = b"data: " + error_body(message, "server_error", "upstream_error") + b"\n\n"
+            try:
+                self._write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(event), event))
+            except (ClientGone, OSError):
+                pass  # the client is gone too; the connection closes either way
+        self._note = f"upstream broke off: {'timeout' if timed_out else type(exc).__name__}"
+
+    # -- writing ----------------------------------------------------------------------------
+
+    def _head(self, status: int, reason: str, headers: list[tuple[str, str]]) -> bytes:
+        self._status = status
+        lines = [f"{self.protocol_version} {status} {reason}\r\n"]
+        lines += [f"{name}: {value}\r\n" for name, value in headers]
+        lines += [f"{name}: {value}\r\n" for name, value in CORS_HEADERS]
+        if self.close_connection:
+            lines.append("Connection: close\r\n")
+        lines.append("\r\n")
+        return "".join(lines).encode("latin-1", "replace")
+
+    def _send(self, status: HTTPStatus, headers: list[tuple[str, str]], body: bytes | None,
+              *, reason: str | None = None) -> None:
+        """A complete response in one write (head and body coalesced). A request body left
+        unread would be taken for the next request, so such a connection is closed."""
+        if not self._body_consumed and self._has_body():
+            self.close_connection = True
+        headers = [*headers, ("Date", formatdate(usegmt=True))] \
+            if not any(n == "Date" for n, _ in headers) else headers
+        if body is not None and status != HTTPStatus.NO_CONTENT:
+            headers.append(("Content-Length", str(len(body))))
+        head = self._head(status, reason or status.phrase, headers)
+        self._write(head + (body or b"") if self.command != "HEAD" else head)
+
+    def _write(self, data: bytes) -> None:
+        try:
+            self.wfile.write(data)
+        except OSError:
+            raise ClientGone() from None
+        self._headers_sent = True
+
+    # -- logging ----------------------------------------------------------------------------
+
+    def _log_access(self) -> None:
+        if not hasattr(self, "_started"):
+            return
+        elapsed = (time.perf_counter() - self._started) * 1000
+        cost = "-" if self._cost is None else str(self._cost)
+        remaining = "-" if self._remaining is None else str(self._remaining)
+        method = _loggable(self.command or "-")
+        route = _loggable(self._route or "-")
+        note = f" ({self._note})" if self._note else ""
+        self.server.log(f"{self._client_ip_for_log()} key={self._label} \"{method} {route}\" "
+                        f"{self._status} cost={cost} remaining={remaining} {elapsed:.1f}ms{note}")
+        del self._started
+
+    def _client_ip_for_log(self) -> str:
+        return _loggable(self.client_address[0])
+
+    def log_request(self, code: object = "-", size: object = "-") -> None:
+        pass  # the access log is written by _log_access, once per request
+
+    def log_message(self, format: str, *args: object) -> None:
+        self.server.log(_loggable(format % args))
+
+
+def _response_headers(resp: http.client.HTTPResponse,
+                      quota: Quota | None) -> list[tuple[str, str]]:
+    """The upstream's headers minus hop-by-hop ones and those the proxy sets itself."""
+    connection_named = {t.strip().lower() for v in resp.headers.get_all("Connection") or []
+                        for t in v.split(",")}
+    ours = {n.lower() for n in RATE_LIMIT_HEADERS} if quota is not None else set()
+    headers = [(n, v) for n, v in resp.getheaders()
+               if n.lower() not in NOT_FORWARDED_DOWN and n.lower() not in connection_named
+               and n.lower() not in ours]
+    if quota is not None:
+        headers += rate_limit_headers(quota)
+    return headers
+
+
+def _header_safe(value: str) -> str:
+    return "".join(ch for ch in value if " " <= ch < "\x7f")
+
+
+def _loggable(text: str) -> str:
+    """Escape control characters before anything reaches the log."""
+    return "".join(ch if " " <= ch < "\x7f" else f"\\x{ord(ch):02x}" for ch in text)
+
+
+# ########################################################################## server ####
+
+class ProxyServer(ThreadingHTTPServer):
+    """The proxy: a threading HTTP server holding the config, the buckets and the upstream pool.
+
+    Methods for the caller: serve_forever(), stop() (from any thread, e.g. a signal handler),
+    drain(timeout), server_close(). Tunables: request_queue_size (the listen backlog; the default
+    of 5 drops handshakes under bursts), daemon_threads.
+    """
+
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = LISTEN_BACKLOG
+
+    def __init__(self, config: Config, *, store: MemoryBucketStore | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 log_stream: object = None, handler: type = ProxyHandler) -> None:
+        self.config = config
+        self.store = store if store is not None else MemoryBucketStore(clock)
+        self.keys = KeyRing(config.proxy_api_keys)
+        self.pool = UpstreamPool(Upstream.from_url(config.base_api_url), config.open_timeout,
+                                 config.read_timeout)
+        self._log_stream = log_stream if log_stream is not None else sys.stderr
+        self._log_lock = threading.Lock()
+        self._inflight = 0
+        self._idle = threading.Condition()
+        if ":" in config.host:
+            self.address_family = socket.AF_INET6
+        super().__init__((config.host, config.port), handler)
+
+    def log(self, line: str) -> None:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        with self._log_lock:
+            try:
+                self._log_stream.write(f"{stamp} {line}\n")  # type: ignore[attr-defined]
+                self._log_stream.flush()  # type: ignore[attr-defined]
+            except (OSError, ValueError):
+                pass  # a closed or full log must not take requests down with it
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        """socketserver prints a traceback here; log one line instead."""
+        exc = sys.exc_info()[1]
+        self.log(f"error: {type(exc).__name__} on connection from {client_address}")
+
+    def request_started(self) -> None:
+        with self._idle:
+            self._inflight += 1
+
+    def request_finished(self) -> None:
+        with self._idle:
+            self._inflight -= 1
+            if self._inflight == 0:
+                self._idle.notify_all()
+
+    def stop(self) -> None:
+        """Stop accepting connections (safe from a signal handler: shutdown() runs elsewhere)."""
+        threading.Thread(target=self.shutdown, name="llm_proxy-shutdown", daemon=True).start()
+
+    def drain(self, timeout: float = SHUTDOWN_GRACE_SECONDS) -> bool:
+        """Wait until no request is in flight, at most `timeout` seconds."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._inflight == 0, timeout)
+
+    def server_close(self) -> None:
+        super().server_close()
+        self.pool.close()
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        host = f"[{host}]" if ":" in str(host) else host
+        return f"http://{host}:{port}"
+
+
+# ############################################################################# CLI ####
+
+def describe(config: Config, server: ProxyServer) -> list[str]:
+    upstream = Upstream.from_url(config.base_api_url)
+    mode = (f"{config.request_token_cost} per request" if config.token_cost_mode == "request"
+            else f"estimate, reserve {config.response_token_reserve}")
+    return [
+        f"llm_proxy {__version__} listening on {server.url}",
+        f"upstream {upstream.scheme}://{upstream.host}:{upstream.port}"
+        + (f", model rewritten to {config.base_model}" if config.base_model else ""),
+        f"buckets: {config.max_tokens} tokens, +{config.refill_tokens} every "
+        f"{_number(config.refill_interval_seconds)} s; cost: {mode}; limit answer: "
+        f"{config.limit_response}; keys: "
+        + (f"{len(config.proxy_api_keys)} accepted" if config.proxy_api_keys else "any (open)"),
+    ]
+
+
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    try:
+        config = Config.from_env(environ, argv)
+    except ConfigError as err:
+        print(f"llm_proxy: {err}", file=sys.stderr)
+        return 2
+    try:
+        server = ProxyServer(config)
+    except OSError as err:
+        print(f"llm_proxy: cannot listen on {config.host}:{config.port}: {err.strerror or err}",
+              file=sys.stderr)
+        return 1
+    for line in describe(config, server) + [f"warning: {w}" for w in config.warnings()]:
+        print(line, file=sys.stderr, flush=True)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: server.stop())
+    try:
+        server.serve_forever()
+        if not server.drain():
+            print("llm_proxy: stopped with requests still in flight", file=sys.stderr)
+    finally:
+        server.server_close()
+    print("llm_proxy: stopped", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

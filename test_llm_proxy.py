@@ -1,0 +1,1165 @@
+#!/usr/bin/env python3
+"""Tests for llm_proxy: python3 test_llm_proxy.py
+
+Everything runs against a fake OpenAI upstream started in a thread on an ephemeral port: real
+sockets, real HTTP, real streaming. Time is driven by an injected clock, never by sleeping. When
+the official `openai` package is importable, real-client tests drive the proxy with it too.
+The run ends with a plain "N passed, N failed, N skipped" line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import http.client
+import io
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import unittest
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import llm_proxy
+from llm_proxy import (BucketPolicy, Config, ConfigError, MemoryBucketStore, ProxyError,
+                       ProxyServer, estimate_cost, normalize_path)
+
+try:
+    import openai
+except ImportError:  # the real-client tests are skipped
+    openai = None
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+UPSTREAM_KEY = "sk-upstream-SECRET-0123456789"
+CLIENT_KEY = "sk-client-SECRET-abcdef"
+WAIT = 10  # seconds any blocking wait in a test may take before the test fails
+
+
+# ################################################################### fake upstream ####
+
+class FakeUpstreamHandler(BaseHTTPRequestHandler):
+    """An OpenAI-compatible server. The X-Fake-Scenario request header picks a behaviour."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        self._serve()
+
+    do_POST = do_DELETE = do_GET
+
+    def _serve(self):
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        server = self.server
+        server.record(self.command, self.path, dict(self.headers.items()), body)
+        scenario = self.headers.get("X-Fake-Scenario", "")
+        if scenario == "hang":
+            server.stop.wait(WAIT * 3)
+            self.close_connection = True
+            return
+        if scenario == "close":
+            self.close_connection = True
+            return
+        if scenario.startswith("status-"):
+            status = int(scenario.split("-")[1])
+            return self._json(status, {"error": {"message": f"upstream says {status}",
+                                                 "type": "server_error", "param": None,
+                                                 "code": None}},
+                              [("Retry-After", "7")])
+        if scenario == "html-500":
+            return self._send(500, b"<html>oops</html>", [("Content-Type", "text/html")])
+        path = self.path.partition("?")[0]
+        if path == "/v1/models":
+            return self._json(200, {"object": "list", "data": [
+                {"id": "fake-a", "object": "model", "created": 1, "owned_by": "fake"},
+                {"id": "fake-b", "object": "model", "created": 1, "owned_by": "fake"}]},
+                [("X-RateLimit-Limit", "999")])
+        if path == "/v1/embeddings":
+            return self._json(200, {"object": "list", "model": "fake-embed", "data": [
+                {"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3]}],
+                "usage": {"prompt_tokens": 2, "total_tokens": 2}})
+        if path in ("/v1/chat/completions", "/v1/completions"):
+            request = json.loads(body or b"{}")
+            if request.get("stream"):
+                return self._stream(path, request, scenario)
+            return self._json(200, completion(path, request.get("model", "")),
+                              [("X-RateLimit-Remaining", "12345"), ("X-Upstream", "yes")])
+        return self._json(404, {"error": {"message": "not found", "type": "invalid_request_error",
+                                          "param": None, "code": None}})
+
+    def _json(self, status, value, headers=()):
+        self._send(status, json.dumps(value).encode(),
+                   [("Content-Type", "application/json"), *headers])
+
+    def _send(self, status, body, headers):
+        self.send_response(status)
+        for name, value in headers:
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _stream(self, path, request, scenario):
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        events = stream_events(path, request.get("model", ""))
+        delay = float(self.headers.get("X-Fake-Delay", "0"))
+        try:
+            for index, event in enumerate(events):
+                if index == 1 and scenario == "gate":
+                    self.server.release.wait(WAIT)
+                if index == 1 and scenario == "stall":
+                    self.server.stop.wait(WAIT * 3)
+                    return
+                if index == 1 and scenario == "reset":
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                               struct.pack("ii", 1, 0))
+                    self.rfile.close()  # the last reference: close() now sends a reset
+                    self.connection.close()
+                    return
+                self._chunk(event)
+                if delay:
+                    time.sleep(delay)
+            if scenario == "endless":
+                deadline = time.monotonic() + WAIT
+                while time.monotonic() < deadline:
+                    self._chunk(events[1])
+                    time.sleep(0.02)
+            self.wfile.write(b"0\r\n\r\n")
+        except OSError:
+            self.server.disconnected.set()
+            self.close_connection = True
+
+    def _chunk(self, data):
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+
+
+def completion(path, model):
+    if path == "/v1/chat/completions":
+        return {"id": "chatcmpl-fake", "object": "chat.completion", "created": 1, "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "proxy ok"},
+                             "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}}
+    return {"id": "cmpl-fake", "object": "text_completion", "created": 1, "model": model,
+            "choices": [{"text": "proxy ok", "index": 0, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}}
+
+
+def stream_events(path, model):
+    if path == "/v1/chat/completions":
+        base = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1,
+                "model": model}
+        deltas = [({"role": "assistant", "content": ""}, None), ({"content": "Hello"}, None),
+                  ({"content": " world"}, None), ({}, "stop")]
+        chunks = [{**base, "choices": [{"index": 0, "delta": d, "finish_reason": f}]}
+                  for d, f in deltas]
+    else:
+        base = {"id": "cmpl-fake", "object": "text_completion", "created": 1, "model": model}
+        chunks = [{**base, "choices": [{"text": t, "index": 0, "finish_reason": f}]}
+                  for t, f in (("Hello", None), (" world", None), ("", "stop"))]
+    return [b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks] + [b"data: [DONE]\n\n"]
+
+
+class FakeUpstream(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self):
+        super().__init__(("127.0.0.1", 0), FakeUpstreamHandler)
+        self.lock = threading.Lock()
+        self.requests = []
+        self.release = threading.Event()
+        self.stop = threading.Event()
+        self.disconnected = threading.Event()
+
+    def record(self, method, path, headers, body):
+        with self.lock:
+            self.requests.append((method, path, headers, body))
+
+    def paths(self):
+        with self.lock:
+            return [path for _, path, _, _ in self.requests]
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.server_address[1]}/v1"
+
+
+class LogCapture(io.StringIO):
+    """The proxy's log stream. The access line is written after the response is sent, so a test
+    that looks for it waits on a condition instead of racing the handler thread."""
+
+    def __init__(self):
+        super().__init__()
+        self.changed = threading.Condition()
+
+    def write(self, text):
+        with self.changed:
+            n = super().write(text)
+            self.changed.notify_all()
+            return n
+
+    def wait_for(self, predicate, timeout=WAIT):
+        with self.changed:
+            return self.changed.wait_for(lambda: predicate(self.getvalue()), timeout)
+
+
+class FakeClock:
+    def __init__(self, now=1000.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, seconds):
+        self.now += seconds
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ########################################################################### bases ####
+
+class ProxyTestCase(unittest.TestCase):
+    """Starts a fake upstream and, per test, a proxy in front of it (both on ephemeral ports)."""
+
+    def setUp(self):
+        self.upstream = FakeUpstream()
+        self._serve(self.upstream)
+        self.addCleanup(self.upstream.stop.set)
+        self.clock = FakeClock()
+        self.log = LogCapture()
+        self.proxy = self.start_proxy()
+
+    def _serve(self, server):
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                                  daemon=True)
+        thread.start()
+
+        def stop():
+            server.shutdown()
+            server.server_close()
+            thread.join(WAIT)
+        self.addCleanup(stop)
+
+    def start_proxy(self, **settings):
+        settings.setdefault("base_api_url", self.upstream.url)
+        config = Config(host="127.0.0.1", port=0, **settings)
+        proxy = ProxyServer(config, clock=self.clock, log_stream=self.log)
+        self._serve(proxy)
+        return proxy
+
+    def restart(self, **settings):
+        self.proxy = self.start_proxy(**settings)
+
+    def request(self, method, path, body=None, key=CLIENT_KEY, headers=None, proxy=None):
+        """(status, headers as a dict with lower-case names, body bytes)."""
+        proxy = proxy or self.proxy
+        conn = http.client.HTTPConnection("127.0.0.1", proxy.server_address[1], timeout=WAIT)
+        self.addCleanup(conn.close)
+        all_headers = dict(headers or {})
+        if key:
+            all_headers["Authorization"] = f"Bearer {key}"
+        if isinstance(body, (dict, list)):
+            body = json.dumps(body).encode()
+            all_headers.setdefault("Content-Type", "application/json")
+        conn.request(method, path, body=body, headers=all_headers)
+        resp = conn.getresponse()
+        data = resp.read()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, data
+
+    def chat(self, key=CLIENT_KEY, headers=None, path="/v1/chat/completions", **fields):
+        body = {"model": "fake-a", "messages": [{"role": "user", "content": "hi"}], **fields}
+        return self.request("POST", path, body, key=key, headers=headers)
+
+    def raw(self, data, proxy=None, read_all=True):
+        """Send raw bytes; return everything the proxy answers until it closes (or a timeout)."""
+        proxy = proxy or self.proxy
+        with socket.create_connection(("127.0.0.1", proxy.server_address[1]), timeout=WAIT) as s:
+            s.sendall(data)
+            chunks = []
+            while True:
+                try:
+                    chunk = s.recv(65536)
+                except socket.timeout:
+                    break
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                if not read_all:
+                    break
+        return b"".join(chunks)
+
+    def assert_openai_error(self, status, body, expected_status, code=None):
+        self.assertEqual(status, expected_status, body)
+        error = json.loads(body)["error"]
+        self.assertEqual(set(error), {"message", "type", "param", "code"})
+        self.assertTrue(error["message"])
+        if code is not None:
+            self.assertEqual(error["code"], code)
+        return error
+
+    def remaining(self, key=CLIENT_KEY):
+        status, _, body = self.request("GET", "/health", key=key)
+        self.assertEqual(status, 200)
+        return json.loads(body)["quota"]["remaining"]
+
+
+def sse_events(body):
+    return [line[len(b"data: "):] for line in body.split(b"\n") if line.startswith(b"data: ")]
+
+
+# ########################################################################### units ####
+
+class ConfigTests(unittest.TestCase):
+    def test_defaults(self):
+        config = Config.from_env({}, [])
+        self.assertEqual(config, Config())
+        self.assertEqual((config.host, config.port), ("0.0.0.0", 8899))
+        self.assertEqual(config.base_api_url, "http://127.0.0.1:11434/v1")
+
+    def test_environment_aliases_and_flags(self):
+        env = {"UPSTREAM_BASE_URL": "https://llm.example:8443/v1/", "UPSTREAM_API_KEY": "k",
+               "UPSTREAM_MODEL": "m", "MAX_TOKENS": "50", "PROXY_API_KEYS": " a, b ,,",
+               "LIMIT_RESPONSE": "429", "TRUST_FORWARDED_FOR": "1", "READ_TIMEOUT": "2.5"}
+        config = Config.from_env(env, ["--max-tokens", "60", "--token-cost-mode", "estimate"])
+        self.assertEqual(config.base_api_url, "https://llm.example:8443/v1")
+        self.assertEqual((config.base_api_key, config.base_model), ("k", "m"))
+        self.assertEqual(config.max_tokens, 60)  # the flag wins over the environment
+        self.assertEqual(config.proxy_api_keys, ("a", "b"))
+        self.assertEqual(config.limit_response, "429")
+        self.assertEqual(config.token_cost_mode, "estimate")
+        self.assertTrue(config.trust_forwarded_for)
+        self.assertEqual(config.read_timeout, 2.5)
+        # the primary name wins over its alias
+        self.assertEqual(Config.from_env({"BASE_API_URL": "http://a/v1",
+                                          "UPSTREAM_BASE_URL": "http://b/v1"}, []).base_api_url,
+                         "http://a/v1")
+
+    def test_invalid_values_name_the_variable(self):
+        cases = {
+            "MAX_TOKENS": "ten", "REFILL_TOKENS": "0", "REFILL_INTERVAL_SECONDS": "-5",
+            "REQUEST_TOKEN_COST": "1.5", "TOKEN_COST_MODE": "tokens", "LIMIT_RESPONSE": "418",
+            "BASE_API_URL": "ftp://host/v1", "PORT": "70000", "OPEN_TIMEOUT": "nan",
+            "MAX_BODY_BYTES": "0", "TRUST_FORWARDED_FOR": "maybe", "RESPONSE_TOKEN_RESERVE": "-1",
+        }
+        for name, value in cases.items():
+            with self.subTest(name=name):
+                with self.assertRaises(ConfigError) as caught:
+                    Config.from_env({name: value}, [])
+                self.assertIn(name, str(caught.exception))
+
+    def test_bad_config_exits_2_with_one_line(self):
+        for env, argv in (({"MAX_TOKENS": "x"}, []), ({}, ["--no-such-flag"]),
+                          ({"BASE_API_URL": "localhost:11434"}, [])):
+            with self.subTest(env=env, argv=argv):
+                proc = subprocess.run([sys.executable, os.path.join(HERE, "llm_proxy.py"), *argv],
+                                      env={**os.environ, **env}, capture_output=True, text=True,
+                                      timeout=WAIT)
+                self.assertEqual(proc.returncode, 2)
+                self.assertEqual(len(proc.stderr.strip().splitlines()), 1, proc.stderr)
+                self.assertNotIn("Traceback", proc.stderr)
+
+    def test_help_lists_every_setting_with_its_default(self):
+        text = llm_proxy.build_arg_parser().format_help()
+        for setting in llm_proxy.SETTINGS:
+            self.assertIn(setting.flag, text)
+            self.assertIn(setting.env, text)
+        self.assertIn("default 8899", text)
+
+    def test_estimate_mode_warns_when_bucket_is_below_reserve(self):
+        self.assertEqual(Config().warnings(), [])
+        warnings = Config(token_cost_mode="estimate", max_tokens=10).warnings()
+        self.assertEqual(len(warnings), 1)
+        self.assertIn("RESPONSE_TOKEN_RESERVE", warnings[0])
+
+
+class BucketTests(unittest.TestCase):
+    policy = BucketPolicy(capacity=10, refill_tokens=2, refill_interval=300)
+
+    def setUp(self):
+        self.clock = FakeClock()
+        self.store = MemoryBucketStore(self.clock)
+
+    def test_starts_full_and_refuses_when_empty(self):
+        for expected in range(9, -1, -1):
+            quota = self.store.take("k", 1, self.policy)
+            self.assertTrue(quota.admitted)
+            self.assertEqual(quota.remaining, expected)
+        quota = self.store.take("k", 1, self.policy)
+        self.assertFalse(quota.admitted)
+        self.assertEqual(quota.remaining, 0)
+        self.assertEqual(quota.wait_seconds, 300)
+
+    def test_discrete_refills_on_the_bucket_grid(self):
+        self.store.take("k", 10, self.policy)
+        self.clock.advance(299)
+        self.assertFalse(self.store.take("k", 1, self.policy).admitted)
+        self.clock.advance(1)  # first refill: +2
+        self.assertEqual(self.store.peek("k", self.policy).remaining, 2)
+        self.clock.advance(450)  # 750 s in: a second refill at 600, the next at 900
+        quota = self.store.peek("k", self.policy)
+        self.assertEqual(quota.remaining, 4)
+        self.assertEqual(quota.reset_seconds, 150)
+        self.clock.advance(10_000)
+        self.assertEqual(self.store.peek("k", self.policy).remaining, 10)
+
+    def test_wait_counts_the_refills_a_cost_needs(self):
+        self.store.take("k", 10, self.policy)
+        self.clock.advance(100)
+        quota = self.store.take("k", 5, self.policy)  # needs 3 refills: at 300, 600, 900
+        self.assertFalse(quota.admitted)
+        self.assertEqual(quota.wait_seconds, 800)
+
+    def test_cost_above_capacity_waits_forever(self):
+        self.assertEqual(self.store.take("k", 11, self.policy).wait_seconds, float("inf"))
+
+    def test_full_buckets_are_forgotten(self):
+        self.store.take("a", 1, self.policy)
+        self.assertEqual(len(self.store), 1)
+        self.store.refund("a", 1, self.policy)
+        self.assertEqual(len(self.store), 0)
+        self.store.take("b", 5, self.policy)
+        self.store.peek("unseen", self.policy)
+        self.assertEqual(len(self.store), 1)  # peek creates nothing
+        self.clock.advance(600)
+        self.assertEqual(self.store.peek("b", self.policy).remaining, 9)
+        self.clock.advance(300)
+        self.assertEqual(self.store.peek("b", self.policy).remaining, 10)
+        self.assertEqual(len(self.store), 0)
+
+    def test_sweep_bounds_memory_under_a_flood_of_keys(self):
+        for i in range(5000):
+            self.store.take(f"random-{i}", 1, self.policy)
+        self.assertEqual(len(self.store), 5000)
+        self.clock.advance(300)   # every one of them has refilled to full
+        self.store.take("fresh", 1, self.policy)
+        self.assertEqual(len(self.store), 1)
+
+    def test_a_full_bucket_behaves_like_a_new_one(self):
+        self.store.take("old", 1, self.policy)
+        self.clock.advance(1000)  # refilled long ago; the grid restarts at the next spend
+        self.store.take("old", 2, self.policy)
+        self.store.take("new", 2, self.policy)
+        self.clock.advance(299)
+        self.assertEqual(self.store.peek("old", self.policy), self.store.peek("new", self.policy))
+
+    def test_refund_never_exceeds_capacity(self):
+        self.store.take("k", 1, self.policy)
+        self.assertEqual(self.store.refund("k", 5, self.policy).remaining, 10)
+
+    def test_concurrent_takes_admit_exactly_the_balance(self):
+        admitted = []
+        barrier = threading.Barrier(40)
+
+        def worker():
+            barrier.wait()
+            admitted.append(self.store.take("k", 1, self.policy).admitted)
+        threads = [threading.Thread(target=worker) for _ in range(40)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(WAIT)
+        self.assertEqual(admitted.count(True), 10)
+
+
+class CostTests(unittest.TestCase):
+    def test_estimate_formula(self):
+        body = {"model": "a-very-long-model-name-that-is-not-counted",
+                "messages": [{"role": "user", "content": "12345678"}]}
+        # strings: "user", "12345678" -> "user 12345678" = 13 chars -> ceil(13/4) = 4
+        self.assertEqual(estimate_cost(body, 256), 4 + 256)
+
+    def test_reserve_precedence(self):
+        base = {"prompt": "abcd"}  # 1 token
+        cases = [
+            ({"max_completion_tokens": 10, "max_tokens": 20}, 11),
+            ({"max_tokens": 20}, 21),
+            ({"max_completion_tokens": -1, "max_tokens": 20}, 21),
+            ({"max_completion_tokens": 2.5}, 1 + 256),
+            ({"max_tokens": True}, 1 + 256),
+            ({"max_tokens": "16"}, 1 + 256 + 1),  # a string is counted as text, not as R
+            ({"max_tokens": 0}, 1),
+            ({}, 1 + 256),
+        ]
+        for extra, expected in cases:
+            with self.subTest(extra=extra):
+                self.assertEqual(estimate_cost({**base, **extra}, 256), expected)
+
+    def test_at_least_one(self):
+        self.assertEqual(estimate_cost({}, 0), 1)
+
+    def test_nested_model_keys_are_skipped_and_deep_nesting_is_safe(self):
+        body = {"a": {"model": "xxxxxxxxxxxxxxxxxxxx", "b": ["abcd", {"c": "efgh"}]}}
+        self.assertEqual(estimate_cost(body, 0), 3)  # "abcd efgh": 9 chars
+        deep: object = "abcd"
+        for _ in range(100_000):
+            deep = [deep]
+        self.assertEqual(estimate_cost({"x": deep}, 0), 1)
+
+    def test_request_mode(self):
+        self.assertEqual(llm_proxy.request_cost({"prompt": "x" * 1000},
+                                                Config(request_token_cost=3)), 3)
+
+
+class PathTests(unittest.TestCase):
+    def test_spellings_normalise_to_one_route(self):
+        for target in ["/v1/chat/completions", "/v1/chat/completions/", "//v1//chat/completions",
+                       "/v1/chat/%63ompletions", "/v1/./chat/completions",
+                       "/v1/models/../chat/completions", "/v1/chat/completions?x=1",
+                       "/v1/chat/completions%2F", "/v1/chat/completions#frag",
+                       "http://proxy:8899/v1/chat/completions", "/../v1/chat/completions"]:
+            with self.subTest(target=target):
+                self.assertEqual(normalize_path(target)[0], "/v1/chat/completions")
+
+    def test_query_is_kept(self):
+        self.assertEqual(normalize_path("/v1/models?limit=2"), ("/v1/models", "limit=2"))
+
+    def test_invalid_targets(self):
+        for target in ["*", "v1/models", "/v1/%ff", "/v1/a%00b", "/v1\\chat", "/v1/%5cchat"]:
+            with self.subTest(target=target):
+                with self.assertRaises(ProxyError) as caught:
+                    normalize_path(target)
+                self.assertEqual(caught.exception.status, HTTPStatus.BAD_REQUEST)
+
+    def test_upstream_path_replaces_v1_with_the_base_path(self):
+        upstream = llm_proxy.Upstream.from_url("http://h:1/openai/v1")
+        self.assertEqual(upstream.path_for("/v1/chat/completions", "a=1"),
+                         "/openai/v1/chat/completions?a=1")
+        self.assertEqual(upstream.path_for("/v1/files/a b", ""), "/openai/v1/files/a%20b")
+
+
+class LimitTextTests(unittest.TestCase):
+    def test_wait_text(self):
+        for seconds, text in [(0.2, "1 s"), (59, "59 s"), (59.5, "1 min"), (60, "1 min"),
+                              (61, "2 min"), (300, "5 min"), (299.1, "5 min")]:
+            with self.subTest(seconds=seconds):
+                self.assertEqual(llm_proxy.wait_text(seconds), text)
+
+    def test_retry_headers(self):
+        self.assertEqual(dict(llm_proxy.retry_headers(9.2)),
+                         {"Retry-After": "10", "retry-after-ms": "9200"})
+        self.assertEqual(dict(llm_proxy.retry_headers(300))["x-should-retry"], "false")
+
+
+class KeyRingTests(unittest.TestCase):
+    def test_accepts_only_listed_keys(self):
+        ring = llm_proxy.KeyRing(["alpha", "beta"])
+        self.assertTrue(ring.accepts("alpha"))
+        self.assertTrue(ring.accepts("beta"))
+        for wrong in ["", "alph", "alphaa", "ALPHA", "gamma"]:
+            self.assertFalse(ring.accepts(wrong))
+        self.assertFalse(llm_proxy.KeyRing([]))
+
+
+# ############################################################## proxy behaviour ####
+
+class ForwardingTests(ProxyTestCase):
+    def test_chat_is_forwarded_and_charged(self):
+        status, headers, body = self.chat()
+        self.assertEqual(status, 200)
+        self.assertEqual(json.loads(body), completion("/v1/chat/completions", "fake-a"))
+        self.assertEqual(headers["x-ratelimit-limit"], "10")
+        self.assertEqual(headers["x-ratelimit-remaining"], "9")  # the proxy's, not the upstream's
+        self.assertEqual(headers["x-ratelimit-reset"], "300")
+        self.assertEqual(headers["x-ratelimit-refill-tokens"], "2")
+        self.assertEqual(headers["x-ratelimit-refill-seconds"], "300")
+        self.assertEqual(headers["x-ratelimit-reset-seconds"], "0")
+        self.assertEqual(headers["x-upstream"], "yes")
+        self.assertEqual(headers["access-control-allow-origin"], "*")
+        self.assertNotIn("retry-after", headers)
+        self.assertEqual(self.upstream.paths(), ["/v1/chat/completions"])
+
+    def test_body_is_forwarded_byte_for_byte(self):
+        raw = b'{"model": "fake-a",  "messages": [{"role":"user","content":"\\u00e9"}]}'
+        self.request("POST", "/v1/chat/completions", raw)
+        self.assertEqual(self.upstream.requests[0][3], raw)
+
+    def test_completions_route_is_charged(self):
+        status, headers, body = self.request("POST", "/v1/completions",
+                                             {"model": "fake-a", "prompt": "hi"})
+        self.assertEqual(status, 200)
+        self.assertEqual(json.loads(body)["object"], "text_completion")
+        self.assertEqual(headers["x-ratelimit-remaining"], "9")
+
+    def test_other_v1_routes_are_forwarded_uncharged(self):
+        status, headers, body = self.request("POST", "/v1/embeddings",
+                                             {"model": "e", "input": "hello"})
+        self.assertEqual(status, 200)
+        self.assertEqual(json.loads(body)["data"][0]["embedding"], [0.1, 0.2, 0.3])
+        self.assertNotIn("x-ratelimit-remaining", headers)
+        status, headers, body = self.request("GET", "/v1/models")
+        self.assertEqual([m["id"] for m in json.loads(body)["data"]], ["fake-a", "fake-b"])
+        self.assertEqual(headers["x-ratelimit-limit"], "999")  # the upstream's own, untouched
+        self.assertEqual(self.remaining(), 10)
+
+    def test_upstream_key_replaces_the_client_key(self):
+        self.restart(base_api_key=UPSTREAM_KEY)
+        self.chat(headers={"X-Custom": "kept", "Connection": "X-Drop", "X-Drop": "1",
+                           "Proxy-Authorization": "Basic eA=="})
+        headers = {k.lower(): v for k, v in self.upstream.requests[0][2].items()}
+        self.assertEqual(headers["authorization"], f"Bearer {UPSTREAM_KEY}")
+        self.assertEqual(headers["x-custom"], "kept")
+        self.assertEqual(headers["host"], f"127.0.0.1:{self.upstream.server_address[1]}")
+        self.assertEqual(headers["x-forwarded-for"], "127.0.0.1")
+        for dropped in ("x-drop", "proxy-authorization"):
+            self.assertNotIn(dropped, headers)
+        self.assertNotIn(CLIENT_KEY, json.dumps(self.upstream.requests[0][2]))
+
+    def test_client_key_is_not_forwarded_without_an_upstream_key(self):
+        self.chat()
+        self.assertNotIn("authorization", {k.lower() for k in self.upstream.requests[0][2]})
+
+    def test_base_model_rewrites_model_and_answers_models(self):
+        self.restart(base_model="served-model")
+        status, _, body = self.chat(model="whatever")
+        self.assertEqual(json.loads(self.upstream.requests[0][3])["model"], "served-model")
+        status, _, body = self.request("GET", "/v1/models")
+        self.assertEqual(status, 200)
+        self.assertEqual([m["id"] for m in json.loads(body)["data"]], ["served-model"])
+        self.assertEqual(len(self.upstream.requests), 1)  # answered by the proxy
+        self.request("POST", "/v1/embeddings", {"model": "keep-me", "input": "x"})
+        self.assertEqual(json.loads(self.upstream.requests[-1][3])["model"], "keep-me")
+
+    def test_keep_alive_on_both_sides(self):
+        conn = http.client.HTTPConnection("127.0.0.1", self.proxy.server_address[1], timeout=WAIT)
+        self.addCleanup(conn.close)
+        body = json.dumps({"model": "m", "messages": []})
+        for _ in range(3):
+            conn.request("POST", "/v1/chat/completions", body,
+                         {"Authorization": f"Bearer {CLIENT_KEY}"})
+            resp = conn.getresponse()
+            self.assertEqual(resp.status, 200)
+            resp.read()
+        for stream in (False, True):
+            conn.request("POST", "/v1/chat/completions",
+                         json.dumps({"model": "m", "messages": [], "stream": stream}))
+            resp = conn.getresponse()
+            resp.read()
+        self.assertEqual(len(self.upstream.requests), 5)
+        self.assertEqual(len(self.proxy.pool._idle), 1)  # one upstream connection, reused
+
+    def test_http_1_0_client_gets_the_stream_until_close(self):
+        body = json.dumps({"model": "m", "messages": [], "stream": True}).encode()
+        answer = self.raw(b"POST /v1/chat/completions HTTP/1.0\r\nContent-Length: %d\r\n\r\n%s"
+                          % (len(body), body))
+        head, _, rest = answer.partition(b"\r\n\r\n")
+        self.assertIn(b" 200 ", head.split(b"\r\n")[0])
+        self.assertNotIn(b"chunked", head.lower())
+        self.assertTrue(rest.endswith(b"data: [DONE]\n\n"))
+
+    def test_chunked_request_body_is_accepted(self):
+        body = json.dumps({"model": "m", "messages": []}).encode()
+        request = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked"
+                   b"\r\nConnection: close\r\n\r\n%x\r\n%s\r\n%x\r\n%s\r\n0\r\n\r\n"
+                   % (10, body[:10], len(body) - 10, body[10:]))
+        answer = self.raw(request)
+        self.assertIn(b" 200 ", answer.split(b"\r\n")[0])
+        self.assertEqual(self.upstream.requests[0][3], body)
+
+
+class StreamingTests(ProxyTestCase):
+    def open_stream(self, path="/v1/chat/completions", scenario="", **fields):
+        conn = http.client.HTTPConnection("127.0.0.1", self.proxy.server_address[1], timeout=WAIT)
+        self.addCleanup(conn.close)
+        body = {"model": "fake-a", "stream": True, **fields}
+        body.update({"messages": [{"role": "user", "content": "hi"}]}
+                    if path.endswith("chat/completions") else {"prompt": "hi"})
+        conn.request("POST", path, json.dumps(body),
+                     {"Authorization": f"Bearer {CLIENT_KEY}", "X-Fake-Scenario": scenario})
+        return conn, conn.getresponse()
+
+    def test_events_pass_through_unchanged(self):
+        for path in ("/v1/chat/completions", "/v1/completions"):
+            with self.subTest(path=path):
+                _, resp = self.open_stream(path)
+                self.assertEqual(resp.status, 200)
+                self.assertEqual(resp.getheader("Transfer-Encoding"), "chunked")
+                self.assertEqual(resp.getheader("Content-Type"), "text/event-stream")
+                self.assertIsNotNone(resp.getheader("X-RateLimit-Remaining"))
+                self.assertEqual(resp.read(), b"".join(stream_events(path, "fake-a")))
+
+    def test_first_event_arrives_before_the_upstream_finishes(self):
+        _, resp = self.open_stream(scenario="gate")
+        first = resp.readline()  # the upstream holds the rest until `release` is set
+        self.assertTrue(first.startswith(b"data: "), first)
+        self.assertIn(b'"role": "assistant"', first)
+        self.assertFalse(self.upstream.release.is_set())
+        self.upstream.release.set()
+        rest = resp.read()
+        self.assertTrue(rest.endswith(b"data: [DONE]\n\n"))
+
+    def test_client_disconnect_closes_the_upstream(self):
+        conn, resp = self.open_stream(scenario="endless")
+        self.assertTrue(resp.readline().startswith(b"data: "))
+        conn.sock.shutdown(socket.SHUT_RDWR)
+        conn.close()
+        self.assertTrue(self.upstream.disconnected.wait(WAIT))
+        # the handler ended and logged the request; the proxy keeps serving
+        self.assertTrue(self.log.wait_for(lambda text: "client closed" in text))
+        self.assertEqual(self.chat()[0], 200)
+
+    def test_upstream_stall_mid_stream_ends_with_an_error_event(self):
+        self.restart(read_timeout=0.5)
+        conn, resp = self.open_stream(scenario="stall")
+        body = resp.read()  # a properly terminated chunked body
+        events = sse_events(body)
+        self.assertIn(b'"role": "assistant"', events[0])
+        error = json.loads(events[-1])["error"]
+        self.assertEqual(error["type"], "server_error")
+        self.assertEqual(conn.sock.recv(1), b"")  # and the connection is closed
+        self.assertTrue(self.log.wait_for(lambda text: "upstream broke off" in text))
+        self.assertEqual(self.chat()[0], 200)
+
+    def test_upstream_reset_mid_stream_ends_with_an_error_event(self):
+        _, resp = self.open_stream(scenario="reset")
+        events = sse_events(resp.read())
+        self.assertIn("error", json.loads(events[-1]))
+
+
+class LimitTests(ProxyTestCase):
+    def drain(self, key=CLIENT_KEY):
+        for _ in range(10):
+            self.assertEqual(self.chat(key=key)[0], 200)
+
+    def test_message_answer_non_stream_chat(self):
+        self.drain()
+        status, headers, body = self.chat(model="my-model")
+        self.assertEqual(status, 200)
+        answer = json.loads(body)
+        self.assertEqual(answer["object"], "chat.completion")
+        self.assertEqual(answer["model"], "my-model")
+        self.assertEqual(answer["choices"][0]["message"],
+                         {"role": "assistant", "content": "limit reached, wait 5 min"})
+        self.assertEqual(answer["choices"][0]["finish_reason"], "stop")
+        self.assertEqual(answer["usage"], {"prompt_tokens": 0, "completion_tokens": 0,
+                                           "total_tokens": 0})
+        self.assertEqual(headers["retry-after"], "300")
+        self.assertEqual(headers["x-ratelimit-remaining"], "0")
+        self.assertEqual(headers["x-ratelimit-reset-seconds"], "300")
+        self.assertEqual(len(self.upstream.requests), 10)
+
+    def test_message_answer_non_stream_completion(self):
+        self.drain()
+        self.clock.advance(250)
+        status, _, body = self.request("POST", "/v1/completions", {"model": "m", "prompt": "x"})
+        answer = json.loads(body)
+        self.assertEqual(answer["object"], "text_completion")
+        self.assertEqual(answer["choices"][0]["text"], "limit reached, wait 50 s")
+
+    def test_message_answer_stream_chat(self):
+        self.drain()
+        for include_usage in (False, True):
+            with self.subTest(include_usage=include_usage):
+                extra = {"stream_options": {"include_usage": True}} if include_usage else {}
+                status, headers, body = self.chat(stream=True, **extra)
+                self.assertEqual(status, 200)
+                self.assertTrue(headers["content-type"].startswith("text/event-stream"))
+                events = sse_events(body)
+                self.assertEqual(events[-1], b"[DONE]")
+                chunks = [json.loads(e) for e in events[:-1]]
+                self.assertTrue(all(c["object"] == "chat.completion.chunk" for c in chunks))
+                self.assertEqual(len({c["id"] for c in chunks}), 1)
+                self.assertEqual(chunks[0]["choices"][0]["delta"]["role"], "assistant")
+                self.assertEqual(chunks[1]["choices"][0]["delta"]["content"],
+                                 "limit reached, wait 5 min")
+                self.assertEqual(chunks[2]["choices"][0]["finish_reason"], "stop")
+                if include_usage:
+                    self.assertEqual(len(chunks), 4)
+                    self.assertEqual(chunks[3]["choices"], [])
+                    self.assertEqual(chunks[3]["usage"]["total_tokens"], 0)
+                    self.assertTrue(all(c["usage"] is None for c in chunks[:3]))
+                else:
+                    self.assertEqual(len(chunks), 3)
+                    self.assertTrue(all("usage" not in c for c in chunks))
+
+    def test_message_answer_stream_completion(self):
+        self.drain()
+        status, _, body = self.request("POST", "/v1/completions",
+                                       {"model": "m", "prompt": "x", "stream": True})
+        chunks = [json.loads(e) for e in sse_events(body)[:-1]]
+        self.assertTrue(all(c["object"] == "text_completion" for c in chunks))
+        self.assertEqual(chunks[0]["choices"][0]["text"], "limit reached, wait 5 min")
+        self.assertEqual(chunks[-1]["choices"][0]["finish_reason"], "stop")
+
+    def test_429_mode(self):
+        self.restart(limit_response="429")
+        self.drain()
+        status, headers, body = self.chat()
+        error = self.assert_openai_error(status, body, 429, "rate_limit_exceeded")
+        self.assertEqual(error["type"], "requests")
+        self.assertIn("300s", error["message"])
+        self.assertEqual(headers["retry-after"], "300")
+        self.assertEqual(headers["retry-after-ms"], "300000")
+        self.assertEqual(headers["x-should-retry"], "false")  # longer than the SDK would wait
+        self.clock.advance(250)
+        _, headers, _ = self.chat()
+        self.assertEqual(headers["retry-after"], "50")
+        self.assertNotIn("x-should-retry", headers)
+
+    def test_refill_admits_again(self):
+        self.drain()
+        self.clock.advance(300)
+        self.assertEqual(self.chat()[1]["x-ratelimit-remaining"], "1")
+        self.assertEqual(self.chat()[1]["x-ratelimit-remaining"], "0")
+        self.assertEqual(len(self.upstream.requests), 12)
+
+    def test_keys_have_their_own_buckets_and_keyless_callers_share_their_ip(self):
+        self.drain("key-a")
+        self.assertEqual(self.chat(key="key-b")[1]["x-ratelimit-remaining"], "9")
+        self.assertEqual(self.chat(key=None)[1]["x-ratelimit-remaining"], "9")
+        self.assertEqual(self.chat(key=None)[1]["x-ratelimit-remaining"], "8")
+
+    def test_forwarded_for_is_trusted_only_when_configured(self):
+        for trust, expected in ((False, "8"), (True, "9")):
+            with self.subTest(trust=trust):
+                self.restart(trust_forwarded_for=trust)
+                self.chat(key=None, headers={"X-Forwarded-For": "10.0.0.1"})
+                _, headers, _ = self.chat(key=None, headers={"X-Forwarded-For": "10.0.0.2"})
+                self.assertEqual(headers["x-ratelimit-remaining"], expected)
+
+    def test_concurrent_requests_admit_exactly_the_balance(self):
+        results = []
+        barrier = threading.Barrier(30)
+
+        def worker():
+            barrier.wait()
+            results.append(self.chat()[2])
+        threads = [threading.Thread(target=worker) for _ in range(30)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(WAIT)
+        limited = [b for b in results if b"limit reached" in b]
+        self.assertEqual(len(results), 30)
+        self.assertEqual(len(limited), 20)
+        self.assertEqual(len(self.upstream.requests), 10)
+
+    def test_estimate_mode_and_a_cost_that_can_never_be_admitted(self):
+        self.restart(token_cost_mode="estimate", max_tokens=100, response_token_reserve=50)
+        _, headers, _ = self.chat(max_tokens=16)  # "user hi" = 7 chars -> 2, + 16
+        self.assertEqual(headers["x-ratelimit-remaining"], str(100 - 18))
+        status, _, body = self.chat()  # 2 + 50 = 52 > 82? no: admitted
+        self.assertEqual(status, 200)
+        status, _, body = self.chat(max_tokens=500)
+        self.assert_openai_error(status, body, 400, "request_exceeds_bucket")
+        self.assertIn("can never be admitted", json.loads(body)["error"]["message"])
+        self.assertEqual(self.remaining(), 100 - 18 - 52)
+        self.assertEqual(len(self.upstream.requests), 2)
+
+
+class ErrorTests(ProxyTestCase):
+    def test_invalid_json_and_non_object_bodies(self):
+        for body in (b"{not json", b"[1, 2]", b"\xff\xfe", b""):
+            with self.subTest(body=body):
+                status, _, answer = self.request("POST", "/v1/chat/completions", body)
+                self.assert_openai_error(status, answer, 400)
+        deep = b"[" * 100_000 + b"]" * 100_000
+        status, _, answer = self.request("POST", "/v1/chat/completions", deep)
+        self.assert_openai_error(status, answer, 400)
+        self.assertEqual(self.upstream.requests, [])
+        self.assertEqual(self.remaining(), 10)
+
+    def test_body_over_the_limit_is_refused_from_content_length(self):
+        self.restart(max_body_bytes=1000)
+        with socket.create_connection(("127.0.0.1", self.proxy.server_address[1]),
+                                      timeout=WAIT) as s:
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                      b"Content-Length: 5000000\r\n\r\n")  # no body is sent at all
+            answer = s.recv(65536)
+        status = int(answer.split(b" ")[1])
+        self.assert_openai_error(status, answer.partition(b"\r\n\r\n")[2], 413,
+                                 "request_too_large")
+
+    def test_unknown_or_missing_key(self):
+        self.restart(proxy_api_keys=("good-key", "other-key"))
+        for key in (None, "bad-key", "good-ke"):
+            with self.subTest(key=key):
+                for method, path in (("POST", "/v1/chat/completions"), ("GET", "/v1/models"),
+                                     ("POST", "/v1/embeddings")):
+                    status, headers, body = self.request(method, path, {"model": "m"}, key=key)
+                    self.assert_openai_error(status, body, 401, "invalid_api_key")
+                    self.assertEqual(headers["access-control-allow-origin"], "*")
+        self.assertEqual(self.chat(key="good-key")[0], 200)
+        self.assertEqual(len(self.upstream.requests), 1)
+
+    def test_upstream_unreachable_is_502_and_not_charged(self):
+        self.restart(base_api_url=f"http://127.0.0.1:{free_port()}/v1")
+        status, _, body = self.chat()
+        self.assert_openai_error(status, body, 502, "upstream_unreachable")
+        self.assertEqual(self.remaining(), 10)
+
+    def test_upstream_timeout_is_504_and_not_charged(self):
+        self.restart(read_timeout=0.5)
+        status, _, body = self.chat(headers={"X-Fake-Scenario": "hang"})
+        self.assert_openai_error(status, body, 504, "upstream_timeout")
+        self.assertEqual(self.remaining(), 10)
+
+    def test_upstream_errors_pass_through(self):
+        for scenario, status, charged in (("status-500", 500, False), ("status-503", 503, False),
+                                          ("status-429", 429, True), ("status-400", 400, True),
+                                          ("html-500", 500, False)):
+            with self.subTest(scenario=scenario):
+                self.restart()
+                got, headers, body = self.chat(headers={"X-Fake-Scenario": scenario})
+                self.assertEqual(got, status)
+                if scenario == "html-500":
+                    self.assertEqual(body, b"<html>oops</html>")
+                else:
+                    self.assertEqual(json.loads(body)["error"]["message"],
+                                     f"upstream says {status}")
+                    self.assertEqual(headers["retry-after"], "7")
+                self.assertEqual(self.remaining(), 9 if charged else 10)
+
+    def test_upstream_closing_without_answer_is_502(self):
+        status, _, body = self.chat(headers={"X-Fake-Scenario": "close"})
+        self.assert_openai_error(status, body, 502)
+        self.assertEqual(self.remaining(), 10)
+
+    def test_paths_outside_v1_are_404_and_never_forwarded(self):
+        for path in ("/slots", "/props", "/metrics", "/v1/../slots", "/V1/chat/completions",
+                     "/", "/v10/models"):
+            with self.subTest(path=path):
+                status, _, body = self.request("GET", path)
+                self.assert_openai_error(status, body, 404)
+        self.assertEqual(self.upstream.requests, [])
+
+    def test_path_spellings_cannot_bypass_charging(self):
+        spellings = ["/v1/chat/completions/", "//v1//chat/completions", "/v1/chat/%63ompletions",
+                     "/v1/./chat/completions", "/v1/models/../chat/completions",
+                     "/v1/chat/completions?stream=false", "/v1/chat/completions%2f"]
+        for index, path in enumerate(spellings):
+            with self.subTest(path=path):
+                status, headers, _ = self.chat(path=path)
+                self.assertEqual(status, 200)
+                self.assertEqual(headers["x-ratelimit-remaining"], str(9 - index))
+        forwarded = [p.partition("?")[0] for p in self.upstream.paths()]
+        self.assertEqual(forwarded, ["/v1/chat/completions"] * len(spellings))
+
+    def test_malformed_http_gets_400_and_the_server_keeps_serving(self):
+        for data in (b"GARBAGE\r\n\r\n", b"GET /v1/models HTTP/9.9\r\n\r\n",
+                     b"GET /v1/models\r\n", b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03\r\n\r\n"):
+            with self.subTest(data=data):
+                answer = self.raw(data)
+                head, _, body = answer.partition(b"\r\n\r\n")
+                self.assertIn(int(head.split(b" ")[1]), (400, 505))
+                self.assertIn(b'"error"', body)
+        for length in (b"-5", b"abc", b"1, 2"):
+            with self.subTest(length=length):
+                answer = self.raw(b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: " +
+                                  length + b"\r\n\r\n{}")
+                self.assertEqual(int(answer.split(b" ")[1]), 400)
+        answer = self.raw(b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 2\r\n"
+                          b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+        self.assertEqual(int(answer.split(b" ")[1]), 400)
+        self.assertEqual(self.upstream.requests, [])
+        self.assertEqual(self.chat()[0], 200)
+        self.assertNotIn("Traceback", self.log.getvalue())
+
+    def test_unsupported_method_is_an_openai_error(self):
+        status, _, body = self.request("TRACE", "/v1/models")
+        self.assert_openai_error(status, body, 501)
+
+
+class LocalRouteTests(ProxyTestCase):
+    def test_health_shows_the_callers_bucket_without_creating_one(self):
+        status, _, body = self.request("GET", "/health")
+        self.assertEqual(status, 200)
+        answer = json.loads(body)
+        self.assertEqual(answer, {"ok": True, "quota": {
+            "limit": 10, "remaining": 10, "reset_seconds": 0, "refill_tokens": 2,
+            "refill_interval_seconds": 300.0}})
+        self.assertEqual(len(self.proxy.store), 0)
+        self.chat()
+        quota = json.loads(self.request("GET", "/health")[2])["quota"]
+        self.assertEqual((quota["remaining"], quota["reset_seconds"]), (9, 300))
+        self.assertNotIn(str(self.upstream.server_address[1]), body.decode())
+
+    def test_health_with_required_keys(self):
+        self.restart(proxy_api_keys=("good",))
+        self.assertEqual(json.loads(self.request("GET", "/health", key=None)[2]), {"ok": True})
+        self.assertEqual(self.request("GET", "/health", key="bad")[0], 401)
+        self.assertIn("quota", json.loads(self.request("GET", "/health", key="good")[2]))
+
+    def test_cors_preflight_and_headers(self):
+        status, headers, body = self.request("OPTIONS", "/v1/chat/completions", key=None,
+                                             headers={"Origin": "http://ui.local",
+                                                      "Access-Control-Request-Method": "POST",
+                                                      "Access-Control-Request-Headers":
+                                                          "authorization, x-stainless-os"})
+        self.assertEqual(status, 204)
+        self.assertEqual(body, b"")
+        self.assertEqual(headers["access-control-allow-origin"], "*")
+        self.assertEqual(headers["access-control-allow-headers"], "authorization, x-stainless-os")
+        self.assertIn("POST", headers["access-control-allow-methods"])
+        _, headers, _ = self.chat()
+        exposed = headers["access-control-expose-headers"].lower()
+        for name in ("retry-after", "x-ratelimit-remaining", "x-ratelimit-reset-seconds"):
+            self.assertIn(name, exposed)
+        self.assertEqual(self.upstream.requests[0][1], "/v1/chat/completions")
+
+
+class SecretTests(ProxyTestCase):
+    def test_keys_never_reach_logs_or_responses(self):
+        self.restart(base_api_key=UPSTREAM_KEY, limit_response="429")
+        answers = []
+        for _ in range(11):
+            answers.append(self.chat())
+        answers.append(self.chat(headers={"X-Fake-Scenario": "status-500"}))
+        answers.append(self.request("GET", "/health"))
+        answers.append(self.request("GET", f"/v1/models?key={CLIENT_KEY}"))
+        self.restart(base_api_key=UPSTREAM_KEY, base_api_url=f"http://127.0.0.1:{free_port()}/v1")
+        answers.append(self.chat())
+        text = self.log.getvalue()
+        self.assertIn(llm_proxy.key_label(CLIENT_KEY), text)
+        for secret in (UPSTREAM_KEY, CLIENT_KEY):
+            self.assertNotIn(secret, text)
+            for _, headers, body in answers:
+                self.assertNotIn(secret.encode(), body)
+                self.assertNotIn(secret, json.dumps(headers))
+
+    def test_access_log_line(self):
+        self.chat()
+        self.assertTrue(self.log.wait_for(lambda text: "remaining=9" in text))
+        line = self.log.getvalue().strip().splitlines()[-1]
+        self.assertRegex(line, r'127\.0\.0\.1 key=[0-9a-f]{10} "POST /v1/chat/completions" 200 '
+                               r'cost=1 remaining=9 \d+\.\dms$')
+
+    def test_control_characters_are_escaped_in_the_log(self):
+        self.raw(b"GET /v1/\x1b[31mred HTTP/1.1\r\nConnection: close\r\n\r\n")
+        self.assertTrue(self.log.wait_for(lambda text: "400" in text))
+        self.assertNotIn("\x1b", self.log.getvalue())
+        self.assertIn("\\x1b", self.log.getvalue())
+
+
+class ServerTests(ProxyTestCase):
+    def test_drain_waits_for_in_flight_requests(self):
+        _, resp = StreamingTests.open_stream(self, scenario="gate")
+        resp.readline()
+        self.assertFalse(self.proxy.drain(timeout=0.1))
+        self.upstream.release.set()
+        resp.read()
+        self.assertTrue(self.proxy.drain(timeout=WAIT))
+
+    def test_sigterm_stops_the_process_cleanly(self):
+        env = {**os.environ, "PORT": "0", "HOST": "127.0.0.1", "BASE_API_URL": self.upstream.url}
+        proc = subprocess.Popen([sys.executable, os.path.join(HERE, "llm_proxy.py")], env=env,
+                                stderr=subprocess.PIPE, text=True)
+        self.addCleanup(proc.kill)
+        first = proc.stderr.readline()
+        self.assertIn("listening on http://127.0.0.1:", first)
+        port = int(first.rsplit(":", 1)[1])
+        startup = proc.stderr.readline() + proc.stderr.readline()
+        self.assertIn("buckets: 10 tokens, +2 every 300 s", startup)
+        self.assertNotIn(self.upstream.url, startup)  # the host and port, not the URL path
+        proxy = type("P", (), {"server_address": ("127.0.0.1", port)})
+        self.assertEqual(self.request("GET", "/health", proxy=proxy)[0], 200)
+        proc.terminate()
+        self.assertEqual(proc.wait(WAIT), 0)
+
+
+# ################################################################## openai client ####
+
+@unittest.skipIf(openai is None, "the official openai package is not installed")
+class OpenAIClientTests(ProxyTestCase):
+    def client(self, key=CLIENT_KEY, max_retries=0):
+        return openai.OpenAI(base_url=f"http://127.0.0.1:{self.proxy.server_address[1]}/v1",
+                             api_key=key, max_retries=max_retries, timeout=WAIT)
+
+    def test_chat_stream_models_embeddings(self):
+        client = self.client()
+        answer = client.chat.completions.create(
+            model="fake-a", messages=[{"role": "user", "content": "hi"}])
+        self.assertEqual(answer.choices[0].message.content, "proxy ok")
+        pieces = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
+            model="fake-a", messages=[{"role": "user", "content": "hi"}], stream=True)]
+        self.assertEqual("".join(pieces), "Hello world")
+        self.assertEqual([m.id for m in client.models.list()], ["fake-a", "fake-b"])
+        embedding = client.embeddings.create(model="e", input="hello")
+        self.assertEqual(embedding.data[0].embedding, [0.1, 0.2, 0.3])
+        completion_ = client.completions.create(model="fake-a", prompt="hi")
+        self.assertEqual(completion_.choices[0].text, "proxy ok")
+
+    def test_limit_message_in_both_shapes(self):
+        client = self.client()
+        for _ in range(10):
+            client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
+        answer = client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "x"}])
+        self.assertEqual(answer.choices[0].message.content, "limit reached, wait 5 min")
+        stream = client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "x"}], stream=True,
+            stream_options={"include_usage": True})
+        chunks = list(stream)
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        self.assertEqual(text, "limit reached, wait 5 min")
+        self.assertEqual(chunks[-1].usage.total_tokens, 0)
+
+    def test_rate_limit_error_in_429_mode(self):
+        self.restart(limit_response="429")
+        client = self.client()
+        for _ in range(10):
+            client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
+        with self.assertRaises(openai.RateLimitError) as caught:
+            client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
+        self.assertEqual(caught.exception.code, "rate_limit_exceeded")
+        self.assertEqual(caught.exception.response.headers["retry-after"], "300")
+
+    def test_sdk_retries_then_gets_the_limit_when_retry_after_is_short(self):
+        self.restart(limit_response="429", refill_interval_seconds=1)
+        client = self.client()
+        for _ in range(10):
+            client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
+        # The injected clock never moves, so the SDK's retry (after waiting Retry-After: 1 s)
+        # is refused too: one retry, two 429s in all, both logged.
+        with self.assertRaises(openai.RateLimitError):
+            self.client(max_retries=1).chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "x"}])
+        self.assertTrue(self.log.wait_for(lambda text: text.count('" 429 ') == 2))
+
+    def test_authentication_error(self):
+        self.restart(proxy_api_keys=("good",))
+        with self.assertRaises(openai.AuthenticationError):
+            self.client(key="bad").models.list()
+
+    def test_stream_error_event_raises_api_error(self):
+        self.restart(read_timeout=0.5)
+        stream = self.client().chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "x"}], stream=True,
+            extra_headers={"X-Fake-Scenario": "stall"})
+        with self.assertRaises(openai.APIError):
+            for _ in stream:
+                pass
+
+
+# ########################################################################## runner ####
+
+def main(argv: list[str]) -> int:
+    """Run every test (or the ones named, e.g. StreamingTests or LimitTests.test_429_mode)."""
+    names = [a for a in argv if not a.startswith("-")]
+    loader = unittest.defaultTestLoader
+    module = sys.modules[__name__]
+    suite = (loader.loadTestsFromNames(names, module) if names
+             else loader.loadTestsFromModule(module))
+    result = unittest.TextTestRunner(verbosity=2 if "-v" in argv else 1).run(suite)
+    failed = len(result.failures) + len(result.errors) + len(result.unexpectedSuccesses)
+    skipped = len(result.skipped)
+    passed = result.testsRun - failed - skipped - len(result.expectedFailures)
+    print(f"{passed} passed, {failed} failed, {skipped} skipped")
+    return 0 if result.wasSuccessful() else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
