@@ -108,6 +108,9 @@ SDK_MAX_RETRY_AFTER = 120
 
 READ_CHUNK = 64 * 1024
 MAX_CHUNK_LINE = 1024
+MAX_REQUEST_LINE = 32 * 1024
+MAX_HEADER_BYTES = 64 * 1024
+MAX_HEADER_LINES = 200
 POOL_MAX_IDLE = 128
 LISTEN_BACKLOG = 1024
 KEEPALIVE_SECONDS = 75.0
@@ -624,6 +627,74 @@ def _number(value: float) -> str:
 
 # ######################################################################## requests ####
 
+class Headers:
+    """Message headers: looked up without regard to case, repeated names and order kept.
+
+    The part of email.message.Message that http.server and http.client use (get, get_all,
+    items), without the email package's parser, which is a large share of the cost of a request.
+    """
+
+    __slots__ = ("_items", "_index")
+
+    def __init__(self, items: list[tuple[str, str]]) -> None:
+        self._items = items
+        self._index: dict[str, list[str]] = {}
+        for name, value in items:
+            self._index.setdefault(name.lower(), []).append(value)
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        values = self._index.get(name.lower())
+        return values[0] if values else default
+
+    def get_all(self, name: str, default: object = None) -> list[str] | object:
+        values = self._index.get(name.lower())
+        return list(values) if values else default
+
+    def items(self) -> list[tuple[str, str]]:
+        return list(self._items)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name.lower() in self._index
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class HeaderError(Exception):
+    """Headers that cannot be accepted; `status` says why (400 malformed, 431 too large)."""
+
+    def __init__(self, status: HTTPStatus) -> None:
+        super().__init__(status.phrase)
+        self.status = status
+
+
+def read_headers(fp: object, max_bytes: int = MAX_HEADER_BYTES) -> Headers:
+    """Read header lines up to the empty line that ends them (RFC 9112 section 5).
+
+    Raises HeaderError(431) past `max_bytes` or MAX_HEADER_LINES, HeaderError(400) for a line
+    without a colon, whitespace before the colon or obsolete line folding (ambiguous framing is
+    how requests are smuggled), and EOFError when the stream ends first.
+    """
+    items: list[tuple[str, str]] = []
+    budget = max_bytes
+    readline = fp.readline  # type: ignore[attr-defined]
+    while True:
+        line = readline(budget + 1)
+        if not line:
+            raise EOFError("headers cut off")
+        budget -= len(line)
+        if budget < 0 or len(items) >= MAX_HEADER_LINES:
+            raise HeaderError(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE)
+        if line in (b"\r\n", b"\n"):
+            return Headers(items)
+        if not line.endswith(b"\n"):
+            raise EOFError("headers cut off")
+        name, colon, value = line.partition(b":")
+        if not colon or not name or name[-1:] in (b" ", b"\t") or line[:1] in (b" ", b"\t"):
+            raise HeaderError(HTTPStatus.BAD_REQUEST)
+        items.append((name.decode("latin-1"), value.strip(b" \t\r\n").decode("latin-1")))
+
+
 def normalize_path(target: str) -> tuple[str, str]:
     """Split a request target into (normalised path, raw query).
 
@@ -736,6 +807,72 @@ class Upstream:
         return quoted + ("?" + query if query else "")
 
 
+class _OneSend:
+    """Send a request's head and body in one write: one syscall and, for small bodies, one
+    packet instead of two (http.client writes them separately)."""
+
+    _buffer: list[bytes]
+
+    def _send_output(self, message_body: object = None, encode_chunked: bool = False) -> None:
+        if isinstance(message_body, bytes) and not encode_chunked:
+            self._buffer.extend((b"", b""))
+            message = b"\r\n".join(self._buffer) + message_body
+            del self._buffer[:]
+            self.send(message)  # type: ignore[attr-defined]
+            return
+        super()._send_output(message_body, encode_chunked)  # type: ignore[misc]
+
+
+class _UpstreamResponse(http.client.HTTPResponse):
+    """http.client's response, reading its headers with read_headers instead of the email
+    package. The framing rules are http.client's own (HTTPResponse.begin)."""
+
+    def begin(self) -> None:
+        if self.headers is not None:
+            return
+        while True:
+            version, status, reason = self._read_status()  # type: ignore[attr-defined]
+            if status != HTTPStatus.CONTINUE:
+                break
+            self._headers_or_error()
+        self.code = self.status = status
+        self.reason = reason.strip()
+        if version in ("HTTP/1.0", "HTTP/0.9"):
+            self.version = 10
+        elif version.startswith("HTTP/1."):
+            self.version = 11
+        else:
+            raise http.client.UnknownProtocol(version)
+        self.headers = self.msg = self._headers_or_error()  # type: ignore[assignment]
+        encoding = (self.headers.get("Transfer-Encoding") or "").lower()
+        self.chunked = encoding == "chunked"  # type: ignore[assignment]
+        self.chunk_left = None
+        self.will_close = self._check_close()  # type: ignore[attr-defined]
+        self.length = None
+        length = self.headers.get("Content-Length")
+        if length and not self.chunked and length.strip().isdigit():
+            self.length = int(length)
+        if status in (HTTPStatus.NO_CONTENT, HTTPStatus.NOT_MODIFIED) or 100 <= status < 200 \
+                or self._method == "HEAD":  # type: ignore[attr-defined]
+            self.length = 0
+        if not self.will_close and not self.chunked and self.length is None:
+            self.will_close = True
+
+    def _headers_or_error(self) -> Headers:
+        try:
+            return read_headers(self.fp)
+        except (HeaderError, EOFError) as err:
+            raise http.client.HTTPException(str(err)) from None
+
+
+class _HTTPConnection(_OneSend, http.client.HTTPConnection):
+    response_class = _UpstreamResponse
+
+
+class _HTTPSConnection(_OneSend, http.client.HTTPSConnection):
+    response_class = _UpstreamResponse
+
+
 class UpstreamPool:
     """Idle keep-alive connections to the upstream, reused last-in first-out.
 
@@ -766,10 +903,10 @@ class UpstreamPool:
     def _connect(self) -> http.client.HTTPConnection:
         u = self.upstream
         if self._ssl is not None:
-            conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+            conn: http.client.HTTPConnection = _HTTPSConnection(
                 u.host, u.port, timeout=self.open_timeout, context=self._ssl)
         else:
-            conn = http.client.HTTPConnection(u.host, u.port, timeout=self.open_timeout)
+            conn = _HTTPConnection(u.host, u.port, timeout=self.open_timeout)
         try:
             conn.connect()
         except (socket.timeout, TimeoutError):
@@ -781,8 +918,7 @@ class UpstreamPool:
             conn.close()
             raise ProxyError(HTTPStatus.BAD_GATEWAY, "The upstream server could not be reached.",
                              type="server_error", code="upstream_unreachable") from None
-        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conn.sock.settimeout(self.read_timeout)
+        conn.sock.settimeout(self.read_timeout)  # http.client has set TCP_NODELAY already
         return conn
 
     def release(self, conn: http.client.HTTPConnection) -> None:
@@ -968,14 +1104,47 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self._log_access()
 
     def parse_request(self) -> bool:
-        # An HTTP/0.9 request line ("GET /path") has no version and no headers; http.server
-        # would wait for headers that never come. No API client speaks it: refuse it at once.
-        words = self.raw_requestline.split()
-        if len(words) == 2:
-            self.command = words[0].decode("latin-1")
+        """Parse the request line and headers into command, path, request_version, headers.
+
+        http.server's contract (on failure the error response has been sent), with the header
+        parser above. Only "METHOD target HTTP/1.x" is accepted: an HTTP/0.9 line has no
+        headers, and http.server would wait for them.
+        """
+        self.command = None  # type: ignore[assignment]
+        self.request_version = "HTTP/1.0"
+        self.close_connection = True
+        self.requestline = self.raw_requestline.decode("latin-1").rstrip("\r\n")
+        words = self.requestline.split()
+        if not words:
+            return False
+        self.command = words[0]
+        if len(words) != 3:
             self.send_error(HTTPStatus.BAD_REQUEST)
             return False
-        return super().parse_request()
+        version = words[2]
+        major, dot, minor = version[5:].partition(".")
+        if not version.startswith("HTTP/") or not dot or not (major + minor).isdigit() \
+                or len(major + minor) > 4:
+            self.send_error(HTTPStatus.BAD_REQUEST)
+            return False
+        if int(major) != 1:
+            self.send_error(HTTPStatus.HTTP_VERSION_NOT_SUPPORTED)
+            return False
+        self.path, self.request_version = words[1], version
+        try:
+            self.headers = read_headers(self.rfile)  # type: ignore[assignment]
+        except HeaderError as err:
+            self.send_error(err.status)
+            return False
+        except EOFError:
+            return False
+        tokens = {t.strip().lower() for v in self.headers.get_all("Connection") or []
+                  for t in v.split(",")}
+        self.close_connection = "close" in tokens or (
+            int(minor) < 1 and "keep-alive" not in tokens)
+        if (self.headers.get("Expect") or "").lower() == "100-continue" and int(minor) >= 1:
+            return self.handle_expect_100()
+        return True
 
     # -- the request ------------------------------------------------------------------------
 
@@ -1261,30 +1430,33 @@ class ProxyHandler(BaseHTTPRequestHandler):
         else:  # an HTTP/1.0 client: the end of the body is the end of the connection
             self.close_connection = True
         if no_body:
-            self._send(HTTPStatus(resp.status), headers, None, reason=resp.reason)
+            self._send(resp.status, headers, None, reason=resp.reason)
             resp.close()
             return True
         stream = "text/event-stream" in (resp.getheader("Content-Type") or "")
         head = self._head(resp.status, resp.reason, headers)
-        watch: socket.socket | None = self.connection
+        # A stream is generated while it is relayed: watch the client between events so that
+        # its going away stops generation at once. A plain body was generated before its head
+        # was sent, so it is simply read (READ_TIMEOUT still applies).
+        watch = self.connection if stream else None
         try:
-            while True:
-                if resp.fp is None or (not resp.chunked and resp.length == 0):
-                    resp.close()
-                    break
-                if not _buffered(resp, sock):
+            while resp.fp is not None and (resp.chunked or resp.length != 0):
+                if watch is not None and not _buffered(resp, sock):
                     if not wait_readable(sock, watch, self.server.pool.read_timeout):
                         watch = None
                 piece = resp.read1(READ_CHUNK)
                 if not piece:
                     break
                 data = b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece
-                self._write(head + data if head else data)
+                self._write(head + data if head else data)  # the head goes with the first piece
                 head = b""
+            resp.close()
         except (UpstreamTimeout, OSError, ValueError, http.client.HTTPException) as exc:
             self._abort_relay(head, chunked and stream, exc)
             return False
-        self._write(head + (b"0\r\n\r\n" if chunked else b""))
+        tail = b"0\r\n\r\n" if chunked else b""
+        if head or tail:
+            self._write(head + tail)
         return True
 
     def _abort_relay(self, head: bytes, sse_chunked: bool, exc: BaseException) -> None:
@@ -1321,7 +1493,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         lines.append("\r\n")
         return "".join(lines).encode("latin-1", "replace")
 
-    def _send(self, status: HTTPStatus, headers: list[tuple[str, str]], body: bytes | None,
+    def _send(self, status: int, headers: list[tuple[str, str]], body: bytes | None,
               *, reason: str | None = None) -> None:
         """A complete response in one write (head and body coalesced). A request body left
         unread would be taken for the next request, so such a connection is closed."""
@@ -1331,7 +1503,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             if not any(n == "Date" for n, _ in headers) else headers
         if body is not None and status != HTTPStatus.NO_CONTENT:
             headers.append(("Content-Length", str(len(body))))
-        head = self._head(status, reason or status.phrase, headers)
+        head = self._head(status, reason or HTTPStatus(status).phrase, headers)
         self._write(head + (body or b"") if self.command != "HEAD" else head)
 
     def _write(self, data: bytes) -> None:
@@ -1385,7 +1557,9 @@ def _header_safe(value: str) -> str:
 
 
 def _loggable(text: str) -> str:
-    """Escape control characters before anything reaches the log."""
+    """Escape control and non-ASCII characters before anything reaches the log."""
+    if text.isascii() and text.isprintable():
+        return text
     return "".join(ch if " " <= ch < "\x7f" else f"\\x{ord(ch):02x}" for ch in text)
 
 

@@ -1,0 +1,342 @@
+#!/usr/bin/env python3
+"""Benchmark llm_proxy against a fast fake upstream, side by side with direct calls to it.
+
+    python3 bench_llm_proxy.py              # the full run (about a minute), prints a table
+    python3 bench_llm_proxy.py --quick      # a short smoke run
+
+What it measures (every figure for the proxy is compared with the same call made directly):
+  * added latency per non-stream request at concurrency 1 (p50, p99), one keep-alive connection;
+  * the proxy's CPU time per request (from /proc/<pid>/stat, Linux);
+  * concurrency 64 for 10 s with wrk when it is installed (else a threaded Python client):
+    requests/s, p50/p99, errors;
+  * added time to the first streamed event;
+  * event spacing seen by 50 concurrent streams whose upstream sends an event every 20 ms.
+
+The fake upstream is a raw asyncio server in its own process, and the proxy runs as its own
+process started with the README's run command, so neither competes with the load generator for
+the GIL. Run it by hand; the unit tests do not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import http.client
+import json
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+KEY = "sk-bench-key"
+CHAT = json.dumps({"model": "bench", "messages": [{"role": "user", "content": "hi"}],
+                   "max_tokens": 16}).encode()
+STREAM = json.dumps({"model": "bench", "messages": [{"role": "user", "content": "hi"}],
+                     "stream": True}).encode()
+ANSWER = json.dumps({
+    "id": "chatcmpl-bench", "object": "chat.completion", "created": 1, "model": "bench",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "proxy ok"},
+                 "finish_reason": "stop"}],
+    "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}}).encode()
+
+
+# ##################################################################### fake upstream ####
+
+def _event(index: int) -> bytes:
+    chunk = {"id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 1,
+             "model": "bench", "choices": [{"index": 0, "delta": {"content": f"tok{index} "},
+                                            "finish_reason": None}]}
+    data = b"data: " + json.dumps(chunk).encode() + b"\n\n"
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+async def _serve_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            headers = head.decode("latin-1").lower()
+            match = re.search(r"content-length: *(\d+)", headers)
+            body = await reader.readexactly(int(match.group(1))) if match else b""
+            if b'"stream": true' not in body:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (len(ANSWER), ANSWER))
+                continue
+            events = int(re.search(r"x-bench-events: *(\d+)", headers).group(1)) \
+                if "x-bench-events" in headers else 20
+            spacing = float(re.search(r"x-bench-spacing-ms: *([\d.]+)", headers).group(1)) \
+                if "x-bench-spacing-ms" in headers else 20.0
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\n" + _event(0))
+            for index in range(1, events):
+                await asyncio.sleep(spacing / 1000)
+                writer.write(_event(index))
+                await writer.drain()
+            done = b"data: [DONE]\n\n"
+            writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(done), done))
+            await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
+        pass
+    finally:
+        writer.close()
+
+
+def serve_upstream(port: int) -> None:
+    async def run() -> None:
+        server = await asyncio.start_server(_serve_client, "127.0.0.1", port, backlog=1024)
+        print("ready", flush=True)
+        async with server:
+            await server.serve_forever()
+    asyncio.run(run())
+
+
+# ######################################################################### helpers ####
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
+
+
+def post(conn: http.client.HTTPConnection, body: bytes, headers: dict[str, str] | None = None
+         ) -> http.client.HTTPResponse:
+    conn.request("POST", "/v1/chat/completions", body,
+                 {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json",
+                  **(headers or {})})
+    return conn.getresponse()
+
+
+def latency_c1(port: int, count: int) -> list[float]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    times = []
+    for _ in range(count):
+        start = time.perf_counter()
+        resp = post(conn, CHAT)
+        resp.read()
+        times.append((time.perf_counter() - start) * 1000)
+        assert resp.status == 200, resp.status
+    conn.close()
+    return times
+
+
+def first_event_ms(port: int, count: int) -> list[float]:
+    times = []
+    for _ in range(count):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.connect()
+        start = time.perf_counter()
+        resp = post(conn, STREAM, {"X-Bench-Events": "2", "X-Bench-Spacing-Ms": "1"})
+        line = resp.readline()
+        times.append((time.perf_counter() - start) * 1000)
+        assert line.startswith(b"data: "), line
+        resp.read()
+        conn.close()
+    return times
+
+
+def stream_gaps(port: int, streams: int, events: int, spacing_ms: float) -> list[float]:
+    gaps: list[float] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(streams)
+
+    def one() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        barrier.wait()
+        resp = post(conn, STREAM, {"X-Bench-Events": str(events),
+                                   "X-Bench-Spacing-Ms": str(spacing_ms)})
+        last, mine = None, []
+        while True:
+            line = resp.readline()
+            if not line or line.startswith(b"data: [DONE]"):
+                break
+            if line.startswith(b"data: "):
+                now = time.perf_counter()
+                if last is not None:
+                    mine.append((now - last) * 1000)
+                last = now
+        conn.close()
+        with lock:
+            gaps.extend(mine)
+
+    threads = [threading.Thread(target=one) for _ in range(streams)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return gaps
+
+
+def load_wrk(port: int, seconds: int, connections: int) -> dict[str, object]:
+    script = tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False)
+    script.write('wrk.method = "POST"\n'
+                 f'wrk.body = {json.dumps(CHAT.decode())}\n'
+                 'wrk.headers["Content-Type"] = "application/json"\n'
+                 f'wrk.headers["Authorization"] = "Bearer {KEY}"\n')
+    script.close()
+    command = ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", script.name,
+               f"http://127.0.0.1:{port}/v1/chat/completions"]
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    os.unlink(script.name)
+
+    def ms(text: str) -> float:
+        value, unit = re.match(r"([\d.]+)(us|ms|s)", text).groups()
+        return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+    errors = 0
+    for pattern in (r"Non-2xx or 3xx responses: (\d+)",
+                    r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)"):
+        match = re.search(pattern, out)
+        if match:
+            errors += sum(int(g) for g in match.groups())
+    return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+            "p50": ms(re.search(r"^\s*50%\s+(\S+)", out, re.M).group(1)),
+            "p99": ms(re.search(r"^\s*99%\s+(\S+)", out, re.M).group(1)),
+            "errors": errors, "tool": "wrk -t2 -c%d -d%ds" % (connections, seconds)}
+
+
+def load_threads(port: int, seconds: int, connections: int) -> dict[str, object]:
+    times: list[float] = []
+    errors = [0]
+    lock = threading.Lock()
+    deadline = time.monotonic() + seconds
+
+    def worker() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        mine = []
+        while time.monotonic() < deadline:
+            start = time.perf_counter()
+            try:
+                resp = post(conn, CHAT)
+                resp.read()
+                if resp.status != 200:
+                    raise OSError(resp.status)
+            except OSError:
+                with lock:
+                    errors[0] += 1
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+                continue
+            mine.append((time.perf_counter() - start) * 1000)
+        with lock:
+            times.extend(mine)
+
+    threads = [threading.Thread(target=worker) for _ in range(connections)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {"rps": len(times) / seconds, "p50": pct(times, 50), "p99": pct(times, 99),
+            "errors": errors[0], "tool": f"Python threads, {connections} connections, {seconds} s"}
+
+
+# ############################################################################# run ####
+
+def start(command: list[str], env: dict[str, str], ready: str, stream: str) -> subprocess.Popen:
+    proc = subprocess.Popen(command, env={**os.environ, **env}, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    pipe = proc.stdout if stream == "stdout" else proc.stderr
+    while True:
+        line = pipe.readline()
+        if not line:
+            raise SystemExit(f"{command[1]} did not start: {proc.stderr.read()}")
+        if ready in line:
+            break
+    threading.Thread(target=pipe.read, daemon=True).start()  # keep draining the log
+    return proc
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a short smoke run")
+    parser.add_argument("--serve-upstream", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.serve_upstream:
+        serve_upstream(args.serve_upstream)
+        return 0
+
+    requests, seconds, firsts = (300, 2, 50) if args.quick else (3000, 10, 300)
+    up_port, proxy_port = free_port(), free_port()
+    upstream = start([sys.executable, __file__, "--serve-upstream", str(up_port)], {}, "ready",
+                     "stdout")
+    proxy = start([sys.executable, os.path.join(HERE, "llm_proxy.py")], {
+        "HOST": "127.0.0.1", "PORT": str(proxy_port),
+        "BASE_API_URL": f"http://127.0.0.1:{up_port}/v1", "MAX_TOKENS": "1000000000",
+        "REFILL_TOKENS": "1000000000"}, "listening on", "stderr")
+    rows: list[tuple[str, str, str, str]] = []
+    try:
+        latency_c1(up_port, 200), latency_c1(proxy_port, 200)  # warm up both paths
+        direct, proxied = [], []
+        cpu = 0.0
+        for _ in range(5):  # interleave, so drift in the machine affects both alike
+            direct += latency_c1(up_port, requests // 5)
+            before = cpu_seconds(proxy.pid)
+            proxied += latency_c1(proxy_port, requests // 5)
+            cpu += cpu_seconds(proxy.pid) - before
+        rows.append(("non-stream latency, c=1, p50 (ms)", f"{pct(direct, 50):.3f}",
+                     f"{pct(proxied, 50):.3f}", f"{pct(proxied, 50) - pct(direct, 50):+.3f}"))
+        rows.append(("non-stream latency, c=1, p99 (ms)", f"{pct(direct, 99):.3f}",
+                     f"{pct(proxied, 99):.3f}", f"{pct(proxied, 99) - pct(direct, 99):+.3f}"))
+        rows.append(("proxy CPU per request, c=1 (µs)", "", f"{cpu / requests * 1e6:.0f}", ""))
+
+        load = load_wrk if shutil.which("wrk") else load_threads
+        d64 = load(up_port, seconds, 64)
+        before = cpu_seconds(proxy.pid)
+        p64 = load(proxy_port, seconds, 64)
+        cpu64 = cpu_seconds(proxy.pid) - before
+        rows.append((f"c=64 for {seconds} s: requests/s", f"{d64['rps']:.0f}", f"{p64['rps']:.0f}",
+                     ""))
+        rows.append(("c=64: p50 (ms)", f"{d64['p50']:.2f}", f"{p64['p50']:.2f}",
+                     f"{p64['p50'] - d64['p50']:+.2f}"))
+        rows.append(("c=64: p99 (ms)", f"{d64['p99']:.2f}", f"{p64['p99']:.2f}",
+                     f"{p64['p99'] - d64['p99']:+.2f}"))
+        rows.append(("c=64: errors", str(d64["errors"]), str(p64["errors"]), ""))
+        rows.append(("proxy CPU per request, c=64 (µs)", "",
+                     f"{cpu64 / max(1, p64['rps'] * seconds) * 1e6:.0f}", ""))
+
+        d_first = first_event_ms(up_port, firsts)
+        p_first = first_event_ms(proxy_port, firsts)
+        rows.append(("time to first event, p50 (ms)", f"{pct(d_first, 50):.3f}",
+                     f"{pct(p_first, 50):.3f}", f"{pct(p_first, 50) - pct(d_first, 50):+.3f}"))
+
+        d_gaps = stream_gaps(up_port, 50, 20 if args.quick else 50, 20)
+        p_gaps = stream_gaps(proxy_port, 50, 20 if args.quick else 50, 20)
+        for q in (50, 99):
+            rows.append((f"50 streams, event spacing p{q} (ms; upstream sends every 20)",
+                         f"{pct(d_gaps, q):.2f}", f"{pct(p_gaps, q):.2f}",
+                         f"{pct(p_gaps, q) - pct(d_gaps, q):+.2f}"))
+        rows.append(("50 streams, event spacing mean (ms)", f"{statistics.mean(d_gaps):.2f}",
+                     f"{statistics.mean(p_gaps):.2f}", ""))
+    finally:
+        proxy.terminate()
+        upstream.terminate()
+        proxy.wait(30)
+        upstream.wait(30)
+
+    width = max(len(r[0]) for r in rows)
+    print(f"\nllm_proxy benchmark: Python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
+          f"load: {p64['tool']}")
+    print(f"| {'measure'.ljust(width)} | direct | proxy | added |")
+    print(f"|{'-' * (width + 2)}|-------:|------:|------:|")
+    for name, a, b, c in rows:
+        print(f"| {name.ljust(width)} | {a} | {b} | {c} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
