@@ -64,7 +64,7 @@ async def _serve_client(reader: asyncio.StreamReader, writer: asyncio.StreamWrit
             headers = head.decode("latin-1").lower()
             match = re.search(r"content-length: *(\d+)", headers)
             body = await reader.readexactly(int(match.group(1))) if match else b""
-            if b'"stream": true' not in body:
+            if not re.search(rb'"stream"\s*:\s*true', body):
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
                              b"Content-Length: %d\r\n\r\n%s" % (len(ANSWER), ANSWER))
                 continue

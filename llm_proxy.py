@@ -49,6 +49,7 @@ import http.client
 import json
 import math
 import os
+import re
 import select
 import signal
 import socket
@@ -261,6 +262,13 @@ def _parse_url(name: str, raw: str) -> str:
     return url.rstrip("/")
 
 
+def _parse_key(name: str, raw: str) -> str:
+    key = raw.strip()
+    if any(not "!" <= ch <= "~" for ch in key):  # it goes into a header line as it is
+        raise ConfigError(f"{name} must be printable ASCII without spaces")
+    return key
+
+
 class _ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, not usage + message
         raise ConfigError(message)
@@ -309,7 +317,7 @@ class Config:
             host=raw["HOST"].strip() or "0.0.0.0",
             port=_parse_int("PORT", raw["PORT"], 0, 65535),
             base_api_url=_parse_url("BASE_API_URL", raw["BASE_API_URL"]),
-            base_api_key=raw["BASE_API_KEY"].strip(),
+            base_api_key=_parse_key("BASE_API_KEY", raw["BASE_API_KEY"]),
             base_model=raw["BASE_MODEL"].strip(),
             max_tokens=_parse_int("MAX_TOKENS", raw["MAX_TOKENS"]),
             refill_tokens=_parse_int("REFILL_TOKENS", raw["REFILL_TOKENS"]),
@@ -660,6 +668,10 @@ class Headers:
         return len(self._items)
 
 
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 section 5.6.2
+_FORBIDDEN_IN_VALUE = re.compile(rb"[\x00\r\n]")
+
+
 class HeaderError(Exception):
     """Headers that cannot be accepted; `status` says why (400 malformed, 431 too large)."""
 
@@ -690,9 +702,11 @@ def read_headers(fp: object, max_bytes: int = MAX_HEADER_BYTES) -> Headers:
         if not line.endswith(b"\n"):
             raise EOFError("headers cut off")
         name, colon, value = line.partition(b":")
-        if not colon or not name or name[-1:] in (b" ", b"\t") or line[:1] in (b" ", b"\t"):
+        value = value.strip(b" \t\r\n")
+        if not colon or not name or name[-1:] in (b" ", b"\t") or line[:1] in (b" ", b"\t") \
+                or not _TOKEN.fullmatch(name) or _FORBIDDEN_IN_VALUE.search(value):
             raise HeaderError(HTTPStatus.BAD_REQUEST)
-        items.append((name.decode("latin-1"), value.strip(b" \t\r\n").decode("latin-1")))
+        items.append((name.decode("latin-1"), value.decode("latin-1")))
 
 
 def normalize_path(target: str) -> tuple[str, str]:
@@ -809,9 +823,14 @@ class Upstream:
 
 class _OneSend:
     """Send a request's head and body in one write: one syscall and, for small bodies, one
-    packet instead of two (http.client writes them separately)."""
+    packet instead of two (http.client writes them separately). Header lines are added without
+    http.client's validation: every value was checked when it was parsed (read_headers) or
+    configured (Config)."""
 
     _buffer: list[bytes]
+
+    def putheader(self, header: str, *values: str) -> None:
+        self._buffer.append(f"{header}: {', '.join(values)}".encode("latin-1"))
 
     def _send_output(self, message_body: object = None, encode_chunked: bool = False) -> None:
         if isinstance(message_body, bytes) and not encode_chunked:
@@ -891,14 +910,13 @@ class UpstreamPool:
         self._ssl = ssl.create_default_context() if upstream.scheme == "https" else None
 
     def acquire(self) -> tuple[http.client.HTTPConnection, bool]:
-        while True:
-            with self._lock:
-                conn = self._idle.pop() if self._idle else None
-            if conn is None:
-                return self._connect(), False
-            if not _connection_dropped(conn.sock):
-                return conn, True
-            conn.close()
+        """An idle connection may have been closed by the upstream meanwhile; the caller finds
+        out when the request fails before any answer, and retries once on a new connection."""
+        with self._lock:
+            conn = self._idle.pop() if self._idle else None
+        if conn is None:
+            return self._connect(), False
+        return conn, True
 
     def _connect(self) -> http.client.HTTPConnection:
         u = self.upstream
@@ -933,19 +951,6 @@ class UpstreamPool:
             idle, self._idle = self._idle, []
         for conn in idle:
             conn.close()
-
-
-def _connection_dropped(sock: socket.socket | None) -> bool:
-    """An idle keep-alive socket that is readable has been closed by the upstream (or holds
-    garbage): either way it cannot carry a new request."""
-    if sock is None:
-        return True
-    try:
-        poller = select.poll()
-        poller.register(sock, select.POLLIN)
-        return bool(poller.poll(0))
-    except (OSError, ValueError):
-        return True
 
 
 def _buffered(resp: http.client.HTTPResponse, sock: socket.socket) -> bool:
@@ -1587,6 +1592,7 @@ class ProxyServer(ThreadingHTTPServer):
                                  config.read_timeout)
         self._log_stream = log_stream if log_stream is not None else sys.stderr
         self._log_lock = threading.Lock()
+        self._stamp_second, self._stamp = -1, ""
         self._inflight = 0
         self._idle = threading.Condition()
         if ":" in config.host:
@@ -1594,7 +1600,11 @@ class ProxyServer(ThreadingHTTPServer):
         super().__init__((config.host, config.port), handler)
 
     def log(self, line: str) -> None:
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        now = int(time.time())
+        if now != self._stamp_second:  # one strftime a second, not one a line
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
+            self._stamp_second = now
+        stamp = self._stamp
         with self._log_lock:
             try:
                 self._log_stream.write(f"{stamp} {line}\n")  # type: ignore[attr-defined]

@@ -354,6 +354,7 @@ class ConfigTests(unittest.TestCase):
             "REQUEST_TOKEN_COST": "1.5", "TOKEN_COST_MODE": "tokens", "LIMIT_RESPONSE": "418",
             "BASE_API_URL": "ftp://host/v1", "PORT": "70000", "OPEN_TIMEOUT": "nan",
             "MAX_BODY_BYTES": "0", "TRUST_FORWARDED_FOR": "maybe", "RESPONSE_TOKEN_RESERVE": "-1",
+            "BASE_API_KEY": "sk-abc\r\nX-Injected: 1",
         }
         for name, value in cases.items():
             with self.subTest(name=name):
@@ -964,6 +965,11 @@ class ErrorTests(ProxyTestCase):
         answer = self.raw(b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 2\r\n"
                           b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
         self.assertEqual(int(answer.split(b" ")[1]), 400)
+        for header in (b"X-Split: a\rInjected: b", b"Bad Name: x", b" folded", b"NoColon",
+                       b"X-Nul: a\x00b"):
+            with self.subTest(header=header):
+                answer = self.raw(b"GET /v1/models HTTP/1.1\r\n" + header + b"\r\n\r\n")
+                self.assertEqual(int(answer.split(b" ")[1]), 400)
         self.assertEqual(self.upstream.requests, [])
         self.assertEqual(self.chat()[0], 200)
         self.assertNotIn("Traceback", self.log.getvalue())
