@@ -15,6 +15,7 @@ import http.client
 import io
 import json
 import os
+import shutil
 import socket
 import struct
 import subprocess
@@ -1074,6 +1075,41 @@ class ServerTests(ProxyTestCase):
         self.assertEqual(self.request("GET", "/health", proxy=proxy)[0], 200)
         proc.terminate()
         self.assertEqual(proc.wait(WAIT), 0)
+
+
+class ScriptTests(ProxyTestCase):
+    def start_script(self, **env):
+        env = {**os.environ, "PORT": "0", "HOST": "127.0.0.1", "BASE_API_URL": self.upstream.url,
+               **env}
+        proc = subprocess.Popen(["sh", os.path.join(HERE, "run_local_proxy.sh")], env=env,
+                                stderr=subprocess.PIPE, text=True)
+        self.addCleanup(proc.wait, WAIT)
+        self.addCleanup(proc.terminate)
+        first = proc.stderr.readline()
+        self.assertIn("listening on http://127.0.0.1:", first)
+        return proc, int(first.rsplit(":", 1)[1])
+
+    def test_run_script_starts_the_proxy_with_overrides(self):
+        proc, port = self.start_script(MAX_TOKENS="3", UPSTREAM_MODEL="from-alias")
+        self.assertIn("buckets: 3 tokens", proc.stderr.readline() + proc.stderr.readline())
+        proxy = type("P", (), {"server_address": ("127.0.0.1", port)})
+        status, _, body = self.request("GET", "/v1/models", proxy=proxy)
+        self.assertEqual([m["id"] for m in json.loads(body)["data"]], ["from-alias"])
+
+    @unittest.skipIf(shutil.which("curl") is None, "curl is not installed")
+    def test_curl_script_sends_the_smoke_request_and_shows_headers(self):
+        for stream in ("0", "1"):
+            with self.subTest(stream=stream):
+                env = {**os.environ, "PROXY_URL": f"http://127.0.0.1:{self.proxy.server_address[1]}",
+                       "STREAM": stream, "PROMPT": 'say "hi" \\ please'}
+                out = subprocess.run(["sh", os.path.join(HERE, "curl_local_proxy.sh")], env=env,
+                                     capture_output=True, text=True, timeout=WAIT).stdout
+                self.assertTrue(out.startswith("HTTP/1.1 200 OK"), out)
+                self.assertIn("X-RateLimit-Remaining:", out)
+                self.assertIn("proxy ok" if stream == "0" else "data: [DONE]", out)
+        sent = json.loads(self.upstream.requests[0][3])
+        self.assertEqual(sent["messages"][0]["content"], 'say "hi" \\ please')
+        self.assertEqual(sent["max_tokens"], 16)
 
 
 # ################################################################## openai client ####
