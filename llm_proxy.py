@@ -46,6 +46,7 @@ import dataclasses
 import hashlib
 import hmac
 import http.client
+import io
 import json
 import math
 import os
@@ -74,7 +75,15 @@ __all__ = [
 
 # ####################################################################### constants ####
 
-CHARGED_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
+CHAT_ROUTE = "/v1/chat/completions"
+COMPLETIONS_ROUTE = "/v1/completions"
+RESPONSES_ROUTE = "/v1/responses"
+EMBEDDINGS_ROUTE = "/v1/embeddings"
+#: POST routes charged in every cost mode; embeddings are charged in estimate and usage modes.
+CHARGED_ROUTES = frozenset({CHAT_ROUTE, COMPLETIONS_ROUTE, RESPONSES_ROUTE})
+#: Routes whose limit answer can be an assistant message; the others always get the 429 error.
+MESSAGE_ROUTES = frozenset({CHAT_ROUTE, COMPLETIONS_ROUTE})
+COST_MODES = ("request", "estimate", "usage")
 HEALTH_PATH = "/health"
 API_PREFIX = "/v1"
 
@@ -117,6 +126,9 @@ LISTEN_BACKLOG = 1024
 KEEPALIVE_SECONDS = 75.0
 SHUTDOWN_GRACE_SECONDS = 30.0
 SWEEP_EVERY_SECONDS = 60.0
+MAX_TRACKED_KEYS = 65536            # per-key usage counters kept (least recently used dropped)
+MAX_METERED_BODY = 16 * 1024 * 1024  # a longer non-stream body is settled by estimate
+MAX_PENDING_EVENT = 1024 * 1024      # a longer unterminated SSE event is passed on as it is
 
 
 # ########################################################################## errors ####
@@ -194,7 +206,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("REQUEST_TOKEN_COST", "request_token_cost", "1",
             "cost of one completion request in request mode"),
     Setting("TOKEN_COST_MODE", "token_cost_mode", "request",
-            "request (flat cost) or estimate (characters/4 plus the response reserve)"),
+            "request (flat cost), estimate (characters/4 plus the response reserve) or usage "
+            "(reserve the estimate, then settle with the upstream's reported usage)"),
     Setting("RESPONSE_TOKEN_RESERVE", "response_token_reserve", "256",
             "estimate mode: tokens reserved for the answer when the request sets no max_tokens"),
     Setting("PROXY_API_KEYS", "proxy_api_keys", "",
@@ -324,8 +337,7 @@ class Config:
             refill_interval_seconds=_parse_seconds("REFILL_INTERVAL_SECONDS",
                                                    raw["REFILL_INTERVAL_SECONDS"]),
             request_token_cost=_parse_int("REQUEST_TOKEN_COST", raw["REQUEST_TOKEN_COST"]),
-            token_cost_mode=_parse_choice("TOKEN_COST_MODE", raw["TOKEN_COST_MODE"],
-                                          ("request", "estimate")),
+            token_cost_mode=_parse_choice("TOKEN_COST_MODE", raw["TOKEN_COST_MODE"], COST_MODES),
             response_token_reserve=_parse_int("RESPONSE_TOKEN_RESERVE",
                                               raw["RESPONSE_TOKEN_RESERVE"], 0),
             proxy_api_keys=tuple(k.strip() for k in raw["PROXY_API_KEYS"].split(",") if k.strip()),
@@ -344,9 +356,9 @@ class Config:
     def warnings(self) -> list[str]:
         """Settings that are valid but almost certainly not what the operator meant."""
         found = []
-        if self.token_cost_mode == "estimate" and self.max_tokens < self.response_token_reserve:
+        if self.token_cost_mode != "request" and self.max_tokens < self.response_token_reserve:
             found.append(
-                f"TOKEN_COST_MODE=estimate with MAX_TOKENS={self.max_tokens} below "
+                f"TOKEN_COST_MODE={self.token_cost_mode} with MAX_TOKENS={self.max_tokens} below "
                 f"RESPONSE_TOKEN_RESERVE={self.response_token_reserve}: every request that does "
                 "not set a small max_tokens costs more than a bucket holds and is refused")
         return found
@@ -426,7 +438,8 @@ class _Bucket:
 class MemoryBucketStore:
     """Token buckets in a dict behind one lock; every operation is atomic.
 
-    Methods for the caller: take(), refund(), peek(), len(). Only buckets that are not full are
+    Methods for the caller: take(), settle(), refund(), peek(), record(), usage(), len().
+    Only buckets that are not full are
     held: a bucket refilled to full is the same as a new one, so it is dropped (on access, and by
     a sweep at most once a minute). Memory is bounded by the number of keys that spent tokens
     within one full refill period.
@@ -436,6 +449,7 @@ class MemoryBucketStore:
         self._clock = clock
         self._lock = threading.Lock()
         self._buckets: dict[str, _Bucket] = {}
+        self._usage: dict[str, list[int]] = {}
         self._last_sweep = clock()
 
     def __len__(self) -> int:
@@ -468,15 +482,42 @@ class MemoryBucketStore:
                 self._store(key, bucket)
             return bucket.quota(admitted, cost, now)
 
-    def refund(self, key: str, amount: int, policy: BucketPolicy) -> Quota:
-        """Give back tokens taken for a request the upstream never served (never above full)."""
+    def settle(self, key: str, delta: int, policy: BucketPolicy) -> Quota:
+        """Charge `delta` more tokens once a request's real cost is known, or give back -delta.
+
+        Unlike take(), this may leave the balance below zero (a debt): the request was already
+        served. Later refills pay the debt first. A refund never fills a bucket beyond full.
+        """
         with self._lock:
             now = self._clock()
             bucket = self._load(key, policy, now)
-            bucket.tokens = min(policy.capacity, bucket.tokens + amount)
+            bucket.tokens = min(policy.capacity, bucket.tokens - delta)
             bucket.refill(now)
             self._store(key, bucket)
             return bucket.quota(True, 0, now)
+
+    def refund(self, key: str, amount: int, policy: BucketPolicy) -> Quota:
+        """Give back tokens taken for a request the upstream never served."""
+        return self.settle(key, -amount, policy)
+
+    def record(self, key: str, *, requests: int = 0, limited: int = 0, prompt: int = 0,
+               completion: int = 0) -> None:
+        """Add to the key's usage counters (the most recently used MAX_TRACKED_KEYS are kept)."""
+        with self._lock:
+            counters = self._usage.pop(key, None) or [0, 0, 0, 0]
+            counters[0] += requests
+            counters[1] += limited
+            counters[2] += prompt
+            counters[3] += completion
+            self._usage[key] = counters
+            if len(self._usage) > MAX_TRACKED_KEYS:
+                del self._usage[next(iter(self._usage))]
+
+    def usage(self, key: str) -> dict[str, int]:
+        with self._lock:
+            counters = self._usage.get(key) or [0, 0, 0, 0]
+        return dict(zip(("requests", "limited_requests", "prompt_tokens", "completion_tokens"),
+                        counters))
 
     def peek(self, key: str, policy: BucketPolicy) -> Quota:
         """How the bucket stands now, without creating it."""
@@ -523,27 +564,190 @@ def _whole(value: object) -> int | None:
     return None
 
 
+RESERVE_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
+
+
 def response_reserve(body: Mapping[str, object], default: int) -> int:
-    """Tokens set aside for the answer: max_completion_tokens, else max_tokens, else `default`
-    (a negative or non-integer value counts as absent)."""
-    for name in ("max_completion_tokens", "max_tokens"):
+    """Tokens set aside for the answer: max_completion_tokens, else max_tokens, else (for
+    /v1/responses) max_output_tokens, else `default`; a negative or non-integer value counts as
+    absent."""
+    for name in RESERVE_FIELDS:
         value = _whole(body.get(name))
         if value is not None:
             return value
     return default
 
 
+def prompt_estimate(body: Mapping[str, object]) -> int:
+    """ceil(len(" ".join(strings)) / 4): the prototype's guess at what the input costs."""
+    count, chars = _string_stats(body)
+    return math.ceil((chars + max(0, count - 1)) / 4)
+
+
 def estimate_cost(body: Mapping[str, object], reserve: int) -> int:
     """The prototype's estimate: ceil(len(" ".join(strings)) / 4) + reserve, at least 1."""
-    count, chars = _string_stats(body)
-    joined = chars + max(0, count - 1)
-    return max(1, math.ceil(joined / 4) + response_reserve(body, reserve))
+    return max(1, prompt_estimate(body) + response_reserve(body, reserve))
 
 
-def request_cost(body: Mapping[str, object], config: Config) -> int:
-    if config.token_cost_mode == "estimate":
-        return estimate_cost(body, config.response_token_reserve)
-    return config.request_token_cost
+def is_charged(method: str, route: str, config: Config) -> bool:
+    if method != "POST":
+        return False
+    return route in CHARGED_ROUTES or (route == EMBEDDINGS_ROUTE
+                                       and config.token_cost_mode != "request")
+
+
+def request_cost(body: Mapping[str, object], config: Config, route: str = CHAT_ROUTE) -> int:
+    """What a charged request takes from its bucket at admission (in usage mode: reserves)."""
+    if config.token_cost_mode == "request":
+        return config.request_token_cost
+    if route == EMBEDDINGS_ROUTE:  # an embedding generates nothing: its input is its cost
+        return max(1, prompt_estimate(body))
+    return estimate_cost(body, config.response_token_reserve)
+
+
+# ################################################################### usage metering ####
+
+_USAGE_NULL = re.compile(rb',\s*"usage"\s*:\s*null(?=\s*[,}])|"usage"\s*:\s*null\s*,\s*')
+_EVENT_END = re.compile(rb"\r?\n\r?\n")
+
+
+def _count(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def usage_numbers(usage: object) -> tuple[int, int, int]:
+    """(prompt, completion, total) from a usage object of chat/completions/embeddings
+    (prompt_tokens, completion_tokens, total_tokens) or of /v1/responses (input_tokens,
+    output_tokens, total_tokens). Extra fields (llama.cpp's timings) are ignored."""
+    if not isinstance(usage, dict):
+        return 0, 0, 0
+    prompt = _count(usage.get("prompt_tokens")) or _count(usage.get("input_tokens"))
+    completion = _count(usage.get("completion_tokens")) or _count(usage.get("output_tokens"))
+    total = _count(usage.get("total_tokens")) or prompt + completion
+    return prompt, completion, total
+
+
+def generated_chars(obj: Mapping[str, object]) -> int:
+    """Characters of generated text in a response object or stream chunk (for settling when
+    the upstream reports no usage)."""
+    chars = 0
+    choices = obj.get("choices")
+    if isinstance(choices, list):
+        for choice in choices:
+            if not isinstance(choice, dict):
+                continue
+            for part in (choice.get("delta"), choice.get("message")):
+                if isinstance(part, dict):
+                    chars += _string_stats({k: v for k, v in part.items() if k != "role"})[1]
+            if isinstance(choice.get("text"), str):
+                chars += len(choice["text"])
+    if isinstance(obj.get("type"), str) and obj["type"].endswith(".delta") \
+            and isinstance(obj.get("delta"), str):
+        chars += len(obj["delta"])  # a /v1/responses stream event
+    if obj.get("object") == "response" and isinstance(obj.get("output"), list):
+        for item in obj["output"]:
+            for part in (item.get("content") or []) if isinstance(item, dict) else []:
+                if isinstance(part, dict) and isinstance(part.get("text"), str):
+                    chars += len(part["text"])
+    return chars
+
+
+class UsageMeter:
+    """What a response really cost, read as it passes through (TOKEN_COST_MODE=usage).
+
+    feed() takes each piece read from the upstream and returns what to relay. A plain body is
+    relayed untouched and parsed once it has all gone out (finish()). A stream is cut into
+    server-sent events, each relayed as soon as it is complete; when the proxy asked for
+    `stream_options.include_usage` on the client's behalf (strip=True), the usage event the
+    client did not ask for is dropped, and so is the `"usage": null` member the upstream then
+    adds to every other chunk, so the client gets the bytes it would have got without the proxy.
+
+    Usage is taken from the chunk with empty `choices` (the final usage chunk), else from the
+    last chunk with a non-zero usage (Ollama's /v1/completions sends zeroed usage on every chunk),
+    or from a /v1/responses `response.completed` event. Without usage, cost() estimates from the
+    generated text.
+    """
+
+    def __init__(self, stream: bool, strip: bool = False) -> None:
+        self.stream = stream
+        self.strip = strip
+        self.usage: object = None
+        self.generated = 0
+        self._final = False
+        self._pending = b""
+        self._body: list[bytes] = []
+        self._size = 0
+
+    def feed(self, data: bytes) -> bytes:
+        if not self.stream:
+            self._size += len(data)
+            if self._size <= MAX_METERED_BODY:
+                self._body.append(data)
+            return data
+        buffer = self._pending + data
+        out = []
+        start = 0
+        for match in _EVENT_END.finditer(buffer):
+            event = self._event(buffer[start:match.end()])
+            if event:
+                out.append(event)
+            start = match.end()
+        self._pending = buffer[start:]
+        if len(self._pending) > MAX_PENDING_EVENT:  # not SSE after all: stop holding bytes
+            out.append(self._pending)
+            self._pending = b""
+        return b"".join(out)
+
+    def finish(self) -> bytes:
+        """The end of the response: what is left to relay (an unterminated last event)."""
+        rest, self._pending = self._pending, b""
+        if not self.stream and self._size <= MAX_METERED_BODY:
+            try:
+                self._observe(json.loads(b"".join(self._body)))
+            except (ValueError, RecursionError):
+                pass  # not JSON (an error page): settled by estimate
+            self._body = []
+        return (self._event(rest) or b"") if rest else b""
+
+    def _event(self, event: bytes) -> bytes | None:
+        data = b"".join(line[5:].strip() for line in event.splitlines()
+                        if line.startswith(b"data:"))
+        if not data.startswith(b"{"):
+            return event  # [DONE], comments, other event fields
+        try:
+            obj = json.loads(data)
+        except (ValueError, RecursionError):
+            return event
+        if not isinstance(obj, dict):
+            return event
+        final = self._observe(obj)
+        if self.strip:
+            if final:
+                return None
+            if b'"usage"' in event:
+                event = _USAGE_NULL.sub(b"", event)
+        return event
+
+    def _observe(self, obj: object) -> bool:
+        """Note usage and generated text; True if this is the final usage chunk."""
+        if not isinstance(obj, dict):
+            return False
+        usage = obj.get("usage")
+        if obj.get("type") == "response.completed" and isinstance(obj.get("response"), dict):
+            usage = obj["response"].get("usage")
+        final = obj.get("choices") == [] and usage_numbers(usage)[2] > 0
+        if usage_numbers(usage)[2] > 0 and (final or not self._final):
+            self.usage, self._final = usage, self._final or final
+        self.generated += generated_chars(obj)
+        return final
+
+    def cost(self, prompt_tokens_estimate: int) -> tuple[int, int, int]:
+        """(prompt, completion, total) tokens: the upstream's numbers, or an estimate."""
+        prompt, completion, total = usage_numbers(self.usage)
+        if total:
+            return prompt, completion, total
+        completion = math.ceil(self.generated / 4)
+        return prompt_tokens_estimate, completion, prompt_tokens_estimate + completion
 
 
 # ################################################################## limit responses ####
@@ -967,11 +1171,14 @@ def _buffered(resp: http.client.HTTPResponse, sock: socket.socket) -> bool:
     timeout = sock.gettimeout()
     try:
         sock.settimeout(0.0)
-        return bool(fp.peek(1))
+        data = fp.peek(1)
     except (BlockingIOError, ssl.SSLWantReadError, OSError, ValueError):
         return False
     finally:
         sock.settimeout(timeout)
+    if resp.chunked and resp.chunk_left == 0 and b"\r\n".startswith(data):
+        return False  # only the CRLF that ends the last chunk: the next one is still to come
+    return bool(data)
 
 
 def wait_readable(upstream: socket.socket, client: socket.socket | None, timeout: float) -> bool:
@@ -1012,6 +1219,24 @@ def _peer_closed(sock: socket.socket) -> bool:
         return False
     except OSError:
         return True
+
+
+@dataclass
+class Charge:
+    """A request's claim on its bucket, from admission to refund or settlement."""
+    key: str
+    policy: BucketPolicy
+    quota: Quota
+    prompt_estimate: int = 0
+    meter: UsageMeter | None = None
+    fallback_body: bytes | None = None  # usage mode: the body without the added stream_options
+
+
+class _BytesReader(io.BytesIO):
+    """A response body already read, put back for the relay (read1 and peek as on a socket)."""
+
+    def peek(self, size: int = 0) -> bytes:
+        return self.getvalue()[self.tell():]
 
 
 # ######################################################################### handler ####
@@ -1169,12 +1394,18 @@ class ProxyHandler(BaseHTTPRequestHandler):
             return self._send_json(HTTPStatus.OK, {"object": "list", "data": [
                 {"id": config.base_model, "object": "model", "created": 0,
                  "owned_by": "llm_proxy"}]})
-        if self.command != "POST" or path not in CHARGED_ROUTES:
-            return self._forward(path, query, body, None, None)
-
+        if not is_charged(self.command, path, config):
+            return self._forward(path, query, body, None)
         payload = parse_json_object(body)
+        charge = self._admit(path, payload, bucket_key)
+        if charge is not None:
+            self._forward(path, query, self._upstream_body(payload, body, charge), charge)
+
+    def _admit(self, route: str, payload: dict, bucket_key: str) -> "Charge | None":
+        """Take the request's cost from its bucket. None when limited (already answered)."""
+        config, store = self.server.config, self.server.store
         policy = config.bucket_policy
-        cost = request_cost(payload, config)
+        cost = request_cost(payload, config, route)
         self._cost = cost
         if cost > policy.capacity:
             raise ProxyError(
@@ -1182,15 +1413,37 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 f"This request would cost {cost} tokens, but a bucket holds at most "
                 f"{policy.capacity}, so it can never be admitted. Send a shorter request or a "
                 "smaller max_tokens.", code="request_exceeds_bucket")
-        quota = self.server.store.take(bucket_key, cost, policy)
+        quota = store.take(bucket_key, cost, policy)
         self._remaining = quota.remaining
         if not quota.admitted:
             self._cost = 0
-            return self._send_limited(path, payload, quota)
-        if config.base_model:
-            payload["model"] = config.base_model
-            body = json.dumps(payload).encode()
-        self._forward(path, query, body, bucket_key, quota)
+            store.record(bucket_key, requests=1, limited=1)
+            self._send_limited(route, payload, quota)
+            return None
+        store.record(bucket_key, requests=1)
+        charge = Charge(bucket_key, policy, quota)
+        if config.token_cost_mode == "usage":
+            charge.prompt_estimate = prompt_estimate(payload)
+            charge.meter = UsageMeter(stream=payload.get("stream") is True)
+        return charge
+
+    def _upstream_body(self, payload: dict, body: bytes, charge: "Charge") -> bytes:
+        """The body to forward: the client's bytes unless the model is rewritten (BASE_MODEL,
+        generation routes) or, in usage mode, a stream is asked for its usage on the client's
+        behalf. Then charge.fallback_body keeps the body without that request."""
+        changed = False
+        if self.server.config.base_model and self._route != EMBEDDINGS_ROUTE:
+            payload["model"] = self.server.config.base_model
+            changed = True
+        meter = charge.meter
+        if meter is not None and meter.stream and self._route in MESSAGE_ROUTES:
+            options = payload.get("stream_options")
+            if not (isinstance(options, dict) and options.get("include_usage") is True):
+                charge.fallback_body = json.dumps(payload).encode() if changed else body
+                payload["stream_options"] = {**(options if isinstance(options, dict) else {}),
+                                             "include_usage": True}
+                meter.strip = changed = True
+        return json.dumps(payload).encode() if changed else body
 
     def _authenticate(self) -> str:
         """The caller's bucket key, or ProxyError(401). Keyless callers share their IP's bucket."""
@@ -1308,13 +1561,14 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 "refill_tokens": policy.refill_tokens,
                 "refill_interval_seconds": policy.refill_interval,
             }
+            answer["usage"] = self.server.store.usage(bucket_key)
         self._send_json(HTTPStatus.OK, answer)
 
     def _send_limited(self, route: str, payload: dict, quota: Quota) -> None:
         config = self.server.config
         headers = rate_limit_headers(quota) + retry_headers(quota.wait_seconds)
         text = limit_message(quota.wait_seconds)
-        if config.limit_response == "429":
+        if config.limit_response == "429" or route not in MESSAGE_ROUTES:
             raise ProxyError(HTTPStatus.TOO_MANY_REQUESTS,
                              f"Rate limit reached for this key: {text}. Please try again in "
                              f"{math.ceil(quota.wait_seconds)}s.",
@@ -1352,41 +1606,78 @@ class ProxyHandler(BaseHTTPRequestHandler):
             headers["Content-Length"] = str(len(body))
         return headers
 
-    def _forward(self, path: str, query: str, body: bytes, bucket_key: str | None,
-                 quota: Quota | None) -> None:
+    def _forward(self, path: str, query: str, body: bytes, charge: "Charge | None") -> None:
         """Send the request upstream and relay the answer as it arrives.
 
-        Refunds the charge when the upstream never answered or answered 5xx. Once the response
-        head is out, failures close the connection (a stream gets a final error event first).
+        Refunds the charge when the upstream never answered or answered 5xx; in usage mode,
+        settles it with what the response really cost, however the relay ended. Once the
+        response head is out, failures close the connection (a stream gets a final error event).
         """
         pool = self.server.pool
         target = pool.upstream.path_for(path, query)
-        headers = self._upstream_headers(body)
         try:
-            conn, resp = self._exchange(pool, target, headers, body)
+            conn, resp = self._exchange(pool, target, self._upstream_headers(body), body)
         except ProxyError:
-            self._refund(bucket_key, quota)
+            self._refund(charge)
             raise
         keep = False
         try:
-            if resp.status >= 500 and quota is not None:
-                quota = self._refund(bucket_key, quota)
-            keep = self._relay(resp, conn.sock, quota)
+            if charge is not None and charge.fallback_body is not None:
+                refused = self._stream_options_refused(resp, charge)
+                if refused is not None:  # asked again without them: relay that answer instead
+                    self._done_with(pool, conn, resp, keep=True)
+                    body, charge.fallback_body = refused, None
+                    conn, resp = self._exchange(pool, target, self._upstream_headers(body), body)
+            if resp.status >= 500:
+                self._refund(charge)
+            keep = self._relay(resp, conn.sock, charge)
         except ProxyError:  # the upstream failed before a byte of its body reached the client
-            self._refund(bucket_key, quota)
+            self._refund(charge)
             raise
         finally:
-            if keep and resp.isclosed() and not resp.will_close:
-                pool.release(conn)
-            else:
-                conn.close()
+            self._done_with(pool, conn, resp, keep)
+            if charge is not None:
+                self._settle(charge)
 
-    def _refund(self, bucket_key: str | None, quota: Quota | None) -> Quota | None:
-        if bucket_key is None or quota is None or not self._cost:
-            return quota
-        refunded = self.server.store.refund(bucket_key, self._cost, quota.policy)
-        self._cost, self._remaining = 0, refunded.remaining
-        return refunded
+    @staticmethod
+    def _done_with(pool: UpstreamPool, conn: http.client.HTTPConnection,
+                   resp: http.client.HTTPResponse, keep: bool) -> None:
+        if keep and resp.isclosed() and not resp.will_close:
+            pool.release(conn)
+        else:
+            conn.close()
+
+    def _stream_options_refused(self, resp: http.client.HTTPResponse,
+                                charge: "Charge") -> bytes | None:
+        """When the upstream refuses the stream_options the proxy added (a 400 naming them),
+        the body to send again without them; the stream is then settled by estimate. Any other
+        answer is left unread for the relay (a small 400 is read and put back)."""
+        if resp.status != HTTPStatus.BAD_REQUEST or resp.length is None \
+                or resp.length > 64 * 1024:
+            return None
+        error = resp.read()
+        if b"stream_options" in error:
+            if charge.meter is not None:
+                charge.meter.strip = False
+            return charge.fallback_body
+        resp.fp, resp.length = _BytesReader(error), len(error)  # type: ignore[assignment]
+        return None
+
+    def _refund(self, charge: "Charge | None") -> None:
+        if charge is None or not self._cost:
+            return
+        charge.quota = self.server.store.refund(charge.key, self._cost, charge.policy)
+        self._cost, self._remaining = 0, charge.quota.remaining
+
+    def _settle(self, charge: "Charge") -> None:
+        """Usage mode: replace the reservation with what the response really cost."""
+        if charge.meter is None or not self._cost:
+            return
+        prompt, completion, total = charge.meter.cost(charge.prompt_estimate)
+        store = self.server.store
+        quota = store.settle(charge.key, total - self._cost, charge.policy)
+        store.record(charge.key, prompt=prompt, completion=completion)
+        self._cost, self._remaining = total, quota.remaining
 
     def _exchange(self, pool: UpstreamPool, target: str, headers: dict[str, str],
                   body: bytes) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
@@ -1419,12 +1710,13 @@ class ProxyHandler(BaseHTTPRequestHandler):
         raise AssertionError("unreachable")
 
     def _relay(self, resp: http.client.HTTPResponse, sock: socket.socket,
-               quota: Quota | None) -> bool:
+               charge: "Charge | None") -> bool:
         """Relay status, headers and body. Returns True when the body was relayed whole."""
-        headers = _response_headers(resp, quota)
+        headers = _response_headers(resp, charge.quota if charge is not None else None)
+        meter = charge.meter if charge is not None else None
         no_body = resp.status in (HTTPStatus.NO_CONTENT, HTTPStatus.NOT_MODIFIED) or \
             self.command == "HEAD"
-        length = None if resp.chunked else resp.length
+        length = None if resp.chunked or (meter is not None and meter.strip) else resp.length
         chunked = length is None and not no_body and self.request_version == "HTTP/1.1"
         if no_body:
             pass
@@ -1452,6 +1744,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 piece = resp.read1(READ_CHUNK)
                 if not piece:
                     break
+                if meter is not None:
+                    piece = meter.feed(piece)
+                    if not piece:
+                        continue
                 data = b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece
                 self._write(head + data if head else data)  # the head goes with the first piece
                 head = b""
@@ -1459,7 +1755,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
         except (UpstreamTimeout, OSError, ValueError, http.client.HTTPException) as exc:
             self._abort_relay(head, chunked and stream, exc)
             return False
-        tail = b"0\r\n\r\n" if chunked else b""
+        rest = meter.finish() if meter is not None else b""
+        tail = (b"%x\r\n%s\r\n" % (len(rest), rest) if rest else b"") + b"0\r\n\r\n" \
+            if chunked else rest
         if head or tail:
             self._write(head + tail)
         return True

@@ -44,9 +44,12 @@ WAIT = 10  # seconds any blocking wait in a test may take before the test fails
 # ################################################################### fake upstream ####
 
 class FakeUpstreamHandler(BaseHTTPRequestHandler):
-    """An OpenAI-compatible server. The X-Fake-Scenario request header picks a behaviour."""
+    """An OpenAI-compatible server. The X-Fake-Scenario request header picks a behaviour:
+    faults (hang, close, status-N, html-500, gate, gate2, stall, reset, endless) and the usage
+    habits of real servers (no-usage, ollama, llamacpp, reject-stream-options)."""
 
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # small chunked writes must not wait for delayed ACKs
 
     def log_message(self, *args):
         pass
@@ -78,20 +81,32 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
         if scenario == "html-500":
             return self._send(500, b"<html>oops</html>", [("Content-Type", "text/html")])
         path = self.path.partition("?")[0]
+        request = json.loads(body) if body.startswith(b"{") else {}
+        if scenario == "reject-stream-options" and "stream_options" in request:
+            return self._json(400, {"error": {"message": "Unrecognized request argument "
+                                              "supplied: stream_options", "type":
+                                              "invalid_request_error", "param": None,
+                                              "code": None}})
         if path == "/v1/models":
             return self._json(200, {"object": "list", "data": [
                 {"id": "fake-a", "object": "model", "created": 1, "owned_by": "fake"},
                 {"id": "fake-b", "object": "model", "created": 1, "owned_by": "fake"}]},
                 [("X-RateLimit-Limit", "999")])
         if path == "/v1/embeddings":
+            tokens = fake_prompt_tokens(request)
+            usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+            server.report(tokens)
             return self._json(200, {"object": "list", "model": "fake-embed", "data": [
                 {"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3]}],
-                "usage": {"prompt_tokens": 2, "total_tokens": 2}})
-        if path in ("/v1/chat/completions", "/v1/completions"):
-            request = json.loads(body or b"{}")
+                **({} if scenario == "no-usage" else {"usage": usage})})
+        if path in ("/v1/chat/completions", "/v1/completions", "/v1/responses"):
             if request.get("stream"):
                 return self._stream(path, request, scenario)
-            return self._json(200, completion(path, request.get("model", "")),
+            answer = completion(path, request.get("model", ""), request)
+            server.report(answer["usage"]["total_tokens"])
+            if scenario == "no-usage":
+                del answer["usage"]
+            return self._json(200, answer,
                               [("X-RateLimit-Remaining", "12345"), ("X-Upstream", "yes")])
         return self._json(404, {"error": {"message": "not found", "type": "invalid_request_error",
                                           "param": None, "code": None}})
@@ -113,13 +128,15 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
-        events = stream_events(path, request.get("model", ""))
+        events = stream_events(path, request.get("model", ""), request, scenario)
+        if any(b'"usage": {' in e for e in events):
+            self.server.report(usage_of(path, request, completion_tokens=3)["total_tokens"])
         delay = float(self.headers.get("X-Fake-Delay", "0"))
         try:
             for index, event in enumerate(events):
-                if index == 1 and scenario == "gate":
+                if index == 1 and scenario == "gate" or index == 2 and scenario == "gate2":
                     self.server.release.wait(WAIT)
-                if index == 1 and scenario == "stall":
+                if index == 2 and scenario == "stall":
                     self.server.stop.wait(WAIT * 3)
                     return
                 if index == 1 and scenario == "reset":
@@ -145,18 +162,56 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
 
 
-def completion(path, model):
+def fake_prompt_tokens(request):
+    """The fake's "tokenizer": deterministic, and not the proxy's characters/4 estimate."""
+    text = json.dumps([request.get(k) for k in ("messages", "prompt", "input")])
+    return 3 + len(text.split()) + len(text) // 7
+
+
+def usage_of(path, request, completion_tokens=2):
+    prompt = fake_prompt_tokens(request)
+    if path == "/v1/responses":
+        return {"input_tokens": prompt, "output_tokens": completion_tokens,
+                "total_tokens": prompt + completion_tokens}
+    return {"prompt_tokens": prompt, "completion_tokens": completion_tokens,
+            "total_tokens": prompt + completion_tokens}
+
+
+def completion(path, model, request=None):
+    usage = usage_of(path, request or {})
     if path == "/v1/chat/completions":
         return {"id": "chatcmpl-fake", "object": "chat.completion", "created": 1, "model": model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": "proxy ok"},
-                             "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}}
+                             "finish_reason": "stop"}], "usage": usage}
+    if path == "/v1/responses":
+        return {"id": "resp_fake", "object": "response", "created_at": 1, "model": model,
+                "status": "completed", "output": [{"type": "message", "role": "assistant",
+                "content": [{"type": "output_text", "text": "proxy ok"}]}], "usage": usage}
     return {"id": "cmpl-fake", "object": "text_completion", "created": 1, "model": model,
             "choices": [{"text": "proxy ok", "index": 0, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}}
+            "usage": usage}
 
 
-def stream_events(path, model):
+def stream_events(path, model, request=None, scenario=""):
+    """The SSE events of a streamed answer ("Hello world"), with usage as real servers send it:
+    OpenAI/vLLM style by default (with include_usage: "usage": null on every chunk and a final
+    chunk with empty choices), "ollama" (zeroed usage on every /v1/completions chunk), "llamacpp"
+    (usage with timings on the last chunk, asked or not), "no-usage" (never)."""
+    request = request or {}
+    options = request.get("stream_options") or {}
+    asked = options.get("include_usage") is True and scenario != "no-usage"
+    usage = usage_of(path, request, completion_tokens=3)
+    if path == "/v1/responses":
+        events = [("response.created", {"type": "response.created"}),
+                  ("response.output_text.delta", {"type": "response.output_text.delta",
+                                                  "delta": "Hello"}),
+                  ("response.output_text.delta", {"type": "response.output_text.delta",
+                                                  "delta": " world"}),
+                  ("response.completed", {"type": "response.completed", "response": {
+                      "id": "resp_fake", "status": "completed",
+                      **({} if scenario == "no-usage" else {"usage": usage})}})]
+        return [b"event: %s\ndata: %s\n\n" % (name.encode(), json.dumps(e).encode())
+                for name, e in events]
     if path == "/v1/chat/completions":
         base = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1,
                 "model": model}
@@ -168,6 +223,17 @@ def stream_events(path, model):
         base = {"id": "cmpl-fake", "object": "text_completion", "created": 1, "model": model}
         chunks = [{**base, "choices": [{"text": t, "index": 0, "finish_reason": f}]}
                   for t, f in (("Hello", None), (" world", None), ("", "stop"))]
+    if scenario == "ollama" and path == "/v1/completions":
+        for chunk in chunks:
+            chunk["usage"] = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    elif asked and scenario != "llamacpp":
+        for chunk in chunks:
+            chunk["usage"] = None
+    if scenario == "llamacpp":
+        chunks[-1]["usage"] = usage
+        chunks[-1]["timings"] = {"prompt_n": usage["prompt_tokens"], "predicted_ms": 12.5}
+    elif asked:
+        chunks.append({**base, "choices": [], "usage": usage})
     return [b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks] + [b"data: [DONE]\n\n"]
 
 
@@ -181,10 +247,15 @@ class FakeUpstream(ThreadingHTTPServer):
         self.release = threading.Event()
         self.stop = threading.Event()
         self.disconnected = threading.Event()
+        self.reported = []  # total_tokens of every usage the fake reported
 
     def record(self, method, path, headers, body):
         with self.lock:
             self.requests.append((method, path, headers, body))
+
+    def report(self, total):
+        with self.lock:
+            self.reported.append(total)
 
     def paths(self):
         with self.lock:
@@ -458,6 +529,27 @@ class BucketTests(unittest.TestCase):
         self.clock.advance(299)
         self.assertEqual(self.store.peek("old", self.policy), self.store.peek("new", self.policy))
 
+    def test_debt_is_paid_by_refills_first_and_counted_in_the_wait(self):
+        self.store.take("k", 4, self.policy)                 # 6 left, the grid starts now
+        quota = self.store.settle("k", 9, self.policy)       # it really cost 13: 3 in debt
+        self.assertEqual(quota.remaining, -3)
+        quota = self.store.take("k", 1, self.policy)
+        self.assertFalse(quota.admitted)
+        self.assertEqual(quota.wait_seconds, 600)            # +2 at 300 (-1), +2 at 600 (1)
+        self.clock.advance(300)
+        self.assertEqual(self.store.peek("k", self.policy).remaining, -1)
+        self.clock.advance(300)
+        self.assertTrue(self.store.take("k", 1, self.policy).admitted)
+        self.assertEqual(self.store.settle("k", -100, self.policy).remaining, 10)  # never above
+
+    def test_usage_counters_are_bounded(self):
+        self.store.record("a", requests=2, limited=1, prompt=10, completion=5)
+        self.assertEqual(self.store.usage("a"), {"requests": 2, "limited_requests": 1,
+                                                 "prompt_tokens": 10, "completion_tokens": 5})
+        for i in range(llm_proxy.MAX_TRACKED_KEYS):
+            self.store.record(f"k{i}", requests=1)
+        self.assertEqual(self.store.usage("a")["requests"], 0)  # the least recently used went
+
     def test_refund_never_exceeds_capacity(self):
         self.store.take("k", 1, self.policy)
         self.assertEqual(self.store.refund("k", 5, self.policy).remaining, 10)
@@ -572,7 +664,8 @@ class ForwardingTests(ProxyTestCase):
     def test_chat_is_forwarded_and_charged(self):
         status, headers, body = self.chat()
         self.assertEqual(status, 200)
-        self.assertEqual(json.loads(body), completion("/v1/chat/completions", "fake-a"))
+        sent = json.loads(self.upstream.requests[0][3])
+        self.assertEqual(json.loads(body), completion("/v1/chat/completions", "fake-a", sent))
         self.assertEqual(headers["x-ratelimit-limit"], "10")
         self.assertEqual(headers["x-ratelimit-remaining"], "9")  # the proxy's, not the upstream's
         self.assertEqual(headers["x-ratelimit-reset"], "300")
@@ -980,6 +1073,211 @@ class ErrorTests(ProxyTestCase):
         self.assert_openai_error(status, body, 501)
 
 
+class UsageModeTests(ProxyTestCase):
+    """TOKEN_COST_MODE=usage: reserve the estimate, settle with the upstream's usage."""
+
+    CAPACITY = 100_000
+
+    def setUp(self):
+        super().setUp()
+        self.restart(token_cost_mode="usage", max_tokens=self.CAPACITY,
+                     response_token_reserve=50)
+
+    def charged(self, key=CLIENT_KEY):
+        return self.CAPACITY - self.remaining(key)
+
+    def settled(self, count=1):
+        """Settlement happens after the last byte went out: wait for the access lines."""
+        self.assertTrue(self.log.wait_for(lambda text: text.count(" cost=") >= count))
+
+    def direct(self, path, body, scenario=""):
+        conn = http.client.HTTPConnection("127.0.0.1", self.upstream.server_address[1],
+                                          timeout=WAIT)
+        self.addCleanup(conn.close)
+        conn.request("POST", path, json.dumps(body), {"X-Fake-Scenario": scenario})
+        return conn.getresponse().read()
+
+    def test_non_stream_is_settled_exactly(self):
+        status, headers, body = self.chat(max_tokens=20)
+        self.settled()
+        reported = json.loads(body)["usage"]["total_tokens"]
+        reserved = llm_proxy.estimate_cost(json.loads(self.upstream.requests[0][3]), 50)
+        self.assertNotEqual(reported, reserved)
+        # the head went out before the body could be read: it shows the reservation
+        self.assertEqual(headers["x-ratelimit-remaining"], str(self.CAPACITY - reserved))
+        self.assertEqual(self.charged(), reported)
+        self.assertIn(f"cost={reported} ", self.log.getvalue())
+
+    def test_stream_without_include_usage_is_asked_and_the_usage_chunk_stripped(self):
+        for path in ("/v1/chat/completions", "/v1/completions"):
+            with self.subTest(path=path):
+                request = {"model": "m", "stream": True, "messages": [{"role": "user",
+                           "content": "hi"}]} if "chat" in path else \
+                    {"model": "m", "stream": True, "prompt": "hi", "stream_options": {}}
+                before = self.charged()
+                status, _, body = self.request("POST", path, request)
+                self.settled(len(self.upstream.requests))
+                sent = json.loads(self.upstream.requests[-1][3])
+                self.assertEqual(sent["stream_options"], {"include_usage": True})
+                self.assertEqual(self.charged() - before, self.upstream.reported[-1])
+                self.assertEqual(body, self.direct(path, request))  # byte for byte
+
+    def test_stream_with_include_usage_is_forwarded_untouched(self):
+        request = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}],
+                   "stream_options": {"include_usage": True}}
+        _, _, body = self.request("POST", "/v1/chat/completions", request)
+        self.settled()
+        self.assertEqual(body, self.direct("/v1/chat/completions", request))
+        self.assertEqual(self.upstream.requests[0][3], json.dumps(request).encode())
+        self.assertIn(b'"choices": [], "usage": {', body)
+        self.assertEqual(self.charged(), self.upstream.reported[0])
+
+    def test_server_habits(self):
+        for scenario, path in (("ollama", "/v1/completions"), ("llamacpp", "/v1/chat/completions"),
+                               ("llamacpp", "/v1/completions")):
+            with self.subTest(scenario=scenario, path=path):
+                before, seen = self.charged(), len(self.upstream.requests)
+                request = {"model": "m", "stream": True, "prompt": "hello there",
+                           "messages": [{"role": "user", "content": "hello there"}]}
+                _, _, body = self.request("POST", path, request,
+                                          headers={"X-Fake-Scenario": scenario})
+                self.settled(seen + 1)
+                self.assertEqual(body, self.direct(path, request, scenario))
+                self.assertEqual(self.charged() - before, self.upstream.reported[-1])
+
+    def test_no_usage_is_settled_by_estimate(self):
+        for stream, generated in ((False, "proxy ok"), (True, "Hello world")):
+            with self.subTest(stream=stream):
+                before, seen = self.charged(), len(self.upstream.requests)
+                self.chat(stream=stream, headers={"X-Fake-Scenario": "no-usage"})
+                self.settled(seen + 1)
+                prompt = llm_proxy.prompt_estimate(json.loads(self.upstream.requests[-1][3]))
+                self.assertEqual(self.charged() - before, prompt + -(-len(generated) // 4))
+
+    def test_client_disconnect_mid_stream_charges_the_prompt_and_what_was_generated(self):
+        conn = http.client.HTTPConnection("127.0.0.1", self.proxy.server_address[1], timeout=WAIT)
+        body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+        conn.request("POST", "/v1/chat/completions", json.dumps(body),
+                     {"Authorization": f"Bearer {CLIENT_KEY}", "X-Fake-Scenario": "gate2"})
+        resp = conn.getresponse()
+        self.assertIn(b'"role"', resp.readline())
+        resp.readline()
+        self.assertIn(b"Hello", resp.readline())  # then the upstream holds the rest
+        conn.sock.shutdown(socket.SHUT_RDWR)
+        conn.close()
+        self.assertTrue(self.log.wait_for(lambda text: "client closed" in text))
+        self.upstream.release.set()
+        prompt = llm_proxy.prompt_estimate(body)
+        self.assertEqual(self.charged(), prompt + 2)  # "Hello": 5 characters
+
+    def test_failures(self):
+        self.chat(headers={"X-Fake-Scenario": "status-503"})
+        self.settled()
+        self.assertEqual(self.charged(), 0)  # refunded whole
+        self.restart(token_cost_mode="usage", max_tokens=self.CAPACITY, read_timeout=0.5,
+                     response_token_reserve=50)
+        self.chat(stream=True, headers={"X-Fake-Scenario": "stall"})
+        self.assertTrue(self.log.wait_for(lambda text: "upstream broke off" in text))
+        prompt = llm_proxy.prompt_estimate(json.loads(self.upstream.requests[-1][3]))
+        self.assertEqual(self.charged(), prompt + 2)  # the prompt and "Hello"
+
+    def test_upstream_refusing_stream_options_is_asked_again_without(self):
+        status, _, body = self.chat(stream=True,
+                                    headers={"X-Fake-Scenario": "reject-stream-options"})
+        self.settled()
+        self.assertEqual(status, 200)
+        self.assertTrue(body.endswith(b"data: [DONE]\n\n"))
+        first, second = (json.loads(r[3]) for r in self.upstream.requests)
+        self.assertIn("stream_options", first)
+        self.assertNotIn("stream_options", second)
+        self.assertEqual(self.charged(), llm_proxy.prompt_estimate(second) + 3)  # "Hello world"
+        # a 400 about something else reaches the client unchanged
+        status, _, body = self.chat(stream=True, headers={"X-Fake-Scenario": "status-400"})
+        self.assertEqual((status, json.loads(body)["error"]["message"]), (400, "upstream says 400"))
+
+    def test_embeddings_are_charged_in_usage_and_estimate_modes(self):
+        request = {"model": "e", "input": ["some words to embed", "and more"]}
+        _, headers, _ = self.request("POST", "/v1/embeddings", request)
+        self.settled()
+        self.assertEqual(self.charged(), self.upstream.reported[0])
+        self.restart(token_cost_mode="estimate", max_tokens=1000)
+        _, headers, _ = self.request("POST", "/v1/embeddings", request)
+        self.assertEqual(headers["x-ratelimit-remaining"],
+                         str(1000 - llm_proxy.prompt_estimate(request)))
+
+    def test_responses_route(self):
+        request = {"model": "m", "input": "hello", "max_output_tokens": 30}
+        _, headers, body = self.request("POST", "/v1/responses", request)
+        self.settled()
+        self.assertEqual(headers["x-ratelimit-remaining"],
+                         str(self.CAPACITY - llm_proxy.estimate_cost(request, 50)))
+        self.assertEqual(self.charged(), json.loads(body)["usage"]["total_tokens"])
+        before = self.charged()
+        _, _, body = self.request("POST", "/v1/responses", {**request, "stream": True})
+        self.settled(2)
+        self.assertIn(b"event: response.completed", body)
+        self.assertEqual(self.charged() - before, self.upstream.reported[-1])
+        # limited: the 429 error, whatever LIMIT_RESPONSE says
+        self.restart(token_cost_mode="usage", max_tokens=40, response_token_reserve=50)
+        status, _, body = self.request("POST", "/v1/responses", request)
+        self.assertEqual(status, 200)
+        status, _, body = self.request("POST", "/v1/responses", request)
+        self.assert_openai_error(status, body, 429, "rate_limit_exceeded")
+
+    def test_debt_shows_in_the_limit_message(self):
+        self.restart(token_cost_mode="usage", max_tokens=60, response_token_reserve=1)
+        self.chat(max_tokens=1)  # reserves 3; the fake reports more (the prompt is ~17)
+        self.settled()
+        self.remaining()
+        self.restart(token_cost_mode="usage", max_tokens=60, response_token_reserve=1)
+        spent = 0
+        while self.remaining() > 0:
+            self.chat(max_tokens=1)
+            spent += 1
+            self.settled(spent)
+        debt = -self.remaining()
+        self.assertGreater(debt, 0)
+        _, headers, body = self.chat(max_tokens=1)
+        steps = -(-(debt + 3) // 2)  # refills of 2 tokens until the 3-token reservation fits
+        self.assertEqual(headers["retry-after"], str(steps * 300))
+
+    def test_counters_in_health(self):
+        self.restart(token_cost_mode="usage", max_tokens=200, response_token_reserve=50)
+        self.chat()
+        self.chat(stream=True)
+        self.settled(2)
+        for _ in range(3):
+            self.chat(max_tokens=150)
+        self.settled(5)
+        usage = json.loads(self.request("GET", "/health")[2])["usage"]
+        prompt = sum(usage_of("/v1/chat/completions", json.loads(r[3]))["prompt_tokens"]
+                     for r in self.upstream.requests)
+        self.assertEqual(usage["prompt_tokens"], prompt)
+        self.assertEqual(usage["completion_tokens"], 2 * (len(self.upstream.requests) - 1) + 3)
+        self.assertEqual(usage["requests"], 5)
+        self.assertEqual(usage["limited_requests"], 5 - len(self.upstream.requests))
+        self.assertGreater(usage["limited_requests"], 0)
+
+    def test_a_thousand_mixed_requests_are_charged_exactly(self):
+        conn = http.client.HTTPConnection("127.0.0.1", self.proxy.server_address[1], timeout=WAIT)
+        self.addCleanup(conn.close)
+        for i in range(1000):
+            path = ("/v1/chat/completions", "/v1/completions")[i % 2]
+            stream = i % 3 == 0
+            words = " ".join(["word"] * (i % 37))
+            body = {"model": "m", "stream": stream, "max_tokens": 10 + i % 50,
+                    "messages": [{"role": "user", "content": words}], "prompt": words}
+            if i % 5 == 0:
+                body["stream_options"] = {"include_usage": True}
+            conn.request("POST", path, json.dumps(body), {"Authorization": f"Bearer {CLIENT_KEY}"})
+            resp = conn.getresponse()
+            resp.read()
+            self.assertEqual(resp.status, 200)
+        self.settled(1000)
+        self.assertEqual(len(self.upstream.reported), 1000)
+        self.assertEqual(self.charged(), sum(self.upstream.reported))
+
+
 class LocalRouteTests(ProxyTestCase):
     def test_health_shows_the_callers_bucket_without_creating_one(self):
         status, _, body = self.request("GET", "/health")
@@ -987,7 +1285,8 @@ class LocalRouteTests(ProxyTestCase):
         answer = json.loads(body)
         self.assertEqual(answer, {"ok": True, "quota": {
             "limit": 10, "remaining": 10, "reset_seconds": 0, "refill_tokens": 2,
-            "refill_interval_seconds": 300.0}})
+            "refill_interval_seconds": 300.0}, "usage": {
+            "requests": 0, "limited_requests": 0, "prompt_tokens": 0, "completion_tokens": 0}})
         self.assertEqual(len(self.proxy.store), 0)
         self.chat()
         quota = json.loads(self.request("GET", "/health")[2])["quota"]
