@@ -1950,7 +1950,7 @@ class ProxyServer(ThreadingHTTPServer):
 def describe(config: Config, server: ProxyServer) -> list[str]:
     upstream = Upstream.from_url(config.base_api_url)
     mode = (f"{config.request_token_cost} per request" if config.token_cost_mode == "request"
-            else f"estimate, reserve {config.response_token_reserve}")
+            else f"{config.token_cost_mode}, reserve {config.response_token_reserve}")
     return [
         f"llm_proxy {__version__} listening on {server.url}",
         f"upstream {upstream.scheme}://{upstream.host}:{upstream.port}"
