@@ -64,6 +64,7 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
         body = self.rfile.read(length) if length else b""
         server = self.server
         server.record(self.command, self.path, dict(self.headers.items()), body)
+        server.peers.append(self.client_address)
         scenario = self.headers.get("X-Fake-Scenario", "")
         if scenario == "hang":
             server.stop.wait(WAIT * 3)
@@ -144,6 +145,7 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
                                                struct.pack("ii", 1, 0))
                     self.rfile.close()  # the last reference: close() now sends a reset
                     self.connection.close()
+                    self.close_connection = True
                     return
                 self._chunk(event)
                 if delay:
@@ -248,6 +250,7 @@ class FakeUpstream(ThreadingHTTPServer):
         self.stop = threading.Event()
         self.disconnected = threading.Event()
         self.reported = []  # total_tokens of every usage the fake reported
+        self.peers = []  # the address each request came from
 
     def record(self, method, path, headers, body):
         with self.lock:
@@ -744,7 +747,7 @@ class ForwardingTests(ProxyTestCase):
             resp = conn.getresponse()
             resp.read()
         self.assertEqual(len(self.upstream.requests), 5)
-        self.assertEqual(len(self.proxy.pool._idle), 1)  # one upstream connection, reused
+        self.assertEqual(len(set(self.upstream.peers)), 1)  # one upstream connection, reused
 
     def test_http_1_0_client_gets_the_stream_until_close(self):
         body = json.dumps({"model": "m", "messages": [], "stream": True}).encode()
