@@ -1490,6 +1490,16 @@ class OpenAIClientTests(ProxyTestCase):
 
 # ########################################################################## runner ####
 
+class CountingResult(unittest.TextTestResult):
+    """Counts passes itself: what testsRun includes differs between Python versions."""
+
+    passed = 0
+
+    def addSuccess(self, test):
+        super().addSuccess(test)
+        self.passed += 1
+
+
 def main(argv: list[str]) -> int:
     """Run every test (or the ones named, e.g. StreamingTests or LimitTests.test_429_mode)."""
     names = [a for a in argv if not a.startswith("-")]
@@ -1497,11 +1507,11 @@ def main(argv: list[str]) -> int:
     module = sys.modules[__name__]
     suite = (loader.loadTestsFromNames(names, module) if names
              else loader.loadTestsFromModule(module))
-    result = unittest.TextTestRunner(verbosity=2 if "-v" in argv else 1).run(suite)
+    runner = unittest.TextTestRunner(verbosity=2 if "-v" in argv else 1,
+                                     resultclass=CountingResult)
+    result = runner.run(suite)
     failed = len(result.failures) + len(result.errors) + len(result.unexpectedSuccesses)
-    skipped = len(result.skipped)
-    passed = result.testsRun - failed - skipped - len(result.expectedFailures)
-    print(f"{passed} passed, {failed} failed, {skipped} skipped")
+    print(f"{result.passed} passed, {failed} failed, {len(result.skipped)} skipped")
     return 0 if result.wasSuccessful() else 1
 
 
