@@ -115,6 +115,15 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
 
 
+def in_threads(target: object, count: int) -> None:
+    """Run `target` in `count` threads at once and wait for them all."""
+    threads = [threading.Thread(target=target) for _ in range(count)]  # type: ignore[arg-type]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 def post(conn: http.client.HTTPConnection, body: bytes, headers: dict[str, str] | None = None
          ) -> http.client.HTTPResponse:
     conn.request("POST", "/v1/chat/completions", body,
@@ -182,11 +191,7 @@ def stream_gaps(port: int, streams: int, events: int, spacing_ms: float) -> list
         with lock:
             gaps.extend(mine)
 
-    threads = [threading.Thread(target=one) for _ in range(streams)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    in_threads(one, streams)
     return gaps
 
 
@@ -243,11 +248,7 @@ def load_threads(port: int, seconds: int, connections: int) -> dict[str, object]
         with lock:
             times.extend(mine)
 
-    threads = [threading.Thread(target=worker) for _ in range(connections)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    in_threads(worker, connections)
     return {"rps": len(times) / seconds, "p50": pct(times, 50), "p99": pct(times, 99),
             "errors": errors[0], "tool": f"Python threads, {connections} connections, {seconds} s"}
 
