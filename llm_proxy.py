@@ -27,7 +27,9 @@ How it works
     piece as it arrives, never buffered whole: server-sent events reach the client when the
     upstream writes them. A client that goes away closes the upstream connection at once, which
     is what stops generation on llama.cpp, vLLM and Ollama. A request that never got an answer
-    from the upstream (unreachable, timed out, 5xx) is refunded.
+    from the upstream (unreachable, timed out, 5xx) is refunded. With TOKEN_COST_MODE=usage the
+    cost taken at admission is only a reservation: a UsageMeter reads the upstream's own usage
+    numbers as the response passes through, and the bucket is settled with them afterwards.
 
     Buckets refill in discrete steps (REFILL_TOKENS every REFILL_INTERVAL_SECONDS) on each bucket's
     own grid, which starts when a full bucket is first spent. A full bucket is therefore the same
@@ -35,14 +37,13 @@ How it works
     recently.
 
 Not done here (yet)
-    Per-key policies, metrics, usage-based charging, fair upstream queueing and a shared store for
-    several instances are separate pieces of work; see README.md.
+    Per-key policies from a keys file, metrics, fair upstream queueing with connection limits,
+    and a shared store for several instances are separate pieces of work.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import hmac
 import http.client
@@ -69,7 +70,8 @@ from typing import Callable, Iterable, Mapping, Sequence
 __version__ = "0.1.0"
 __all__ = [
     "Config", "ConfigError", "ProxyError", "BucketPolicy", "Quota", "MemoryBucketStore",
-    "estimate_cost", "request_cost", "normalize_path", "ProxyHandler", "ProxyServer", "main",
+    "estimate_cost", "prompt_estimate", "request_cost", "UsageMeter", "normalize_path",
+    "read_headers", "ProxyHandler", "ProxyServer", "main",
 ]
 
 
@@ -1911,8 +1913,11 @@ class ProxyServer(ThreadingHTTPServer):
                 pass  # a closed or full log must not take requests down with it
 
     def handle_error(self, request: object, client_address: object) -> None:
-        """socketserver prints a traceback here; log one line instead."""
+        """socketserver prints a traceback here; log one line instead. A client resetting its
+        connection between requests is ordinary and not logged."""
         exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, TimeoutError)):
+            return
         self.log(f"error: {type(exc).__name__} on connection from {client_address}")
 
     def request_started(self) -> None:
