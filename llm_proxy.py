@@ -44,6 +44,7 @@ Not done here (yet)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import hmac
 import http.client
@@ -52,6 +53,7 @@ import json
 import math
 import os
 import re
+import secrets
 import select
 import signal
 import socket
@@ -86,6 +88,10 @@ CHARGED_ROUTES = frozenset({CHAT_ROUTE, COMPLETIONS_ROUTE, RESPONSES_ROUTE})
 #: Routes whose limit answer can be an assistant message; the others always get the 429 error.
 MESSAGE_ROUTES = frozenset({CHAT_ROUTE, COMPLETIONS_ROUTE})
 COST_MODES = ("request", "estimate", "usage")
+METRICS_PATH = "/metrics"
+ADMIN_KEYS_PATH = "/admin/keys"
+KNOWN_ROUTES = frozenset({CHAT_ROUTE, COMPLETIONS_ROUTE, RESPONSES_ROUTE, EMBEDDINGS_ROUTE,
+                          "/v1/models", "/health", METRICS_PATH, ADMIN_KEYS_PATH})
 HEALTH_PATH = "/health"
 API_PREFIX = "/v1"
 
@@ -222,6 +228,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MAX_BODY_BYTES", "max_body_bytes", str(32 * 1024 * 1024), "largest request body"),
     Setting("TRUST_FORWARDED_FOR", "trust_forwarded_for", "0",
             "1: bucket keyless clients by the last X-Forwarded-For address (behind a proxy you run)"),
+    Setting("KEYS_FILE", "keys_file", "",
+            "JSON or TOML file of named keys with their own limits; reloaded on change and SIGHUP"),
+    Setting("ADMIN_API_KEY", "admin_api_key", "",
+            "bearer token for /metrics and /admin/keys (unset: loopback clients only)"),
+    Setting("LOG_FORMAT", "log_format", "text", "text, or json for one JSON object per line"),
 )
 
 
@@ -309,6 +320,9 @@ class Config:
     read_timeout: float = 120.0
     max_body_bytes: int = 32 * 1024 * 1024
     trust_forwarded_for: bool = False
+    keys_file: str = ""
+    admin_api_key: str = ""
+    log_format: str = "text"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None,
@@ -349,11 +363,20 @@ class Config:
             read_timeout=_parse_seconds("READ_TIMEOUT", raw["READ_TIMEOUT"]),
             max_body_bytes=_parse_int("MAX_BODY_BYTES", raw["MAX_BODY_BYTES"]),
             trust_forwarded_for=_parse_bool("TRUST_FORWARDED_FOR", raw["TRUST_FORWARDED_FOR"]),
+            keys_file=raw["KEYS_FILE"].strip(),
+            admin_api_key=_parse_key("ADMIN_API_KEY", raw["ADMIN_API_KEY"]),
+            log_format=_parse_choice("LOG_FORMAT", raw["LOG_FORMAT"], ("text", "json")),
         )
 
     @property
     def bucket_policy(self) -> "BucketPolicy":
         return BucketPolicy(self.max_tokens, self.refill_tokens, self.refill_interval_seconds)
+
+    @property
+    def default_policy(self) -> "KeyPolicy":
+        """The policy of every key that the keys file does not describe."""
+        return KeyPolicy(None, self.bucket_policy, self.request_token_cost, self.token_cost_mode,
+                         self.limit_response, self.response_token_reserve)
 
     def warnings(self) -> list[str]:
         """Settings that are valid but almost certainly not what the operator meant."""
@@ -380,6 +403,137 @@ def build_arg_parser() -> argparse.ArgumentParser:
         parser.add_argument(s.flag, dest=s.field, metavar=s.env, default=None,
                             help=f"{s.help} [env {names}; default {default}]")
     return parser
+
+
+# ##################################################################### key policies ####
+
+@dataclass(frozen=True)
+class KeyPolicy:
+    """What one client key may do: its bucket, how its requests are charged, how its limit
+    speaks, which models it may use. Keys outside the keys file get Config.default_policy."""
+    name: str | None
+    bucket: "BucketPolicy"
+    request_token_cost: int
+    token_cost_mode: str
+    limit_response: str
+    response_token_reserve: int
+    models: frozenset[str] | None = None
+    disabled: bool = False
+
+
+#: Fields of a keys-file entry, with the check each value must pass.
+_ENTRY_FIELDS: dict[str, Callable[[object], bool]] = {
+    "name": lambda v: isinstance(v, str) and bool(v.strip()),
+    "key": lambda v: isinstance(v, str) and bool(v) and all("!" <= c <= "~" for c in v),
+    "key_sha256": lambda v: isinstance(v, str) and re.fullmatch(r"[0-9a-fA-F]{64}", v) is not None,
+    "max_tokens": lambda v: type(v) is int and v >= 1,
+    "refill_tokens": lambda v: type(v) is int and v >= 1,
+    "refill_interval_seconds": lambda v: type(v) in (int, float) and math.isfinite(v) and v > 0,
+    "request_token_cost": lambda v: type(v) is int and v >= 1,
+    "token_cost_mode": lambda v: v in COST_MODES,
+    "limit_response": lambda v: v in ("message", "429"),
+    "models": lambda v: isinstance(v, list) and all(isinstance(m, str) and m for m in v),
+    "disabled": lambda v: isinstance(v, bool),
+}
+_FIELD_RULES = {
+    "name": "a non-empty string", "key": "printable ASCII without spaces",
+    "key_sha256": "64 hex digits", "max_tokens": "a whole number of at least 1",
+    "refill_tokens": "a whole number of at least 1",
+    "refill_interval_seconds": "a positive number", "request_token_cost":
+    "a whole number of at least 1", "token_cost_mode": "one of " + ", ".join(COST_MODES),
+    "limit_response": "message or 429", "models": "a list of model names",
+    "disabled": "true or false",
+}
+
+
+def read_keys_file(path: str) -> list[dict]:
+    """The entries of a keys file: JSON {"keys": [...]}, or TOML ([[keys]] tables) when the
+    name ends in .toml. Raises ConfigError naming the file."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as err:
+        raise ConfigError(f"KEYS_FILE {path}: cannot be read ({err.strerror or err})") from None
+    try:
+        if path.endswith(".toml"):
+            import tomllib  # Python 3.11+; only needed for TOML keys files
+            document = tomllib.loads(data.decode("utf-8"))
+        else:
+            document = json.loads(data)
+    except ImportError:
+        raise ConfigError(f"KEYS_FILE {path}: TOML needs Python 3.11 or newer; use JSON") from None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ConfigError(f"KEYS_FILE {path}: not valid "
+                          f"{'TOML' if path.endswith('.toml') else 'JSON'}: {err}") from None
+    if not isinstance(document, dict) or not isinstance(document.get("keys"), list) \
+            or set(document) != {"keys"}:
+        raise ConfigError(f'KEYS_FILE {path}: the file must hold only a "keys" list')
+    return document["keys"]
+
+
+def key_policies(entries: Sequence[object], config: Config,
+                 path: str = "KEYS_FILE") -> list[tuple[str, KeyPolicy]]:
+    """(SHA-256 hex digest of the key, its policy) for each keys-file entry, validated: unknown
+    fields, missing or duplicate names, both or neither of key / key_sha256 are errors. The
+    ConfigError names the file, the entry and the field."""
+    base = config.default_policy
+    found: list[tuple[str, KeyPolicy]] = []
+    names: set[str] = set()
+    digests: set[str] = set()
+    for index, entry in enumerate(entries):
+        where = f"{path}: keys[{index}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where}: an entry must be a table/object")
+        if isinstance(entry.get("name"), str):
+            where += f" ({entry['name']})"
+        for field, value in entry.items():
+            if field not in _ENTRY_FIELDS:
+                raise ConfigError(f"{where}: unknown field {field!r}")
+            if not _ENTRY_FIELDS[field](value):
+                raise ConfigError(f"{where}: {field} must be {_FIELD_RULES[field]}")
+        if "name" not in entry:
+            raise ConfigError(f"{where}: name is required")
+        if ("key" in entry) == ("key_sha256" in entry):
+            raise ConfigError(f"{where}: give exactly one of key and key_sha256")
+        digest = key_digest(entry["key"]) if "key" in entry else entry["key_sha256"].lower()
+        if entry["name"] in names:
+            raise ConfigError(f"{where}: name is used by another entry")
+        if digest in digests:
+            raise ConfigError(f"{where}: key is the same as another entry's")
+        names.add(entry["name"])
+        digests.add(digest)
+        bucket = BucketPolicy(entry.get("max_tokens", base.bucket.capacity),
+                              entry.get("refill_tokens", base.bucket.refill_tokens),
+                              float(entry.get("refill_interval_seconds",
+                                              base.bucket.refill_interval)))
+        models = frozenset(entry["models"]) if "models" in entry else None
+        found.append((digest, dataclasses.replace(
+            base, name=entry["name"], bucket=bucket, models=models,
+            request_token_cost=entry.get("request_token_cost", base.request_token_cost),
+            token_cost_mode=entry.get("token_cost_mode", base.token_cost_mode),
+            limit_response=entry.get("limit_response", base.limit_response),
+            disabled=entry.get("disabled", False))))
+    return found
+
+
+def load_key_ring(config: Config) -> "KeyRing":
+    """The accepted keys: the keys file's, plus PROXY_API_KEYS with the global settings."""
+    entries: list[tuple[str, KeyPolicy]] = []
+    if config.keys_file:
+        entries = key_policies(read_keys_file(config.keys_file), config, config.keys_file)
+    listed = {digest for digest, _ in entries}
+    entries += [(key_digest(k), config.default_policy) for k in config.proxy_api_keys
+                if key_digest(k) not in listed]
+    return KeyRing(entries, required=bool(config.keys_file or config.proxy_api_keys))
+
+
+def keygen(name: str) -> str:
+    """A new random key and the keys-file entry for it, which holds only the key's digest."""
+    key = "sk-" + secrets.token_urlsafe(32)
+    digest = key_digest(key)
+    return (f"key (give it to {name}; it is not stored anywhere): {key}\n\n"
+            f"JSON entry:\n  {json.dumps({'name': name, 'key_sha256': digest})}\n\n"
+            f"TOML entry:\n  [[keys]]\n  name = {json.dumps(name)}\n  key_sha256 = \"{digest}\"\n")
 
 
 # ###################################################################### bucket store ####
@@ -503,23 +657,24 @@ class MemoryBucketStore:
         return self.settle(key, -amount, policy)
 
     def record(self, key: str, *, requests: int = 0, limited: int = 0, prompt: int = 0,
-               completion: int = 0) -> None:
+               completion: int = 0, charged: int = 0) -> None:
         """Add to the key's usage counters (the most recently used MAX_TRACKED_KEYS are kept)."""
         with self._lock:
-            counters = self._usage.pop(key, None) or [0, 0, 0, 0]
+            counters = self._usage.pop(key, None) or [0, 0, 0, 0, 0]
             counters[0] += requests
             counters[1] += limited
             counters[2] += prompt
             counters[3] += completion
+            counters[4] += charged
             self._usage[key] = counters
             if len(self._usage) > MAX_TRACKED_KEYS:
                 del self._usage[next(iter(self._usage))]
 
     def usage(self, key: str) -> dict[str, int]:
         with self._lock:
-            counters = self._usage.get(key) or [0, 0, 0, 0]
-        return dict(zip(("requests", "limited_requests", "prompt_tokens", "completion_tokens"),
-                        counters))
+            counters = self._usage.get(key) or [0, 0, 0, 0, 0]
+        return dict(zip(("requests", "limited_requests", "prompt_tokens", "completion_tokens",
+                         "tokens_charged"), counters))
 
     def peek(self, key: str, policy: BucketPolicy) -> Quota:
         """How the bucket stands now, without creating it."""
@@ -591,20 +746,20 @@ def estimate_cost(body: Mapping[str, object], reserve: int) -> int:
     return max(1, prompt_estimate(body) + response_reserve(body, reserve))
 
 
-def is_charged(method: str, route: str, config: Config) -> bool:
+def is_charged(method: str, route: str, policy: KeyPolicy) -> bool:
     if method != "POST":
         return False
     return route in CHARGED_ROUTES or (route == EMBEDDINGS_ROUTE
-                                       and config.token_cost_mode != "request")
+                                       and policy.token_cost_mode != "request")
 
 
-def request_cost(body: Mapping[str, object], config: Config, route: str = CHAT_ROUTE) -> int:
+def request_cost(body: Mapping[str, object], policy: KeyPolicy, route: str = CHAT_ROUTE) -> int:
     """What a charged request takes from its bucket at admission (in usage mode: reserves)."""
-    if config.token_cost_mode == "request":
-        return config.request_token_cost
+    if policy.token_cost_mode == "request":
+        return policy.request_token_cost
     if route == EMBEDDINGS_ROUTE:  # an embedding generates nothing: its input is its cost
         return max(1, prompt_estimate(body))
-    return estimate_cost(body, config.response_token_reserve)
+    return estimate_cost(body, policy.response_token_reserve)
 
 
 # ################################################################### usage metering ####
@@ -978,31 +1133,133 @@ def key_label(key: str) -> str:
 
 
 class KeyRing:
-    """The accepted client keys, held only as SHA-256 digests.
+    """The accepted client keys and their policies, held only as SHA-256 digests.
 
     A lookup hashes the presented key, finds the candidates sharing the digest's first 16 hex
-    digits in a dict, and compares the whole digest with hmac.compare_digest. The cost does not
-    grow with the number of keys, and timing reveals at most something about a hash of the key,
-    never how much of the key itself was right.
+    digits in a dict, and compares whole digests with hmac.compare_digest. The cost does not grow
+    with the number of keys, and timing reveals at most something about a hash of the key, never
+    how much of the key itself was right. `required` is false when no keys are configured: then
+    any key is accepted with the default policy.
     """
 
     _PREFIX = 16
 
-    def __init__(self, keys: Iterable[str]) -> None:
-        self._by_prefix: dict[str, list[str]] = {}
-        for key in keys:
-            digest = key_digest(key)
-            self._by_prefix.setdefault(digest[:self._PREFIX], []).append(digest)
+    def __init__(self, entries: Iterable[tuple[str, KeyPolicy]], required: bool = True) -> None:
+        self.required = required
+        self.entries = list(entries)
+        self._by_prefix: dict[str, list[tuple[str, KeyPolicy]]] = {}
+        for digest, policy in self.entries:
+            self._by_prefix.setdefault(digest[:self._PREFIX], []).append((digest, policy))
 
     def __bool__(self) -> bool:
-        return bool(self._by_prefix)
+        return self.required
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def lookup(self, key: str, digest: str | None = None) -> KeyPolicy | None:
+        digest = digest or key_digest(key)
+        found = None
+        for candidate, policy in self._by_prefix.get(digest[:self._PREFIX], ()):
+            if hmac.compare_digest(candidate, digest):
+                found = policy
+        return found
 
     def accepts(self, key: str) -> bool:
-        digest = key_digest(key)
-        found = False
-        for candidate in self._by_prefix.get(digest[:self._PREFIX], ()):
-            found |= hmac.compare_digest(candidate, digest)
-        return found
+        return self.lookup(key) is not None
+
+
+# ######################################################################### metrics ####
+
+def _label_value(value: str) -> str:
+    """Escape a label value for the Prometheus text format."""
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+class Metrics:
+    """Counters and histograms, rendered in the Prometheus text exposition format by hand.
+
+    Methods for the caller: inc(), observe(), key(), render(). Per-key series are capped at
+    MAX_KEY_SERIES distinct keys (further keys count under key="other"), so an open proxy
+    flooded with random keys cannot grow them without bound.
+    """
+
+    MAX_KEY_SERIES = 1000
+    BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+    HELP = {
+        "llm_proxy_requests_total": ("counter", "Requests answered, by key, route and status class."),
+        "llm_proxy_limited_requests_total": ("counter", "Requests refused because the key's bucket was empty."),
+        "llm_proxy_tokens_charged_total": ("counter", "Tokens taken from buckets (after refunds and settlement)."),
+        "llm_proxy_upstream_errors_total": ("counter", "Upstream failures by kind: refused, timeout, 5xx, invalid, broken."),
+        "llm_proxy_key_reloads_total": ("counter", "Keys file reloads by result."),
+        "llm_proxy_requests_in_flight": ("gauge", "Requests being handled now."),
+        "llm_proxy_buckets": ("gauge", "Buckets held in memory (keys that are not full)."),
+        "llm_proxy_keys": ("gauge", "Keys accepted (keys file and PROXY_API_KEYS)."),
+        "llm_proxy_upstream_ttfb_seconds": ("histogram", "Time from sending a request upstream to its response head."),
+        "llm_proxy_upstream_latency_seconds": ("histogram", "Time from sending a request upstream to the end of its response."),
+    }
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counters: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+        self._histograms: dict[str, list[float]] = {}
+        self._keys: set[str] = set()
+
+    def key(self, label: str) -> str:
+        """The key label to use: `label`, or "other" once MAX_KEY_SERIES keys are in use."""
+        if label in self._keys:
+            return label
+        with self._lock:
+            if len(self._keys) >= self.MAX_KEY_SERIES:
+                return "other"
+            self._keys.add(label)
+        return label
+
+    def inc(self, name: str, labels: tuple[tuple[str, str], ...] = (), value: float = 1) -> None:
+        with self._lock:
+            series = self._counters.setdefault(name, {})
+            series[labels] = series.get(labels, 0) + value
+
+    def observe(self, name: str, seconds: float) -> None:
+        with self._lock:
+            counts = self._histograms.setdefault(name, [0.0] * (len(self.BUCKETS) + 2))
+            for index, bound in enumerate(self.BUCKETS):
+                if seconds <= bound:
+                    counts[index] += 1
+            counts[-2] += seconds
+            counts[-1] += 1
+
+    def render(self, gauges: Mapping[str, float]) -> str:
+        lines: list[str] = []
+        with self._lock:
+            counters = {n: dict(v) for n, v in self._counters.items()}
+            histograms = {n: list(v) for n, v in self._histograms.items()}
+        for name, (kind, text) in self.HELP.items():
+            lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
+            if kind == "gauge":
+                lines.append(f"{name} {_number(gauges.get(name, 0))}")
+            elif kind == "counter":
+                for labels, value in sorted(counters.get(name, {}).items()):
+                    lines.append(f"{name}{_labels(labels)} {_number(value)}")
+            else:
+                counts = histograms.get(name, [0.0] * (len(self.BUCKETS) + 2))
+                for bound, count in zip(self.BUCKETS, counts):
+                    lines.append(f'{name}_bucket{{le="{bound}"}} {_number(count)}')
+                lines.append(f'{name}_bucket{{le="+Inf"}} {_number(counts[-1])}')
+                lines.append(f"{name}_sum {counts[-2]!r}")
+                lines.append(f"{name}_count {_number(counts[-1])}")
+        return "\n".join(lines) + "\n"
+
+
+def _labels(labels: tuple[tuple[str, str], ...]) -> str:
+    if not labels:
+        return ""
+    return "{" + ",".join(f'{k}="{_label_value(v)}"' for k, v in labels) + "}"
+
+
+def route_label(route: str) -> str:
+    """Known routes by name; anything else as "other" (ids in paths must not become series)."""
+    return route if route in KNOWN_ROUTES else "other"
 
 
 # ######################################################################## upstream ####
@@ -1288,6 +1545,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self._label = "-"
         self._route = ""
         self._note = ""
+        self._bucket_key = ""
 
     def _handle(self) -> None:
         self._begin()
@@ -1387,44 +1645,64 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self._route = path
         if path == HEALTH_PATH and self.command == "GET":
             return self._health()
+        if path in (METRICS_PATH, ADMIN_KEYS_PATH) and self.command == "GET":
+            return self._admin(path)
         if path != API_PREFIX and not path.startswith(API_PREFIX + "/"):
             raise ProxyError(HTTPStatus.NOT_FOUND, f"Invalid URL ({self.command} {path}).",
                              code="unknown_url")
-        bucket_key = self._authenticate()
+        bucket_key, policy = self._authenticate()
         body = self._read_body()
+        if policy.models is not None and self.command == "POST":
+            self._check_model(body, policy.models)
         if path == "/v1/models" and self.command == "GET" and config.base_model:
             return self._send_json(HTTPStatus.OK, {"object": "list", "data": [
                 {"id": config.base_model, "object": "model", "created": 0,
                  "owned_by": "llm_proxy"}]})
-        if not is_charged(self.command, path, config):
+        if not is_charged(self.command, path, policy):
             return self._forward(path, query, body, None)
         payload = parse_json_object(body)
-        charge = self._admit(path, payload, bucket_key)
+        charge = self._admit(path, payload, bucket_key, policy)
         if charge is not None:
             self._forward(path, query, self._upstream_body(payload, body, charge), charge)
 
-    def _admit(self, route: str, payload: dict, bucket_key: str) -> "Charge | None":
+    def _check_model(self, body: bytes, allowed: frozenset[str]) -> None:
+        """A key limited to some models gets 403 for any other (naming the allowed ones)."""
+        try:
+            payload = json.loads(body)
+        except (ValueError, RecursionError):
+            return  # not JSON: a charged route refuses it with 400 next
+        model = payload.get("model") if isinstance(payload, dict) else None
+        if model not in allowed:
+            raise ProxyError(HTTPStatus.FORBIDDEN,
+                             f"This key may not use model {model!r}. Allowed: "
+                             f"{', '.join(sorted(allowed))}.", code="model_not_allowed",
+                             param="model")
+
+    def _admit(self, route: str, payload: dict, bucket_key: str,
+               policy: KeyPolicy) -> "Charge | None":
         """Take the request's cost from its bucket. None when limited (already answered)."""
-        config, store = self.server.config, self.server.store
-        policy = config.bucket_policy
-        cost = request_cost(payload, config, route)
+        store = self.server.store
+        bucket = policy.bucket
+        cost = request_cost(payload, policy, route)
         self._cost = cost
-        if cost > policy.capacity:
+        if cost > bucket.capacity:
             raise ProxyError(
                 HTTPStatus.BAD_REQUEST,
                 f"This request would cost {cost} tokens, but a bucket holds at most "
-                f"{policy.capacity}, so it can never be admitted. Send a shorter request or a "
+                f"{bucket.capacity}, so it can never be admitted. Send a shorter request or a "
                 "smaller max_tokens.", code="request_exceeds_bucket")
-        quota = store.take(bucket_key, cost, policy)
+        quota = store.take(bucket_key, cost, bucket)
         self._remaining = quota.remaining
         if not quota.admitted:
             self._cost = 0
             store.record(bucket_key, requests=1, limited=1)
-            self._send_limited(route, payload, quota)
+            self.server.metrics.inc("llm_proxy_limited_requests_total",
+                                    (("key", self.server.metrics.key(self._label)),))
+            self._send_limited(route, payload, quota, policy)
             return None
         store.record(bucket_key, requests=1)
-        charge = Charge(bucket_key, policy, quota)
-        if config.token_cost_mode == "usage":
+        charge = Charge(bucket_key, bucket, quota)
+        if policy.token_cost_mode == "usage":
             charge.prompt_estimate = prompt_estimate(payload)
             charge.meter = UsageMeter(stream=payload.get("stream") is True)
         return charge
@@ -1447,19 +1725,31 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 meter.strip = changed = True
         return json.dumps(payload).encode() if changed else body
 
-    def _authenticate(self) -> str:
-        """The caller's bucket key, or ProxyError(401). Keyless callers share their IP's bucket."""
+    def _authenticate(self) -> tuple[str, KeyPolicy]:
+        """The caller's bucket key and policy, or ProxyError(401). Keyless callers share their
+        IP's bucket (when keys are not required)."""
         token = bearer_token(self.headers.get("Authorization"))
         ring = self.server.keys
-        if ring and not (token and ring.accepts(token)):
-            message = ("Incorrect API key provided." if token else
-                       "You didn't provide an API key. Provide it in the Authorization header "
-                       "as 'Bearer YOUR_KEY'.")
-            raise ProxyError(HTTPStatus.UNAUTHORIZED, message, code="invalid_api_key")
-        if token:
-            self._label = key_label(token)
-            return "key:" + key_digest(token)
-        return "ip:" + self._client_ip()
+        if not token:
+            if ring:
+                raise ProxyError(HTTPStatus.UNAUTHORIZED, "You didn't provide an API key. "
+                                 "Provide it in the Authorization header as 'Bearer YOUR_KEY'.",
+                                 code="invalid_api_key")
+            self._bucket_key = "ip:" + self._client_ip()
+            return self._bucket_key, self.server.default_policy
+        digest = key_digest(token)
+        policy = ring.lookup(token, digest)
+        if policy is None:
+            if ring:
+                raise ProxyError(HTTPStatus.UNAUTHORIZED, "Incorrect API key provided.",
+                                 code="invalid_api_key")
+            policy = self.server.default_policy
+        self._label = policy.name or digest[:10]
+        self._bucket_key = "key:" + digest
+        if policy.disabled:
+            raise ProxyError(HTTPStatus.UNAUTHORIZED, "This API key has been disabled.",
+                             code="invalid_api_key")
+        return self._bucket_key, policy
 
     def _client_ip(self) -> str:
         if self.server.config.trust_forwarded_for:
@@ -1554,8 +1844,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         answer: dict[str, object] = {"ok": True}
         token = bearer_token(self.headers.get("Authorization"))
         if token or not self.server.keys:
-            bucket_key = self._authenticate()
-            policy = self.server.config.bucket_policy
+            bucket_key, key_policy = self._authenticate()
+            policy = key_policy.bucket
             quota = self.server.store.peek(bucket_key, policy)
             answer["quota"] = {
                 "limit": quota.limit, "remaining": quota.remaining,
@@ -1566,11 +1856,29 @@ class ProxyHandler(BaseHTTPRequestHandler):
             answer["usage"] = self.server.store.usage(bucket_key)
         self._send_json(HTTPStatus.OK, answer)
 
-    def _send_limited(self, route: str, payload: dict, quota: Quota) -> None:
-        config = self.server.config
+    def _admin(self, path: str) -> None:
+        """/metrics and /admin/keys: for ADMIN_API_KEY holders, or, when it is unset, for
+        clients on this machine only (anyone else gets 404, as if they did not exist)."""
+        admin_key = self.server.config.admin_api_key
+        if admin_key:
+            token = bearer_token(self.headers.get("Authorization"))
+            if not hmac.compare_digest(key_digest(token), key_digest(admin_key)):
+                raise ProxyError(HTTPStatus.UNAUTHORIZED, "This route needs the admin key.",
+                                 code="invalid_api_key")
+        elif not _is_loopback(self.client_address[0]):
+            raise ProxyError(HTTPStatus.NOT_FOUND, f"Invalid URL ({self.command} {path}).",
+                             code="unknown_url")
+        if path == METRICS_PATH:
+            body = self.server.render_metrics().encode()
+            return self._send(HTTPStatus.OK, [
+                ("Content-Type", "text/plain; version=0.0.4; charset=utf-8")], body)
+        self._send_json(HTTPStatus.OK, {"keys": self.server.key_report(),
+                                        "buckets_held": len(self.server.store)})
+
+    def _send_limited(self, route: str, payload: dict, quota: Quota, policy: KeyPolicy) -> None:
         headers = rate_limit_headers(quota) + retry_headers(quota.wait_seconds)
         text = limit_message(quota.wait_seconds)
-        if config.limit_response == "429" or route not in MESSAGE_ROUTES:
+        if policy.limit_response == "429" or route not in MESSAGE_ROUTES:
             raise ProxyError(HTTPStatus.TOO_MANY_REQUESTS,
                              f"Rate limit reached for this key: {text}. Please try again in "
                              f"{math.ceil(quota.wait_seconds)}s.",
@@ -1615,13 +1923,20 @@ class ProxyHandler(BaseHTTPRequestHandler):
         settles it with what the response really cost, however the relay ended. Once the
         response head is out, failures close the connection (a stream gets a final error event).
         """
-        pool = self.server.pool
+        pool, metrics = self.server.pool, self.server.metrics
         target = pool.upstream.path_for(path, query)
+        started = time.perf_counter()
         try:
             conn, resp = self._exchange(pool, target, self._upstream_headers(body), body)
-        except ProxyError:
+        except ProxyError as err:
+            kind = {"upstream_timeout": "timeout", "upstream_unreachable": "refused"}
+            metrics.inc("llm_proxy_upstream_errors_total",
+                        (("kind", kind.get(err.code or "", "invalid")),))
             self._refund(charge)
             raise
+        metrics.observe("llm_proxy_upstream_ttfb_seconds", time.perf_counter() - started)
+        if resp.status >= 500:
+            metrics.inc("llm_proxy_upstream_errors_total", (("kind", "5xx"),))
         keep = False
         try:
             if charge is not None and charge.fallback_body is not None:
@@ -1638,6 +1953,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             raise
         finally:
             self._done_with(pool, conn, resp, keep)
+            metrics.observe("llm_proxy_upstream_latency_seconds", time.perf_counter() - started)
             if charge is not None:
                 self._settle(charge)
 
@@ -1785,6 +2101,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
             except (ClientGone, OSError):
                 pass  # the client is gone too; the connection closes either way
         self._note = f"upstream broke off: {'timeout' if timed_out else type(exc).__name__}"
+        self.server.metrics.inc("llm_proxy_upstream_errors_total",
+                                (("kind", "timeout" if timed_out else "broken"),))
 
     # -- writing ----------------------------------------------------------------------------
 
@@ -1821,20 +2139,24 @@ class ProxyHandler(BaseHTTPRequestHandler):
     # -- logging ----------------------------------------------------------------------------
 
     def _log_access(self) -> None:
+        """The access-log line and the request's metrics, once per request."""
         if not hasattr(self, "_started"):
             return
         elapsed = (time.perf_counter() - self._started) * 1000
-        cost = "-" if self._cost is None else str(self._cost)
-        remaining = "-" if self._remaining is None else str(self._remaining)
-        method = _loggable(self.command or "-")
-        route = _loggable(self._route or "-")
-        note = f" ({self._note})" if self._note else ""
-        self.server.log(f"{self._client_ip_for_log()} key={self._label} \"{method} {route}\" "
-                        f"{self._status} cost={cost} remaining={remaining} {elapsed:.1f}ms{note}")
+        server = self.server
+        key = server.metrics.key(self._label)
+        server.metrics.inc("llm_proxy_requests_total", (
+            ("key", key), ("route", route_label(self._route)),
+            ("status", f"{self._status // 100}xx")))
+        if self._cost:
+            server.metrics.inc("llm_proxy_tokens_charged_total", (("key", key),), self._cost)
+            server.store.record(self._bucket_key or "-", charged=self._cost)
+        server.log_access(
+            client=_loggable(self.client_address[0]), key=self._label,
+            method=_loggable(self.command or "-"), path=_loggable(self._route or "-"),
+            status=self._status, cost=self._cost, remaining=self._remaining,
+            duration_ms=round(elapsed, 1), note=self._note)
         del self._started
-
-    def _client_ip_for_log(self) -> str:
-        return _loggable(self.client_address[0])
 
     def log_request(self, code: object = "-", size: object = "-") -> None:
         pass  # the access log is written by _log_access, once per request
@@ -1855,6 +2177,10 @@ def _response_headers(resp: http.client.HTTPResponse,
     if quota is not None:
         headers += rate_limit_headers(quota)
     return headers
+
+
+def _is_loopback(address: str) -> bool:
+    return address.startswith("127.") or address in ("::1", "::ffff:127.0.0.1")
 
 
 def _header_safe(value: str) -> str:
@@ -1884,10 +2210,13 @@ class ProxyServer(ThreadingHTTPServer):
 
     def __init__(self, config: Config, *, store: MemoryBucketStore | None = None,
                  clock: Callable[[], float] = time.monotonic,
-                 log_stream: object = None, handler: type = ProxyHandler) -> None:
+                 log_stream: object = None, handler: type = ProxyHandler,
+                 key_check_interval: float = 1.0) -> None:
         self.config = config
         self.store = store if store is not None else MemoryBucketStore(clock)
-        self.keys = KeyRing(config.proxy_api_keys)
+        self.default_policy = config.default_policy
+        self.keys = load_key_ring(config)  # ConfigError for an invalid keys file
+        self.metrics = Metrics()
         self.pool = UpstreamPool(Upstream.from_url(config.base_api_url), config.open_timeout,
                                  config.read_timeout)
         self._log_stream = log_stream if log_stream is not None else sys.stderr
@@ -1895,22 +2224,110 @@ class ProxyServer(ThreadingHTTPServer):
         self._stamp_second, self._stamp = -1, ""
         self._inflight = 0
         self._idle = threading.Condition()
+        self._closing = threading.Event()
+        self._reload_now = threading.Event()
         if ":" in config.host:
             self.address_family = socket.AF_INET6
         super().__init__((config.host, config.port), handler)
+        if config.keys_file:
+            threading.Thread(target=self._watch_keys_file, args=(key_check_interval,),
+                             name="llm_proxy-keys", daemon=True).start()
 
-    def log(self, line: str) -> None:
+    # -- logs -------------------------------------------------------------------------------
+
+    def _write_log(self, line: str) -> None:
+        with self._log_lock:
+            try:
+                self._log_stream.write(line + "\n")  # type: ignore[attr-defined]
+                self._log_stream.flush()  # type: ignore[attr-defined]
+            except (OSError, ValueError):
+                pass  # a closed or full log must not take requests down with it
+
+    def _timestamp(self) -> str:
         now = int(time.time())
         if now != self._stamp_second:  # one strftime a second, not one a line
             self._stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
             self._stamp_second = now
-        stamp = self._stamp
-        with self._log_lock:
-            try:
-                self._log_stream.write(f"{stamp} {line}\n")  # type: ignore[attr-defined]
-                self._log_stream.flush()  # type: ignore[attr-defined]
-            except (OSError, ValueError):
-                pass  # a closed or full log must not take requests down with it
+        return self._stamp
+
+    def log(self, message: str) -> None:
+        """An operational message (errors, reloads), in the configured LOG_FORMAT."""
+        if self.config.log_format == "json":
+            self._write_log(json.dumps({"time": self._timestamp(), "message": message}))
+        else:
+            self._write_log(f"{self._timestamp()} {message}")
+
+    def log_access(self, *, client: str, key: str, method: str, path: str, status: int,
+                   cost: int | None, remaining: int | None, duration_ms: float,
+                   note: str) -> None:
+        """One access-log line: text, or with LOG_FORMAT=json one JSON object, same fields."""
+        if self.config.log_format == "json":
+            self._write_log(json.dumps({
+                "time": self._timestamp(), "client": client, "key": key, "method": method,
+                "path": path, "status": status, "cost": cost, "remaining": remaining,
+                "duration_ms": duration_ms, **({"note": note} if note else {})}))
+            return
+        self._write_log(
+            f"{self._timestamp()} {client} key={key} \"{method} {path}\" {status} "
+            f"cost={'-' if cost is None else cost} "
+            f"remaining={'-' if remaining is None else remaining} {duration_ms:.1f}ms"
+            + (f" ({note})" if note else ""))
+
+    # -- keys -------------------------------------------------------------------------------
+
+    def reload_keys(self) -> bool:
+        """Read the keys file again. An invalid file leaves the keys in force as they were.
+        Balances live in the store under each key's digest, so they carry over; a lowered
+        max_tokens clamps them at the next request."""
+        try:
+            ring = load_key_ring(self.config)
+        except ConfigError as err:
+            self.metrics.inc("llm_proxy_key_reloads_total", (("result", "error"),))
+            self.log(f"keys file not reloaded, the keys in force stay: {err}")
+            return False
+        self.keys = ring  # one assignment: a request sees the old ring or the new one
+        self.metrics.inc("llm_proxy_key_reloads_total", (("result", "ok"),))
+        self.log(f"keys file reloaded: {len(ring)} keys")
+        return True
+
+    def request_key_reload(self) -> None:
+        """Reload the keys file soon, off the request path (safe from a signal handler)."""
+        self._reload_now.set()
+
+    def _watch_keys_file(self, interval: float) -> None:
+        seen = _file_signature(self.config.keys_file)
+        while not self._closing.is_set():
+            asked = self._reload_now.wait(interval)
+            self._reload_now.clear()
+            if self._closing.is_set():
+                return
+            current = _file_signature(self.config.keys_file)
+            if asked or current != seen:
+                seen = current
+                self.reload_keys()
+
+    def key_report(self) -> list[dict[str, object]]:
+        """Every accepted key's name, balance, limit, next refill and counters; no secret."""
+        report = []
+        for digest, policy in self.keys.entries:
+            quota = self.store.peek("key:" + digest, policy.bucket)
+            report.append({
+                "name": policy.name or digest[:10], "disabled": policy.disabled,
+                "limit": quota.limit, "balance": quota.remaining,
+                "next_refill_seconds": math.ceil(quota.reset_seconds),
+                "refill_tokens": policy.bucket.refill_tokens,
+                "refill_interval_seconds": policy.bucket.refill_interval,
+                "token_cost_mode": policy.token_cost_mode,
+                "models": sorted(policy.models) if policy.models is not None else None,
+                **self.store.usage("key:" + digest)})
+        return report
+
+    def render_metrics(self) -> str:
+        with self._idle:
+            inflight = self._inflight
+        return self.metrics.render({"llm_proxy_requests_in_flight": inflight,
+                                    "llm_proxy_buckets": len(self.store),
+                                    "llm_proxy_keys": len(self.keys)})
 
     def handle_error(self, request: object, client_address: object) -> None:
         """socketserver prints a traceback here; log one line instead. A client resetting its
@@ -1940,6 +2357,8 @@ class ProxyServer(ThreadingHTTPServer):
             return self._idle.wait_for(lambda: self._inflight == 0, timeout)
 
     def server_close(self) -> None:
+        self._closing.set()
+        self._reload_now.set()
         super().server_close()
         self.pool.close()
 
@@ -1952,6 +2371,14 @@ class ProxyServer(ThreadingHTTPServer):
 
 # ############################################################################# CLI ####
 
+def _file_signature(path: str) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size, st.st_ino
+
+
 def describe(config: Config, server: ProxyServer) -> list[str]:
     upstream = Upstream.from_url(config.base_api_url)
     mode = (f"{config.request_token_cost} per request" if config.token_cost_mode == "request"
@@ -1963,11 +2390,16 @@ def describe(config: Config, server: ProxyServer) -> list[str]:
         f"buckets: {config.max_tokens} tokens, +{config.refill_tokens} every "
         f"{_number(config.refill_interval_seconds)} s; cost: {mode}; limit answer: "
         f"{config.limit_response}; keys: "
-        + (f"{len(config.proxy_api_keys)} accepted" if config.proxy_api_keys else "any (open)"),
+        + (f"{len(server.keys)} accepted" if server.keys else "any (open)")
+        + (f" (keys file {config.keys_file}, reloaded on change and SIGHUP)"
+           if config.keys_file else ""),
     ]
 
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["keygen"]:
+        return keygen_main(argv[1:])
     try:
         config = Config.from_env(environ, argv)
     except ConfigError as err:
@@ -1975,6 +2407,9 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         return 2
     try:
         server = ProxyServer(config)
+    except ConfigError as err:
+        print(f"llm_proxy: {err}", file=sys.stderr)
+        return 2
     except OSError as err:
         print(f"llm_proxy: cannot listen on {config.host}:{config.port}: {err.strerror or err}",
               file=sys.stderr)
@@ -1983,6 +2418,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         print(line, file=sys.stderr, flush=True)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: server.stop())
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, lambda *_: server.request_key_reload())
     try:
         server.serve_forever()
         if not server.drain():
@@ -1990,6 +2427,19 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     finally:
         server.server_close()
     print("llm_proxy: stopped", file=sys.stderr)
+    return 0
+
+
+def keygen_main(argv: Sequence[str]) -> int:
+    parser = _ArgumentParser(prog="llm_proxy.py keygen",
+                             description="Print a new random key and its keys-file entry.")
+    parser.add_argument("--name", required=True, help="the key's name in logs and metrics")
+    try:
+        args = parser.parse_args(argv)
+    except ConfigError as err:
+        print(f"llm_proxy keygen: {err}", file=sys.stderr)
+        return 2
+    print(keygen(args.name), end="")
     return 0
 
 
