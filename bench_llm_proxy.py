@@ -26,10 +26,12 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import tempfile
 import threading
 import time
@@ -124,20 +126,20 @@ def in_threads(target: object, count: int) -> None:
         t.join()
 
 
-def post(conn: http.client.HTTPConnection, body: bytes, headers: dict[str, str] | None = None
-         ) -> http.client.HTTPResponse:
+def post(conn: http.client.HTTPConnection, body: bytes, headers: dict[str, str] | None = None,
+         key: str = KEY) -> http.client.HTTPResponse:
     conn.request("POST", "/v1/chat/completions", body,
-                 {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json",
+                 {"Authorization": f"Bearer {key}", "Content-Type": "application/json",
                   **(headers or {})})
     return conn.getresponse()
 
 
-def latency_c1(port: int, count: int) -> list[float]:
+def latency_c1(port: int, count: int, key: str = KEY) -> list[float]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     times = []
     for _ in range(count):
         start = time.perf_counter()
-        resp = post(conn, CHAT)
+        resp = post(conn, CHAT, key=key)
         resp.read()
         times.append((time.perf_counter() - start) * 1000)
         assert resp.status == 200, resp.status
@@ -253,6 +255,74 @@ def load_threads(port: int, seconds: int, connections: int) -> dict[str, object]
             "errors": errors[0], "tool": f"Python threads, {connections} connections, {seconds} s"}
 
 
+# ####################################################################### keys file ####
+
+def write_keys_file(directory: str, count: int) -> tuple[str, str]:
+    """A keys file of `count` digest-only entries; returns its path and the last entry's key."""
+    sys.path.insert(0, HERE)
+    from llm_proxy import key_digest
+    path = os.path.join(directory, f"keys-{count}.json")
+    with open(path, "w") as f:
+        json.dump({"keys": [{"name": f"user{i}", "key_sha256": key_digest(f"sk-bench-{i}"),
+                             "max_tokens": 1_000_000_000, "refill_tokens": 1_000_000_000}
+                            for i in range(count)]}, f)
+    return path, f"sk-bench-{count - 1}"
+
+
+def bench_keys(up_port: int, requests: int) -> list[tuple[str, str, str, str]]:
+    """Key lookup cost with a 10,000-key file against a 1-key file, and whether reloading the
+    big file (SIGHUP every 0.5 s) stalls requests."""
+    sys.path.insert(0, HERE)
+    import llm_proxy
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        small, small_key = write_keys_file(tmp, 1)
+        big, big_key = write_keys_file(tmp, 10_000)
+        env = {"HOST": "127.0.0.1", "BASE_API_URL": f"http://127.0.0.1:{up_port}/v1"}
+        ports = free_port(), free_port()
+        procs = [start([sys.executable, os.path.join(HERE, "llm_proxy.py")],
+                       {**env, "PORT": str(port), "KEYS_FILE": path}, "listening on", "stderr")
+                 for port, path in zip(ports, (small, big))]
+        try:
+            latency_c1(ports[0], 200, small_key), latency_c1(ports[1], 200, big_key)
+            one, many = [], []
+            for _ in range(5):
+                one += latency_c1(ports[0], requests // 5, small_key)
+                many += latency_c1(ports[1], requests // 5, big_key)
+            rows.append(("request latency, 1-key file vs 10,000-key file, p50 (ms)",
+                         f"{pct(one, 50):.3f}", f"{pct(many, 50):.3f}",
+                         f"{pct(many, 50) - pct(one, 50):+.3f}"))
+            stop = threading.Event()
+
+            def reloads() -> None:
+                while not stop.wait(0.5):
+                    procs[1].send_signal(signal.SIGHUP)
+            thread = threading.Thread(target=reloads)
+            thread.start()
+            during = latency_c1(ports[1], requests, big_key)
+            stop.set()
+            thread.join()
+            quiet = latency_c1(ports[1], requests, big_key)
+            for q in (50, 99, 100):
+                rows.append((f"10,000-key file reloaded every 0.5 s: p{q} (ms)",
+                             f"{pct(quiet, q):.3f}", f"{pct(during, q):.3f}",
+                             f"{pct(during, q) - pct(quiet, q):+.3f}"))
+            alone = []
+            for path, key in ((small, small_key), (big, big_key)):
+                ring = llm_proxy.load_key_ring(llm_proxy.Config(keys_file=path))
+                started = time.perf_counter()
+                for _ in range(20_000):
+                    ring.lookup(key)
+                alone.append((time.perf_counter() - started) / 20_000 * 1e6)
+            rows.append(("key lookup alone, in process (µs)", f"{alone[0]:.2f}",
+                         f"{alone[1]:.2f}", f"{alone[1] - alone[0]:+.2f}"))
+        finally:
+            for proc in procs:
+                proc.terminate()
+                proc.wait(30)
+    return rows
+
+
 # ############################################################################# run ####
 
 def start(command: list[str], env: dict[str, str], ready: str, stream: str) -> subprocess.Popen:
@@ -272,6 +342,8 @@ def start(command: list[str], env: dict[str, str], ready: str, stream: str) -> s
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a short smoke run")
+    parser.add_argument("--keys", action="store_true",
+                        help="only the keys-file figures (10,000 keys against 1, reloads)")
     parser.add_argument("--serve-upstream", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_upstream:
@@ -279,9 +351,37 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     requests, seconds, firsts = (300, 2, 50) if args.quick else (3000, 10, 300)
-    up_port, proxy_port = free_port(), free_port()
+    up_port = free_port()
     upstream = start([sys.executable, __file__, "--serve-upstream", str(up_port)], {}, "ready",
                      "stdout")
+    try:
+        print(f"\nllm_proxy benchmark: Python {sys.version.split()[0]}, {os.cpu_count()} CPUs")
+        if not args.keys:
+            rows, tool = proxy_rows(up_port, requests, seconds, firsts, args.quick)
+            print_table(f"load at concurrency 64: {tool}", ("direct", "proxy"), rows)
+        print_table("keys file", ("1 key / quiet", "10,000 keys / reloading"),
+                    bench_keys(up_port, requests))
+    finally:
+        upstream.terminate()
+        upstream.wait(30)
+    return 0
+
+
+def print_table(title: str, columns: tuple[str, str], rows: list[tuple[str, str, str, str]]
+                ) -> None:
+    width = max(len(r[0]) for r in rows)
+    print(f"\n{title}\n")
+    print(f"| {'measure'.ljust(width)} | {columns[0]} | {columns[1]} | added |")
+    print(f"|{'-' * (width + 2)}|{'-' * (len(columns[0]) + 1)}:|{'-' * (len(columns[1]) + 1)}:"
+          f"|------:|")
+    for name, a, b, c in rows:
+        print(f"| {name.ljust(width)} | {a} | {b} | {c} |")
+
+
+def proxy_rows(up_port: int, requests: int, seconds: int, firsts: int, quick: bool
+               ) -> tuple[list[tuple[str, str, str, str]], str]:
+    """The proxy against direct calls: latency, CPU, load at c=64, first event, spacing."""
+    proxy_port = free_port()
     proxy = start([sys.executable, os.path.join(HERE, "llm_proxy.py")], {
         "HOST": "127.0.0.1", "PORT": str(proxy_port),
         "BASE_API_URL": f"http://127.0.0.1:{up_port}/v1", "MAX_TOKENS": "1000000000",
@@ -324,8 +424,8 @@ def main(argv: list[str] | None = None) -> int:
                          f"{pct(p_first, 50):.3f}",
                          f"{pct(p_first, 50) - pct(d_first, 50):+.3f}"))
 
-        d_gaps = stream_gaps(up_port, 50, 20 if args.quick else 50, 20)
-        p_gaps = stream_gaps(proxy_port, 50, 20 if args.quick else 50, 20)
+        d_gaps = stream_gaps(up_port, 50, 20 if quick else 50, 20)
+        p_gaps = stream_gaps(proxy_port, 50, 20 if quick else 50, 20)
         for q in (50, 99):
             rows.append((f"50 streams, event spacing p{q} (ms; upstream sends every 20)",
                          f"{pct(d_gaps, q):.2f}", f"{pct(p_gaps, q):.2f}",
@@ -334,18 +434,8 @@ def main(argv: list[str] | None = None) -> int:
                      f"{statistics.mean(p_gaps):.2f}", ""))
     finally:
         proxy.terminate()
-        upstream.terminate()
         proxy.wait(30)
-        upstream.wait(30)
-
-    width = max(len(r[0]) for r in rows)
-    print(f"\nllm_proxy benchmark: Python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
-          f"load: {p64['tool']}")
-    print(f"| {'measure'.ljust(width)} | direct | proxy | added |")
-    print(f"|{'-' * (width + 2)}|-------:|------:|------:|")
-    for name, a, b, c in rows:
-        print(f"| {name.ljust(width)} | {a} | {b} | {c} |")
-    return 0
+    return rows, str(p64["tool"])
 
 
 if __name__ == "__main__":

@@ -44,7 +44,6 @@ Not done here (yet)
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import hmac
 import http.client
@@ -471,16 +470,19 @@ def read_keys_file(path: str) -> list[dict]:
     return document["keys"]
 
 
-def key_policies(entries: Sequence[object], config: Config,
-                 path: str = "KEYS_FILE") -> list[tuple[str, KeyPolicy]]:
+def key_policies(entries: Sequence[object], config: Config, path: str = "KEYS_FILE",
+                 pause: Callable[[], None] | None = None) -> list[tuple[str, KeyPolicy]]:
     """(SHA-256 hex digest of the key, its policy) for each keys-file entry, validated: unknown
     fields, missing or duplicate names, both or neither of key / key_sha256 are errors. The
-    ConfigError names the file, the entry and the field."""
+    ConfigError names the file, the entry and the field. `pause` is called every 256 entries:
+    a reload in the background lets request threads have the GIL."""
     base = config.default_policy
     found: list[tuple[str, KeyPolicy]] = []
     names: set[str] = set()
     digests: set[str] = set()
     for index, entry in enumerate(entries):
+        if pause is not None and index % 256 == 255:
+            pause()
         where = f"{path}: keys[{index}]"
         if not isinstance(entry, dict):
             raise ConfigError(f"{where}: an entry must be a table/object")
@@ -507,24 +509,23 @@ def key_policies(entries: Sequence[object], config: Config,
                               float(entry.get("refill_interval_seconds",
                                               base.bucket.refill_interval)))
         models = frozenset(entry["models"]) if "models" in entry else None
-        found.append((digest, dataclasses.replace(
-            base, name=entry["name"], bucket=bucket, models=models,
-            request_token_cost=entry.get("request_token_cost", base.request_token_cost),
-            token_cost_mode=entry.get("token_cost_mode", base.token_cost_mode),
-            limit_response=entry.get("limit_response", base.limit_response),
-            disabled=entry.get("disabled", False))))
+        found.append((digest, KeyPolicy(
+            entry["name"], bucket, entry.get("request_token_cost", base.request_token_cost),
+            entry.get("token_cost_mode", base.token_cost_mode),
+            entry.get("limit_response", base.limit_response), base.response_token_reserve,
+            models, entry.get("disabled", False))))
     return found
 
 
-def load_key_ring(config: Config) -> "KeyRing":
+def load_key_ring(config: Config, pause: Callable[[], None] | None = None) -> "KeyRing":
     """The accepted keys: the keys file's, plus PROXY_API_KEYS with the global settings."""
     entries: list[tuple[str, KeyPolicy]] = []
     if config.keys_file:
-        entries = key_policies(read_keys_file(config.keys_file), config, config.keys_file)
+        entries = key_policies(read_keys_file(config.keys_file), config, config.keys_file, pause)
     listed = {digest for digest, _ in entries}
     entries += [(key_digest(k), config.default_policy) for k in config.proxy_api_keys
                 if key_digest(k) not in listed]
-    return KeyRing(entries, required=bool(config.keys_file or config.proxy_api_keys))
+    return KeyRing(entries, required=bool(config.keys_file or config.proxy_api_keys), pause=pause)
 
 
 def keygen(name: str) -> str:
@@ -1144,11 +1145,14 @@ class KeyRing:
 
     _PREFIX = 16
 
-    def __init__(self, entries: Iterable[tuple[str, KeyPolicy]], required: bool = True) -> None:
+    def __init__(self, entries: Iterable[tuple[str, KeyPolicy]], required: bool = True,
+                 pause: Callable[[], None] | None = None) -> None:
         self.required = required
         self.entries = list(entries)
         self._by_prefix: dict[str, list[tuple[str, KeyPolicy]]] = {}
-        for digest, policy in self.entries:
+        for index, (digest, policy) in enumerate(self.entries):
+            if pause is not None and index % 256 == 255:
+                pause()
             self._by_prefix.setdefault(digest[:self._PREFIX], []).append((digest, policy))
 
     def __bool__(self) -> bool:
@@ -2280,7 +2284,7 @@ class ProxyServer(ThreadingHTTPServer):
         Balances live in the store under each key's digest, so they carry over; a lowered
         max_tokens clamps them at the next request."""
         try:
-            ring = load_key_ring(self.config)
+            ring = load_key_ring(self.config, pause=lambda: time.sleep(0.0005))
         except ConfigError as err:
             self.metrics.inc("llm_proxy_key_reloads_total", (("result", "error"),))
             self.log(f"keys file not reloaded, the keys in force stay: {err}")
