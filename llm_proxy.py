@@ -125,12 +125,11 @@ SDK_MAX_RETRY_AFTER = 120
 
 READ_CHUNK = 64 * 1024
 MAX_CHUNK_LINE = 1024
-MAX_REQUEST_LINE = 32 * 1024
-MAX_HEADER_BYTES = 64 * 1024
+MAX_HEADER_BYTES = 64 * 1024  # upstream response heads
 MAX_HEADER_LINES = 200
 POOL_MAX_IDLE = 128
 LISTEN_BACKLOG = 1024
-KEEPALIVE_SECONDS = 75.0
+DEADLINE_CHECK_SECONDS = 0.25       # how often slow clients are looked for
 SHUTDOWN_GRACE_SECONDS = 30.0
 SWEEP_EVERY_SECONDS = 60.0
 MAX_TRACKED_KEYS = 65536            # per-key usage counters kept (least recently used dropped)
@@ -227,6 +226,24 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MAX_BODY_BYTES", "max_body_bytes", str(32 * 1024 * 1024), "largest request body"),
     Setting("TRUST_FORWARDED_FOR", "trust_forwarded_for", "0",
             "1: bucket keyless clients by the last X-Forwarded-For address (behind a proxy you run)"),
+    Setting("CLIENT_HEADER_TIMEOUT", "client_header_timeout", "10",
+            "seconds a client has to send its request line and headers"),
+    Setting("CLIENT_BODY_TIMEOUT", "client_body_timeout", "30",
+            "seconds a client has to send its request body"),
+    Setting("KEEPALIVE_TIMEOUT", "keepalive_timeout", "75",
+            "seconds an idle kept-alive client connection stays open"),
+    Setting("MAX_HEADER_BYTES", "max_header_bytes", str(32 * 1024),
+            "longest request line (else 414) and largest header block (else 431)"),
+    Setting("MAX_CONNECTIONS", "max_connections", "1024",
+            "client connections at once; beyond it new ones get 503"),
+    Setting("MAX_UPSTREAM_CONCURRENCY", "max_upstream_concurrency", "0",
+            "requests in flight to the upstream at once (0: unlimited); the rest queue fairly"),
+    Setting("UPSTREAM_QUEUE_TIMEOUT", "upstream_queue_timeout", "60",
+            "seconds a request may wait in that queue before a 503"),
+    Setting("FAIR_QUEUE", "fair_queue", "1",
+            "1: a freed upstream slot goes to the key with the fewest in flight; 0: first come"),
+    Setting("MAX_CONCURRENT_PER_KEY", "max_concurrent_per_key", "0",
+            "requests one key may have in flight at once (0: unlimited)"),
     Setting("KEYS_FILE", "keys_file", "",
             "JSON or TOML file of named keys with their own limits; reloaded on change and SIGHUP"),
     Setting("ADMIN_API_KEY", "admin_api_key", "",
@@ -319,6 +336,15 @@ class Config:
     read_timeout: float = 120.0
     max_body_bytes: int = 32 * 1024 * 1024
     trust_forwarded_for: bool = False
+    client_header_timeout: float = 10.0
+    client_body_timeout: float = 30.0
+    keepalive_timeout: float = 75.0
+    max_header_bytes: int = 32 * 1024
+    max_connections: int = 1024
+    max_upstream_concurrency: int = 0
+    upstream_queue_timeout: float = 60.0
+    fair_queue: bool = True
+    max_concurrent_per_key: int = 0
     keys_file: str = ""
     admin_api_key: str = ""
     log_format: str = "text"
@@ -362,6 +388,19 @@ class Config:
             read_timeout=_parse_seconds("READ_TIMEOUT", raw["READ_TIMEOUT"]),
             max_body_bytes=_parse_int("MAX_BODY_BYTES", raw["MAX_BODY_BYTES"]),
             trust_forwarded_for=_parse_bool("TRUST_FORWARDED_FOR", raw["TRUST_FORWARDED_FOR"]),
+            client_header_timeout=_parse_seconds("CLIENT_HEADER_TIMEOUT",
+                                                 raw["CLIENT_HEADER_TIMEOUT"]),
+            client_body_timeout=_parse_seconds("CLIENT_BODY_TIMEOUT", raw["CLIENT_BODY_TIMEOUT"]),
+            keepalive_timeout=_parse_seconds("KEEPALIVE_TIMEOUT", raw["KEEPALIVE_TIMEOUT"]),
+            max_header_bytes=_parse_int("MAX_HEADER_BYTES", raw["MAX_HEADER_BYTES"], 1024),
+            max_connections=_parse_int("MAX_CONNECTIONS", raw["MAX_CONNECTIONS"]),
+            max_upstream_concurrency=_parse_int("MAX_UPSTREAM_CONCURRENCY",
+                                                raw["MAX_UPSTREAM_CONCURRENCY"], 0),
+            upstream_queue_timeout=_parse_seconds("UPSTREAM_QUEUE_TIMEOUT",
+                                                  raw["UPSTREAM_QUEUE_TIMEOUT"]),
+            fair_queue=_parse_bool("FAIR_QUEUE", raw["FAIR_QUEUE"]),
+            max_concurrent_per_key=_parse_int("MAX_CONCURRENT_PER_KEY",
+                                              raw["MAX_CONCURRENT_PER_KEY"], 0),
             keys_file=raw["KEYS_FILE"].strip(),
             admin_api_key=_parse_key("ADMIN_API_KEY", raw["ADMIN_API_KEY"]),
             log_format=_parse_choice("LOG_FORMAT", raw["LOG_FORMAT"], ("text", "json")),
@@ -1476,12 +1515,137 @@ def wait_readable(upstream: socket.socket, client: socket.socket | None, timeout
 
 
 def _peer_closed(sock: socket.socket) -> bool:
+    """Whether the peer has closed the connection, without waiting (a socket with a timeout
+    would otherwise wait for data inside recv, MSG_DONTWAIT or not)."""
     try:
-        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        if not poller.poll(0):
+            return False
+        return sock.recv(1, socket.MSG_PEEK) == b""
     except (BlockingIOError, InterruptedError):
         return False
-    except OSError:
+    except (OSError, ValueError):
         return True
+
+
+# ################################################################## upstream queue ####
+
+class _Waiter:
+    __slots__ = ("key", "seq", "granted")
+
+    def __init__(self, key: str, seq: int) -> None:
+        self.key, self.seq = key, seq
+        self.granted = threading.Event()
+
+
+class FairGate:
+    """At most `limit` requests in flight to the upstream; the others wait their turn.
+
+    When a slot frees up it goes to the waiting key with the fewest requests in flight, and among
+    equals to the one served least recently (round-robin), so a key that queues 50 requests cannot
+    starve one that sends a single request. With fair=False the longest waiter goes first (FIFO).
+    Methods for the caller: enter(), leave().
+    """
+
+    def __init__(self, limit: int, fair: bool = True) -> None:
+        self.limit = limit
+        self.fair = fair
+        self._lock = threading.Lock()
+        self._busy = 0
+        self._inflight: dict[str, int] = {}
+        self._waiting: dict[str, list[_Waiter]] = {}
+        self._served: dict[str, int] = {}  # the turn at which each key last got a slot
+        self._turn = 0
+        self._seq = 0
+
+    def enter(self, key: str, timeout: float, gone: Callable[[], bool]) -> str:
+        """"ok" once the request may go upstream; "gone" if the client went away while it
+        waited, "timeout" after `timeout` seconds. Only "ok" must be followed by leave()."""
+        with self._lock:
+            if self._busy < self.limit and not self._waiting:
+                self._grant(key)
+                return "ok"
+            self._seq += 1
+            waiter = _Waiter(key, self._seq)
+            self._waiting.setdefault(key, []).append(waiter)
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if waiter.granted.wait(max(0.0, min(0.1, remaining))):
+                return "ok"
+            outcome = "gone" if gone() else "timeout" if remaining <= 0.1 else ""
+            if outcome:
+                with self._lock:
+                    if waiter.granted.is_set():  # granted meanwhile: hand the slot on
+                        self._release(key)
+                    else:
+                        queue = self._waiting[key]
+                        queue.remove(waiter)
+                        if not queue:
+                            del self._waiting[key]
+                            self._forget(key)
+                return outcome
+
+    def leave(self, key: str) -> None:
+        with self._lock:
+            self._release(key)
+
+    def _grant(self, key: str) -> None:
+        self._busy += 1
+        self._inflight[key] = self._inflight.get(key, 0) + 1
+        self._turn += 1
+        self._served[key] = self._turn
+
+    def _release(self, key: str) -> None:
+        self._busy -= 1
+        self._inflight[key] -= 1
+        if not self._inflight[key]:
+            del self._inflight[key]
+        self._forget(key)
+        while self._busy < self.limit and self._waiting:
+            if self.fair:
+                chosen = min(self._waiting, key=lambda k: (self._inflight.get(k, 0),
+                                                           self._served.get(k, 0)))
+            else:
+                chosen = min(self._waiting, key=lambda k: self._waiting[k][0].seq)
+            queue = self._waiting[chosen]
+            waiter = queue.pop(0)
+            if not queue:
+                del self._waiting[chosen]
+            self._grant(chosen)
+            waiter.granted.set()
+
+    def _forget(self, key: str) -> None:
+        if key not in self._inflight and key not in self._waiting:
+            self._served.pop(key, None)  # a key with nothing going on needs no memory
+
+
+class KeySlots:
+    """Requests in flight per key, capped at MAX_CONCURRENT_PER_KEY (0: no cap, no cost)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._counts: dict[str, int] = {}
+
+    def enter(self, key: str) -> bool:
+        if not self.limit:
+            return True
+        with self._lock:
+            count = self._counts.get(key, 0)
+            if count >= self.limit:
+                return False
+            self._counts[key] = count + 1
+            return True
+
+    def leave(self, key: str) -> None:
+        if not self.limit:
+            return
+        with self._lock:
+            self._counts[key] -= 1
+            if not self._counts[key]:
+                del self._counts[key]
 
 
 @dataclass
@@ -1515,8 +1679,44 @@ class ProxyHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = f"llm_proxy/{__version__}"
     disable_nagle_algorithm = True      # headers and small SSE events must not wait for ACKs
-    timeout = KEEPALIVE_SECONDS         # idle keep-alive connections and stuck writes
     server: "ProxyServer"
+
+    def handle_one_request(self) -> None:
+        """One request on this connection, within the client timeouts.
+
+        An idle kept-alive connection waits KEEPALIVE_TIMEOUT for the next request's first
+        byte. From then on the request line and headers must all arrive within
+        CLIENT_HEADER_TIMEOUT, however slowly they trickle in (slowloris): the server's deadline
+        thread cuts the connection's reading side when the time is up.
+        """
+        config = self.server.config
+        try:
+            self.connection.settimeout(config.keepalive_timeout)
+            if not self.rfile.peek(1):
+                self.close_connection = True  # the client closed its idle connection
+                return
+            self.server.set_deadline(self, config.client_header_timeout)
+            self.raw_requestline = self.rfile.readline(config.max_header_bytes + 1)
+            if len(self.raw_requestline) > config.max_header_bytes:
+                self.requestline, self.request_version, self.command = "", "", ""
+                self.send_error(HTTPStatus.REQUEST_URI_TOO_LONG)
+                return
+            if not self.raw_requestline.endswith(b"\n"):
+                self.close_connection = True  # cut off (or cut by the deadline)
+                return
+            if not self.parse_request():
+                return
+            self.server.set_deadline(self, None)
+            self.connection.settimeout(config.keepalive_timeout)  # a write may stall this long
+            method = getattr(self, "do_" + self.command, None)
+            if method is None:
+                self.send_error(HTTPStatus.NOT_IMPLEMENTED)
+                return
+            method()
+        except (TimeoutError, socket.timeout, ConnectionError):
+            self.close_connection = True
+        finally:
+            self.server.set_deadline(self, None)
 
     # -- dispatch ---------------------------------------------------------------------------
 
@@ -1626,7 +1826,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
             return False
         self.path, self.request_version = words[1], version
         try:
-            self.headers = read_headers(self.rfile)  # type: ignore[assignment]
+            self.headers = read_headers(  # type: ignore[assignment]
+                self.rfile, self.server.config.max_header_bytes)
         except HeaderError as err:
             self.send_error(err.status)
             return False
@@ -1662,12 +1863,19 @@ class ProxyHandler(BaseHTTPRequestHandler):
             return self._send_json(HTTPStatus.OK, {"object": "list", "data": [
                 {"id": config.base_model, "object": "model", "created": 0,
                  "owned_by": "llm_proxy"}]})
-        if not is_charged(self.command, path, policy):
-            return self._forward(path, query, body, None)
-        payload = parse_json_object(body)
-        charge = self._admit(path, payload, bucket_key, policy)
-        if charge is not None:
-            self._forward(path, query, self._upstream_body(payload, body, charge), charge)
+        charged = is_charged(self.command, path, policy)
+        payload = parse_json_object(body) if charged else None
+        slots = self.server.key_slots
+        if not slots.enter(bucket_key):
+            return self._send_busy(path, payload, policy)
+        try:
+            if payload is None:
+                return self._forward(path, query, body, None)
+            charge = self._admit(path, payload, bucket_key, policy)
+            if charge is not None:
+                self._forward(path, query, self._upstream_body(payload, body, charge), charge)
+        finally:
+            slots.leave(bucket_key)
 
     def _check_model(self, body: bytes, allowed: frozenset[str]) -> None:
         """A key limited to some models gets 403 for any other (naming the allowed ones)."""
@@ -1773,7 +1981,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def _read_body(self) -> bytes:
         """The whole request body, within MAX_BODY_BYTES (decided from Content-Length before
         reading). Ambiguous framing is refused and the connection closed (request smuggling)."""
-        limit = self.server.config.max_body_bytes
+        config = self.server.config
+        limit = config.max_body_bytes
         lengths = {v.strip() for v in self.headers.get_all("Content-Length") or []}
         encoding = ",".join(self.headers.get_all("Transfer-Encoding") or []).strip().lower()
         if encoding:
@@ -1783,6 +1992,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             if encoding != "chunked":
                 raise ProxyError(HTTPStatus.BAD_REQUEST, "Unsupported Transfer-Encoding.",
                                  close=True)
+            self.server.set_deadline(self, config.client_body_timeout)
             body = self._read_chunked(limit)
         else:
             if len(lengths) > 1:
@@ -1796,9 +2006,19 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 raise ProxyError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                                  f"Request body is {length} bytes; the limit is {limit}.",
                                  code="request_too_large", close=True)
+            if length:
+                self.server.set_deadline(self, config.client_body_timeout)
             body = self._read_exactly(length)
+        self.server.set_deadline(self, None)
         self._body_consumed = True
         return body
+
+    def _cut_off(self) -> Exception:
+        """Why a body read came up short: the deadline thread (408) or the client (gone)."""
+        if self.server.deadline_passed(self):
+            return ProxyError(HTTPStatus.REQUEST_TIMEOUT, "The request body took too long to "
+                              "arrive.", close=True)
+        return ClientGone()
 
     def _read_exactly(self, length: int) -> bytes:
         try:
@@ -1807,9 +2027,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
             raise ProxyError(HTTPStatus.REQUEST_TIMEOUT, "Timed out reading the request body.",
                              close=True) from None
         except OSError:
-            raise ClientGone() from None
+            raise self._cut_off() from None
         if len(body) < length:
-            raise ClientGone()
+            raise self._cut_off()
         return body
 
     def _read_chunked(self, limit: int) -> bytes:
@@ -1817,7 +2037,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         while True:
             line = self.rfile.readline(MAX_CHUNK_LINE + 1)
             if not line:
-                raise ClientGone()
+                raise self._cut_off()
             size_text = line.split(b";", 1)[0].strip()
             if len(line) > MAX_CHUNK_LINE or not size_text or \
                     any(c not in b"0123456789abcdefABCDEF" for c in size_text):
@@ -1836,7 +2056,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         while True:  # trailers, ignored
             line = self.rfile.readline(MAX_CHUNK_LINE + 1)
             if not line:
-                raise ClientGone()
+                raise self._cut_off()
             if not line.strip():
                 return b"".join(parts)
 
@@ -1879,14 +2099,22 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self._send_json(HTTPStatus.OK, {"keys": self.server.key_report(),
                                         "buckets_held": len(self.server.store)})
 
-    def _send_limited(self, route: str, payload: dict, quota: Quota, policy: KeyPolicy) -> None:
-        headers = rate_limit_headers(quota) + retry_headers(quota.wait_seconds)
-        text = limit_message(quota.wait_seconds)
-        if policy.limit_response == "429" or route not in MESSAGE_ROUTES:
-            raise ProxyError(HTTPStatus.TOO_MANY_REQUESTS,
-                             f"Rate limit reached for this key: {text}. Please try again in "
-                             f"{math.ceil(quota.wait_seconds)}s.",
-                             type="requests", code="rate_limit_exceeded", headers=headers)
+    def _send_busy(self, route: str, payload: dict | None, policy: KeyPolicy) -> None:
+        """Over MAX_CONCURRENT_PER_KEY: answered like an empty bucket, in its own words, and
+        not charged."""
+        self._cost = 0
+        text = "too many requests at once for this key, wait for one to finish"
+        headers = [("Retry-After", "1"), ("retry-after-ms", "1000")]
+        if policy.limit_response == "429" or payload is None or route not in MESSAGE_ROUTES:
+            raise ProxyError(HTTPStatus.TOO_MANY_REQUESTS, f"Too many requests at once for this "
+                             f"key (at most {self.server.config.max_concurrent_per_key}); wait "
+                             "for one to finish.", type="requests",
+                             code="concurrency_limit_exceeded", headers=headers)
+        self._send_message(route, payload, text, headers)
+
+    def _send_message(self, route: str, payload: dict, text: str,
+                      headers: list[tuple[str, str]]) -> None:
+        """An assistant message from the proxy, in the shape the client asked for."""
         model = payload.get("model")
         options = payload.get("stream_options")
         content_type, body = limit_completion(
@@ -1895,6 +2123,16 @@ class ProxyHandler(BaseHTTPRequestHandler):
             include_usage=isinstance(options, dict) and options.get("include_usage") is True,
             created=int(time.time()))
         self._send(HTTPStatus.OK, [("Content-Type", content_type), *headers], body)
+
+    def _send_limited(self, route: str, payload: dict, quota: Quota, policy: KeyPolicy) -> None:
+        headers = rate_limit_headers(quota) + retry_headers(quota.wait_seconds)
+        text = limit_message(quota.wait_seconds)
+        if policy.limit_response == "429" or route not in MESSAGE_ROUTES:
+            raise ProxyError(HTTPStatus.TOO_MANY_REQUESTS,
+                             f"Rate limit reached for this key: {text}. Please try again in "
+                             f"{math.ceil(quota.wait_seconds)}s.",
+                             type="requests", code="rate_limit_exceeded", headers=headers)
+        self._send_message(route, payload, text, headers)
 
     def _send_json(self, status: HTTPStatus, value: object) -> None:
         self._send(status, [("Content-Type", "application/json")], json.dumps(value).encode())
@@ -1921,12 +2159,33 @@ class ProxyHandler(BaseHTTPRequestHandler):
         return headers
 
     def _forward(self, path: str, query: str, body: bytes, charge: "Charge | None") -> None:
-        """Send the request upstream and relay the answer as it arrives.
+        """Send the request upstream (after its turn in the fair queue, when there is one) and
+        relay the answer as it arrives. A request that leaves the queue is refunded whole.
 
         Refunds the charge when the upstream never answered or answered 5xx; in usage mode,
         settles it with what the response really cost, however the relay ended. Once the
         response head is out, failures close the connection (a stream gets a final error event).
         """
+        gate = self.server.gate
+        if gate is None:
+            return self._forward_now(path, query, body, charge)
+        config = self.server.config
+        outcome = gate.enter(self._bucket_key, config.upstream_queue_timeout,
+                             lambda: _peer_closed(self.connection))
+        if outcome != "ok":
+            self._refund(charge)
+            if outcome == "gone":
+                raise ClientGone()
+            raise ProxyError(HTTPStatus.SERVICE_UNAVAILABLE, "The model server is busy; this "
+                             f"request waited {_number(config.upstream_queue_timeout)} s for its "
+                             "turn. Please try again.", type="server_error", code="upstream_busy",
+                             headers=[("Retry-After", "1"), ("retry-after-ms", "1000")])
+        try:
+            self._forward_now(path, query, body, charge)
+        finally:
+            gate.leave(self._bucket_key)
+
+    def _forward_now(self, path: str, query: str, body: bytes, charge: "Charge | None") -> None:
         pool, metrics = self.server.pool, self.server.metrics
         target = pool.upstream.path_for(path, query)
         started = time.perf_counter()
@@ -2221,6 +2480,15 @@ class ProxyServer(ThreadingHTTPServer):
         self.default_policy = config.default_policy
         self.keys = load_key_ring(config)  # ConfigError for an invalid keys file
         self.metrics = Metrics()
+        self.gate = (FairGate(config.max_upstream_concurrency, config.fair_queue)
+                     if config.max_upstream_concurrency else None)
+        self.key_slots = KeySlots(config.max_concurrent_per_key)
+        self._connections = 0
+        self._connections_lock = threading.Lock()
+        self._deadlines: dict[ProxyHandler, float] = {}
+        self._expired: set[ProxyHandler] = set()
+        self._refused: list[socket.socket] = []
+        self._refused_ready = threading.Condition()
         self.pool = UpstreamPool(Upstream.from_url(config.base_api_url), config.open_timeout,
                                  config.read_timeout)
         self._log_stream = log_stream if log_stream is not None else sys.stderr
@@ -2233,9 +2501,99 @@ class ProxyServer(ThreadingHTTPServer):
         if ":" in config.host:
             self.address_family = socket.AF_INET6
         super().__init__((config.host, config.port), handler)
+        for target, name in ((self._enforce_deadlines, "deadlines"), (self._refuse, "refuse")):
+            threading.Thread(target=target, name=f"llm_proxy-{name}", daemon=True).start()
         if config.keys_file:
             threading.Thread(target=self._watch_keys_file, args=(key_check_interval,),
                              name="llm_proxy-keys", daemon=True).start()
+
+    # -- connections ------------------------------------------------------------------------
+
+    def process_request(self, request: socket.socket, client_address: object) -> None:
+        """One thread per connection, up to MAX_CONNECTIONS; past that the connection is handed
+        to the single refusing thread (a 503), so a flood cannot pile up threads."""
+        with self._connections_lock:
+            full = self._connections >= self.config.max_connections
+            if not full:
+                self._connections += 1
+        if full:
+            with self._refused_ready:
+                if len(self._refused) < LISTEN_BACKLOG:
+                    self._refused.append(request)
+                    self._refused_ready.notify()
+                    return
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._connection_done()
+            raise
+
+    def process_request_thread(self, request: socket.socket, client_address: object) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._connection_done()
+
+    def _connection_done(self) -> None:
+        with self._connections_lock:
+            self._connections -= 1
+
+    @property
+    def connections(self) -> int:
+        return self._connections
+
+    def _refuse(self) -> None:
+        """Answer connections over MAX_CONNECTIONS with a 503, one at a time: read what the
+        client sent (briefly), answer, close."""
+        body = error_body("Too many connections to the proxy. Please try again shortly.",
+                          "server_error", "too_many_connections")
+        answer = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                  b"Retry-After: 1\r\nConnection: close\r\nAccess-Control-Allow-Origin: *\r\n"
+                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        while not self._closing.is_set():
+            with self._refused_ready:
+                while not self._refused and not self._closing.is_set():
+                    self._refused_ready.wait(1.0)
+                if not self._refused:
+                    return
+                sock = self._refused.pop(0)
+            try:
+                sock.settimeout(0.5)
+                sock.recv(65536)
+                sock.sendall(answer)
+            except OSError:
+                pass  # the client is gone or too slow: it is closed either way
+            self.shutdown_request(sock)
+
+    # -- client deadlines -------------------------------------------------------------------
+
+    def set_deadline(self, handler: "ProxyHandler", seconds: float | None) -> None:
+        """From now, `handler` has `seconds` to finish reading (None: no deadline)."""
+        if seconds is None:
+            self._deadlines.pop(handler, None)
+            self._expired.discard(handler)
+        else:
+            self._deadlines[handler] = time.monotonic() + seconds
+            self._expired.discard(handler)
+
+    def deadline_passed(self, handler: "ProxyHandler") -> bool:
+        return handler in self._expired
+
+    def _enforce_deadlines(self) -> None:
+        """Cut the reading side of connections whose client is too slow: the blocked read
+        returns at once and the handler answers 408 or closes."""
+        while not self._closing.wait(DEADLINE_CHECK_SECONDS):
+            now = time.monotonic()
+            for handler, deadline in list(self._deadlines.items()):
+                if deadline <= now and self._deadlines.get(handler) == deadline:
+                    self._deadlines.pop(handler, None)
+                    self._expired.add(handler)
+                    try:
+                        handler.connection.shutdown(socket.SHUT_RD)
+                    except OSError:
+                        pass  # already closed
 
     # -- logs -------------------------------------------------------------------------------
 
@@ -2363,6 +2721,8 @@ class ProxyServer(ThreadingHTTPServer):
     def server_close(self) -> None:
         self._closing.set()
         self._reload_now.set()
+        with self._refused_ready:
+            self._refused_ready.notify_all()
         super().server_close()
         self.pool.close()
 
