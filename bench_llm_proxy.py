@@ -59,6 +59,9 @@ def _event(index: int) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
+SERVED: dict[str, int] = {}  # requests answered per model: reliability_llm_proxy.py reads it
+
+
 async def _serve_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     try:
         while True:
@@ -66,6 +69,17 @@ async def _serve_client(reader: asyncio.StreamReader, writer: asyncio.StreamWrit
             headers = head.decode("latin-1").lower()
             match = re.search(r"content-length: *(\d+)", headers)
             body = await reader.readexactly(int(match.group(1))) if match else b""
+            if head.startswith(b"GET /v1/_served "):
+                count = json.dumps(SERVED).encode()
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (len(count), count))
+                continue
+            model = re.search(rb'"model"\s*:\s*"([^"]*)"', body)
+            name = model.group(1).decode("latin-1") if model else ""
+            SERVED[name] = SERVED.get(name, 0) + 1
+            delay = re.search(r"x-bench-delay-ms: *([\d.]+)", headers)
+            if delay:
+                await asyncio.sleep(float(delay.group(1)) / 1000)
             if not re.search(rb'"stream"\s*:\s*true', body):
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
                              b"Content-Length: %d\r\n\r\n%s" % (len(ANSWER), ANSWER))
