@@ -1862,6 +1862,31 @@ class HardeningTests(ProxyTestCase):
         self.assertNotIn("Traceback", self.log.getvalue())
 
 
+    def test_upstream_faults_leave_nothing_behind(self):
+        self.restart(read_timeout=0.5)
+        self.chat()
+        self.assertTrue(self.log.wait_for(lambda text: " cost=1 " in text))
+        threads, fds = threading.active_count(), open_fds()
+        outcomes = {}
+        for scenario, stream in (("hang", False), ("stall", True), ("reset", True),
+                                 ("close", False), ("garbage", False), ("html-500", False),
+                                 ("status-503", False)):
+            status, _, body = self.chat(stream=stream, headers={"X-Fake-Scenario": scenario})
+            outcomes[scenario] = status
+            if stream:
+                self.assertIn(b'data: {"error": {', body)
+        self.assertEqual(outcomes, {"hang": 504, "stall": 200, "reset": 200, "close": 502,
+                                    "garbage": 200, "html-500": 500, "status-503": 503})
+        self.upstream.stop.set()  # let the fake's own stuck handlers go
+        self.assertTrue(wait_until(lambda: threading.active_count() <= threads),
+                        threading.enumerate())
+        self.assertTrue(wait_until(lambda: open_fds() <= fds))
+        # charged: the first request, the two streams that started, the garbage 200
+        self.assertEqual(self.remaining(), 6)
+        self.assertEqual(self.chat()[0], 200)
+        self.assertNotIn("Traceback", self.log.getvalue())
+
+
 class FairQueueTests(ProxyTestCase):
     """MAX_UPSTREAM_CONCURRENCY: a fair queue in front of a small upstream."""
 
