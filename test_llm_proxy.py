@@ -1871,7 +1871,8 @@ class HardeningTests(ProxyTestCase):
         for scenario, stream in (("hang", False), ("stall", True), ("reset", True),
                                  ("close", False), ("garbage", False), ("html-500", False),
                                  ("status-503", False)):
-            status, _, body = self.chat(stream=stream, headers={"X-Fake-Scenario": scenario})
+            status, _, body = self.chat(stream=stream, headers={"X-Fake-Scenario": scenario,
+                                                                "Connection": "close"})
             outcomes[scenario] = status
             if stream:
                 self.assertIn(b'data: {"error": {', body)
