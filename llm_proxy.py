@@ -1691,7 +1691,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         """
         config = self.server.config
         try:
-            self.connection.settimeout(config.keepalive_timeout)
+            if self.connection.gettimeout() != config.keepalive_timeout:  # (a syscall: once)
+                self.connection.settimeout(config.keepalive_timeout)
             if not self.rfile.peek(1):
                 self.close_connection = True  # the client closed its idle connection
                 return
@@ -1707,7 +1708,6 @@ class ProxyHandler(BaseHTTPRequestHandler):
             if not self.parse_request():
                 return
             self.server.set_deadline(self, None)
-            self.connection.settimeout(config.keepalive_timeout)  # a write may stall this long
             method = getattr(self, "do_" + self.command, None)
             if method is None:
                 self.send_error(HTTPStatus.NOT_IMPLEMENTED)

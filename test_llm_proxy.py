@@ -1693,6 +1693,14 @@ def wait_until(predicate, timeout=WAIT):
     return True
 
 
+def thread_stacks():
+    """Where every thread is, for a failure message."""
+    import traceback
+    frames = sys._current_frames()
+    return "\n".join(f"{t.name}: {''.join(traceback.format_stack(frames[t.ident], limit=4))}"
+                     for t in threading.enumerate() if t.ident in frames)
+
+
 def open_fds():
     return len(os.listdir("/proc/self/fd"))
 
@@ -1879,8 +1887,8 @@ class HardeningTests(ProxyTestCase):
         self.assertEqual(outcomes, {"hang": 504, "stall": 200, "reset": 200, "close": 502,
                                     "garbage": 200, "html-500": 500, "status-503": 503})
         self.upstream.stop.set()  # let the fake's own stuck handlers go
-        self.assertTrue(wait_until(lambda: threading.active_count() <= threads),
-                        threading.enumerate())
+        self.assertTrue(wait_until(lambda: threading.active_count() <= threads, 3 * WAIT),
+                        thread_stacks())
         self.assertTrue(wait_until(lambda: open_fds() <= fds))
         # charged: the first request, the two streams that started, the garbage 200
         self.assertEqual(self.remaining(), 6)
