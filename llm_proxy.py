@@ -36,9 +36,13 @@ How it works
     as a new one and is dropped from memory: the store only holds keys that have spent something
     recently.
 
+    Around that: named keys with their own policies from a keys file (reloaded without a
+    restart), Prometheus metrics, client timeouts and connection caps against slow or hostile
+    clients, and a fair queue in front of a small upstream (a freed slot goes to the key with
+    the fewest requests in flight).
+
 Not done here (yet)
-    Per-key policies from a keys file, metrics, fair upstream queueing with connection limits,
-    and a shared store for several instances are separate pieces of work.
+    A store shared by several proxy instances (Redis): buckets live in this process's memory.
 """
 
 from __future__ import annotations
