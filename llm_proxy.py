@@ -170,6 +170,17 @@ class ProxyError(Exception):
         return error_body(self.message, self.type, self.code, self.param)
 
 
+class StoreUnavailable(ProxyError):
+    """The shared bucket store cannot be reached and REDIS_FAILURE_MODE=closed: a 503."""
+
+    def __init__(self, retry_after: float) -> None:
+        seconds = max(1, math.ceil(retry_after))
+        super().__init__(HTTPStatus.SERVICE_UNAVAILABLE, "The rate-limit store is unreachable; "
+                         "requests are refused until it is back. Please try again shortly.",
+                         type="server_error", code="store_unavailable",
+                         headers=[("Retry-After", str(seconds))])
+
+
 class ClientGone(Exception):
     """The client closed its connection; nothing more can be sent to it."""
 
@@ -248,6 +259,14 @@ SETTINGS: tuple[Setting, ...] = (
             "1: a freed upstream slot goes to the key with the fewest in flight; 0: first come"),
     Setting("MAX_CONCURRENT_PER_KEY", "max_concurrent_per_key", "0",
             "requests one key may have in flight at once (0: unlimited)"),
+    Setting("REDIS_URL", "redis_url", "",
+            "redis://, rediss:// or unix:// URL: keep buckets in Redis/Valkey, shared by every "
+            "instance (needs the redis package)"),
+    Setting("REDIS_PREFIX", "redis_prefix", "llm_proxy:", "prefix of the proxy's Redis keys"),
+    Setting("REDIS_TIMEOUT", "redis_timeout", "0.25",
+            "seconds a request may wait for Redis before the failure mode applies"),
+    Setting("REDIS_FAILURE_MODE", "redis_failure_mode", "local",
+            "while Redis is unreachable: local (per-instance buckets) or closed (503)"),
     Setting("KEYS_FILE", "keys_file", "",
             "JSON or TOML file of named keys with their own limits; reloaded on change and SIGHUP"),
     Setting("ADMIN_API_KEY", "admin_api_key", "",
@@ -308,6 +327,13 @@ def _parse_url(name: str, raw: str) -> str:
     return url.rstrip("/")
 
 
+def _parse_redis_url(name: str, raw: str) -> str:
+    url = raw.strip()
+    if url and urllib.parse.urlsplit(url).scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(f"{name} must be a redis://, rediss:// or unix:// URL")
+    return url
+
+
 def _parse_key(name: str, raw: str) -> str:
     key = raw.strip()
     if any(not "!" <= ch <= "~" for ch in key):  # it goes into a header line as it is
@@ -349,6 +375,10 @@ class Config:
     upstream_queue_timeout: float = 60.0
     fair_queue: bool = True
     max_concurrent_per_key: int = 0
+    redis_url: str = ""
+    redis_prefix: str = "llm_proxy:"
+    redis_timeout: float = 0.25
+    redis_failure_mode: str = "local"
     keys_file: str = ""
     admin_api_key: str = ""
     log_format: str = "text"
@@ -405,6 +435,11 @@ class Config:
             fair_queue=_parse_bool("FAIR_QUEUE", raw["FAIR_QUEUE"]),
             max_concurrent_per_key=_parse_int("MAX_CONCURRENT_PER_KEY",
                                               raw["MAX_CONCURRENT_PER_KEY"], 0),
+            redis_url=_parse_redis_url("REDIS_URL", raw["REDIS_URL"]),
+            redis_prefix=raw["REDIS_PREFIX"],
+            redis_timeout=_parse_seconds("REDIS_TIMEOUT", raw["REDIS_TIMEOUT"]),
+            redis_failure_mode=_parse_choice("REDIS_FAILURE_MODE", raw["REDIS_FAILURE_MODE"],
+                                             ("local", "closed")),
             keys_file=raw["KEYS_FILE"].strip(),
             admin_api_key=_parse_key("ADMIN_API_KEY", raw["ADMIN_API_KEY"]),
             log_format=_parse_choice("LOG_FORMAT", raw["LOG_FORMAT"], ("text", "json")),
@@ -655,6 +690,9 @@ class MemoryBucketStore:
     def __len__(self) -> int:
         return len(self._buckets)
 
+    def status(self) -> dict[str, object]:
+        return {"backend": "memory"}
+
     def _load(self, key: str, policy: BucketPolicy, now: float) -> _Bucket:
         bucket = self._buckets.get(key)
         if bucket is None:
@@ -738,6 +776,198 @@ class MemoryBucketStore:
         for key in full:
             del self._buckets[key]
         self._last_sweep = now
+
+
+#: One atomic step on a bucket held in a Redis hash {t: tokens, a: anchor}, on the Redis server's
+#: clock (so instances with skewed clocks agree), with the same rules as _Bucket: refill on the
+#: bucket's grid, a full bucket is deleted (it is the same as a new one), and the hash expires
+#: when it would have refilled to full. Returns {admitted, tokens, anchor, now} as strings.
+_BUCKET_SCRIPT = """
+local op, amount = ARGV[1], tonumber(ARGV[2])
+local cap, refill, interval = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+local tokens = tonumber(redis.call('HGET', KEYS[1], 't'))
+local anchor = tonumber(redis.call('HGET', KEYS[1], 'a'))
+local existed = tokens ~= nil
+if not existed then tokens, anchor = cap, now end
+if tokens < cap then
+  local steps = math.floor((now - anchor) / interval)
+  if steps > 0 then
+    tokens = math.min(cap, tokens + steps * refill)
+    anchor = anchor + steps * interval
+  end
+end
+if tokens >= cap then tokens, anchor = cap, now end
+local admitted = 1
+if op == 'take' then
+  if tokens >= amount then tokens = tokens - amount else admitted = 0 end
+elseif op == 'settle' then
+  tokens = math.min(cap, tokens - amount)
+  if tokens >= cap then tokens, anchor = cap, now end
+end
+if tokens >= cap then
+  redis.call('DEL', KEYS[1])
+elseif op ~= 'peek' or existed then
+  redis.call('HSET', KEYS[1], 't', tokens, 'a', string.format('%.6f', anchor))
+  local full_at = anchor + math.ceil((cap - tokens) / refill) * interval
+  redis.call('PEXPIRE', KEYS[1], math.max(1, math.ceil((full_at - now) * 1000)))
+end
+return {admitted, tostring(tokens), string.format('%.6f', anchor), string.format('%.6f', now)}
+"""
+USAGE_FIELDS = ("requests", "limited_requests", "prompt_tokens", "completion_tokens",
+                "tokens_charged")
+USAGE_TTL_SECONDS = 30 * 24 * 3600
+
+
+class RedisBucketStore:
+    """The buckets in Redis or Valkey, shared by every proxy instance that points at it.
+
+    The same interface and semantics as MemoryBucketStore: take(), settle(), refund() and
+    peek() are each one atomic Lua script (loaded once, run by its digest, reloaded by redis-py
+    on NOSCRIPT) on the server's clock. Redis keys are REDIS_PREFIX plus a SHA-256 digest of
+    the bucket key, never a client key. No request waits longer than REDIS_TIMEOUT: a failure
+    marks Redis down and, with REDIS_FAILURE_MODE=local, this instance serves from its own
+    in-memory buckets (`local`) until a probe after a growing pause (0.5 s doubling to 30 s)
+    finds Redis again; with `closed`, requests get StoreUnavailable (503) meanwhile.
+    """
+
+    def __init__(self, config: Config, log: Callable[[str], None], metrics: "Metrics",
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        try:
+            import redis
+            from redis.backoff import NoBackoff
+            from redis.retry import Retry
+        except ImportError:
+            raise ConfigError("REDIS_URL needs the redis package: "
+                              "pip install 'llm-proxy[redis]'") from None
+        timeout = config.redis_timeout
+        try:
+            self._redis = redis.Redis.from_url(
+                config.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout,
+                retry=Retry(NoBackoff(), 0), retry_on_timeout=False, health_check_interval=0)
+        except ValueError:
+            raise ConfigError("REDIS_URL is not a valid Redis URL") from None
+        self._script = self._redis.register_script(_BUCKET_SCRIPT)
+        self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
+        self.local = MemoryBucketStore(clock)
+        self.prefix = config.redis_prefix
+        self.closed_mode = config.redis_failure_mode == "closed"
+        self._log = log
+        self._metrics = metrics
+        self._lock = threading.Lock()
+        self._down = False
+        self._retry_at = 0.0
+        self._pause = 0.0
+        try:
+            self._redis.ping()
+        except self._errors:
+            self._went_down("at start-up")
+
+    # -- the store interface ----------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self.local)  # buckets in Redis are counted by Redis, not here
+
+    def status(self) -> dict[str, object]:
+        return {"backend": "redis", "reachable": not self._down,
+                "failure_mode": "closed" if self.closed_mode else "local"}
+
+    def take(self, key: str, cost: int, policy: BucketPolicy) -> Quota:
+        return self._either(lambda: self._bucket("take", key, cost, policy),
+                            lambda: self.local.take(key, cost, policy))
+
+    def settle(self, key: str, delta: int, policy: BucketPolicy) -> Quota:
+        return self._either(lambda: self._bucket("settle", key, delta, policy),
+                            lambda: self.local.settle(key, delta, policy))
+
+    def refund(self, key: str, amount: int, policy: BucketPolicy) -> Quota:
+        return self.settle(key, -amount, policy)
+
+    def peek(self, key: str, policy: BucketPolicy) -> Quota:
+        return self._either(lambda: self._bucket("peek", key, 0, policy),
+                            lambda: self.local.peek(key, policy))
+
+    def record(self, key: str, *, requests: int = 0, limited: int = 0, prompt: int = 0,
+               completion: int = 0, charged: int = 0) -> None:
+        values = dict(zip(USAGE_FIELDS, (requests, limited, prompt, completion, charged)))
+
+        def remote() -> None:
+            pipe = self._redis.pipeline(transaction=False)
+            name = self._name("u:", key)
+            for field, value in values.items():
+                if value:
+                    pipe.hincrby(name, field, value)
+            pipe.expire(name, USAGE_TTL_SECONDS)
+            pipe.execute()
+        self._either(remote, lambda: self.local.record(
+            key, requests=requests, limited=limited, prompt=prompt, completion=completion,
+            charged=charged))
+
+    def usage(self, key: str) -> dict[str, int]:
+        def remote() -> dict[str, int]:
+            found = self._redis.hgetall(self._name("u:", key))
+            return {f: int(found.get(f.encode(), 0)) for f in USAGE_FIELDS}
+        return self._either(remote, lambda: self.local.usage(key))
+
+    # -- Redis, and what to do without it ---------------------------------------------------
+
+    def _name(self, kind: str, key: str) -> str:
+        return f"{self.prefix}{kind}{key_digest(key)}"
+
+    def _bucket(self, op: str, key: str, amount: int, policy: BucketPolicy) -> Quota:
+        admitted, tokens, anchor, now = self._script(
+            keys=[self._name("b:", key)],
+            args=[op, amount, policy.capacity, policy.refill_tokens, policy.refill_interval])
+        bucket = _Bucket(int(float(tokens)), float(anchor), policy)
+        return bucket.quota(bool(int(admitted)), amount if op == "take" else 0, float(now))
+
+    def _either(self, remote: Callable[[], object], local: Callable[[], object]) -> object:
+        """Redis when it is up (or due for a probe by this request), else the failure mode."""
+        probing = False
+        if self._down:
+            with self._lock:
+                probing = time.monotonic() >= self._retry_at
+                if probing:  # one request probes; the others carry on without waiting
+                    self._retry_at = time.monotonic() + max(self._pause, 0.5)
+            if not probing:
+                return self._without_redis(local)
+        try:
+            result = remote()
+        except self._errors:
+            self._went_down("")
+            return self._without_redis(local)
+        if probing:
+            with self._lock:
+                self._down, self._pause = False, 0.0
+            self._log("Redis is reachable again: buckets are shared again")
+        return result
+
+    def _without_redis(self, local: Callable[[], object]) -> object:
+        if self.closed_mode:
+            raise StoreUnavailable(self._retry_at - time.monotonic())
+        return local()
+
+    def _went_down(self, when: str) -> None:
+        with self._lock:
+            first = not self._down
+            self._down = True
+            self._pause = min(30.0, max(0.5, self._pause * 2))
+            self._retry_at = time.monotonic() + self._pause
+        if first:  # one warning per outage
+            self._metrics.inc("llm_proxy_store_outages_total")
+            mode = ("requests get 503 until it is back" if self.closed_mode else
+                    "serving from this instance's own buckets until it is back")
+            self._log(f"warning: Redis is unreachable{' ' + when if when else ''}: {mode}")
+
+
+def make_store(config: Config, log: Callable[[str], None], metrics: "Metrics",
+               clock: Callable[[], float] = time.monotonic
+               ) -> "MemoryBucketStore | RedisBucketStore":
+    """The in-memory store, or the Redis one when REDIS_URL is set."""
+    if config.redis_url:
+        return RedisBucketStore(config, log, metrics, clock)
+    return MemoryBucketStore(clock)
 
 
 # ################################################################## cost estimation ####
@@ -1239,6 +1469,8 @@ class Metrics:
         "llm_proxy_tokens_charged_total": ("counter", "Tokens taken from buckets (after refunds and settlement)."),
         "llm_proxy_upstream_errors_total": ("counter", "Upstream failures by kind: refused, timeout, 5xx, invalid, broken."),
         "llm_proxy_key_reloads_total": ("counter", "Keys file reloads by result."),
+        "llm_proxy_store_outages_total": ("counter", "Times the shared Redis store became unreachable."),
+        "llm_proxy_store_up": ("gauge", "1 while the bucket store is reachable (always 1 in memory)."),
         "llm_proxy_requests_in_flight": ("gauge", "Requests being handled now."),
         "llm_proxy_buckets": ("gauge", "Buckets held in memory (keys that are not full)."),
         "llm_proxy_keys": ("gauge", "Keys accepted (keys file and PROXY_API_KEYS)."),
@@ -2082,6 +2314,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 "refill_interval_seconds": policy.refill_interval,
             }
             answer["usage"] = self.server.store.usage(bucket_key)
+        answer["store"] = self.server.store.status()
         self._send_json(HTTPStatus.OK, answer)
 
     def _admin(self, path: str) -> None:
@@ -2101,7 +2334,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
             return self._send(HTTPStatus.OK, [
                 ("Content-Type", "text/plain; version=0.0.4; charset=utf-8")], body)
         self._send_json(HTTPStatus.OK, {"keys": self.server.key_report(),
-                                        "buckets_held": len(self.server.store)})
+                                        "buckets_held": len(self.server.store),
+                                        "store": self.server.store.status()})
 
     def _send_busy(self, route: str, payload: dict | None, policy: KeyPolicy) -> None:
         """Over MAX_CONCURRENT_PER_KEY: answered like an empty bucket, in its own words, and
@@ -2260,8 +2494,12 @@ class ProxyHandler(BaseHTTPRequestHandler):
             return
         prompt, completion, total = charge.meter.cost(charge.prompt_estimate)
         store = self.server.store
-        quota = store.settle(charge.key, total - self._cost, charge.policy)
-        store.record(charge.key, prompt=prompt, completion=completion)
+        try:
+            quota = store.settle(charge.key, total - self._cost, charge.policy)
+            store.record(charge.key, prompt=prompt, completion=completion)
+        except StoreUnavailable:
+            self._note = "not settled: the store is unreachable"
+            return
         self._cost, self._remaining = total, quota.remaining
 
     def _exchange(self, pool: UpstreamPool, target: str, headers: dict[str, str],
@@ -2417,7 +2655,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
             ("status", f"{self._status // 100}xx")))
         if self._cost:
             server.metrics.inc("llm_proxy_tokens_charged_total", (("key", key),), self._cost)
-            server.store.record(self._bucket_key or "-", charged=self._cost)
+            try:
+                server.store.record(self._bucket_key or "-", charged=self._cost)
+            except StoreUnavailable:
+                pass  # closed mode during an outage: the counters miss this one
         server.log_access(
             client=_loggable(self.client_address[0]), key=self._label,
             method=_loggable(self.command or "-"), path=_loggable(self._route or "-"),
@@ -2475,15 +2716,20 @@ class ProxyServer(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = LISTEN_BACKLOG
 
-    def __init__(self, config: Config, *, store: MemoryBucketStore | None = None,
+    def __init__(self, config: Config, *,
+                 store: "MemoryBucketStore | RedisBucketStore | None" = None,
                  clock: Callable[[], float] = time.monotonic,
                  log_stream: object = None, handler: type = ProxyHandler,
                  key_check_interval: float = 1.0) -> None:
         self.config = config
-        self.store = store if store is not None else MemoryBucketStore(clock)
+        self._log_stream = log_stream if log_stream is not None else sys.stderr
+        self._log_lock = threading.Lock()
+        self._stamp_second, self._stamp = -1, ""
+        self.metrics = Metrics()
         self.default_policy = config.default_policy
         self.keys = load_key_ring(config)  # ConfigError for an invalid keys file
-        self.metrics = Metrics()
+        self.store = store if store is not None else make_store(config, self.log, self.metrics,
+                                                                clock)
         self.gate = (FairGate(config.max_upstream_concurrency, config.fair_queue)
                      if config.max_upstream_concurrency else None)
         self.key_slots = KeySlots(config.max_concurrent_per_key)
@@ -2495,9 +2741,6 @@ class ProxyServer(ThreadingHTTPServer):
         self._refused_ready = threading.Condition()
         self.pool = UpstreamPool(Upstream.from_url(config.base_api_url), config.open_timeout,
                                  config.read_timeout)
-        self._log_stream = log_stream if log_stream is not None else sys.stderr
-        self._log_lock = threading.Lock()
-        self._stamp_second, self._stamp = -1, ""
         self._inflight = 0
         self._idle = threading.Condition()
         self._closing = threading.Event()
@@ -2693,7 +2936,9 @@ class ProxyServer(ThreadingHTTPServer):
             inflight = self._inflight
         return self.metrics.render({"llm_proxy_requests_in_flight": inflight,
                                     "llm_proxy_buckets": len(self.store),
-                                    "llm_proxy_keys": len(self.keys)})
+                                    "llm_proxy_keys": len(self.keys),
+                                    "llm_proxy_store_up": 1 if self.store.status().get(
+                                        "reachable", True) else 0})
 
     def handle_error(self, request: object, client_address: object) -> None:
         """socketserver prints a traceback here; log one line instead. A client resetting its
@@ -2757,7 +3002,9 @@ def describe(config: Config, server: ProxyServer) -> list[str]:
         + (f", model rewritten to {config.base_model}" if config.base_model else ""),
         f"buckets: {config.max_tokens} tokens, +{config.refill_tokens} every "
         f"{_number(config.refill_interval_seconds)} s; cost: {mode}; limit answer: "
-        f"{config.limit_response}; keys: "
+        f"{config.limit_response}; store: "
+        + (f"redis (prefix {config.redis_prefix}, failure mode {config.redis_failure_mode})"
+           if config.redis_url else "memory") + "; keys: "
         + (f"{len(server.keys)} accepted" if server.keys else "any (open)")
         + (f" (keys file {config.keys_file}, reloaded on change and SIGHUP)"
            if config.keys_file else ""),

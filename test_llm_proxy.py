@@ -1311,7 +1311,7 @@ class LocalRouteTests(ProxyTestCase):
             "limit": 10, "remaining": 10, "reset_seconds": 0, "refill_tokens": 2,
             "refill_interval_seconds": 300.0}, "usage": {
             "requests": 0, "limited_requests": 0, "prompt_tokens": 0, "completion_tokens": 0,
-            "tokens_charged": 0}})
+            "tokens_charged": 0}, "store": {"backend": "memory"}})
         self.assertEqual(len(self.proxy.store), 0)
         self.chat()
         quota = json.loads(self.request("GET", "/health")[2])["quota"]
@@ -1320,7 +1320,8 @@ class LocalRouteTests(ProxyTestCase):
 
     def test_health_with_required_keys(self):
         self.restart(proxy_api_keys=("good",))
-        self.assertEqual(json.loads(self.request("GET", "/health", key=None)[2]), {"ok": True})
+        self.assertEqual(json.loads(self.request("GET", "/health", key=None)[2]),
+                         {"ok": True, "store": {"backend": "memory"}})
         self.assertEqual(self.request("GET", "/health", key="bad")[0], 401)
         self.assertIn("quota", json.loads(self.request("GET", "/health", key="good")[2]))
 
