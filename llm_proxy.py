@@ -2299,21 +2299,25 @@ class ProxyHandler(BaseHTTPRequestHandler):
     # -- local answers ----------------------------------------------------------------------
 
     def _health(self) -> None:
-        """{"ok": true, "quota": …} for the caller's bucket, without creating one. A caller
-        without a key gets only {"ok": true} when keys are required (a liveness probe)."""
+        """{"ok": true, "quota": …, "usage": …, "store": …} for the caller's bucket, without
+        creating one. A caller without a key gets no quota when keys are required (a liveness
+        probe). "ok" is false while requests are refused for want of the store (closed mode)."""
         answer: dict[str, object] = {"ok": True}
         token = bearer_token(self.headers.get("Authorization"))
-        if token or not self.server.keys:
-            bucket_key, key_policy = self._authenticate()
-            policy = key_policy.bucket
-            quota = self.server.store.peek(bucket_key, policy)
-            answer["quota"] = {
-                "limit": quota.limit, "remaining": quota.remaining,
-                "reset_seconds": math.ceil(quota.reset_seconds),
-                "refill_tokens": policy.refill_tokens,
-                "refill_interval_seconds": policy.refill_interval,
-            }
-            answer["usage"] = self.server.store.usage(bucket_key)
+        try:
+            if token or not self.server.keys:
+                bucket_key, key_policy = self._authenticate()
+                policy = key_policy.bucket
+                quota = self.server.store.peek(bucket_key, policy)
+                answer["quota"] = {
+                    "limit": quota.limit, "remaining": quota.remaining,
+                    "reset_seconds": math.ceil(quota.reset_seconds),
+                    "refill_tokens": policy.refill_tokens,
+                    "refill_interval_seconds": policy.refill_interval,
+                }
+                answer["usage"] = self.server.store.usage(bucket_key)
+        except StoreUnavailable:
+            answer["ok"] = False
         answer["store"] = self.server.store.status()
         self._send_json(HTTPStatus.OK, answer)
 
