@@ -337,6 +337,49 @@ def bench_keys(up_port: int, requests: int) -> list[tuple[str, str, str, str]]:
     return rows
 
 
+# ########################################################################### redis ####
+
+def bench_redis(up_port: int, requests: int, seconds: int) -> list[tuple[str, str, str, str]]:
+    """Added latency of the Redis store against the in-memory one, with a local redis-server,
+    at concurrency 1 and 64."""
+    server = shutil.which("redis-server")
+    if server is None:
+        return [("redis-server is not installed: no Redis figures", "", "", "")]
+    redis_port = free_port()
+    redis_proc = subprocess.Popen([server, "--port", str(redis_port), "--bind", "127.0.0.1",
+                                   "--save", "", "--appendonly", "no"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rows = []
+    env = {"HOST": "127.0.0.1", "BASE_API_URL": f"http://127.0.0.1:{up_port}/v1",
+           "MAX_TOKENS": "1000000000", "REFILL_TOKENS": "1000000000"}
+    ports = free_port(), free_port()
+    time.sleep(0.5)
+    procs = [start([sys.executable, os.path.join(HERE, "llm_proxy.py")],
+                   {**env, "PORT": str(port), **extra}, "listening on", "stderr")
+             for port, extra in zip(ports, ({}, {"REDIS_URL": f"redis://127.0.0.1:{redis_port}/0"}))]
+    try:
+        latency_c1(ports[0], 200), latency_c1(ports[1], 200)
+        memory, redis = [], []
+        for _ in range(5):
+            memory += latency_c1(ports[0], requests // 5)
+            redis += latency_c1(ports[1], requests // 5)
+        for q in (50, 99):
+            rows.append((f"c=1, p{q} (ms)", f"{pct(memory, q):.3f}", f"{pct(redis, q):.3f}",
+                         f"{pct(redis, q) - pct(memory, q):+.3f}"))
+        load = load_wrk if shutil.which("wrk") else load_threads
+        m64, r64 = load(ports[0], seconds, 64), load(ports[1], seconds, 64)
+        for q in ("p50", "p99"):
+            rows.append((f"c=64, {q} (ms)", f"{m64[q]:.2f}", f"{r64[q]:.2f}",
+                         f"{float(r64[q]) - float(m64[q]):+.2f}"))
+        rows.append(("c=64, requests/s", f"{m64['rps']:.0f}", f"{r64['rps']:.0f}", ""))
+        rows.append(("c=64, errors", str(m64["errors"]), str(r64["errors"]), ""))
+    finally:
+        for proc in (*procs, redis_proc):
+            proc.terminate()
+            proc.wait(30)
+    return rows
+
+
 # ############################################################################# run ####
 
 def start(command: list[str], env: dict[str, str], ready: str, stream: str) -> subprocess.Popen:
@@ -358,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a short smoke run")
     parser.add_argument("--keys", action="store_true",
                         help="only the keys-file figures (10,000 keys against 1, reloads)")
+    parser.add_argument("--redis", action="store_true",
+                        help="only the Redis store against the in-memory one")
     parser.add_argument("--serve-upstream", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_upstream:
@@ -370,11 +415,16 @@ def main(argv: list[str] | None = None) -> int:
                      "stdout")
     try:
         print(f"\nllm_proxy benchmark: Python {sys.version.split()[0]}, {os.cpu_count()} CPUs")
-        if not args.keys:
+        everything = not (args.keys or args.redis)
+        if everything:
             rows, tool = proxy_rows(up_port, requests, seconds, firsts, args.quick)
             print_table(f"load at concurrency 64: {tool}", ("direct", "proxy"), rows)
-        print_table("keys file", ("1 key / quiet", "10,000 keys / reloading"),
-                    bench_keys(up_port, requests))
+        if everything or args.keys:
+            print_table("keys file", ("1 key / quiet", "10,000 keys / reloading"),
+                        bench_keys(up_port, requests))
+        if everything or args.redis:
+            print_table("bucket store", ("memory", "redis"),
+                        bench_redis(up_port, requests, seconds))
     finally:
         upstream.terminate()
         upstream.wait(30)

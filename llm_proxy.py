@@ -708,7 +708,8 @@ class MemoryBucketStore:
             self._buckets[key] = bucket
 
     def take(self, key: str, cost: int, policy: BucketPolicy) -> Quota:
-        """Spend `cost` tokens if the bucket holds them; say how it stands either way."""
+        """Spend `cost` tokens if the bucket holds them; say how it stands either way. The
+        key's counters (requests, limited requests, tokens charged) move with it."""
         with self._lock:
             now = self._clock()
             if now - self._last_sweep >= SWEEP_EVERY_SECONDS:
@@ -718,10 +719,13 @@ class MemoryBucketStore:
             if admitted:
                 bucket.tokens -= cost
                 self._store(key, bucket)
+            self._count(key, 1, 0 if admitted else 1, 0, 0, cost if admitted else 0)
             return bucket.quota(admitted, cost, now)
 
-    def settle(self, key: str, delta: int, policy: BucketPolicy) -> Quota:
-        """Charge `delta` more tokens once a request's real cost is known, or give back -delta.
+    def settle(self, key: str, delta: int, policy: BucketPolicy, *, prompt: int = 0,
+               completion: int = 0) -> Quota:
+        """Charge `delta` more tokens once a request's real cost is known, or give back -delta
+        (and count the prompt and completion tokens it used).
 
         Unlike take(), this may leave the balance below zero (a debt): the request was already
         served. Later refills pay the debt first. A refund never fills a bucket beyond full.
@@ -732,6 +736,7 @@ class MemoryBucketStore:
             bucket.tokens = min(policy.capacity, bucket.tokens - delta)
             bucket.refill(now)
             self._store(key, bucket)
+            self._count(key, 0, 0, prompt, completion, delta)
             return bucket.quota(True, 0, now)
 
     def refund(self, key: str, amount: int, policy: BucketPolicy) -> Quota:
@@ -742,15 +747,15 @@ class MemoryBucketStore:
                completion: int = 0, charged: int = 0) -> None:
         """Add to the key's usage counters (the most recently used MAX_TRACKED_KEYS are kept)."""
         with self._lock:
-            counters = self._usage.pop(key, None) or [0, 0, 0, 0, 0]
-            counters[0] += requests
-            counters[1] += limited
-            counters[2] += prompt
-            counters[3] += completion
-            counters[4] += charged
-            self._usage[key] = counters
-            if len(self._usage) > MAX_TRACKED_KEYS:
-                del self._usage[next(iter(self._usage))]
+            self._count(key, requests, limited, prompt, completion, charged)
+
+    def _count(self, key: str, *values: int) -> None:
+        counters = self._usage.pop(key, None) or [0, 0, 0, 0, 0]
+        for index, value in enumerate(values):
+            counters[index] += value
+        self._usage[key] = counters
+        if len(self._usage) > MAX_TRACKED_KEYS:
+            del self._usage[next(iter(self._usage))]
 
     def usage(self, key: str) -> dict[str, int]:
         with self._lock:
@@ -781,10 +786,12 @@ class MemoryBucketStore:
 #: One atomic step on a bucket held in a Redis hash {t: tokens, a: anchor}, on the Redis server's
 #: clock (so instances with skewed clocks agree), with the same rules as _Bucket: refill on the
 #: bucket's grid, a full bucket is deleted (it is the same as a new one), and the hash expires
-#: when it would have refilled to full. Returns {admitted, tokens, anchor, now} as strings.
+#: when it would have refilled to full. The key's usage counters (a second hash) move in the same
+#: step, so a request costs one round trip. Returns {admitted, tokens, anchor, now} as strings.
 _BUCKET_SCRIPT = """
 local op, amount = ARGV[1], tonumber(ARGV[2])
 local cap, refill, interval = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local prompt, completion, usage_ttl = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
 local tokens = tonumber(redis.call('HGET', KEYS[1], 't'))
@@ -812,6 +819,20 @@ elseif op ~= 'peek' or existed then
   redis.call('HSET', KEYS[1], 't', tokens, 'a', string.format('%.6f', anchor))
   local full_at = anchor + math.ceil((cap - tokens) / refill) * interval
   redis.call('PEXPIRE', KEYS[1], math.max(1, math.ceil((full_at - now) * 1000)))
+end
+if op == 'take' then
+  redis.call('HINCRBY', KEYS[2], 'requests', 1)
+  if admitted == 1 then
+    redis.call('HINCRBY', KEYS[2], 'tokens_charged', amount)
+  else
+    redis.call('HINCRBY', KEYS[2], 'limited_requests', 1)
+  end
+  redis.call('EXPIRE', KEYS[2], usage_ttl)
+elseif op == 'settle' then
+  redis.call('HINCRBY', KEYS[2], 'tokens_charged', amount)
+  if prompt > 0 then redis.call('HINCRBY', KEYS[2], 'prompt_tokens', prompt) end
+  if completion > 0 then redis.call('HINCRBY', KEYS[2], 'completion_tokens', completion) end
+  redis.call('EXPIRE', KEYS[2], usage_ttl)
 end
 return {admitted, tostring(tokens), string.format('%.6f', anchor), string.format('%.6f', now)}
 """
@@ -877,9 +898,12 @@ class RedisBucketStore:
         return self._either(lambda: self._bucket("take", key, cost, policy),
                             lambda: self.local.take(key, cost, policy))
 
-    def settle(self, key: str, delta: int, policy: BucketPolicy) -> Quota:
-        return self._either(lambda: self._bucket("settle", key, delta, policy),
-                            lambda: self.local.settle(key, delta, policy))
+    def settle(self, key: str, delta: int, policy: BucketPolicy, *, prompt: int = 0,
+               completion: int = 0) -> Quota:
+        return self._either(lambda: self._bucket("settle", key, delta, policy, prompt,
+                                                 completion),
+                            lambda: self.local.settle(key, delta, policy, prompt=prompt,
+                                                      completion=completion))
 
     def refund(self, key: str, amount: int, policy: BucketPolicy) -> Quota:
         return self.settle(key, -amount, policy)
@@ -913,12 +937,15 @@ class RedisBucketStore:
     # -- Redis, and what to do without it ---------------------------------------------------
 
     def _name(self, kind: str, key: str) -> str:
-        return f"{self.prefix}{kind}{key_digest(key)}"
+        # the digest in braces is a hash tag: both of a key's hashes land on one Cluster slot
+        return f"{self.prefix}{kind}{{{key_digest(key)}}}"
 
-    def _bucket(self, op: str, key: str, amount: int, policy: BucketPolicy) -> Quota:
+    def _bucket(self, op: str, key: str, amount: int, policy: BucketPolicy, prompt: int = 0,
+                completion: int = 0) -> Quota:
         admitted, tokens, anchor, now = self._script(
-            keys=[self._name("b:", key)],
-            args=[op, amount, policy.capacity, policy.refill_tokens, policy.refill_interval])
+            keys=[self._name("b:", key), self._name("u:", key)],
+            args=[op, amount, policy.capacity, policy.refill_tokens, policy.refill_interval,
+                  prompt, completion, USAGE_TTL_SECONDS])
         bucket = _Bucket(int(float(tokens)), float(anchor), policy)
         return bucket.quota(bool(int(admitted)), amount if op == "take" else 0, float(now))
 
@@ -2143,12 +2170,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self._remaining = quota.remaining
         if not quota.admitted:
             self._cost = 0
-            store.record(bucket_key, requests=1, limited=1)
             self.server.metrics.inc("llm_proxy_limited_requests_total",
                                     (("key", self.server.metrics.key(self._label)),))
             self._send_limited(route, payload, quota, policy)
             return None
-        store.record(bucket_key, requests=1)
         charge = Charge(bucket_key, bucket, quota)
         if policy.token_cost_mode == "usage":
             charge.prompt_estimate = prompt_estimate(payload)
@@ -2499,8 +2524,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         prompt, completion, total = charge.meter.cost(charge.prompt_estimate)
         store = self.server.store
         try:
-            quota = store.settle(charge.key, total - self._cost, charge.policy)
-            store.record(charge.key, prompt=prompt, completion=completion)
+            quota = store.settle(charge.key, total - self._cost, charge.policy, prompt=prompt,
+                                 completion=completion)
         except StoreUnavailable:
             self._note = "not settled: the store is unreachable"
             return
@@ -2659,10 +2684,6 @@ class ProxyHandler(BaseHTTPRequestHandler):
             ("status", f"{self._status // 100}xx")))
         if self._cost:
             server.metrics.inc("llm_proxy_tokens_charged_total", (("key", key),), self._cost)
-            try:
-                server.store.record(self._bucket_key or "-", charged=self._cost)
-            except StoreUnavailable:
-                pass  # closed mode during an outage: the counters miss this one
         server.log_access(
             client=_loggable(self.client_address[0]), key=self._label,
             method=_loggable(self.command or "-"), path=_loggable(self._route or "-"),

@@ -695,10 +695,12 @@ class RedisBucketTests(BucketContract, unittest.TestCase):
 
     def test_keys_are_digests_and_expire_when_full_again(self):
         self.store.take("key:sk-secret-client-key", 3, self.policy)
-        names = [n.decode() for n in self.client.scan_iter("*")]
-        self.assertEqual(names, ["llm_proxy:b:" + llm_proxy.key_digest("key:sk-secret-client-key")])
+        names = sorted(n.decode() for n in self.client.scan_iter("*"))
+        digest = llm_proxy.key_digest("key:sk-secret-client-key")
+        self.assertEqual(names, [f"llm_proxy:b:{{{digest}}}", f"llm_proxy:u:{{{digest}}}"])
         # 7 of 10: two refills (600 s) bring it back to full, and then it is not needed
         self.assertAlmostEqual(self.client.pttl(names[0]) / 1000, 600, delta=1)
+        self.assertEqual(self.client.hget(names[1], "tokens_charged"), b"3")
         self.assertNotIn(b"sk-secret", b" ".join(self.client.keys("*")))
 
     def test_script_reloaded_after_script_flush(self):
