@@ -41,8 +41,8 @@ How it works
     clients, and a fair queue in front of a small upstream (a freed slot goes to the key with
     the fewest requests in flight).
 
-Not done here (yet)
-    A store shared by several proxy instances (Redis): buckets live in this process's memory.
+    Buckets live in this process's memory, or, with REDIS_URL, in Redis/Valkey shared by several
+    instances (the redis package is imported only then; the proxy stays standard-library only).
 """
 
 from __future__ import annotations
