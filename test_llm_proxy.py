@@ -703,6 +703,14 @@ class RedisBucketTests(BucketContract, unittest.TestCase):
         self.assertEqual(self.client.hget(names[1], "tokens_charged"), b"3")
         self.assertNotIn(b"sk-secret", b" ".join(self.client.keys("*")))
 
+    def test_time_comes_from_the_redis_server(self):
+        skewed = llm_proxy.RedisBucketStore(Config(redis_url=self.redis.url), self.log.write,
+                                            llm_proxy.Metrics(), clock=FakeClock(now=-1e9))
+        skewed.take("k", 10, self.policy)            # an instance whose clock is far off
+        quota = self.store.take("k", 1, self.policy)  # and one whose clock is right
+        self.assertFalse(quota.admitted)
+        self.assertSeconds(quota.wait_seconds, 300)  # both measured on the server's clock
+
     def test_script_reloaded_after_script_flush(self):
         self.store.take("k", 1, self.policy)
         self.client.script_flush()  # NOSCRIPT on the next call: loaded again
