@@ -76,7 +76,8 @@ __version__ = "0.1.0"
 __all__ = [
     "Config", "ConfigError", "ProxyError", "BucketPolicy", "Quota", "MemoryBucketStore",
     "estimate_cost", "prompt_estimate", "request_cost", "UsageMeter", "normalize_path",
-    "read_headers", "ProxyHandler", "ProxyServer", "main",
+    "read_headers", "KeyPolicy", "KeyRing", "load_key_ring", "Metrics", "FairGate",
+    "RedisBucketStore", "ProxyHandler", "ProxyServer", "main",
 ]
 
 
