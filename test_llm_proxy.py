@@ -781,7 +781,8 @@ class RedisProxyTests(ProxyTestCase):
         finally:
             self.redis.start()
         self.assertEqual(self.log.getvalue().count("Redis is unreachable"), 1)  # once an outage
-        # the local bucket goes on 7, 6, ...; Redis still holds 9, so 8 means Redis is back
+        # the local bucket goes on 7, 6, ... and never shows 8 again; the restarted Redis (no
+        # persistence) starts from a full bucket, 9 then 8: an 8 means Redis is in use again
         self.assertTrue(wait_until(
             lambda: self.chat(proxy=proxy)[1]["x-ratelimit-remaining"] == "8", timeout=3 * WAIT))
         self.assertIn("reachable again", self.log.getvalue())
