@@ -665,18 +665,24 @@ class RedisServer:
         return redis_py.Redis(port=self.port, socket_timeout=WAIT)
 
 
-@unittest.skipIf(NO_REDIS, NO_REDIS)
-class RedisBucketTests(BucketContract, unittest.TestCase):
-    """The same contract against the Redis store (time is Redis's own: advance() moves every
-    bucket's grid back instead)."""
+class WithRedis:
+    """One redis-server for the test class."""
 
     @classmethod
     def setUpClass(cls):
+        super().setUpClass()
         cls.redis = RedisServer()
 
     @classmethod
     def tearDownClass(cls):
         cls.redis.close()
+        super().tearDownClass()
+
+
+@unittest.skipIf(NO_REDIS, NO_REDIS)
+class RedisBucketTests(WithRedis, BucketContract, unittest.TestCase):
+    """The same contract against the Redis store (time is Redis's own: advance() moves every
+    bucket's grid back instead)."""
 
     def setUp(self):
         self.client = self.redis.client()
@@ -718,16 +724,8 @@ class RedisBucketTests(BucketContract, unittest.TestCase):
 
 
 @unittest.skipIf(NO_REDIS, NO_REDIS)
-class RedisProxyTests(ProxyTestCase):
+class RedisProxyTests(WithRedis, ProxyTestCase):
     """Several proxy instances sharing one Redis, and Redis going away."""
-
-    @classmethod
-    def setUpClass(cls):
-        cls.redis = RedisServer()
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.redis.close()
 
     def setUp(self):
         super().setUp()
