@@ -1403,6 +1403,13 @@ def normalize_path(target: str) -> tuple[str, str]:
     return "/" + "/".join(segments), query
 
 
+def _json_or_none(body: bytes) -> object:
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+
+
 def parse_json_object(body: bytes) -> dict:
     """The body of a charged request: a JSON object, or ProxyError(400)."""
     try:
@@ -1429,9 +1436,9 @@ def key_digest(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
 
 
-def key_label(key: str) -> str:
-    """How a client key appears in logs: a short hash, never the key."""
-    return key_digest(key)[:10]
+def short_hash(digest: str) -> str:
+    """How a key without a name appears in logs and metrics: a short hash, never the key."""
+    return digest[:10]
 
 
 class KeyRing:
@@ -1469,9 +1476,6 @@ class KeyRing:
             if hmac.compare_digest(candidate, digest):
                 found = policy
         return found
-
-    def accepts(self, key: str) -> bool:
-        return self.lookup(key) is not None
 
 
 # ######################################################################### metrics ####
@@ -2121,14 +2125,14 @@ class ProxyHandler(BaseHTTPRequestHandler):
                              code="unknown_url")
         bucket_key, policy = self._authenticate()
         body = self._read_body()
+        charged = is_charged(self.command, path, policy)
+        payload = parse_json_object(body) if charged else None
         if policy.models is not None and self.command == "POST":
-            self._check_model(body, policy.models)
+            self._check_model(payload if charged else _json_or_none(body), policy.models)
         if path == "/v1/models" and self.command == "GET" and config.base_model:
             return self._send_json(HTTPStatus.OK, {"object": "list", "data": [
                 {"id": config.base_model, "object": "model", "created": 0,
                  "owned_by": "llm_proxy"}]})
-        charged = is_charged(self.command, path, policy)
-        payload = parse_json_object(body) if charged else None
         slots = self.server.key_slots
         if not slots.enter(bucket_key):
             return self._send_busy(path, payload, policy)
@@ -2141,12 +2145,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         finally:
             slots.leave(bucket_key)
 
-    def _check_model(self, body: bytes, allowed: frozenset[str]) -> None:
+    def _check_model(self, payload: object, allowed: frozenset[str]) -> None:
         """A key limited to some models gets 403 for any other (naming the allowed ones)."""
-        try:
-            payload = json.loads(body)
-        except (ValueError, RecursionError):
-            return  # not JSON: a charged route refuses it with 400 next
         model = payload.get("model") if isinstance(payload, dict) else None
         if model not in allowed:
             raise ProxyError(HTTPStatus.FORBIDDEN,
@@ -2218,7 +2218,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 raise ProxyError(HTTPStatus.UNAUTHORIZED, "Incorrect API key provided.",
                                  code="invalid_api_key")
             policy = self.server.default_policy
-        self._label = policy.name or digest[:10]
+        self._label = policy.name or short_hash(digest)
         self._bucket_key = "key:" + digest
         if policy.disabled:
             raise ProxyError(HTTPStatus.UNAUTHORIZED, "This API key has been disabled.",
@@ -2947,7 +2947,7 @@ class ProxyServer(ThreadingHTTPServer):
         for digest, policy in self.keys.entries:
             quota = self.store.peek("key:" + digest, policy.bucket)
             report.append({
-                "name": policy.name or digest[:10], "disabled": policy.disabled,
+                "name": policy.name or short_hash(digest), "disabled": policy.disabled,
                 "limit": quota.limit, "balance": quota.remaining,
                 "next_refill_seconds": math.ceil(quota.reset_seconds),
                 "refill_tokens": policy.bucket.refill_tokens,
