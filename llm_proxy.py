@@ -48,6 +48,8 @@ How it works
 from __future__ import annotations
 
 import argparse
+import bisect
+import functools
 import hashlib
 import hmac
 import http.client
@@ -61,6 +63,7 @@ import select
 import signal
 import socket
 import ssl
+import struct
 import sys
 import threading
 import time
@@ -129,6 +132,8 @@ CORS_HEADERS = (
 SDK_MAX_RETRY_AFTER = 120
 
 READ_CHUNK = 64 * 1024
+READ_BUFFER = 16 * 1024             # an upstream connection's read buffer
+CLIENT_READ_BUFFER = 16 * 1024
 MAX_CHUNK_LINE = 1024
 MAX_HEADER_BYTES = 64 * 1024  # upstream response heads
 MAX_HEADER_LINES = 200
@@ -1333,6 +1338,9 @@ class Headers:
 
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 section 5.6.2
 _FORBIDDEN_IN_VALUE = re.compile(rb"[\x00\r\n]")
+_FIELD = r"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\x00\r\n]*)\r\n"
+_HEADER_FIELD = re.compile(_FIELD)
+_HEADER_BLOCK = re.compile(f"(?:{_FIELD})*")
 
 
 class HeaderError(Exception):
@@ -1350,6 +1358,9 @@ def read_headers(fp: object, max_bytes: int = MAX_HEADER_BYTES) -> Headers:
     without a colon, whitespace before the colon or obsolete line folding (ambiguous framing is
     how requests are smuggled), and EOFError when the stream ends first.
     """
+    fast = _read_header_block(fp, max_bytes)
+    if fast is not None:
+        return fast
     items: list[tuple[str, str]] = []
     budget = max_bytes
     readline = fp.readline  # type: ignore[attr-defined]
@@ -1372,6 +1383,33 @@ def read_headers(fp: object, max_bytes: int = MAX_HEADER_BYTES) -> Headers:
         items.append((name.decode("latin-1"), value.decode("latin-1")))
 
 
+def _read_header_block(fp: object, max_bytes: int) -> Headers | None:
+    """The fast path of read_headers: a well-formed block already in fp's buffer, parsed with
+    one regular expression instead of line by line. None (nothing consumed) for anything else,
+    which read_headers then reads line by line and accepts or refuses as the rules say."""
+    peek = getattr(fp, "peek", None)
+    if peek is None:
+        return None
+    data = peek(max_bytes)
+    end = data.find(b"\r\n\r\n", 0, max_bytes)
+    if data[:2] == b"\r\n":
+        end = -2
+    elif end < 0:
+        return None
+    block = data[:end + 2].decode("latin-1")
+    if not _HEADER_BLOCK.fullmatch(block):
+        return None
+    items = [(name, value.rstrip(" \t")) for name, value in _HEADER_FIELD.findall(block)]
+    if len(items) >= MAX_HEADER_LINES or end + 4 > max_bytes:
+        return None  # let the slow path raise the error
+    fp.read(end + 4)  # type: ignore[attr-defined]
+    return Headers(items)
+
+
+_BAD_PATH_CHAR = re.compile(r"[\x00-\x1f\x7f\\]")
+_BAD_QUERY_CHAR = re.compile(r"[\x00-\x20\x7f]")
+
+
 def normalize_path(target: str) -> tuple[str, str]:
     """Split a request target into (normalised path, raw query).
 
@@ -1391,7 +1429,7 @@ def normalize_path(target: str) -> tuple[str, str]:
         decoded = urllib.parse.unquote(path, errors="strict")
     except UnicodeDecodeError:
         raise ProxyError(HTTPStatus.BAD_REQUEST, "Invalid percent-encoding in path.") from None
-    if any(ch < " " or ch in "\x7f\\" for ch in decoded) or any(ch <= " " for ch in query):
+    if _BAD_PATH_CHAR.search(decoded) or _BAD_QUERY_CHAR.search(query):
         raise ProxyError(HTTPStatus.BAD_REQUEST, "Invalid character in request target.")
     segments: list[str] = []
     for segment in decoded.split("/"):
@@ -1531,12 +1569,24 @@ class Metrics:
             series = self._counters.setdefault(name, {})
             series[labels] = series.get(labels, 0) + value
 
-    def observe(self, name: str, seconds: float) -> None:
+    def count_request(self, label: str, route: str, status: int, cost: int | None) -> None:
+        """A request answered: llm_proxy_requests_total and the tokens charged, in one go."""
+        key = self.key(label)
+        labels = (("key", key), ("route", route_label(route)), ("status", f"{status // 100}xx"))
         with self._lock:
-            counts = self._histograms.setdefault(name, [0.0] * (len(self.BUCKETS) + 2))
-            for index, bound in enumerate(self.BUCKETS):
-                if seconds <= bound:
-                    counts[index] += 1
+            series = self._counters.setdefault("llm_proxy_requests_total", {})
+            series[labels] = series.get(labels, 0) + 1
+            if cost:
+                series = self._counters.setdefault("llm_proxy_tokens_charged_total", {})
+                series[labels[:1]] = series.get(labels[:1], 0) + cost
+
+    def observe(self, name: str, seconds: float) -> None:
+        index = bisect.bisect_left(self.BUCKETS, seconds)  # the first bound >= seconds
+        with self._lock:
+            counts = self._histograms.get(name)
+            if counts is None:
+                counts = self._histograms[name] = [0.0] * (len(self.BUCKETS) + 3)
+            counts[index] += 1  # (index len(BUCKETS): above every bound)
             counts[-2] += seconds
             counts[-1] += 1
 
@@ -1553,9 +1603,11 @@ class Metrics:
                 for labels, value in sorted(counters.get(name, {}).items()):
                     lines.append(f"{name}{_labels(labels)} {_number(value)}")
             else:
-                counts = histograms.get(name, [0.0] * (len(self.BUCKETS) + 2))
+                counts = histograms.get(name, [0.0] * (len(self.BUCKETS) + 3))
+                cumulative = 0.0
                 for bound, count in zip(self.BUCKETS, counts):
-                    lines.append(f'{name}_bucket{{le="{bound}"}} {_number(count)}')
+                    cumulative += count
+                    lines.append(f'{name}_bucket{{le="{bound}"}} {_number(cumulative)}')
                 lines.append(f'{name}_bucket{{le="+Inf"}} {_number(counts[-1])}')
                 lines.append(f"{name}_sum {counts[-2]!r}")
                 lines.append(f"{name}_count {_number(counts[-1])}")
@@ -1588,32 +1640,26 @@ class Upstream:
         port = parts.port or (443 if parts.scheme == "https" else 80)
         return cls(parts.scheme, parts.hostname or "", port, parts.path.rstrip("/"))
 
+    @property
+    def host_header(self) -> str:
+        """The Host header http.client would send: IPv6 in brackets, the port unless default."""
+        try:
+            host = self.host.encode("ascii").decode()
+        except UnicodeEncodeError:
+            host = self.host.encode("idna").decode()
+        if ":" in host:
+            host = f"[{host}]"
+        default = 443 if self.scheme == "https" else 80
+        return host if self.port == default else f"{host}:{self.port}"
+
     def path_for(self, path: str, query: str) -> str:
         """The upstream target for a normalised /v1 path: the base URL's path replaces /v1."""
-        tail = path[len(API_PREFIX):]
-        quoted = urllib.parse.quote(self.base_path + tail, safe="/:@!$&'()*+,;=-._~")
+        quoted = _quoted_path(self.base_path + path[len(API_PREFIX):])
         return quoted + ("?" + query if query else "")
 
 
-class _OneSend:
-    """Send a request's head and body in one write: one syscall and, for small bodies, one
-    packet instead of two (http.client writes them separately). Header lines are added without
-    http.client's validation: every value was checked when it was parsed (read_headers) or
-    configured (Config)."""
-
-    _buffer: list[bytes]
-
-    def putheader(self, header: str, *values: str) -> None:
-        self._buffer.append(f"{header}: {', '.join(values)}".encode("latin-1"))
-
-    def _send_output(self, message_body: object = None, encode_chunked: bool = False) -> None:
-        if isinstance(message_body, bytes) and not encode_chunked:
-            self._buffer.extend((b"", b""))
-            message = b"\r\n".join(self._buffer) + message_body
-            del self._buffer[:]
-            self.send(message)  # type: ignore[attr-defined]
-            return
-        super()._send_output(message_body, encode_chunked)  # type: ignore[misc]
+_CONTINUE = HTTPStatus.CONTINUE
+_NO_BODY_STATUSES = frozenset({HTTPStatus.NO_CONTENT, HTTPStatus.NOT_MODIFIED})
 
 
 class _UpstreamResponse(http.client.HTTPResponse):
@@ -1625,7 +1671,7 @@ class _UpstreamResponse(http.client.HTTPResponse):
             return
         while True:
             version, status, reason = self._read_status()  # type: ignore[attr-defined]
-            if status != HTTPStatus.CONTINUE:
+            if status != _CONTINUE:
                 break
             self._headers_or_error()
         self.code = self.status = status
@@ -1645,7 +1691,7 @@ class _UpstreamResponse(http.client.HTTPResponse):
         length = self.headers.get("Content-Length")
         if length and not self.chunked and length.strip().isdigit():
             self.length = int(length)
-        if status in (HTTPStatus.NO_CONTENT, HTTPStatus.NOT_MODIFIED) or 100 <= status < 200 \
+        if status in _NO_BODY_STATUSES or 100 <= status < 200 \
                 or self._method == "HEAD":  # type: ignore[attr-defined]
             self.length = 0
         if not self.will_close and not self.chunked and self.length is None:
@@ -1658,12 +1704,89 @@ class _UpstreamResponse(http.client.HTTPResponse):
             raise http.client.HTTPException(str(err)) from None
 
 
-class _HTTPConnection(_OneSend, http.client.HTTPConnection):
-    response_class = _UpstreamResponse
+class SocketReader(io.RawIOBase):
+    """The raw reading side of a socket, for a BufferedReader, with a timeout that raises
+    TimeoutError. socket.makefile's SocketIO does the same with more checks per read, and
+    with a socket-level timeout, which CPython enforces by polling before every recv and
+    send: two system calls and two hand-offs of the GIL per operation, where a kernel timeout
+    (set_io_timeout) needs one. Closing it leaves the socket open."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__()
+        self._recv_into = sock.recv_into
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: object) -> int:  # type: ignore[override]
+        try:
+            return self._recv_into(buffer)
+        except (BlockingIOError, ssl.SSLWantReadError):  # the kernel's receive timeout
+            raise TimeoutError("timed out") from None
 
 
-class _HTTPSConnection(_OneSend, http.client.HTTPSConnection):
-    response_class = _UpstreamResponse
+_TIMEVAL = struct.Struct("@ll")  # struct timeval on Linux
+
+
+def set_io_timeout(sock: socket.socket, seconds: float) -> None:
+    """Give a blocking socket's reads and writes a time limit. On Linux the limit is the
+    kernel's (SO_RCVTIMEO, SO_SNDTIMEO): an expired read raises TimeoutError through
+    SocketReader, an expired write BlockingIOError (an OSError). Elsewhere it is Python's
+    socket timeout, which raises TimeoutError for both."""
+    if not sys.platform.startswith("linux"):
+        sock.settimeout(seconds)
+        return
+    sock.settimeout(None)
+    whole = int(seconds)
+    timeval = _TIMEVAL.pack(whole, int((seconds - whole) * 1_000_000))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+
+
+@functools.lru_cache(maxsize=1024)
+def _quoted_path(path: str) -> str:
+    return urllib.parse.quote(path, safe="/:@!$&'()*+,;=-._~")
+
+
+class _ConnectionReader(io.BufferedReader):
+    """The buffered reader of one upstream connection, kept for the connection's life.
+    http.client makes a new one for every response (and closes it at the response's end),
+    which costs as much as the rest of reading a small response; close() is therefore a no-op
+    and release() the real close, called when the connection closes (the socket is closed
+    separately)."""
+
+    def close(self) -> None:
+        pass
+
+    def release(self) -> None:
+        super().close()
+
+
+class _Connection:
+    """What the pool holds of an upstream connection: http.client makes it (connect timeout,
+    TCP_NODELAY, TLS with certificate checks); requests are written here in one send (head and
+    body together, one packet for small bodies) and answers are read by _UpstreamResponse,
+    that is http.client's framing, from the connection's own reader."""
+
+    __slots__ = ("sock", "reader")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.reader = _ConnectionReader(SocketReader(sock), READ_BUFFER)
+
+    def makefile(self, mode: str = "rb") -> _ConnectionReader:
+        """HTTPResponse(sock) reads from sock.makefile(): the connection's one reader."""
+        return self.reader
+
+    def send_request(self, head: str, body: bytes) -> "_UpstreamResponse":
+        """Send a request whose head (request line and headers, without the empty line that
+        ends them) is `head`; the response object that will read its answer."""
+        self.sock.sendall(head.encode("latin-1") + b"\r\n\r\n" + body)
+        return _UpstreamResponse(self, method=head.partition(" ")[0])  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        self.reader.release()
+        self.sock.close()
 
 
 class UpstreamPool:
@@ -1674,16 +1797,18 @@ class UpstreamPool:
     """
 
     def __init__(self, upstream: Upstream, open_timeout: float, read_timeout: float,
-                 max_idle: int = POOL_MAX_IDLE) -> None:
+                 max_idle: int = POOL_MAX_IDLE, api_key: str = "") -> None:
         self.upstream = upstream
         self.open_timeout = open_timeout
         self.read_timeout = read_timeout
         self.max_idle = max_idle
-        self._idle: list[http.client.HTTPConnection] = []
+        self._idle: list[_Connection] = []
         self._lock = threading.Lock()
         self._ssl = ssl.create_default_context() if upstream.scheme == "https" else None
+        self.host_line = f"Host: {upstream.host_header}"
+        self.authorization_line = f"Authorization: Bearer {api_key}" if api_key else ""
 
-    def acquire(self) -> tuple[http.client.HTTPConnection, bool]:
+    def acquire(self) -> tuple[_Connection, bool]:
         """An idle connection may have been closed by the upstream meanwhile; the caller finds
         out when the request fails before any answer, and retries once on a new connection."""
         with self._lock:
@@ -1692,28 +1817,29 @@ class UpstreamPool:
             return self._connect(), False
         return conn, True
 
-    def _connect(self) -> http.client.HTTPConnection:
+    def _connect(self) -> _Connection:
         u = self.upstream
         if self._ssl is not None:
-            conn: http.client.HTTPConnection = _HTTPSConnection(
+            maker: http.client.HTTPConnection = http.client.HTTPSConnection(
                 u.host, u.port, timeout=self.open_timeout, context=self._ssl)
         else:
-            conn = _HTTPConnection(u.host, u.port, timeout=self.open_timeout)
+            maker = http.client.HTTPConnection(u.host, u.port, timeout=self.open_timeout)
         try:
-            conn.connect()
+            maker.connect()  # sets TCP_NODELAY; checks the certificate
         except (socket.timeout, TimeoutError):
-            conn.close()
+            maker.close()
             raise ProxyError(HTTPStatus.GATEWAY_TIMEOUT, "The upstream server did not accept "
                              "the connection in time.", type="server_error",
                              code="upstream_timeout") from None
         except OSError:
-            conn.close()
+            maker.close()
             raise ProxyError(HTTPStatus.BAD_GATEWAY, "The upstream server could not be reached.",
                              type="server_error", code="upstream_unreachable") from None
-        conn.sock.settimeout(self.read_timeout)  # http.client has set TCP_NODELAY already
-        return conn
+        sock, maker.sock = maker.sock, None
+        set_io_timeout(sock, self.read_timeout)
+        return _Connection(sock)
 
-    def release(self, conn: http.client.HTTPConnection) -> None:
+    def release(self, conn: _Connection) -> None:
         with self._lock:
             if len(self._idle) < self.max_idle:
                 self._idle.append(conn)
@@ -1949,6 +2075,14 @@ class ProxyHandler(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True      # headers and small SSE events must not wait for ACKs
     server: "ProxyServer"
 
+    def setup(self) -> None:
+        """The connection's reader and writer (StreamRequestHandler's), reading through
+        SocketReader, with KEEPALIVE_TIMEOUT as the limit of any one read or write."""
+        super().setup()
+        self.rfile.close()  # socketserver's; the socket stays open
+        self.rfile = io.BufferedReader(SocketReader(self.connection), CLIENT_READ_BUFFER)
+        set_io_timeout(self.connection, self.server.config.keepalive_timeout)
+
     def handle_one_request(self) -> None:
         """One request on this connection, within the client timeouts.
 
@@ -1959,8 +2093,6 @@ class ProxyHandler(BaseHTTPRequestHandler):
         """
         config = self.server.config
         try:
-            if self.connection.gettimeout() != config.keepalive_timeout:  # (a syscall: once)
-                self.connection.settimeout(config.keepalive_timeout)
             if not self.rfile.peek(1):
                 self.close_connection = True  # the client closed its idle connection
                 return
@@ -2407,24 +2539,31 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     # -- forwarding -------------------------------------------------------------------------
 
-    def _upstream_headers(self, body: bytes) -> dict[str, str]:
-        connection_named = {t.strip().lower() for v in self.headers.get_all("Connection") or []
-                            for t in v.split(",")}
-        headers: dict[str, str] = {}
-        for name, value in self.headers.items():
+    def _upstream_head(self, target: str, body: bytes) -> str:
+        """The upstream request's line and headers: the client's end-to-end headers (repeats
+        joined), with Host, the upstream key, X-Forwarded-For and Content-Length set here.
+        Every value was checked when it was parsed (read_headers) or configured (Config)."""
+        headers = self.headers
+        connection_named = {t.strip().lower() for v in headers.get_all("Connection", ())
+                            for t in v.split(",")} if "connection" in headers else ()
+        forwarded: dict[str, str] = {}
+        for name, value in headers.items():
             lower = name.lower()
             if lower in NOT_FORWARDED_UP or lower in connection_named:
                 continue
-            headers[name] = f"{headers[name]}, {value}" if name in headers else value
-        forwarded = ", ".join(self.headers.get_all("X-Forwarded-For") or [])
+            forwarded[name] = f"{forwarded[name]}, {value}" if name in forwarded else value
+        pool = self.server.pool
+        lines = [f"{self.command} {target} HTTP/1.1", pool.host_line,
+                 "Accept-Encoding: identity", *[f"{n}: {v}" for n, v in forwarded.items()]]
+        previous = ", ".join(headers.get_all("X-Forwarded-For", ()))
         peer = self.client_address[0]
-        headers["X-Forwarded-For"] = f"{forwarded}, {peer}" if forwarded else peer
-        key = self.server.config.base_api_key
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
+        lines.append(f"X-Forwarded-For: {previous}, {peer}" if previous else
+                     f"X-Forwarded-For: {peer}")
+        if pool.authorization_line:
+            lines.append(pool.authorization_line)
         if body or self.command in ("POST", "PUT", "PATCH"):
-            headers["Content-Length"] = str(len(body))
-        return headers
+            lines.append(f"Content-Length: {len(body)}")
+        return "\r\n".join(lines)
 
     def _forward(self, path: str, query: str, body: bytes, charge: "Charge | None") -> None:
         """Send the request upstream (after its turn in the fair queue, when there is one) and
@@ -2458,7 +2597,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         target = pool.upstream.path_for(path, query)
         started = time.perf_counter()
         try:
-            conn, resp = self._exchange(pool, target, self._upstream_headers(body), body)
+            conn, resp = self._exchange(pool, target, body)
         except ProxyError as err:
             kind = {"upstream_timeout": "timeout", "upstream_unreachable": "refused"}
             metrics.inc("llm_proxy_upstream_errors_total",
@@ -2475,7 +2614,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 if refused is not None:  # asked again without them: relay that answer instead
                     self._done_with(pool, conn, resp, keep=True)
                     body, charge.fallback_body = refused, None
-                    conn, resp = self._exchange(pool, target, self._upstream_headers(body), body)
+                    conn, resp = self._exchange(pool, target, body)
             if resp.status >= 500:
                 self._refund(charge)
             keep = self._relay(resp, conn.sock, charge)
@@ -2489,7 +2628,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 self._settle(charge)
 
     @staticmethod
-    def _done_with(pool: UpstreamPool, conn: http.client.HTTPConnection,
+    def _done_with(pool: UpstreamPool, conn: _Connection,
                    resp: http.client.HTTPResponse, keep: bool) -> None:
         if keep and resp.isclosed() and not resp.will_close:
             pool.release(conn)
@@ -2532,16 +2671,18 @@ class ProxyHandler(BaseHTTPRequestHandler):
             return
         self._cost, self._remaining = total, quota.remaining
 
-    def _exchange(self, pool: UpstreamPool, target: str, headers: dict[str, str],
-                  body: bytes) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+    def _exchange(self, pool: UpstreamPool, target: str,
+                  body: bytes) -> tuple[_Connection, "_UpstreamResponse"]:
         """Send the request and read the response head. A reused connection that the upstream
         had closed meanwhile fails before any byte comes back; that one is retried on a new one."""
+        head = self._upstream_head(target, body)
         for attempt in (1, 2):
             conn, reused = pool.acquire()
             try:
-                conn.request(self.command, target, body=body if body else None, headers=headers)
+                resp = conn.send_request(head, body)
                 wait_readable(conn.sock, self.connection, pool.read_timeout)
-                return conn, conn.getresponse()
+                resp.begin()
+                return conn, resp
             except (ConnectionResetError, BrokenPipeError, http.client.RemoteDisconnected):
                 conn.close()
                 if reused and attempt == 1:
@@ -2549,8 +2690,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 raise ProxyError(HTTPStatus.BAD_GATEWAY, "The upstream server closed the "
                                  "connection without answering.", type="server_error",
                                  code="upstream_unreachable") from None
-            except (UpstreamTimeout, socket.timeout, TimeoutError):
-                conn.close()
+            except (UpstreamTimeout, TimeoutError, BlockingIOError, ssl.SSLWantWriteError):
+                conn.close()  # (BlockingIOError, SSLWantWriteError: the kernel's send timeout)
                 raise ProxyError(HTTPStatus.GATEWAY_TIMEOUT, "The upstream server did not answer "
                                  "in time.", type="server_error", code="upstream_timeout") from None
             except ClientGone:
@@ -2567,7 +2708,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         """Relay status, headers and body. Returns True when the body was relayed whole."""
         headers = _response_headers(resp, charge.quota if charge is not None else None)
         meter = charge.meter if charge is not None else None
-        no_body = resp.status in (HTTPStatus.NO_CONTENT, HTTPStatus.NOT_MODIFIED) or \
+        no_body = resp.status in _NO_BODY_STATUSES or \
             self.command == "HEAD"
         length = None if resp.chunked or (meter is not None and meter.strip) else resp.length
         chunked = length is None and not no_body and self.request_version == "HTTP/1.1"
@@ -2679,12 +2820,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             return
         elapsed = (time.perf_counter() - self._started) * 1000
         server = self.server
-        key = server.metrics.key(self._label)
-        server.metrics.inc("llm_proxy_requests_total", (
-            ("key", key), ("route", route_label(self._route)),
-            ("status", f"{self._status // 100}xx")))
-        if self._cost:
-            server.metrics.inc("llm_proxy_tokens_charged_total", (("key", key),), self._cost)
+        server.metrics.count_request(self._label, self._route, self._status, self._cost)
         server.log_access(
             client=_loggable(self.client_address[0]), key=self._label,
             method=_loggable(self.command or "-"), path=_loggable(self._route or "-"),
@@ -2766,7 +2902,7 @@ class ProxyServer(ThreadingHTTPServer):
         self._refused: list[socket.socket] = []
         self._refused_ready = threading.Condition()
         self.pool = UpstreamPool(Upstream.from_url(config.base_api_url), config.open_timeout,
-                                 config.read_timeout)
+                                 config.read_timeout, api_key=config.base_api_key)
         self._inflight = 0
         self._idle = threading.Condition()
         self._closing = threading.Event()
