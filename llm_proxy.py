@@ -1721,7 +1721,7 @@ class SocketReader(io.RawIOBase):
     def readinto(self, buffer: object) -> int:  # type: ignore[override]
         try:
             return self._recv_into(buffer)
-        except (BlockingIOError, ssl.SSLWantReadError):  # the kernel's receive timeout
+        except BlockingIOError:  # the kernel's receive timeout
             raise TimeoutError("timed out") from None
 
 
@@ -1729,11 +1729,12 @@ _TIMEVAL = struct.Struct("@ll")  # struct timeval on Linux
 
 
 def set_io_timeout(sock: socket.socket, seconds: float) -> None:
-    """Give a blocking socket's reads and writes a time limit. On Linux the limit is the
-    kernel's (SO_RCVTIMEO, SO_SNDTIMEO): an expired read raises TimeoutError through
-    SocketReader, an expired write BlockingIOError (an OSError). Elsewhere it is Python's
-    socket timeout, which raises TimeoutError for both."""
-    if not sys.platform.startswith("linux"):
+    """Give a socket's reads and writes a time limit. For a plain socket on Linux the limit is
+    the kernel's (SO_RCVTIMEO, SO_SNDTIMEO): an expired read raises TimeoutError through
+    SocketReader, an expired write BlockingIOError (an OSError). Elsewhere, and for TLS (whose
+    blocking reads would retry after the kernel's timeout), it is Python's socket timeout,
+    which raises TimeoutError for both."""
+    if isinstance(sock, ssl.SSLSocket) or not sys.platform.startswith("linux"):
         sock.settimeout(seconds)
         return
     sock.settimeout(None)
@@ -2690,8 +2691,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 raise ProxyError(HTTPStatus.BAD_GATEWAY, "The upstream server closed the "
                                  "connection without answering.", type="server_error",
                                  code="upstream_unreachable") from None
-            except (UpstreamTimeout, TimeoutError, BlockingIOError, ssl.SSLWantWriteError):
-                conn.close()  # (BlockingIOError, SSLWantWriteError: the kernel's send timeout)
+            except (UpstreamTimeout, TimeoutError, BlockingIOError):
+                conn.close()  # (BlockingIOError: the kernel's send timeout)
                 raise ProxyError(HTTPStatus.GATEWAY_TIMEOUT, "The upstream server did not answer "
                                  "in time.", type="server_error", code="upstream_timeout") from None
             except ClientGone:

@@ -19,6 +19,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -26,6 +27,7 @@ import tempfile
 import threading
 import time
 import unittest
+import unittest.mock
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -53,13 +55,38 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 UPSTREAM_KEY = "sk-upstream-SECRET-0123456789"
 CLIENT_KEY = "sk-client-SECRET-abcdef"
 WAIT = 10  # seconds any blocking wait in a test may take before the test fails
+#: A self-signed certificate for localhost and 127.0.0.1 (valid until 2126) and its key, for
+#: the fake upstream's TLS tests. Made with: openssl req -x509 -newkey ec -pkeyopt
+#: ec_paramgen_curve:prime256v1 -nodes -days 36500 -subj /CN=localhost
+#: -addext subjectAltName=DNS:localhost,IP:127.0.0.1
+TLS_CERT = """\
+-----BEGIN CERTIFICATE-----
+MIIBnDCCAUGgAwIBAgIUehfT799Yxjon5UGatClbZ+NsS4UwCgYIKoZIzj0EAwIw
+FDESMBAGA1UEAwwJbG9jYWxob3N0MCAXDTI2MTEyMzA0NTAwOVoYDzIxMjYxMDMw
+MDQ1MDA5WjAUMRIwEAYDVQQDDAlsb2NhbGhvc3QwWTATBgcqhkjOPQIBBggqhkjO
+PQMBBwNCAASrPcYsL+u6WeYlnCf9SwGpGEp3l1BkHXTnro2L2f+owyOxPW67bA3l
+tfb5u0WUDQRv5Ry9biEAJX1vQgAxMEuLo28wbTAdBgNVHQ4EFgQURSWTs4LEhg6I
+jy/RKyzPRaFq4MUwHwYDVR0jBBgwFoAURSWTs4LEhg6Ijy/RKyzPRaFq4MUwDwYD
+VR0TAQH/BAUwAwEB/zAaBgNVHREEEzARgglsb2NhbGhvc3SHBH8AAAEwCgYIKoZI
+zj0EAwIDSQAwRgIhAMvlXZzw+DrN7nYgZFl2UYH1JOPV7bVrNC2u52nrjk5eAiEA
+sEH/OIDp4MljFKTkHHcEioE0vxIxTtvHq9X8VOtIzmk=
+-----END CERTIFICATE-----
+"""
+TLS_KEY = """\
+-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgqAv2/Zjt0+uj9Nmy
+TeHOV9rXWaKibGEX24SH+/XyV4GhRANCAASrPcYsL+u6WeYlnCf9SwGpGEp3l1Bk
+HXTnro2L2f+owyOxPW67bA3ltfb5u0WUDQRv5Ry9biEAJX1vQgAxMEuL
+-----END PRIVATE KEY-----
+"""
 
 
 # ################################################################### fake upstream ####
 
 class FakeUpstreamHandler(BaseHTTPRequestHandler):
     """An OpenAI-compatible server. The X-Fake-Scenario request header picks a behaviour:
-    faults (hang, close, status-N, html-500, gate, gate2, stall, reset, endless) and the usage
+    faults (hang, close, status-N, html-500, gate, gate2, stall, stall-body, reset, endless) and
+    the usage
     habits of real servers (no-usage, ollama, llamacpp, reject-stream-options)."""
 
     protocol_version = "HTTP/1.1"
@@ -95,6 +122,15 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
                               [("Retry-After", "7")])
         if scenario == "html-500":
             return self._send(500, b"<html>oops</html>", [("Content-Type", "text/html")])
+        if scenario == "stall-body":  # a head and part of the body, then nothing
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", "100")
+            self.end_headers()
+            self.wfile.write(b'{"id": "chatcmpl-x", ')
+            server.stop.wait(WAIT * 3)
+            self.close_connection = True
+            return
         if scenario == "garbage":
             return self._send(200, b'{"id": "chatcmpl-x", "choices": [', [
                 ("Content-Type", "application/json")])
@@ -1040,6 +1076,61 @@ class ForwardingTests(ProxyTestCase):
         self.assertEqual(self.upstream.requests[0][3], body)
 
 
+class TlsUpstreamTests(ProxyTestCase):
+    """An https upstream: certificate checked, keep-alive, streaming and timeouts over TLS.
+    The proxy trusts the test certificate the way an operator would have it trust a private
+    CA: SSL_CERT_FILE."""
+
+    def setUp(self):
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        self.cert, key = os.path.join(folder, "cert.pem"), os.path.join(folder, "key.pem")
+        for path, text in ((self.cert, TLS_CERT), (key, TLS_KEY)):
+            with open(path, "w") as f:
+                f.write(text)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(self.cert, key)
+        self.upstream = FakeUpstream()
+        self.upstream.socket = context.wrap_socket(self.upstream.socket, server_side=True)
+        self._serve(self.upstream)
+        self.addCleanup(self.upstream.stop.set)
+        self.clock = FakeClock()
+        self.log = LogCapture()
+        self.proxy = self.start_proxy()
+
+    def start_proxy(self, trusted=True, **settings):
+        settings.setdefault("base_api_url", f"https://localhost:{self.upstream.server_address[1]}/v1")
+        with unittest.mock.patch.dict(os.environ, {"SSL_CERT_FILE": self.cert} if trusted else {}):
+            return super().start_proxy(**settings)
+
+    def test_chat_and_stream_over_one_kept_alive_connection(self):
+        status, headers, body = self.chat()
+        self.assertEqual(status, 200)
+        self.assertEqual(json.loads(body)["object"], "chat.completion")
+        self.assertEqual(headers["x-ratelimit-remaining"], "9")
+        status, _, body = self.chat(stream=True)
+        self.assertEqual(status, 200)
+        self.assertEqual(sse_events(body)[-1], b"[DONE]")
+        self.assertEqual(self.upstream.requests[0][2]["Host"],
+                         f"localhost:{self.upstream.server_address[1]}")
+        self.assertEqual(len({port for _, port in self.upstream.peers}), 1)  # one connection
+
+    def test_an_untrusted_certificate_is_refused(self):
+        self.restart(trusted=False)
+        status, _, body = self.chat()
+        self.assert_openai_error(status, body, 502, "upstream_unreachable")
+        self.assertEqual(self.remaining(), 10)
+
+    def test_timeouts_over_tls(self):
+        self.restart(read_timeout=0.5)
+        status, _, body = self.chat(headers={"X-Fake-Scenario": "hang"})
+        self.assert_openai_error(status, body, 504, "upstream_timeout")
+        with self.assertRaises(http.client.IncompleteRead):
+            self.chat(headers={"X-Fake-Scenario": "stall-body"})
+        self.assertTrue(self.log.wait_for(lambda text: "upstream broke off: timeout" in text))
+        self.assertEqual(self.chat()[0], 200)
+
+
 class StreamingTests(ProxyTestCase):
     def open_stream(self, path="/v1/chat/completions", scenario="", **fields):
         conn = http.client.HTTPConnection("127.0.0.1", self.proxy.server_address[1], timeout=WAIT)
@@ -1091,6 +1182,16 @@ class StreamingTests(ProxyTestCase):
         self.assertEqual(error["type"], "server_error")
         self.assertEqual(conn.sock.recv(1), b"")  # and the connection is closed
         self.assertTrue(self.log.wait_for(lambda text: "upstream broke off" in text))
+        self.assertEqual(self.chat()[0], 200)
+
+    def test_upstream_stall_mid_body_closes_the_connection(self):
+        """A plain body that stops arriving: READ_TIMEOUT ends it (the head is out, so the
+        client sees a short body and a closed connection), and the log says it timed out."""
+        self.restart(read_timeout=0.5)
+        with self.assertRaises(http.client.IncompleteRead) as caught:
+            self.chat(headers={"X-Fake-Scenario": "stall-body"})
+        self.assertEqual(caught.exception.partial, b'{"id": "chatcmpl-x", ')
+        self.assertTrue(self.log.wait_for(lambda text: "upstream broke off: timeout" in text))
         self.assertEqual(self.chat()[0], 200)
 
     def test_upstream_reset_mid_stream_ends_with_an_error_event(self):
