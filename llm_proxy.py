@@ -725,7 +725,9 @@ class MemoryBucketStore:
             if admitted:
                 bucket.tokens -= cost
                 self._store(key, bucket)
-            self._count(key, 1, 0 if admitted else 1, 0, 0, cost if admitted else 0)
+                self._count(key, 1, 0, 0, 0, cost)
+            else:
+                self._count(key, 1, 1, 0, 0, 0)
             return bucket.quota(admitted, cost, now)
 
     def settle(self, key: str, delta: int, policy: BucketPolicy, *, prompt: int = 0,
@@ -755,10 +757,17 @@ class MemoryBucketStore:
         with self._lock:
             self._count(key, requests, limited, prompt, completion, charged)
 
-    def _count(self, key: str, *values: int) -> None:
-        counters = self._usage.pop(key, None) or [0, 0, 0, 0, 0]
-        for index, value in enumerate(values):
-            counters[index] += value
+    def _count(self, key: str, requests: int, limited: int, prompt: int, completion: int,
+               charged: int) -> None:
+        counters = self._usage.pop(key, None)
+        if counters is None:
+            counters = [requests, limited, prompt, completion, charged]
+        else:
+            counters[0] += requests
+            counters[1] += limited
+            counters[2] += prompt
+            counters[3] += completion
+            counters[4] += charged
         self._usage[key] = counters
         if len(self._usage) > MAX_TRACKED_KEYS:
             del self._usage[next(iter(self._usage))]
@@ -1315,8 +1324,14 @@ class Headers:
     def __init__(self, items: list[tuple[str, str]]) -> None:
         self._items = items
         self._index: dict[str, list[str]] = {}
+        index = self._index
         for name, value in items:
-            self._index.setdefault(name.lower(), []).append(value)
+            key = name.lower()
+            values = index.get(key)
+            if values is None:
+                index[key] = [value]
+            else:
+                values.append(value)
 
     def get(self, name: str, default: str | None = None) -> str | None:
         values = self._index.get(name.lower())
@@ -2234,11 +2249,11 @@ class ProxyHandler(BaseHTTPRequestHandler):
             return False
         except EOFError:
             return False
-        tokens = {t.strip().lower() for v in self.headers.get_all("Connection") or []
-                  for t in v.split(",")}
+        tokens = _connection_tokens(self.headers)
         self.close_connection = "close" in tokens or (
             int(minor) < 1 and "keep-alive" not in tokens)
-        if (self.headers.get("Expect") or "").lower() == "100-continue" and int(minor) >= 1:
+        expect = self.headers.get("Expect")
+        if expect is not None and expect.lower() == "100-continue" and int(minor) >= 1:
             return self.handle_expect_100()
         return True
 
@@ -2545,12 +2560,11 @@ class ProxyHandler(BaseHTTPRequestHandler):
         joined), with Host, the upstream key, X-Forwarded-For and Content-Length set here.
         Every value was checked when it was parsed (read_headers) or configured (Config)."""
         headers = self.headers
-        connection_named = {t.strip().lower() for v in headers.get_all("Connection", ())
-                            for t in v.split(",")} if "connection" in headers else ()
+        named = _connection_tokens(headers)
+        dropped = NOT_FORWARDED_UP | named if named else NOT_FORWARDED_UP
         forwarded: dict[str, str] = {}
         for name, value in headers.items():
-            lower = name.lower()
-            if lower in NOT_FORWARDED_UP or lower in connection_named:
+            if name.lower() in dropped:
                 continue
             forwarded[name] = f"{forwarded[name]}, {value}" if name in forwarded else value
         pool = self.server.pool
@@ -2785,13 +2799,13 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def _head(self, status: int, reason: str, headers: list[tuple[str, str]]) -> bytes:
         self._status = status
-        lines = [f"{self.protocol_version} {status} {reason}\r\n"]
-        lines += [f"{name}: {value}\r\n" for name, value in headers]
-        lines += [f"{name}: {value}\r\n" for name, value in CORS_HEADERS]
+        lines = [f"{self.protocol_version} {status} {reason}"]
+        lines += [f"{name}: {value}" for name, value in headers]
+        lines.append(_CORS_LINES)
         if self.close_connection:
-            lines.append("Connection: close\r\n")
+            lines.append("Connection: close")
         lines.append("\r\n")
-        return "".join(lines).encode("latin-1", "replace")
+        return "\r\n".join(lines).encode("latin-1", "replace")
 
     def _send(self, status: int, headers: list[tuple[str, str]], body: bytes | None,
               *, reason: str | None = None) -> None:
@@ -2836,15 +2850,25 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.server.log(_loggable(format % args))
 
 
+def _connection_tokens(headers: Headers) -> frozenset[str]:
+    """The options of the Connection headers, lower case (the names of hop-by-hop headers)."""
+    values = headers.get_all("Connection")
+    if not values:
+        return frozenset()
+    return frozenset(t.strip().lower() for v in values for t in v.split(","))
+
+
+_NOT_FORWARDED_CHARGED = NOT_FORWARDED_DOWN | {n.lower() for n in RATE_LIMIT_HEADERS}
+
+
 def _response_headers(resp: http.client.HTTPResponse,
                       quota: Quota | None) -> list[tuple[str, str]]:
     """The upstream's headers minus hop-by-hop ones and those the proxy sets itself."""
-    connection_named = {t.strip().lower() for v in resp.headers.get_all("Connection") or []
-                        for t in v.split(",")}
-    ours = {n.lower() for n in RATE_LIMIT_HEADERS} if quota is not None else set()
-    headers = [(n, v) for n, v in resp.getheaders()
-               if n.lower() not in NOT_FORWARDED_DOWN and n.lower() not in connection_named
-               and n.lower() not in ours]
+    dropped = NOT_FORWARDED_DOWN if quota is None else _NOT_FORWARDED_CHARGED
+    named = _connection_tokens(resp.headers)  # type: ignore[arg-type]
+    if named:
+        dropped = dropped | named
+    headers = [(n, v) for n, v in resp.headers.items() if n.lower() not in dropped]
     if quota is not None:
         headers += rate_limit_headers(quota)
     return headers
@@ -2852,6 +2876,9 @@ def _response_headers(resp: http.client.HTTPResponse,
 
 def _is_loopback(address: str) -> bool:
     return address.startswith("127.") or address in ("::1", "::ffff:127.0.0.1")
+
+
+_CORS_LINES = "\r\n".join(f"{name}: {value}" for name, value in CORS_HEADERS)
 
 
 def _header_safe(value: str) -> str:
@@ -2905,7 +2932,8 @@ class ProxyServer(ThreadingHTTPServer):
         self.pool = UpstreamPool(Upstream.from_url(config.base_api_url), config.open_timeout,
                                  config.read_timeout, api_key=config.base_api_key)
         self._inflight = 0
-        self._idle = threading.Condition()
+        self._inflight_lock = threading.Lock()
+        self._idle = threading.Condition(self._inflight_lock)
         self._closing = threading.Event()
         self._reload_now = threading.Event()
         if ":" in config.host:
@@ -2983,9 +3011,9 @@ class ProxyServer(ThreadingHTTPServer):
         """From now, `handler` has `seconds` to finish reading (None: no deadline)."""
         if seconds is None:
             self._deadlines.pop(handler, None)
-            self._expired.discard(handler)
         else:
             self._deadlines[handler] = time.monotonic() + seconds
+        if self._expired:
             self._expired.discard(handler)
 
     def deadline_passed(self, handler: "ProxyHandler") -> bool:
@@ -3112,11 +3140,11 @@ class ProxyServer(ThreadingHTTPServer):
         self.log(f"error: {type(exc).__name__} on connection from {client_address}")
 
     def request_started(self) -> None:
-        with self._idle:
+        with self._inflight_lock:
             self._inflight += 1
 
     def request_finished(self) -> None:
-        with self._idle:
+        with self._inflight_lock:  # (the lock of self._idle)
             self._inflight -= 1
             if self._inflight == 0:
                 self._idle.notify_all()
