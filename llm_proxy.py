@@ -1729,15 +1729,32 @@ class SocketReader(io.RawIOBase):
     def __init__(self, sock: socket.socket) -> None:
         super().__init__()
         self._recv_into = sock.recv_into
+        #: Whether peek_buffered() may look without waiting (a TLS socket takes no flags).
+        self.can_peek = not isinstance(sock, ssl.SSLSocket)
+        self._dont_wait = False
 
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer: object) -> int:  # type: ignore[override]
+    def readinto(self, buffer: object) -> int | None:  # type: ignore[override]
+        if self._dont_wait:
+            try:
+                return self._recv_into(buffer, 0, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return None  # nothing there: the buffered reader's peek returns b""
         try:
             return self._recv_into(buffer)
         except BlockingIOError:  # the kernel's receive timeout
             raise TimeoutError("timed out") from None
+
+    def peek_buffered(self, reader: io.BufferedReader) -> bytes:
+        """What `reader` (reading from this) holds or the socket has already received,
+        without waiting: one system call at most."""
+        self._dont_wait = True
+        try:
+            return reader.peek(1)
+        finally:
+            self._dont_wait = False
 
 
 _TIMEVAL = struct.Struct("@ll")  # struct timeval on Linux
@@ -1872,12 +1889,21 @@ class UpstreamPool:
 def _buffered(resp: http.client.HTTPResponse, sock: socket.socket) -> bool:
     """Whether the response already holds unread bytes (so waiting on the socket would stall).
 
-    http.client reads through a BufferedReader; peeking at it with the socket briefly
-    non-blocking returns what is buffered without waiting for more.
+    http.client reads through a BufferedReader; peeking at it without waiting returns what is
+    buffered (through SocketReader's peek_buffered; a TLS socket is made briefly non-blocking).
     """
     fp = resp.fp
     if fp is None:
         return True
+    raw = getattr(fp, "raw", None)
+    if isinstance(raw, SocketReader) and raw.can_peek:
+        try:
+            data = raw.peek_buffered(fp)  # type: ignore[arg-type]
+        except (OSError, ValueError):
+            return False
+        if resp.chunked and resp.chunk_left == 0 and b"\r\n".startswith(data):
+            return False  # only the CRLF that ends the last chunk: the next one is to come
+        return bool(data)
     if isinstance(sock, ssl.SSLSocket) and sock.pending():
         return True
     timeout = sock.gettimeout()
