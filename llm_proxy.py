@@ -23,7 +23,10 @@ How it works
     http.server's ThreadingHTTPServer runs one thread per client connection. A request is parsed
     and its path normalised once (so /v1//chat/./completions/ is charged as what it is), the key is
     authenticated, the cost is taken atomically from the key's bucket, and the request is forwarded
-    through a small keep-alive pool of http.client connections. The response is relayed piece by
+    through a small keep-alive pool of upstream connections (made by http.client, read with
+    http.client's response framing through one buffered reader per connection, written in one
+    send per request; sockets carry kernel timeouts, so no socket call costs an extra poll).
+    The response is relayed piece by
     piece as it arrives, never buffered whole: server-sent events reach the client when the
     upstream writes them. A client that goes away closes the upstream connection at once, which
     is what stops generation on llama.cpp, vLLM and Ollama. A request that never got an answer
@@ -1801,11 +1804,12 @@ class _Connection:
     body together, one packet for small bodies) and answers are read by _UpstreamResponse,
     that is http.client's framing, from the connection's own reader."""
 
-    __slots__ = ("sock", "reader")
+    __slots__ = ("sock", "raw", "reader")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.reader = _ConnectionReader(SocketReader(sock), READ_BUFFER)
+        self.raw = SocketReader(sock)
+        self.reader = _ConnectionReader(self.raw, READ_BUFFER)
 
     def makefile(self, mode: str = "rb") -> _ConnectionReader:
         """HTTPResponse(sock) reads from sock.makefile(): the connection's one reader."""
@@ -1816,6 +1820,10 @@ class _Connection:
         ends them) is `head`; the response object that will read its answer."""
         self.sock.sendall(head.encode("latin-1") + b"\r\n\r\n" + body)
         return _UpstreamResponse(self, method=head.partition(" ")[0])  # type: ignore[arg-type]
+
+    def answered(self) -> bool:
+        """Whether the answer has begun to arrive, found out without waiting."""
+        return self.raw.can_peek and bool(self.raw.peek_buffered(self.reader))
 
     def close(self) -> None:
         self.reader.release()
@@ -2721,7 +2729,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
             conn, reused = pool.acquire()
             try:
                 resp = conn.send_request(head, body)
-                wait_readable(conn.sock, self.connection, pool.read_timeout)
+                if not conn.answered():  # (a fast upstream often has: no wait, no poll)
+                    wait_readable(conn.sock, self.connection, pool.read_timeout)
                 resp.begin()
                 return conn, resp
             except (ConnectionResetError, BrokenPipeError, http.client.RemoteDisconnected):
