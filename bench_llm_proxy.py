@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark llm_proxy against a fast fake upstream, side by side with direct calls to it.
 
-    python3 bench_llm_proxy.py              # the full run (about a minute), prints a table
+    python3 bench_llm_proxy.py              # the full run (about three minutes), prints the tables
     python3 bench_llm_proxy.py --quick      # a short smoke run
 
 What it measures (every figure for the proxy is compared with the same call made directly):
