@@ -933,7 +933,8 @@ class PathTests(unittest.TestCase):
         self.assertEqual(normalize_path("/v1/models?limit=2"), ("/v1/models", "limit=2"))
 
     def test_invalid_targets(self):
-        for target in ["*", "v1/models", "/v1/%ff", "/v1/a%00b", "/v1\\chat", "/v1/%5cchat"]:
+        for target in ["*", "v1/models", "/v1/%ff", "/v1/a%00b", "/v1\\chat", "/v1/%5cchat",
+                       "/v1/models?a=\x7f", "/v1/models?a=\x01", "/v1/a%7fb"]:
             with self.subTest(target=target):
                 with self.assertRaises(ProxyError) as caught:
                     normalize_path(target)
