@@ -1904,24 +1904,20 @@ def _buffered(resp: http.client.HTTPResponse, sock: socket.socket) -> bool:
     if fp is None:
         return True
     raw = getattr(fp, "raw", None)
-    if isinstance(raw, SocketReader) and raw.can_peek:
-        try:
-            data = raw.peek_buffered(fp)  # type: ignore[arg-type]
-        except (OSError, ValueError):
-            return False
-        if resp.chunked and resp.chunk_left == 0 and b"\r\n".startswith(data):
-            return False  # only the CRLF that ends the last chunk: the next one is to come
-        return bool(data)
-    if isinstance(sock, ssl.SSLSocket) and sock.pending():
-        return True
-    timeout = sock.gettimeout()
     try:
-        sock.settimeout(0.0)
-        data = fp.peek(1)
-    except (BlockingIOError, ssl.SSLWantReadError, OSError, ValueError):
+        if isinstance(raw, SocketReader) and raw.can_peek:
+            data = raw.peek_buffered(fp)  # type: ignore[arg-type]
+        elif isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return True
+        else:
+            timeout = sock.gettimeout()
+            sock.settimeout(0.0)
+            try:
+                data = fp.peek(1)
+            finally:
+                sock.settimeout(timeout)
+    except (OSError, ValueError):  # (nothing there: BlockingIOError, TimeoutError, SSLWantRead)
         return False
-    finally:
-        sock.settimeout(timeout)
     if resp.chunked and resp.chunk_left == 0 and b"\r\n".startswith(data):
         return False  # only the CRLF that ends the last chunk: the next one is still to come
     return bool(data)
