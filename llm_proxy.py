@@ -1676,7 +1676,6 @@ class Upstream:
         return quoted + ("?" + query if query else "")
 
 
-_CONTINUE = HTTPStatus.CONTINUE
 _NO_BODY_STATUSES = frozenset({HTTPStatus.NO_CONTENT, HTTPStatus.NOT_MODIFIED})
 
 
@@ -1689,9 +1688,11 @@ class _UpstreamResponse(http.client.HTTPResponse):
             return
         while True:
             version, status, reason = self._read_status()  # type: ignore[attr-defined]
-            if status != _CONTINUE:
+            if status == HTTPStatus.SWITCHING_PROTOCOLS:  # never asked for: not HTTP any more
+                raise http.client.HTTPException("unexpected 101 Switching Protocols")
+            if not 100 <= status < 200:
                 break
-            self._headers_or_error()
+            self._headers_or_error()  # an interim answer (100, 102, 103...): skipped, never relayed
         self.code = self.status = status
         self.reason = reason.strip()
         if version in ("HTTP/1.0", "HTTP/0.9"):
@@ -1709,8 +1710,9 @@ class _UpstreamResponse(http.client.HTTPResponse):
         length = self.headers.get("Content-Length")
         if length and not self.chunked and length.strip().isdigit():
             self.length = int(length)
-        if status in _NO_BODY_STATUSES or 100 <= status < 200 \
-                or self._method == "HEAD":  # type: ignore[attr-defined]
+        if status in _NO_BODY_STATUSES or self._method == "HEAD":  # type: ignore[attr-defined]
+            if status in _NO_BODY_STATUSES and (self.chunked or self.length):
+                self.will_close = True  # it claims a body it cannot have: trust nothing after it
             self.length = 0
         if not self.will_close and not self.chunked and self.length is None:
             self.will_close = True
@@ -1821,9 +1823,19 @@ class _Connection:
         self.sock.sendall(head.encode("latin-1") + b"\r\n\r\n" + body)
         return _UpstreamResponse(self, method=head.partition(" ")[0])  # type: ignore[arg-type]
 
-    def answered(self) -> bool:
-        """Whether the answer has begun to arrive, found out without waiting."""
-        return self.raw.can_peek and bool(self.raw.peek_buffered(self.reader))
+    def has_unread(self) -> bool:
+        """Whether bytes wait to be read (buffered, or received by the kernel), found out
+        without waiting: an answer that has begun to arrive, or bytes no request asked for."""
+        if self.raw.can_peek:
+            return bool(self.raw.peek_buffered(self.reader))
+        timeout = self.sock.gettimeout()  # TLS: its socket is made briefly non-blocking
+        self.sock.settimeout(0.0)
+        try:
+            return bool(self.reader.peek(1))
+        except (OSError, ValueError):  # (nothing there: SSLWantReadError)
+            return False
+        finally:
+            self.sock.settimeout(timeout)
 
     def close(self) -> None:
         self.reader.release()
@@ -1851,12 +1863,29 @@ class UpstreamPool:
 
     def acquire(self) -> tuple[_Connection, bool]:
         """An idle connection may have been closed by the upstream meanwhile; the caller finds
-        out when the request fails before any answer, and retries once on a new connection."""
+        out when the request fails before any answer, and retries once on a new connection.
+        One that has received anything while idle (bytes no request asked for) is closed."""
+        while True:
+            with self._lock:
+                conn = self._idle.pop() if self._idle else None
+            if conn is None:
+                return self._connect(), False
+            if not conn.has_unread():
+                return conn, True
+            conn.close()
+
+    def release(self, conn: _Connection) -> None:
+        """Take back a connection whose response was read to its end by its own framing. Any
+        byte beyond that end belongs to no request, so such a connection is closed: no byte of
+        one exchange can reach another."""
+        if conn.has_unread():
+            conn.close()
+            return
         with self._lock:
-            conn = self._idle.pop() if self._idle else None
-        if conn is None:
-            return self._connect(), False
-        return conn, True
+            if len(self._idle) < self.max_idle:
+                self._idle.append(conn)
+                return
+        conn.close()
 
     def _connect(self) -> _Connection:
         u = self.upstream
@@ -1879,13 +1908,6 @@ class UpstreamPool:
         sock, maker.sock = maker.sock, None
         set_io_timeout(sock, self.read_timeout)
         return _Connection(sock)
-
-    def release(self, conn: _Connection) -> None:
-        with self._lock:
-            if len(self._idle) < self.max_idle:
-                self._idle.append(conn)
-                return
-        conn.close()
 
     def close(self) -> None:
         with self._lock:
@@ -2725,7 +2747,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             conn, reused = pool.acquire()
             try:
                 resp = conn.send_request(head, body)
-                if not conn.answered():  # (a fast upstream often has: no wait, no poll)
+                if not conn.has_unread():  # (a fast upstream often has: no wait, no poll)
                     wait_readable(conn.sock, self.connection, pool.read_timeout)
                 resp.begin()
                 return conn, resp

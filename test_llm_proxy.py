@@ -120,6 +120,15 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
                                                  "type": "server_error", "param": None,
                                                  "code": None}},
                               [("Retry-After", "7")])
+        if scenario == "early-hints":  # interim answers before the real one (RFC 8297)
+            self.wfile.write(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"
+                             b"HTTP/1.1 102 Processing\r\n\r\n")
+        if scenario == "body-after-204":  # a 204 followed by bytes that look like an answer
+            leak = json.dumps(completion("/v1/chat/completions", "leaked")).encode()
+            self.wfile.write(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n"
+                             b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (len(leak), leak))
+            return
         if scenario == "html-500":
             return self._send(500, b"<html>oops</html>", [("Content-Type", "text/html")])
         if scenario == "stall-body":  # a head and part of the body, then nothing
@@ -1057,6 +1066,19 @@ class ForwardingTests(ProxyTestCase):
             resp.read()
         self.assertEqual(len(self.upstream.requests), 5)
         self.assertEqual(len(set(self.upstream.peers)), 1)  # one upstream connection, reused
+
+    def test_interim_answers_are_skipped_and_never_reach_another_client(self):
+        for name in ("alice", "bob", "carol"):
+            status, _, body = self.chat(model=name, headers={"X-Fake-Scenario": "early-hints"})
+            self.assertEqual((status, json.loads(body)["model"]), (200, name))
+        self.assertEqual(len(set(self.upstream.peers)), 1)  # the connection stayed usable
+
+    def test_bytes_after_a_bodiless_answer_never_reach_the_next_client(self):
+        status, _, body = self.chat(model="alice", headers={"X-Fake-Scenario": "body-after-204"})
+        self.assertEqual((status, body), (204, b""))
+        for name in ("bob", "carol"):
+            status, _, body = self.chat(model=name)
+            self.assertEqual((status, json.loads(body)["model"]), (200, name))
 
     def test_http_1_0_client_gets_the_stream_until_close(self):
         body = json.dumps({"model": "m", "messages": [], "stream": True}).encode()
