@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import dataclasses
 import functools
 import hashlib
 import hmac
@@ -205,98 +206,25 @@ def error_body(message: str, type: str, code: str | None = None, param: str | No
 
 # ########################################################################## config ####
 
-@dataclass(frozen=True)
-class Setting:
-    """One setting: its environment variable (and aliases), flag, default and help."""
-    env: str
-    field: str
-    default: str
-    help: str
-    aliases: tuple[str, ...] = ()
+# Each setting is one row of SETTINGS: its environment variable, the default as one would type
+# it, the parser that checks it, the help line, and any older names. Config's fields, their
+# defaults, the --flags, --help and from_env are all made from these rows.
 
-    @property
-    def flag(self) -> str:
-        return "--" + self.env.lower().replace("_", "-")
-
-
-SETTINGS: tuple[Setting, ...] = (
-    Setting("HOST", "host", "0.0.0.0", "address to listen on (127.0.0.1 keeps it to this machine)"),
-    Setting("PORT", "port", "8899", "port to listen on (0 picks a free one)"),
-    Setting("BASE_API_URL", "base_api_url", "http://127.0.0.1:11434/v1",
-            "upstream base URL including /v1 (http or https)", ("UPSTREAM_BASE_URL",)),
-    Setting("BASE_API_KEY", "base_api_key", "",
-            "key sent upstream as 'Authorization: Bearer ...' (the client's is never forwarded)",
-            ("UPSTREAM_API_KEY",)),
-    Setting("BASE_MODEL", "base_model", "",
-            "when set, the model of every charged request is rewritten to it and /v1/models "
-            "lists only it", ("UPSTREAM_MODEL",)),
-    Setting("MAX_TOKENS", "max_tokens", "10", "bucket size (tokens)"),
-    Setting("REFILL_TOKENS", "refill_tokens", "2", "tokens added at each refill"),
-    Setting("REFILL_INTERVAL_SECONDS", "refill_interval_seconds", "300", "seconds between refills"),
-    Setting("REQUEST_TOKEN_COST", "request_token_cost", "1",
-            "cost of one completion request in request mode"),
-    Setting("TOKEN_COST_MODE", "token_cost_mode", "request",
-            "request (flat cost), estimate (characters/4 plus the response reserve) or usage "
-            "(reserve the estimate, then settle with the upstream's reported usage)"),
-    Setting("RESPONSE_TOKEN_RESERVE", "response_token_reserve", "256",
-            "estimate mode: tokens reserved for the answer when the request sets no max_tokens"),
-    Setting("PROXY_API_KEYS", "proxy_api_keys", "",
-            "comma-separated client keys; when set, any other or missing key gets 401"),
-    Setting("LIMIT_RESPONSE", "limit_response", "message",
-            "what an empty bucket answers: message (200, an assistant message) or 429"),
-    Setting("OPEN_TIMEOUT", "open_timeout", "10", "seconds to connect to the upstream"),
-    Setting("READ_TIMEOUT", "read_timeout", "120",
-            "seconds the upstream may stay silent before a response or between two reads"),
-    Setting("MAX_BODY_BYTES", "max_body_bytes", str(32 * 1024 * 1024), "largest request body"),
-    Setting("TRUST_FORWARDED_FOR", "trust_forwarded_for", "0",
-            "1: bucket keyless clients by the last X-Forwarded-For address (behind a proxy you run)"),
-    Setting("CLIENT_HEADER_TIMEOUT", "client_header_timeout", "10",
-            "seconds a client has to send its request line and headers"),
-    Setting("CLIENT_BODY_TIMEOUT", "client_body_timeout", "30",
-            "seconds a client has to send its request body"),
-    Setting("KEEPALIVE_TIMEOUT", "keepalive_timeout", "75",
-            "seconds an idle kept-alive client connection stays open"),
-    Setting("MAX_HEADER_BYTES", "max_header_bytes", str(32 * 1024),
-            "longest request line (else 414) and largest header block (else 431)"),
-    Setting("MAX_CONNECTIONS", "max_connections", "1024",
-            "client connections at once; beyond it new ones get 503"),
-    Setting("MAX_UPSTREAM_CONCURRENCY", "max_upstream_concurrency", "0",
-            "requests in flight to the upstream at once (0: unlimited); the rest queue fairly"),
-    Setting("UPSTREAM_QUEUE_TIMEOUT", "upstream_queue_timeout", "60",
-            "seconds a request may wait in that queue before a 503"),
-    Setting("FAIR_QUEUE", "fair_queue", "1",
-            "1: a freed upstream slot goes to the key with the fewest in flight; 0: first come"),
-    Setting("MAX_CONCURRENT_PER_KEY", "max_concurrent_per_key", "0",
-            "requests one key may have in flight at once (0: unlimited)"),
-    Setting("REDIS_URL", "redis_url", "",
-            "redis://, rediss:// or unix:// URL: keep buckets in Redis/Valkey, shared by every "
-            "instance (needs the redis package)"),
-    Setting("REDIS_PREFIX", "redis_prefix", "llm_proxy:", "prefix of the proxy's Redis keys"),
-    Setting("REDIS_TIMEOUT", "redis_timeout", "0.25",
-            "seconds a request may wait for Redis before the failure mode applies"),
-    Setting("REDIS_FAILURE_MODE", "redis_failure_mode", "local",
-            "while Redis is unreachable: local (per-instance buckets) or closed (503)"),
-    Setting("KEYS_FILE", "keys_file", "",
-            "JSON or TOML file of named keys with their own limits; reloaded on change and SIGHUP"),
-    Setting("ADMIN_API_KEY", "admin_api_key", "",
-            "bearer token for /metrics and /admin/keys (unset: loopback clients only)"),
-    Setting("LOG_FORMAT", "log_format", "text", "text, or json for one JSON object per line"),
-)
+def _integer(minimum: int = 1, maximum: int | None = None) -> Callable[[str, str], int]:
+    def parse(name: str, raw: str) -> int:
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
+        if value < minimum:
+            raise ConfigError(f"{name} must be at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise ConfigError(f"{name} must be at most {maximum}, got {value}")
+        return value
+    return parse
 
 
-def _parse_int(name: str, raw: str, minimum: int = 1, maximum: int | None = None) -> int:
-    try:
-        value = int(raw.strip())
-    except ValueError:
-        raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
-    if value < minimum:
-        raise ConfigError(f"{name} must be at least {minimum}, got {value}")
-    if maximum is not None and value > maximum:
-        raise ConfigError(f"{name} must be at most {maximum}, got {value}")
-    return value
-
-
-def _parse_seconds(name: str, raw: str) -> float:
+def _seconds(name: str, raw: str) -> float:
     try:
         value = float(raw.strip())
     except ValueError:
@@ -306,14 +234,16 @@ def _parse_seconds(name: str, raw: str) -> float:
     return value
 
 
-def _parse_choice(name: str, raw: str, choices: Sequence[str]) -> str:
-    value = raw.strip().lower()
-    if value not in choices:
-        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {raw!r}")
-    return value
+def _choice(*choices: str) -> Callable[[str, str], str]:
+    def parse(name: str, raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in choices:
+            raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {raw!r}")
+        return value
+    return parse
 
 
-def _parse_bool(name: str, raw: str) -> bool:
+def _flag(name: str, raw: str) -> bool:
     value = raw.strip().lower()
     if value in ("1", "true", "yes", "on"):
         return True
@@ -322,7 +252,7 @@ def _parse_bool(name: str, raw: str) -> bool:
     raise ConfigError(f"{name} must be 0 or 1, got {raw!r}")
 
 
-def _parse_url(name: str, raw: str) -> str:
+def _url(name: str, raw: str) -> str:
     url = raw.strip()
     try:
         parts = urllib.parse.urlsplit(url)
@@ -336,18 +266,119 @@ def _parse_url(name: str, raw: str) -> str:
     return url.rstrip("/")
 
 
-def _parse_redis_url(name: str, raw: str) -> str:
+def _redis_url(name: str, raw: str) -> str:
     url = raw.strip()
     if url and urllib.parse.urlsplit(url).scheme not in ("redis", "rediss", "unix"):
         raise ConfigError(f"{name} must be a redis://, rediss:// or unix:// URL")
     return url
 
 
-def _parse_key(name: str, raw: str) -> str:
+def _key(name: str, raw: str) -> str:
     key = raw.strip()
     if any(not "!" <= ch <= "~" for ch in key):  # it goes into a header line as it is
         raise ConfigError(f"{name} must be printable ASCII without spaces")
     return key
+
+
+def _keys(name: str, raw: str) -> tuple[str, ...]:
+    return tuple(k.strip() for k in raw.split(",") if k.strip())
+
+
+def _text(name: str, raw: str) -> str:
+    return raw.strip()
+
+
+def _verbatim(name: str, raw: str) -> str:
+    return raw
+
+
+def _host(name: str, raw: str) -> str:
+    return raw.strip() or "0.0.0.0"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting: its environment variable (and older names), default, parser and help."""
+    env: str
+    default: str
+    parse: Callable[[str, str], object]
+    help: str
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def field(self) -> str:
+        return self.env.lower()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.env.lower().replace("_", "-")
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("HOST", "0.0.0.0", _host,
+            "address to listen on (127.0.0.1 keeps it to this machine)"),
+    Setting("PORT", "8899", _integer(0, 65535), "port to listen on (0 picks a free one)"),
+    Setting("BASE_API_URL", "http://127.0.0.1:11434/v1", _url,
+            "upstream base URL including /v1 (http or https)", ("UPSTREAM_BASE_URL",)),
+    Setting("BASE_API_KEY", "", _key,
+            "key sent upstream as 'Authorization: Bearer ...' (the client's is never forwarded)",
+            ("UPSTREAM_API_KEY",)),
+    Setting("BASE_MODEL", "", _text,
+            "when set, the model of every charged request is rewritten to it and /v1/models "
+            "lists only it", ("UPSTREAM_MODEL",)),
+    Setting("MAX_TOKENS", "10", _integer(), "bucket size (tokens)"),
+    Setting("REFILL_TOKENS", "2", _integer(), "tokens added at each refill"),
+    Setting("REFILL_INTERVAL_SECONDS", "300", _seconds, "seconds between refills"),
+    Setting("REQUEST_TOKEN_COST", "1", _integer(),
+            "cost of one completion request in request mode"),
+    Setting("TOKEN_COST_MODE", "request", _choice(*COST_MODES),
+            "request (flat cost), estimate (characters/4 plus the response reserve) or usage "
+            "(reserve the estimate, then settle with the upstream's reported usage)"),
+    Setting("RESPONSE_TOKEN_RESERVE", "256", _integer(0),
+            "estimate mode: tokens reserved for the answer when the request sets no max_tokens"),
+    Setting("PROXY_API_KEYS", "", _keys,
+            "comma-separated client keys; when set, any other or missing key gets 401"),
+    Setting("LIMIT_RESPONSE", "message", _choice("message", "429"),
+            "what an empty bucket answers: message (200, an assistant message) or 429"),
+    Setting("OPEN_TIMEOUT", "10", _seconds, "seconds to connect to the upstream"),
+    Setting("READ_TIMEOUT", "120", _seconds,
+            "seconds the upstream may stay silent before a response or between two reads"),
+    Setting("MAX_BODY_BYTES", str(32 * 1024 * 1024), _integer(), "largest request body"),
+    Setting("TRUST_FORWARDED_FOR", "0", _flag,
+            "1: bucket keyless clients by the last X-Forwarded-For address (behind a proxy you run)"),
+    Setting("CLIENT_HEADER_TIMEOUT", "10", _seconds,
+            "seconds a client has to send its request line and headers"),
+    Setting("CLIENT_BODY_TIMEOUT", "30", _seconds,
+            "seconds a client has to send its request body"),
+    Setting("KEEPALIVE_TIMEOUT", "75", _seconds,
+            "seconds an idle kept-alive client connection stays open"),
+    Setting("MAX_HEADER_BYTES", str(32 * 1024), _integer(1024),
+            "longest request line (else 414) and largest header block (else 431)"),
+    Setting("MAX_CONNECTIONS", "1024", _integer(),
+            "client connections at once; beyond it new ones get 503"),
+    Setting("MAX_UPSTREAM_CONCURRENCY", "0", _integer(0),
+            "requests in flight to the upstream at once (0: unlimited); the rest queue fairly"),
+    Setting("UPSTREAM_QUEUE_TIMEOUT", "60", _seconds,
+            "seconds a request may wait in that queue before a 503"),
+    Setting("FAIR_QUEUE", "1", _flag,
+            "1: a freed upstream slot goes to the key with the fewest in flight; 0: first come"),
+    Setting("MAX_CONCURRENT_PER_KEY", "0", _integer(0),
+            "requests one key may have in flight at once (0: unlimited)"),
+    Setting("REDIS_URL", "", _redis_url,
+            "redis://, rediss:// or unix:// URL: keep buckets in Redis/Valkey, shared by every "
+            "instance (needs the redis package)"),
+    Setting("REDIS_PREFIX", "llm_proxy:", _verbatim, "prefix of the proxy's Redis keys"),
+    Setting("REDIS_TIMEOUT", "0.25", _seconds,
+            "seconds a request may wait for Redis before the failure mode applies"),
+    Setting("REDIS_FAILURE_MODE", "local", _choice("local", "closed"),
+            "while Redis is unreachable: local (per-instance buckets) or closed (503)"),
+    Setting("KEYS_FILE", "", _text,
+            "JSON or TOML file of named keys with their own limits; reloaded on change and SIGHUP"),
+    Setting("ADMIN_API_KEY", "", _key,
+            "bearer token for /metrics and /admin/keys (unset: loopback clients only)"),
+    Setting("LOG_FORMAT", "text", _choice("text", "json"),
+            "text, or json for one JSON object per line"),
+)
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -355,124 +386,64 @@ class _ArgumentParser(argparse.ArgumentParser):
         raise ConfigError(message)
 
 
-@dataclass(frozen=True)
-class Config:
-    """Every setting, validated. Built once by `from_env`; handlers read `self.server.config`."""
-    host: str = "0.0.0.0"
-    port: int = 8899
-    base_api_url: str = "http://127.0.0.1:11434/v1"
-    base_api_key: str = ""
-    base_model: str = ""
-    max_tokens: int = 10
-    refill_tokens: int = 2
-    refill_interval_seconds: float = 300.0
-    request_token_cost: int = 1
-    token_cost_mode: str = "request"
-    response_token_reserve: int = 256
-    proxy_api_keys: tuple[str, ...] = ()
-    limit_response: str = "message"
-    open_timeout: float = 10.0
-    read_timeout: float = 120.0
-    max_body_bytes: int = 32 * 1024 * 1024
-    trust_forwarded_for: bool = False
-    client_header_timeout: float = 10.0
-    client_body_timeout: float = 30.0
-    keepalive_timeout: float = 75.0
-    max_header_bytes: int = 32 * 1024
-    max_connections: int = 1024
-    max_upstream_concurrency: int = 0
-    upstream_queue_timeout: float = 60.0
-    fair_queue: bool = True
-    max_concurrent_per_key: int = 0
-    redis_url: str = ""
-    redis_prefix: str = "llm_proxy:"
-    redis_timeout: float = 0.25
-    redis_failure_mode: str = "local"
-    keys_file: str = ""
-    admin_api_key: str = ""
-    log_format: str = "text"
+class _ConfigRules:
+    """What Config knows beyond its fields (the fields are made from SETTINGS, below)."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None,
                  argv: Sequence[str] | None = None) -> "Config":
         """Read the environment, let --flags override it, validate, and return the Config.
 
-        Raises ConfigError naming the variable on the first invalid value.
+        The only place settings are read. Raises ConfigError naming the variable on the first
+        invalid value.
         """
         environ = os.environ if environ is None else environ
         flags = vars(build_arg_parser().parse_args(argv))
-        raw: dict[str, str] = {}
+        values = {}
         for setting in SETTINGS:
-            value = flags.get(setting.field)
-            if value is None:
-                for name in (setting.env, *setting.aliases):
-                    if name in environ:
-                        value = environ[name]
-                        break
-            raw[setting.env] = setting.default if value is None else value
-        return cls(
-            host=raw["HOST"].strip() or "0.0.0.0",
-            port=_parse_int("PORT", raw["PORT"], 0, 65535),
-            base_api_url=_parse_url("BASE_API_URL", raw["BASE_API_URL"]),
-            base_api_key=_parse_key("BASE_API_KEY", raw["BASE_API_KEY"]),
-            base_model=raw["BASE_MODEL"].strip(),
-            max_tokens=_parse_int("MAX_TOKENS", raw["MAX_TOKENS"]),
-            refill_tokens=_parse_int("REFILL_TOKENS", raw["REFILL_TOKENS"]),
-            refill_interval_seconds=_parse_seconds("REFILL_INTERVAL_SECONDS",
-                                                   raw["REFILL_INTERVAL_SECONDS"]),
-            request_token_cost=_parse_int("REQUEST_TOKEN_COST", raw["REQUEST_TOKEN_COST"]),
-            token_cost_mode=_parse_choice("TOKEN_COST_MODE", raw["TOKEN_COST_MODE"], COST_MODES),
-            response_token_reserve=_parse_int("RESPONSE_TOKEN_RESERVE",
-                                              raw["RESPONSE_TOKEN_RESERVE"], 0),
-            proxy_api_keys=tuple(k.strip() for k in raw["PROXY_API_KEYS"].split(",") if k.strip()),
-            limit_response=_parse_choice("LIMIT_RESPONSE", raw["LIMIT_RESPONSE"],
-                                         ("message", "429")),
-            open_timeout=_parse_seconds("OPEN_TIMEOUT", raw["OPEN_TIMEOUT"]),
-            read_timeout=_parse_seconds("READ_TIMEOUT", raw["READ_TIMEOUT"]),
-            max_body_bytes=_parse_int("MAX_BODY_BYTES", raw["MAX_BODY_BYTES"]),
-            trust_forwarded_for=_parse_bool("TRUST_FORWARDED_FOR", raw["TRUST_FORWARDED_FOR"]),
-            client_header_timeout=_parse_seconds("CLIENT_HEADER_TIMEOUT",
-                                                 raw["CLIENT_HEADER_TIMEOUT"]),
-            client_body_timeout=_parse_seconds("CLIENT_BODY_TIMEOUT", raw["CLIENT_BODY_TIMEOUT"]),
-            keepalive_timeout=_parse_seconds("KEEPALIVE_TIMEOUT", raw["KEEPALIVE_TIMEOUT"]),
-            max_header_bytes=_parse_int("MAX_HEADER_BYTES", raw["MAX_HEADER_BYTES"], 1024),
-            max_connections=_parse_int("MAX_CONNECTIONS", raw["MAX_CONNECTIONS"]),
-            max_upstream_concurrency=_parse_int("MAX_UPSTREAM_CONCURRENCY",
-                                                raw["MAX_UPSTREAM_CONCURRENCY"], 0),
-            upstream_queue_timeout=_parse_seconds("UPSTREAM_QUEUE_TIMEOUT",
-                                                  raw["UPSTREAM_QUEUE_TIMEOUT"]),
-            fair_queue=_parse_bool("FAIR_QUEUE", raw["FAIR_QUEUE"]),
-            max_concurrent_per_key=_parse_int("MAX_CONCURRENT_PER_KEY",
-                                              raw["MAX_CONCURRENT_PER_KEY"], 0),
-            redis_url=_parse_redis_url("REDIS_URL", raw["REDIS_URL"]),
-            redis_prefix=raw["REDIS_PREFIX"],
-            redis_timeout=_parse_seconds("REDIS_TIMEOUT", raw["REDIS_TIMEOUT"]),
-            redis_failure_mode=_parse_choice("REDIS_FAILURE_MODE", raw["REDIS_FAILURE_MODE"],
-                                             ("local", "closed")),
-            keys_file=raw["KEYS_FILE"].strip(),
-            admin_api_key=_parse_key("ADMIN_API_KEY", raw["ADMIN_API_KEY"]),
-            log_format=_parse_choice("LOG_FORMAT", raw["LOG_FORMAT"], ("text", "json")),
-        )
+            raw = flags.get(setting.field)
+            names = (setting.env, *setting.aliases)
+            if raw is None:
+                raw = next((environ[n] for n in names if n in environ), setting.default)
+            values[setting.field] = setting.parse(setting.env, raw)
+        return cls(**values)  # type: ignore[call-arg]
 
     @property
     def bucket_policy(self) -> "BucketPolicy":
-        return BucketPolicy(self.max_tokens, self.refill_tokens, self.refill_interval_seconds)
+        c: Config = self  # type: ignore[assignment]
+        return BucketPolicy(c.max_tokens, c.refill_tokens, c.refill_interval_seconds)
 
     @property
     def default_policy(self) -> "KeyPolicy":
         """The policy of every key that the keys file does not describe."""
-        return KeyPolicy(None, self.bucket_policy, self.request_token_cost, self.token_cost_mode,
-                         self.limit_response, self.response_token_reserve)
+        c: Config = self  # type: ignore[assignment]
+        return KeyPolicy(None, c.bucket_policy, c.request_token_cost, c.token_cost_mode,
+                         c.limit_response, c.response_token_reserve)
 
     def warnings(self) -> list[str]:
         """Settings that are valid but almost certainly not what the operator meant."""
+        c: Config = self  # type: ignore[assignment]
         found = []
-        if self.token_cost_mode != "request" and self.max_tokens < self.response_token_reserve:
+        if c.token_cost_mode != "request" and c.max_tokens < c.response_token_reserve:
             found.append(
-                f"TOKEN_COST_MODE={self.token_cost_mode} with MAX_TOKENS={self.max_tokens} below "
-                f"RESPONSE_TOKEN_RESERVE={self.response_token_reserve}: every request that does "
+                f"TOKEN_COST_MODE={c.token_cost_mode} with MAX_TOKENS={c.max_tokens} below "
+                f"RESPONSE_TOKEN_RESERVE={c.response_token_reserve}: every request that does "
                 "not set a small max_tokens costs more than a bucket holds and is refused")
         return found
+
+
+def _config_field(setting: Setting) -> tuple[str, type, object]:
+    value = setting.parse(setting.env, setting.default)
+    return setting.field, type(value), dataclasses.field(default=value)
+
+
+#: Every setting, validated: one field per row of SETTINGS (HOST is `host`, MAX_TOKENS is
+#: `max_tokens`, ...), defaulting to the row's default. Built once by `from_env` in main();
+#: handlers read `server.config`; tests make one directly: Config(port=0, max_tokens=3).
+Config = dataclasses.make_dataclass(
+    "Config", [_config_field(s) for s in SETTINGS], bases=(_ConfigRules,), frozen=True,
+    namespace={"__doc__": "Every setting, validated (one field per row of SETTINGS).",
+               "__module__": __name__})
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
