@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -71,13 +72,14 @@ import struct
 import sys
 import threading
 import time
+import typing
 import urllib.parse
 import uuid
 from dataclasses import dataclass
 from email.utils import formatdate
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Protocol, Sequence
 
 __version__ = "0.1.0"
 __all__ = [
@@ -94,17 +96,14 @@ CHAT_ROUTE = "/v1/chat/completions"
 COMPLETIONS_ROUTE = "/v1/completions"
 RESPONSES_ROUTE = "/v1/responses"
 EMBEDDINGS_ROUTE = "/v1/embeddings"
-#: POST routes charged in every cost mode; embeddings are charged in estimate and usage modes.
-CHARGED_ROUTES = frozenset({CHAT_ROUTE, COMPLETIONS_ROUTE, RESPONSES_ROUTE})
-#: Routes whose limit answer can be an assistant message; the others always get the 429 error.
-MESSAGE_ROUTES = frozenset({CHAT_ROUTE, COMPLETIONS_ROUTE})
 COST_MODES = ("request", "estimate", "usage")
-METRICS_PATH = "/metrics"
-ADMIN_KEYS_PATH = "/admin/keys"
-KNOWN_ROUTES = frozenset({CHAT_ROUTE, COMPLETIONS_ROUTE, RESPONSES_ROUTE, EMBEDDINGS_ROUTE,
-                          "/v1/models", "/health", METRICS_PATH, ADMIN_KEYS_PATH})
-HEALTH_PATH = "/health"
-API_PREFIX = "/v1"
+
+#: What a route is (the `kind` of a row of the route table).
+GENERATE = "generate"   # forwarded; charged in every cost mode
+EMBED = "embed"         # forwarded; charged by input size in the estimate and usage modes
+FREE = "free"           # forwarded; never charged
+LOCAL = "local"         # answered by the proxy itself
+ADMIN = "admin"         # answered by the proxy itself, to the admin only
 
 #: Hop-by-hop headers (RFC 9110 section 7.6.1) are never forwarded, in either direction. The
 #: others are ours to set: Host and Content-Length describe the upstream request, Authorization
@@ -462,7 +461,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# ##################################################################### key policies ####
+# ############################################################################ keys ####
 
 @dataclass(frozen=True)
 class KeyPolicy:
@@ -595,7 +594,60 @@ def keygen(name: str) -> str:
             f"TOML entry:\n  [[keys]]\n  name = {json.dumps(name)}\n  key_sha256 = \"{digest}\"\n")
 
 
-# ###################################################################### bucket store ####
+def bearer_token(authorization: str | None) -> str:
+    if not authorization:
+        return ""
+    scheme, _, token = authorization.strip().partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
+def key_digest(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def short_hash(digest: str) -> str:
+    """How a key without a name appears in logs and metrics: a short hash, never the key."""
+    return digest[:10]
+
+
+class KeyRing:
+    """The accepted client keys and their policies, held only as SHA-256 digests.
+
+    A lookup hashes the presented key, finds the candidates sharing the digest's first 16 hex
+    digits in a dict, and compares whole digests with hmac.compare_digest. The cost does not grow
+    with the number of keys, and timing reveals at most something about a hash of the key, never
+    how much of the key itself was right. `required` is false when no keys are configured: then
+    any key is accepted with the default policy.
+    """
+
+    _PREFIX = 16
+
+    def __init__(self, entries: Iterable[tuple[str, KeyPolicy]], required: bool = True,
+                 pause: Callable[[], None] | None = None) -> None:
+        self.required = required
+        self.entries = list(entries)
+        self._by_prefix: dict[str, list[tuple[str, KeyPolicy]]] = {}
+        for index, (digest, policy) in enumerate(self.entries):
+            if pause is not None and index % 256 == 255:
+                pause()
+            self._by_prefix.setdefault(digest[:self._PREFIX], []).append((digest, policy))
+
+    def __bool__(self) -> bool:
+        return self.required
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def lookup(self, key: str, digest: str | None = None) -> KeyPolicy | None:
+        digest = digest or key_digest(key)
+        found = None
+        for candidate, policy in self._by_prefix.get(digest[:self._PREFIX], ()):
+            if hmac.compare_digest(candidate, digest):
+                found = policy
+        return found
+
+
+# ######################################################################### buckets ####
 
 @dataclass(frozen=True)
 class BucketPolicy:
@@ -986,7 +1038,14 @@ def make_store(config: Config, log: Callable[[str], None], metrics: "Metrics",
     return MemoryBucketStore(clock)
 
 
-# ################################################################## cost estimation ####
+#: Either bucket store: the same interface and the same semantics.
+BucketStore = typing.Union[MemoryBucketStore, RedisBucketStore]
+
+
+# ######################################################################### pricing ####
+
+# What a request takes from its bucket at admission. In usage mode this is a reservation that the
+# charge settles later with what the upstream reports (metering, below).
 
 def _string_stats(value: object) -> tuple[int, int]:
     """(number of strings, total characters) of every string value in a JSON document, skipping
@@ -1036,23 +1095,17 @@ def estimate_cost(body: Mapping[str, object], reserve: int) -> int:
     return max(1, prompt_estimate(body) + response_reserve(body, reserve))
 
 
-def is_charged(method: str, route: str, policy: KeyPolicy) -> bool:
-    if method != "POST":
-        return False
-    return route in CHARGED_ROUTES or (route == EMBEDDINGS_ROUTE
-                                       and policy.token_cost_mode != "request")
-
-
-def request_cost(body: Mapping[str, object], policy: KeyPolicy, route: str = CHAT_ROUTE) -> int:
-    """What a charged request takes from its bucket at admission (in usage mode: reserves)."""
+def request_cost(body: Mapping[str, object], policy: KeyPolicy, kind: str = "generate") -> int:
+    """What a charged request takes from its bucket at admission (in usage mode: reserves).
+    `kind` is its route's kind: "generate", or "embed" (its input is its whole cost)."""
     if policy.token_cost_mode == "request":
         return policy.request_token_cost
-    if route == EMBEDDINGS_ROUTE:  # an embedding generates nothing: its input is its cost
+    if kind == EMBED:  # an embedding generates nothing: its input is its cost
         return max(1, prompt_estimate(body))
     return estimate_cost(body, policy.response_token_reserve)
 
 
-# ################################################################### usage metering ####
+# ######################################################################## metering ####
 
 _USAGE_NULL = re.compile(rb',\s*"usage"\s*:\s*null(?=\s*[,}])|"usage"\s*:\s*null\s*,\s*')
 _EVENT_END = re.compile(rb"\r?\n\r?\n")
@@ -1197,7 +1250,24 @@ class UsageMeter:
         return prompt_tokens_estimate, completion, prompt_tokens_estimate + completion
 
 
-# ################################################################## limit responses ####
+# ###################################################################### API shapes ####
+
+# How each API speaks when the proxy itself answers: its error bodies, the limit answer (an
+# assistant message in the API's own shape, or a 429), the last event of a stream the upstream
+# broke off. A route names its API; the handler only writes the Reply it is given.
+
+@dataclass(frozen=True)
+class Reply:
+    """A whole answer made by the proxy itself (body None: no body, as for HEAD or 204)."""
+    status: int
+    headers: tuple[tuple[str, str], ...]
+    body: bytes | None
+
+
+def json_reply(status: int, value: object, headers: Sequence[tuple[str, str]] = ()) -> Reply:
+    return Reply(status, (("Content-Type", "application/json"), *headers),
+                 json.dumps(value).encode())
+
 
 def wait_text(seconds: float) -> str:
     """'N s' under a minute, else 'N min', both rounded up."""
@@ -1284,7 +1354,40 @@ def _number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else str(value)
 
 
-# ######################################################################## requests ####
+class OpenAIShape:
+    """The OpenAI API: errors as {"error": {message, type, param, code}}, the limit as a
+    chat.completion / text_completion (or their streams) or a 429 of type "requests", a broken
+    stream's last event as `data: {"error": ...}` (which the openai SDK raises as APIError)."""
+
+    name = "openai"
+
+    def error(self, err: ProxyError) -> Reply:
+        return Reply(err.status, (("Content-Type", "application/json"), *err.headers), err.body())
+
+    def limited(self, err: ProxyError, text: str, path: str, payload: dict | None, *,
+                as_message: bool, created: int) -> Reply:
+        """The answer to a request the proxy will not forward for now (an empty bucket, too
+        many at once): `err` as a 429, or, when `as_message`, the assistant message `text` in
+        the shape the request asked for, with err's headers."""
+        if not as_message or payload is None:
+            return self.error(err)
+        model = payload.get("model")
+        options = payload.get("stream_options")
+        content_type, body = limit_completion(
+            path, model if isinstance(model, str) else "", text,
+            stream=payload.get("stream") is True,
+            include_usage=isinstance(options, dict) and options.get("include_usage") is True,
+            created=created)
+        return Reply(HTTPStatus.OK, (("Content-Type", content_type), *err.headers), body)
+
+    def broken_stream_event(self, message: str) -> bytes:
+        return b"data: " + error_body(message, "server_error", "upstream_error") + b"\n\n"
+
+
+OPENAI = OpenAIShape()
+
+
+# ################################################################### HTTP messages ####
 
 class Headers:
     """Message headers: looked up without regard to case, repeated names and order kept.
@@ -1430,7 +1533,7 @@ def normalize_path(target: str) -> tuple[str, str]:
     return "/" + "/".join(segments), query
 
 
-def _json_or_none(body: bytes) -> object:
+def json_or_none(body: bytes) -> object:
     try:
         return json.loads(body)
     except (ValueError, RecursionError):
@@ -1452,169 +1555,333 @@ def parse_json_object(body: bytes) -> dict:
     return value
 
 
-def bearer_token(authorization: str | None) -> str:
-    if not authorization:
-        return ""
-    scheme, _, token = authorization.strip().partition(" ")
-    return token.strip() if scheme.lower() == "bearer" else ""
+def connection_tokens(headers: Headers) -> frozenset[str]:
+    """The options of the Connection headers, lower case (the names of hop-by-hop headers)."""
+    values = headers.get_all("Connection")
+    if not values:
+        return frozenset()
+    return frozenset(t.strip().lower() for v in values for t in v.split(","))  # type: ignore[union-attr]
 
 
-def key_digest(key: str) -> str:
-    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
+def is_loopback(address: str) -> bool:
+    return address.startswith("127.") or address in ("::1", "::ffff:127.0.0.1")
 
 
-def short_hash(digest: str) -> str:
-    """How a key without a name appears in logs and metrics: a short hash, never the key."""
-    return digest[:10]
+def header_safe(value: str) -> str:
+    return "".join(ch for ch in value if " " <= ch < "\x7f")
 
 
-class KeyRing:
-    """The accepted client keys and their policies, held only as SHA-256 digests.
+def loggable(text: str) -> str:
+    """Escape control and non-ASCII characters before anything reaches the log."""
+    if text.isascii() and text.isprintable():
+        return text
+    return "".join(ch if " " <= ch < "\x7f" else f"\\x{ord(ch):02x}" for ch in text)
 
-    A lookup hashes the presented key, finds the candidates sharing the digest's first 16 hex
-    digits in a dict, and compares whole digests with hmac.compare_digest. The cost does not grow
-    with the number of keys, and timing reveals at most something about a hash of the key, never
-    how much of the key itself was right. `required` is false when no keys are configured: then
-    any key is accepted with the default policy.
+
+# ########################################################################## routes ####
+
+@dataclass(frozen=True)
+class Route:
+    """What one (method, normalised path) is: a row of the route table.
+
+    `kind` says what happens to it (GENERATE, EMBED, FREE: forwarded; LOCAL, ADMIN: answered by
+    the proxy), `api` how it speaks when the proxy answers (errors, the limit), `answer` which
+    local answer serves it (for a forwarded route: one that may answer instead, such as the
+    BASE_MODEL model list). `message_limit`: its limit can be an assistant message. A `path`
+    ending in "/" covers everything below it. How a row is priced is its kind (pricing), how its
+    usage is read is the meter of its API (metering), how its limit speaks is its API's.
     """
+    path: str
+    methods: frozenset[str]
+    kind: str
+    api: OpenAIShape = OPENAI
+    answer: str = ""
+    message_limit: bool = False
 
-    _PREFIX = 16
+    @property
+    def label(self) -> str:
+        """How metrics name the route: its path, or "other" for a row that covers many."""
+        return "other" if self.path.endswith("/") else self.path
 
-    def __init__(self, entries: Iterable[tuple[str, KeyPolicy]], required: bool = True,
-                 pause: Callable[[], None] | None = None) -> None:
-        self.required = required
-        self.entries = list(entries)
-        self._by_prefix: dict[str, list[tuple[str, KeyPolicy]]] = {}
-        for index, (digest, policy) in enumerate(self.entries):
-            if pause is not None and index % 256 == 255:
-                pause()
-            self._by_prefix.setdefault(digest[:self._PREFIX], []).append((digest, policy))
-
-    def __bool__(self) -> bool:
-        return self.required
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def lookup(self, key: str, digest: str | None = None) -> KeyPolicy | None:
-        digest = digest or key_digest(key)
-        found = None
-        for candidate, policy in self._by_prefix.get(digest[:self._PREFIX], ()):
-            if hmac.compare_digest(candidate, digest):
-                found = policy
-        return found
+    def charges(self, policy: KeyPolicy) -> bool:
+        """Whether a request on this route is charged to a key with this policy."""
+        return self.kind == GENERATE or (self.kind == EMBED
+                                         and policy.token_cost_mode != "request")
 
 
-# ######################################################################### metrics ####
-
-def _label_value(value: str) -> str:
-    """Escape a label value for the Prometheus text format."""
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+ANY_METHOD = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"})
 
 
-class Metrics:
-    """Counters and histograms, rendered in the Prometheus text exposition format by hand.
+class RouteTable:
+    """The routes, looked up by (method, normalised path): an exact row first, then the rows
+    that cover the path, the longest first. find() is the only place paths are compared."""
 
-    Methods for the caller: inc(), observe(), key(), render(). Per-key series are capped at
-    MAX_KEY_SERIES distinct keys (further keys count under key="other"), so an open proxy
-    flooded with random keys cannot grow them without bound.
-    """
-
-    MAX_KEY_SERIES = 1000
-    BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
-    HELP = {
-        "llm_proxy_requests_total": ("counter", "Requests answered, by key, route and status class."),
-        "llm_proxy_limited_requests_total": ("counter", "Requests refused because the key's bucket was empty."),
-        "llm_proxy_tokens_charged_total": ("counter", "Tokens taken from buckets (after refunds and settlement)."),
-        "llm_proxy_upstream_errors_total": ("counter", "Upstream failures by kind: refused, timeout, 5xx, invalid, broken."),
-        "llm_proxy_key_reloads_total": ("counter", "Keys file reloads by result."),
-        "llm_proxy_store_outages_total": ("counter", "Times the shared Redis store became unreachable."),
-        "llm_proxy_store_up": ("gauge", "1 while the bucket store is reachable (always 1 in memory)."),
-        "llm_proxy_requests_in_flight": ("gauge", "Requests being handled now."),
-        "llm_proxy_buckets": ("gauge", "Buckets held in memory (keys that are not full)."),
-        "llm_proxy_keys": ("gauge", "Keys accepted (keys file and PROXY_API_KEYS)."),
-        "llm_proxy_upstream_ttfb_seconds": ("histogram", "Time from sending a request upstream to its response head."),
-        "llm_proxy_upstream_latency_seconds": ("histogram", "Time from sending a request upstream to the end of its response."),
-    }
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._counters: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
-        self._histograms: dict[str, list[float]] = {}
-        self._keys: set[str] = set()
-
-    def key(self, label: str) -> str:
-        """The key label to use: `label`, or "other" once MAX_KEY_SERIES keys are in use."""
-        if label in self._keys:
-            return label
-        with self._lock:
-            if len(self._keys) >= self.MAX_KEY_SERIES:
-                return "other"
-            self._keys.add(label)
-        return label
-
-    def inc(self, name: str, labels: tuple[tuple[str, str], ...] = (), value: float = 1) -> None:
-        with self._lock:
-            series = self._counters.setdefault(name, {})
-            series[labels] = series.get(labels, 0) + value
-
-    def count_request(self, label: str, route: str, status: int, cost: int | None) -> None:
-        """A request answered: llm_proxy_requests_total and the tokens charged, in one go."""
-        key = self.key(label)
-        labels = (("key", key), ("route", route_label(route)), ("status", f"{status // 100}xx"))
-        with self._lock:
-            series = self._counters.setdefault("llm_proxy_requests_total", {})
-            series[labels] = series.get(labels, 0) + 1
-            if cost:
-                series = self._counters.setdefault("llm_proxy_tokens_charged_total", {})
-                series[labels[:1]] = series.get(labels[:1], 0) + cost
-
-    def observe(self, name: str, seconds: float) -> None:
-        index = bisect.bisect_left(self.BUCKETS, seconds)  # the first bound >= seconds
-        with self._lock:
-            counts = self._histograms.get(name)
-            if counts is None:
-                counts = self._histograms[name] = [0.0] * (len(self.BUCKETS) + 3)
-            counts[index] += 1  # (index len(BUCKETS): above every bound)
-            counts[-2] += seconds
-            counts[-1] += 1
-
-    def render(self, gauges: Mapping[str, float]) -> str:
-        lines: list[str] = []
-        with self._lock:
-            counters = {n: dict(v) for n, v in self._counters.items()}
-            histograms = {n: list(v) for n, v in self._histograms.items()}
-        for name, (kind, text) in self.HELP.items():
-            lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
-            if kind == "gauge":
-                lines.append(f"{name} {_number(gauges.get(name, 0))}")
-            elif kind == "counter":
-                for labels, value in sorted(counters.get(name, {}).items()):
-                    lines.append(f"{name}{_labels(labels)} {_number(value)}")
+    def __init__(self, rows: Iterable[Route]) -> None:
+        self.rows = tuple(rows)
+        self._exact: dict[tuple[str, str], Route] = {}
+        self._covering: list[Route] = []
+        for row in self.rows:
+            if row.path.endswith("/"):
+                self._covering.append(row)
             else:
-                counts = histograms.get(name, [0.0] * (len(self.BUCKETS) + 3))
-                cumulative = 0.0
-                for bound, count in zip(self.BUCKETS, counts):
-                    cumulative += count
-                    lines.append(f'{name}_bucket{{le="{bound}"}} {_number(cumulative)}')
-                lines.append(f'{name}_bucket{{le="+Inf"}} {_number(counts[-1])}')
-                lines.append(f"{name}_sum {counts[-2]!r}")
-                lines.append(f"{name}_count {_number(counts[-1])}")
-        return "\n".join(lines) + "\n"
+                for method in row.methods:
+                    self._exact[(method, row.path)] = row
+        self._covering.sort(key=lambda row: -len(row.path))
+
+    def find(self, method: str, path: str) -> Route | None:
+        row = self._exact.get((method, path))
+        if row is not None:
+            return row
+        for row in self._covering:
+            if method in row.methods and (path + "/").startswith(row.path):
+                return row
+        return None
 
 
-def _labels(labels: tuple[tuple[str, str], ...]) -> str:
-    if not labels:
-        return ""
-    return "{" + ",".join(f'{k}="{_label_value(v)}"' for k, v in labels) + "}"
+#: Every route. Anything not found here is answered 404 and never forwarded.
+ROUTES = RouteTable([
+    Route(CHAT_ROUTE, frozenset({"POST"}), GENERATE, message_limit=True),
+    Route(COMPLETIONS_ROUTE, frozenset({"POST"}), GENERATE, message_limit=True),
+    Route(RESPONSES_ROUTE, frozenset({"POST"}), GENERATE),
+    Route(EMBEDDINGS_ROUTE, frozenset({"POST"}), EMBED),
+    Route("/v1/models", frozenset({"GET"}), FREE, answer="models"),
+    Route("/v1/", ANY_METHOD, FREE),
+    Route("/health", frozenset({"GET"}), LOCAL, answer="health"),
+    Route("/metrics", frozenset({"GET"}), ADMIN, answer="metrics"),
+    Route("/admin/keys", frozenset({"GET"}), ADMIN, answer="admin_keys"),
+    Route("/", frozenset({"OPTIONS"}), LOCAL, answer="preflight"),
+])
 
 
-def route_label(route: str) -> str:
-    """Known routes by name; anything else as "other" (ids in paths must not become series)."""
-    return route if route in KNOWN_ROUTES else "other"
+# ######################################################################## exchange ####
+
+class Exchange:
+    """One request, from its request line to its access-log line: what it is and how it went.
+
+    The handler makes one per request and passes it along; the charge, the forwarder, the relay
+    and the access log read and write it. Nothing else remembers the request.
+    """
+
+    __slots__ = ("method", "path", "query", "client", "started", "route", "label", "bucket_key",
+                 "policy", "body", "body_read", "payload", "charge", "ending", "status", "note",
+                 "head_sent")
+
+    def __init__(self, method: str, target: str, client: str) -> None:
+        self.method = method
+        self.path = target.partition("?")[0]  # as sent, until normalised
+        self.query = ""
+        self.client = client                # the peer's address
+        self.started = time.perf_counter()
+        self.route: Route | None = None
+        self.label = "-"                    # the key's name or short hash, for logs and metrics
+        self.bucket_key = ""
+        self.policy: KeyPolicy | None = None
+        self.body = b""
+        self.body_read = False              # a body left unread closes the connection
+        self.payload: dict | None = None    # the JSON body of a charged request
+        self.charge: Charge | None = None
+        self.ending = NOT_SENT              # how the upstream part went (see Charge.close)
+        self.status = 0                     # the status the client was sent
+        self.note = ""
+        self.head_sent = False
+
+    @property
+    def cost(self) -> int | None:
+        """The tokens charged (None: a request that is never charged)."""
+        return None if self.charge is None else self.charge.cost
+
+    @property
+    def remaining(self) -> int | None:
+        return None if self.charge is None else self.charge.remaining
+
+    @property
+    def route_label(self) -> str:
+        return self.route.label if self.route is not None else "other"
 
 
-# ######################################################################## upstream ####
+@dataclass(frozen=True)
+class Identity:
+    """Who a request is from: the bucket it draws on, its policy, its name in logs."""
+    bucket_key: str
+    policy: KeyPolicy
+    label: str
+
+
+def identify(headers: Headers, keys: KeyRing, default_policy: KeyPolicy, peer: str,
+             trust_forwarded_for: bool) -> Identity:
+    """The caller's bucket key and policy, or ProxyError(401). Keyless callers share their
+    IP's bucket (when keys are not required): the last X-Forwarded-For address when it is
+    trusted, else the peer's."""
+    token = bearer_token(headers.get("Authorization"))
+    if not token:
+        if keys:
+            raise ProxyError(HTTPStatus.UNAUTHORIZED, "You didn't provide an API key. "
+                             "Provide it in the Authorization header as 'Bearer YOUR_KEY'.",
+                             code="invalid_api_key")
+        if trust_forwarded_for:
+            forwarded = [p.strip() for p in ",".join(
+                headers.get_all("X-Forwarded-For") or []).split(",") if p.strip()]  # type: ignore[arg-type]
+            if forwarded:
+                peer = forwarded[-1]
+        return Identity("ip:" + peer, default_policy, "-")
+    digest = key_digest(token)
+    policy = keys.lookup(token, digest)
+    if policy is None:
+        if keys:
+            raise ProxyError(HTTPStatus.UNAUTHORIZED, "Incorrect API key provided.",
+                             code="invalid_api_key")
+        policy = default_policy
+    identity = Identity("key:" + digest, policy, policy.name or short_hash(digest))
+    if policy.disabled:
+        raise ProxyError(HTTPStatus.UNAUTHORIZED, "This API key has been disabled.",
+                         code="invalid_api_key")
+    return identity
+
+
+def check_model(payload: object, allowed: frozenset[str]) -> None:
+    """A key limited to some models gets 403 for any other (naming the allowed ones)."""
+    model = payload.get("model") if isinstance(payload, dict) else None
+    if model not in allowed:
+        raise ProxyError(HTTPStatus.FORBIDDEN,
+                         f"This key may not use model {model!r}. Allowed: "
+                         f"{', '.join(sorted(allowed))}.", code="model_not_allowed",
+                         param="model")
+
+
+def upstream_body(ex: Exchange, base_model: str) -> tuple[bytes, bytes | None]:
+    """The body to forward for a charged request, and the one to fall back to if the upstream
+    refuses stream_options the proxy added (None: nothing was added). The client's bytes go as
+    they are unless the model is rewritten (BASE_MODEL, generation routes) or, in usage mode, a
+    stream is asked for its usage on the client's behalf (and the meter then strips it)."""
+    payload = ex.payload
+    assert payload is not None and ex.route is not None
+    changed = False
+    fallback = None
+    if base_model and ex.route.kind == GENERATE:
+        payload["model"] = base_model
+        changed = True
+    meter = ex.charge.meter if ex.charge is not None else None
+    if meter is not None and meter.stream and ex.route.message_limit:
+        options = payload.get("stream_options")
+        if not (isinstance(options, dict) and options.get("include_usage") is True):
+            fallback = json.dumps(payload).encode() if changed else ex.body
+            payload["stream_options"] = {**(options if isinstance(options, dict) else {}),
+                                         "include_usage": True}
+            meter.strip = changed = True
+    return (json.dumps(payload).encode() if changed else ex.body), fallback
+
+
+# ########################################################################## charge ####
+
+#: How the upstream part of a request ended, which decides what it costs (Charge.close).
+NOT_SENT = "not sent"        # it never reached the upstream (queue, unreachable): refunded
+NO_ANSWER = "no answer"      # no answer came, or broke off before any of it went out: refunded
+FAILED = "failed"            # the upstream answered with a server error (5xx): refunded
+LEFT = "client left"         # the client went away before the answer was whole: charged
+BROKEN = "broken off"        # the answer stopped after it had begun to go out: charged
+ANSWERED = "answered"        # relayed whole: charged (usage mode: what the upstream reports)
+REFUNDED_ENDINGS = frozenset({NOT_SENT, NO_ANSWER, FAILED})
+
+
+class Charge:
+    """A request's claim on its key's bucket, from admission to its end.
+
+    States: `declined` (not admitted: nothing was taken), or `held` from admission until
+    close() moves it, exactly once, to `refunded` (the tokens go back) or `settled` (the tokens
+    stay; in usage mode the reservation is replaced with what the upstream reports). close() is
+    the only place money moves after admission, and a second close() does nothing. The
+    balance shown in headers and logs is the charge's own `quota`.
+    """
+
+    __slots__ = ("store", "key", "bucket", "usage_mode", "held", "state", "quota", "meter",
+                 "prompt_estimate", "charged", "note")
+
+    def __init__(self, store: "BucketStore | None", key: str, bucket: BucketPolicy | None,
+                 quota: Quota | None, held: int, *, meter: UsageMeter | None = None,
+                 prompt_estimate: int = 0) -> None:
+        self.store = store
+        self.key = key
+        self.bucket = bucket
+        self.held = held
+        self.state = "held" if held else "declined"
+        self.quota = quota
+        self.meter = meter                    # usage mode: reads what the answer really cost
+        self.prompt_estimate = prompt_estimate
+        self.charged = held                   # what the request costs so far
+        self.note = ""
+
+    @classmethod
+    def declined(cls, quota: Quota | None) -> "Charge":
+        """A request that was not admitted (limited: `quota` says why) and costs nothing."""
+        return cls(None, "", None, quota, 0)
+
+    @property
+    def cost(self) -> int:
+        return self.charged
+
+    @property
+    def remaining(self) -> int | None:
+        return None if self.quota is None else self.quota.remaining
+
+    def settlement(self, ending: str) -> tuple[int, int, int]:
+        """What the request costs in the end, given how it ended: (tokens, prompt tokens,
+        completion tokens); the token counts are those the usage counters record."""
+        if ending in REFUNDED_ENDINGS:
+            return 0, 0, 0
+        if self.meter is None:
+            return self.held, 0, 0
+        prompt, completion, total = self.meter.cost(self.prompt_estimate)
+        return total, prompt, completion
+
+    def close(self, ending: str) -> None:
+        """Refund or settle the held tokens, once; then nothing more moves."""
+        if self.state != "held":
+            return
+        self.state = "refunded" if ending in REFUNDED_ENDINGS else "settled"
+        total, prompt, completion = self.settlement(ending)
+        if total == self.held and not (prompt or completion):
+            return
+        assert self.store is not None and self.bucket is not None
+        try:
+            self.quota = self.store.settle(self.key, total - self.held, self.bucket,
+                                           prompt=prompt, completion=completion)
+        except StoreUnavailable:
+            self.note = "not settled: the store is unreachable"
+            return
+        self.charged = total
+
+
+def admit(ex: Exchange, store: "BucketStore", metrics: "Metrics") -> Charge:
+    """Take the request's cost from its bucket: a held charge, or a declined one when the
+    bucket cannot pay (the limit answer reads its quota). ProxyError(400) for a request that
+    costs more than a bucket can ever hold."""
+    policy, route, payload = ex.policy, ex.route, ex.payload
+    assert policy is not None and route is not None and payload is not None
+    bucket = policy.bucket
+    cost = request_cost(payload, policy, route.kind)
+    if cost > bucket.capacity:
+        raise ProxyError(
+            HTTPStatus.BAD_REQUEST,
+            f"This request would cost {cost} tokens, but a bucket holds at most "
+            f"{bucket.capacity}, so it can never be admitted. Send a shorter request or a "
+            "smaller max_tokens.", code="request_exceeds_bucket")
+    quota = store.take(ex.bucket_key, cost, bucket)
+    if not quota.admitted:
+        metrics.inc("llm_proxy_limited_requests_total", (("key", metrics.key(ex.label)),))
+        return Charge.declined(quota)
+    if policy.token_cost_mode != "usage":
+        return Charge(store, ex.bucket_key, bucket, quota, cost)
+    return Charge(store, ex.bucket_key, bucket, quota, cost,
+                  meter=UsageMeter(stream=payload.get("stream") is True),
+                  prompt_estimate=prompt_estimate(payload))
+
+
+# ####################################################################### forwarder ####
+
+# Upstream connections (made by http.client, read with its response framing through one
+# buffered reader per pooled connection), the fair queue in front of a small upstream, and the
+# Forwarder that takes a request through both and brings back the answer's head.
+
 
 @dataclass(frozen=True)
 class Upstream:
@@ -1643,16 +1910,24 @@ class Upstream:
 
     def path_for(self, path: str, query: str) -> str:
         """The upstream target for a normalised /v1 path: the base URL's path replaces /v1."""
-        quoted = _quoted_path(self.base_path + path[len(API_PREFIX):])
+        quoted = _quoted_path(self.base_path + path[len("/v1"):])
         return quoted + ("?" + query if query else "")
 
 
 _NO_BODY_STATUSES = frozenset({HTTPStatus.NO_CONTENT, HTTPStatus.NOT_MODIFIED})
+_DIGITS = re.compile(r"[0-9]+")  # str.isdigit() also takes "²" and other Unicode digits
 
 
 class _UpstreamResponse(http.client.HTTPResponse):
     """http.client's response, reading its headers with read_headers instead of the email
-    package. The framing rules are http.client's own (HTTPResponse.begin)."""
+    package. The framing rules are http.client's own.
+
+    begin() follows CPython 3.10-3.13's HTTPResponse.begin (Lib/http/client.py) and uses its
+    private _read_status and _check_close. What it changes: headers come from read_headers
+    (not the email parser); every interim 1xx is skipped (CPython skips only 100) and 101 is
+    refused; a 204/304 that claims a body marks the connection as not reusable; Content-Length
+    must be ASCII digits.
+    """
 
     def begin(self) -> None:
         if self.headers is not None:
@@ -1679,7 +1954,7 @@ class _UpstreamResponse(http.client.HTTPResponse):
         self.will_close = self._check_close()  # type: ignore[attr-defined]
         self.length = None
         length = self.headers.get("Content-Length")
-        if length and not self.chunked and length.strip().isdigit():
+        if length and not self.chunked and _DIGITS.fullmatch(length.strip()):
             self.length = int(length)
         if status in _NO_BODY_STATUSES or self._method == "HEAD":  # type: ignore[attr-defined]
             if status in _NO_BODY_STATUSES and (self.chunked or self.length):
@@ -1880,40 +2155,16 @@ class UpstreamPool:
         set_io_timeout(sock, self.read_timeout)
         return _Connection(sock)
 
+    def idle(self) -> int:
+        """How many connections wait in the pool now."""
+        with self._lock:
+            return len(self._idle)
+
     def close(self) -> None:
         with self._lock:
             idle, self._idle = self._idle, []
         for conn in idle:
             conn.close()
-
-
-def _buffered(resp: http.client.HTTPResponse, sock: socket.socket) -> bool:
-    """Whether the response already holds unread bytes (so waiting on the socket would stall).
-
-    http.client reads through a BufferedReader; peeking at it without waiting returns what is
-    buffered (through SocketReader's peek_buffered; a TLS socket is made briefly non-blocking).
-    """
-    fp = resp.fp
-    if fp is None:
-        return True
-    raw = getattr(fp, "raw", None)
-    try:
-        if isinstance(raw, SocketReader) and raw.can_peek:
-            data = raw.peek_buffered(fp)  # type: ignore[arg-type]
-        elif isinstance(sock, ssl.SSLSocket) and sock.pending():
-            return True
-        else:
-            timeout = sock.gettimeout()
-            sock.settimeout(0.0)
-            try:
-                data = fp.peek(1)
-            finally:
-                sock.settimeout(timeout)
-    except (OSError, ValueError):  # (nothing there: BlockingIOError, TimeoutError, SSLWantRead)
-        return False
-    if resp.chunked and resp.chunk_left == 0 and b"\r\n".startswith(data):
-        return False  # only the CRLF that ends the last chunk: the next one is still to come
-    return bool(data)
 
 
 def wait_readable(upstream: socket.socket, client: socket.socket | None, timeout: float) -> bool:
@@ -1939,7 +2190,7 @@ def wait_readable(upstream: socket.socket, client: socket.socket | None, timeout
         watching = client is not None
         for fd, _ in events:
             if client is not None and fd == client.fileno():
-                if _peer_closed(client):
+                if peer_closed(client):
                     raise ClientGone()
                 poller.unregister(client)
                 client, watching = None, False
@@ -1947,7 +2198,7 @@ def wait_readable(upstream: socket.socket, client: socket.socket | None, timeout
             return watching
 
 
-def _peer_closed(sock: socket.socket) -> bool:
+def peer_closed(sock: socket.socket) -> bool:
     """Whether the peer has closed the connection, without waiting (a socket with a timeout
     would otherwise wait for data inside recv, MSG_DONTWAIT or not)."""
     try:
@@ -1962,7 +2213,6 @@ def _peer_closed(sock: socket.socket) -> bool:
         return True
 
 
-# ################################################################## upstream queue ####
 
 class _Waiter:
     __slots__ = ("key", "seq", "granted")
@@ -2024,6 +2274,11 @@ class FairGate:
         with self._lock:
             self._release(key)
 
+    def waiting(self) -> int:
+        """How many requests wait for a slot now."""
+        with self._lock:
+            return sum(len(queue) for queue in self._waiting.values())
+
     def _grant(self, key: str) -> None:
         self._busy += 1
         self._inflight[key] = self._inflight.get(key, 0) + 1
@@ -2081,17 +2336,6 @@ class KeySlots:
                 del self._counts[key]
 
 
-@dataclass
-class Charge:
-    """A request's claim on its bucket, from admission to refund or settlement."""
-    key: str
-    policy: BucketPolicy
-    quota: Quota
-    prompt_estimate: int = 0
-    meter: UsageMeter | None = None
-    fallback_body: bytes | None = None  # usage mode: the body without the added stream_options
-
-
 class _BytesReader(io.BytesIO):
     """A response body already read, put back for the relay (read1 and peek as on a socket)."""
 
@@ -2099,18 +2343,548 @@ class _BytesReader(io.BytesIO):
         return self.getvalue()[self.tell():]
 
 
+def upstream_head(method: str, target: str, headers: Headers, peer: str, pool: "UpstreamPool",
+                  body: bytes) -> str:
+    """The upstream request's line and headers (without the empty line that ends them): the
+    client's end-to-end headers (repeats joined), with Host, the upstream key, X-Forwarded-For
+    and Content-Length set here. Every value was checked when it was parsed (read_headers) or
+    configured (Config)."""
+    named = connection_tokens(headers)
+    dropped = NOT_FORWARDED_UP | named if named else NOT_FORWARDED_UP
+    forwarded: dict[str, str] = {}
+    for name, value in headers.items():
+        if name.lower() in dropped:
+            continue
+        forwarded[name] = f"{forwarded[name]}, {value}" if name in forwarded else value
+    lines = [f"{method} {target} HTTP/1.1", pool.host_line,
+             "Accept-Encoding: identity", *[f"{n}: {v}" for n, v in forwarded.items()]]
+    previous = ", ".join(headers.get_all("X-Forwarded-For", ()))  # type: ignore[arg-type]
+    lines.append(f"X-Forwarded-For: {previous}, {peer}" if previous else f"X-Forwarded-For: {peer}")
+    if pool.authorization_line:
+        lines.append(pool.authorization_line)
+    if body or method in ("POST", "PUT", "PATCH"):
+        lines.append(f"Content-Length: {len(body)}")
+    return "\r\n".join(lines)
+
+
+@dataclass
+class Answer:
+    """The upstream's answer to a request, its head read, its body not yet."""
+    conn: _Connection
+    resp: _UpstreamResponse
+    sent: float                 # when the request went out (time.perf_counter)
+    without_stream_options: bool = False  # sent again without the stream_options the proxy added
+
+
+_UPSTREAM_ERROR_KINDS = {"upstream_timeout": "timeout", "upstream_unreachable": "refused"}
+
+
+class Forwarder:
+    """Takes a request to the upstream and brings back its answer's head.
+
+    turn(): the request's place in the fair queue (when MAX_UPSTREAM_CONCURRENCY is set).
+    send(): the exchange, retried once when a reused pooled connection turns out to have been
+    closed by the upstream, and sent once more without the stream_options the proxy added on the
+    client's behalf when the upstream refuses them. finish(): the connection back to the pool,
+    or closed. Whatever fails sets `ex.ending` and raises the error the client gets.
+    """
+
+    def __init__(self, pool: "UpstreamPool", gate: FairGate | None, metrics: "Metrics",
+                 queue_timeout: float) -> None:
+        self.pool = pool
+        self.gate = gate
+        self.metrics = metrics
+        self.queue_timeout = queue_timeout
+
+    @contextlib.contextmanager
+    def turn(self, ex: Exchange, gone: Callable[[], bool]) -> Iterator[None]:
+        """Hold a slot to the upstream for the body of the `with`. A request that leaves the
+        queue (its client went away, or it waited UPSTREAM_QUEUE_TIMEOUT) never reached the
+        upstream: ex.ending stays NOT_SENT."""
+        if self.gate is None:
+            yield
+            return
+        outcome = self.gate.enter(ex.bucket_key, self.queue_timeout, gone)
+        if outcome == "gone":
+            raise ClientGone()
+        if outcome != "ok":
+            raise ProxyError(HTTPStatus.SERVICE_UNAVAILABLE, "The model server is busy; this "
+                             f"request waited {_number(self.queue_timeout)} s for its turn. "
+                             "Please try again.", type="server_error", code="upstream_busy",
+                             headers=[("Retry-After", "1"), ("retry-after-ms", "1000")])
+        try:
+            yield
+        finally:
+            self.gate.leave(ex.bucket_key)
+
+    def send(self, ex: Exchange, head: Callable[[bytes], str], body: bytes,
+             fallback: bytes | None, client: socket.socket) -> Answer:
+        """Send the request (head(body) makes its head) and read the answer's head, watching
+        the client meanwhile."""
+        started = time.perf_counter()
+        try:
+            conn, resp = self._exchange(head(body), body, client)
+            answer = Answer(conn, resp, started)
+            if fallback is not None:
+                refused = self._stream_options_refused(resp)
+                if refused:  # asked again without them: that answer is relayed instead
+                    self._done(conn, resp, whole=True)
+                    conn, resp = self._exchange(head(fallback), fallback, client)
+                    answer = Answer(conn, resp, started, without_stream_options=True)
+        except ProxyError as err:
+            ex.ending = NO_ANSWER
+            self.metrics.inc("llm_proxy_upstream_errors_total",
+                             (("kind", _UPSTREAM_ERROR_KINDS.get(err.code or "", "invalid")),))
+            raise
+        except ClientGone:
+            ex.ending = LEFT
+            raise
+        self.metrics.observe("llm_proxy_upstream_ttfb_seconds", time.perf_counter() - started)
+        if resp.status >= 500:
+            ex.ending = FAILED
+            self.metrics.inc("llm_proxy_upstream_errors_total", (("kind", "5xx"),))
+        return answer
+
+    def finish(self, answer: Answer, whole: bool) -> None:
+        """Done with the answer: a connection whose answer was read whole (by its own framing)
+        goes back to the pool, any other is closed."""
+        self._done(answer.conn, answer.resp, whole)
+        self.metrics.observe("llm_proxy_upstream_latency_seconds",
+                             time.perf_counter() - answer.sent)
+
+    def _done(self, conn: _Connection, resp: _UpstreamResponse, whole: bool) -> None:
+        if whole and resp.isclosed() and not resp.will_close:
+            self.pool.release(conn)
+        else:
+            conn.close()
+
+    def _exchange(self, head: str, body: bytes,
+                  client: socket.socket) -> tuple[_Connection, _UpstreamResponse]:
+        """Send the request and read the response head. A reused connection that the upstream
+        had closed meanwhile fails before any byte comes back; that one is retried on a new one."""
+        pool = self.pool
+        for attempt in (1, 2):
+            conn, reused = pool.acquire()
+            try:
+                resp = conn.send_request(head, body)
+                if not conn.has_unread():  # (a fast upstream often has: no wait, no poll)
+                    wait_readable(conn.sock, client, pool.read_timeout)
+                resp.begin()
+                return conn, resp
+            except (ConnectionResetError, BrokenPipeError, http.client.RemoteDisconnected):
+                conn.close()
+                if reused and attempt == 1:
+                    continue
+                raise ProxyError(HTTPStatus.BAD_GATEWAY, "The upstream server closed the "
+                                 "connection without answering.", type="server_error",
+                                 code="upstream_unreachable") from None
+            except (UpstreamTimeout, TimeoutError, BlockingIOError):
+                conn.close()  # (BlockingIOError: the kernel's send timeout)
+                raise ProxyError(HTTPStatus.GATEWAY_TIMEOUT, "The upstream server did not answer "
+                                 "in time.", type="server_error", code="upstream_timeout") from None
+            except ClientGone:
+                conn.close()
+                raise
+            except (OSError, http.client.HTTPException):
+                conn.close()
+                raise ProxyError(HTTPStatus.BAD_GATEWAY, "The upstream server sent an invalid "
+                                 "response.", type="server_error", code="upstream_error") from None
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _stream_options_refused(resp: _UpstreamResponse) -> bool:
+        """Whether the upstream refused the stream_options the proxy added (a small 400 that
+        names them). Any other answer is left for the relay (a small 400 is read and put back)."""
+        if resp.status != HTTPStatus.BAD_REQUEST or resp.length is None \
+                or resp.length > 64 * 1024:
+            return False
+        error = resp.read()
+        if b"stream_options" in error:
+            return True
+        resp.fp, resp.length = _BytesReader(error), len(error)  # type: ignore[assignment]
+        return False
+
+
+# ########################################################################### relay ####
+
+# The answer's head and body go to the client as they arrive, never buffered whole. What the
+# client's copy of the body looks like is decided once (choose_framing); a body transform (the
+# usage meter) may rewrite pieces on the way, and the relay knows nothing of what it does. Once
+# the head is out the relay reports how it ended instead of raising.
+
+NONE, LENGTH, CHUNKED, CLOSE = "none", "length", "chunked", "close"
+
+
+@dataclass(frozen=True)
+class Framing:
+    """How the client's copy of a response body is delimited: not at all (NONE: no body), by
+    Content-Length (LENGTH), in chunks (CHUNKED), or by closing the connection (CLOSE)."""
+    kind: str
+    length: int | None = None
+
+
+def choose_framing(*, status: int, method: str, http11: bool, upstream_length: int | None,
+                   length_kept: bool) -> Framing:
+    """The framing of the relayed body. The upstream's length is kept when the upstream sent
+    one and nothing changes the body's length; otherwise an HTTP/1.1 client gets chunks and an
+    HTTP/1.0 client a body that ends when the connection does."""
+    if status in _NO_BODY_STATUSES or method == "HEAD":
+        return Framing(NONE)
+    if upstream_length is not None and length_kept:
+        return Framing(LENGTH, upstream_length)
+    return Framing(CHUNKED) if http11 else Framing(CLOSE)
+
+
+def frame_chunk(data: bytes) -> bytes:
+    """One chunk of a chunked body (RFC 9112 section 7.1)."""
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+LAST_CHUNK = b"0\r\n\r\n"
+
+
+class BodyTransform(Protocol):
+    """What the relay asks of a body transform: feed() takes each piece read from the upstream
+    and returns what to relay now; finish() returns what is left at the end."""
+
+    def feed(self, data: bytes) -> bytes: ...
+
+    def finish(self) -> bytes: ...
+
+
+#: How a relay ended.
+WHOLE = "whole"                 # the body went out whole
+CLIENT_GONE = "client gone"     # the client went away (or stopped reading)
+UPSTREAM_BROKE = "broke off"    # the upstream's body stopped before its end (reset, bad framing)
+UPSTREAM_SILENT = "timeout"     # the upstream sent nothing for READ_TIMEOUT
+
+
+@dataclass(frozen=True)
+class RelayEnd:
+    how: str
+    sent: bool = True           # whether anything (the head first) went out to the client
+    detail: str = ""            # the failure's name, for the access log
+
+
+def relay(resp: http.client.HTTPResponse, upstream: socket.socket, write: Callable[[bytes], None],
+          head: bytes, framing: Framing, transform: BodyTransform | None,
+          watch: socket.socket | None, read_timeout: float) -> RelayEnd:
+    """Send `head` with the first piece of the body, then each piece as it arrives, framed as
+    `framing` says. A stream is generated while it is relayed: with `watch` (the client's
+    socket) the client is watched between pieces so that its going away closes the upstream at
+    once, which stops generation. A plain body was generated before its head was sent, so it
+    is simply read (READ_TIMEOUT still applies). `write` raises ClientGone."""
+    chunked = framing.kind == CHUNKED
+    try:
+        while resp.fp is not None and (resp.chunked or resp.length != 0):
+            if watch is not None and not _buffered(resp, upstream):
+                if not wait_readable(upstream, watch, read_timeout):
+                    watch = None
+            piece = resp.read1(READ_CHUNK)
+            if not piece:
+                break
+            if transform is not None:
+                piece = transform.feed(piece)
+                if not piece:
+                    continue
+            data = frame_chunk(piece) if chunked else piece
+            write(head + data if head else data)  # the head goes with the first piece
+            head = b""
+        resp.close()
+        rest = transform.finish() if transform is not None else b""
+        tail = (frame_chunk(rest) if rest else b"") + LAST_CHUNK if chunked else rest
+        if head or tail:
+            write(head + tail)
+    except ClientGone:
+        return RelayEnd(CLIENT_GONE)
+    except (UpstreamTimeout, socket.timeout, TimeoutError):
+        return RelayEnd(UPSTREAM_SILENT, not head, "timeout")
+    except (OSError, ValueError, http.client.HTTPException) as exc:
+        return RelayEnd(UPSTREAM_BROKE, not head, type(exc).__name__)
+    return RelayEnd(WHOLE)
+
+
+def _buffered(resp: http.client.HTTPResponse, sock: socket.socket) -> bool:
+    """Whether the response already holds unread bytes (so waiting on the socket would stall).
+
+    http.client reads through a BufferedReader; peeking at it without waiting returns what is
+    buffered (through SocketReader's peek_buffered; a TLS socket is made briefly non-blocking).
+    """
+    fp = resp.fp
+    if fp is None:
+        return True
+    raw = getattr(fp, "raw", None)
+    try:
+        if isinstance(raw, SocketReader) and raw.can_peek:
+            data = raw.peek_buffered(fp)  # type: ignore[arg-type]
+        elif isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return True
+        else:
+            timeout = sock.gettimeout()
+            sock.settimeout(0.0)
+            try:
+                data = fp.peek(1)
+            finally:
+                sock.settimeout(timeout)
+    except (OSError, ValueError):  # (nothing there: BlockingIOError, TimeoutError, SSLWantRead)
+        return False
+    if resp.chunked and resp.chunk_left == 0 and b"\r\n".startswith(data):
+        return False  # only the CRLF that ends the last chunk: the next one is still to come
+    return bool(data)
+
+
+def response_headers(resp: http.client.HTTPResponse,
+                     quota: Quota | None) -> list[tuple[str, str]]:
+    """The upstream's headers minus hop-by-hop ones and those the proxy sets itself; with the
+    proxy's X-RateLimit-* for a charged request."""
+    dropped = NOT_FORWARDED_DOWN if quota is None else _NOT_FORWARDED_CHARGED
+    named = connection_tokens(resp.headers)  # type: ignore[arg-type]
+    if named:
+        dropped = dropped | named
+    headers = [(n, v) for n, v in resp.headers.items() if n.lower() not in dropped]
+    if quota is not None:
+        headers += rate_limit_headers(quota)
+    return headers
+
+
+_NOT_FORWARDED_CHARGED = NOT_FORWARDED_DOWN | {n.lower() for n in RATE_LIMIT_HEADERS}
+STREAM_TYPES = ("text/event-stream",)
+
+
+def is_stream(resp: http.client.HTTPResponse) -> bool:
+    """Whether the answer is generated while it is relayed (server-sent events)."""
+    content_type = resp.getheader("Content-Type") or ""
+    return any(kind in content_type for kind in STREAM_TYPES)
+
+
+class ClientSide(Protocol):
+    """What relay_answer needs of the client's connection (ProxyHandler provides it)."""
+    connection: socket.socket
+    close_connection: bool
+    request_version: str
+
+    def response_head(self, ex: Exchange, status: int, reason: str,
+                      headers: list[tuple[str, str]]) -> bytes: ...
+
+    def write(self, ex: Exchange, data: bytes) -> None: ...
+
+
+def relay_answer(ex: Exchange, answer: Answer, client: ClientSide, read_timeout: float,
+                 metrics: "Metrics") -> bool:
+    """Relay the upstream's answer (status, headers, body) and record how it ended in
+    ex.ending. Returns whether the body was read whole (the upstream connection can be reused).
+
+    Before anything went out, a failure is still a clean error (ProxyError); after, a stream
+    gets its API's last error event and a terminated body, and the connection is closed. A
+    client that went away raises ClientGone.
+    """
+    resp = answer.resp
+    charge = ex.charge
+    meter = charge.meter if charge is not None else None
+    headers = response_headers(resp, charge.quota if charge is not None else None)
+    framing = choose_framing(status=resp.status, method=ex.method,
+                             http11=client.request_version == "HTTP/1.1",
+                             upstream_length=None if resp.chunked else resp.length,
+                             length_kept=meter is None or not meter.strip)
+    if framing.kind == LENGTH:
+        headers.append(("Content-Length", str(framing.length)))
+    elif framing.kind == CHUNKED:
+        headers.append(("Transfer-Encoding", "chunked"))
+    elif framing.kind == CLOSE:
+        client.close_connection = True
+    head = client.response_head(ex, resp.status, resp.reason, headers)
+    if framing.kind == NONE:
+        client.write(ex, head)
+        resp.close()
+        end = RelayEnd(WHOLE)
+    else:
+        stream = is_stream(resp)
+        end = relay(resp, answer.conn.sock, lambda data: client.write(ex, data), head, framing,
+                    meter, client.connection if stream else None, read_timeout)
+    if end.how == WHOLE:
+        _ended(ex, ANSWERED)
+        return True
+    if end.how == CLIENT_GONE:
+        _ended(ex, LEFT)
+        raise ClientGone()
+    client.close_connection = True
+    timed_out = end.how == UPSTREAM_SILENT
+    metrics.inc("llm_proxy_upstream_errors_total", (("kind", "timeout" if timed_out else "broken"),))
+    message = ("The upstream server stopped sending the response." if timed_out else
+               "The upstream server broke off the response.")
+    if not end.sent:  # nothing went out yet: a plain error is still possible
+        _ended(ex, NO_ANSWER)
+        raise ProxyError(HTTPStatus.GATEWAY_TIMEOUT if timed_out else HTTPStatus.BAD_GATEWAY,
+                         message, type="server_error",
+                         code="upstream_timeout" if timed_out else "upstream_error")
+    _ended(ex, BROKEN)
+    ex.note = f"upstream broke off: {end.detail}"
+    if framing.kind == CHUNKED and stream and ex.route is not None:
+        try:
+            client.write(ex, frame_chunk(ex.route.api.broken_stream_event(message)) + LAST_CHUNK)
+        except ClientGone:
+            pass  # the client is gone too; the connection closes either way
+    return False
+
+
+def _ended(ex: Exchange, ending: str) -> None:
+    """Record how the upstream part ended; an upstream server error (FAILED) stays that."""
+    if ex.ending != FAILED:
+        ex.ending = ending
+
+
+# ################################################################### local answers ####
+
+# Routes the proxy answers itself (kind LOCAL or ADMIN in the route table, or a forwarded route
+# whose `answer` may stand in for the upstream). Each is a function of the server, the exchange
+# and the request's headers that returns the Reply; None lets a forwarded route go upstream.
+
+def answer_health(server: "ProxyServer", ex: Exchange, headers: Headers) -> Reply:
+    """{"ok": true, "quota": …, "usage": …, "store": …} for the caller's bucket, without
+    creating one. A caller without a key gets no quota when keys are required (a liveness
+    probe). "ok" is false while requests are refused for want of the store (closed mode)."""
+    answer: dict[str, object] = {"ok": True}
+    store = server.store
+    try:
+        if bearer_token(headers.get("Authorization")) or not server.keys:
+            who = identify(headers, server.keys, server.default_policy, ex.client,
+                           server.config.trust_forwarded_for)
+            ex.label, ex.bucket_key = who.label, who.bucket_key
+            policy = who.policy.bucket
+            quota = store.peek(who.bucket_key, policy)
+            answer["quota"] = {
+                "limit": quota.limit, "remaining": quota.remaining,
+                "reset_seconds": math.ceil(quota.reset_seconds),
+                "refill_tokens": policy.refill_tokens,
+                "refill_interval_seconds": policy.refill_interval,
+            }
+            answer["usage"] = store.usage(who.bucket_key)
+    except StoreUnavailable:
+        answer["ok"] = False
+    answer["store"] = store.status()
+    return json_reply(HTTPStatus.OK, answer)
+
+
+def check_admin(server: "ProxyServer", ex: Exchange, headers: Headers) -> None:
+    """Admin routes are for ADMIN_API_KEY holders, or, when it is unset, for clients on this
+    machine only (anyone else gets 404, as if they did not exist)."""
+    admin_key = server.config.admin_api_key
+    if admin_key:
+        token = bearer_token(headers.get("Authorization"))
+        if not hmac.compare_digest(key_digest(token), key_digest(admin_key)):
+            raise ProxyError(HTTPStatus.UNAUTHORIZED, "This route needs the admin key.",
+                             code="invalid_api_key")
+    elif not is_loopback(ex.client):
+        raise ProxyError(HTTPStatus.NOT_FOUND, f"Invalid URL ({ex.method} {ex.path}).",
+                         code="unknown_url")
+
+
+def answer_metrics(server: "ProxyServer", ex: Exchange, headers: Headers) -> Reply:
+    return Reply(HTTPStatus.OK, (("Content-Type", "text/plain; version=0.0.4; charset=utf-8"),),
+                 server.render_metrics().encode())
+
+
+def answer_admin_keys(server: "ProxyServer", ex: Exchange, headers: Headers) -> Reply:
+    return json_reply(HTTPStatus.OK, {"keys": key_report(server),
+                                      "buckets_held": len(server.store),
+                                      "store": server.store.status()})
+
+
+def key_report(server: "ProxyServer") -> list[dict[str, object]]:
+    """Every accepted key's name, balance, limit, next refill and counters; no secret."""
+    report = []
+    store = server.store
+    for digest, policy in server.keys.entries:
+        quota = store.peek("key:" + digest, policy.bucket)
+        report.append({
+            "name": policy.name or short_hash(digest), "disabled": policy.disabled,
+            "limit": quota.limit, "balance": quota.remaining,
+            "next_refill_seconds": math.ceil(quota.reset_seconds),
+            "refill_tokens": policy.bucket.refill_tokens,
+            "refill_interval_seconds": policy.bucket.refill_interval,
+            "token_cost_mode": policy.token_cost_mode,
+            "models": sorted(policy.models) if policy.models is not None else None,
+            **store.usage("key:" + digest)})
+    return report
+
+
+def answer_models(server: "ProxyServer", ex: Exchange, headers: Headers) -> Reply | None:
+    """With BASE_MODEL set, the model list is that one model; else the upstream's."""
+    model = server.config.base_model
+    if not model:
+        return None
+    return json_reply(HTTPStatus.OK, {"object": "list", "data": [
+        {"id": model, "object": "model", "created": 0, "owned_by": "llm_proxy"}]})
+
+
+def answer_preflight(server: "ProxyServer", ex: Exchange, headers: Headers) -> Reply:
+    """CORS preflight: allow whatever the browser asks for (x-stainless-* included)."""
+    asked = headers.get("Access-Control-Request-Headers", "")
+    return Reply(HTTPStatus.NO_CONTENT, (
+        ("Access-Control-Allow-Methods", "GET, POST, PUT, PATCH, DELETE, OPTIONS"),
+        ("Access-Control-Allow-Headers", header_safe(asked or "") or "Authorization, Content-Type"),
+        ("Access-Control-Max-Age", "86400"),
+    ), None)
+
+
+LOCAL_ANSWERS: dict[str, Callable[["ProxyServer", Exchange, Headers], Reply | None]] = {
+    "health": answer_health, "metrics": answer_metrics, "admin_keys": answer_admin_keys,
+    "models": answer_models, "preflight": answer_preflight,
+}
+
+
+def busy_reply(route: Route, payload: dict | None, limit: int, as_message: bool) -> Reply:
+    """Over MAX_CONCURRENT_PER_KEY: answered like an empty bucket, in its own words."""
+    err = ProxyError(HTTPStatus.TOO_MANY_REQUESTS, "Too many requests at once for this key "
+                     f"(at most {limit}); wait for one to finish.", type="requests",
+                     code="concurrency_limit_exceeded",
+                     headers=[("Retry-After", "1"), ("retry-after-ms", "1000")])
+    return route.api.limited(err, "too many requests at once for this key, wait for one to "
+                             "finish", route.path, payload,
+                             as_message=as_message and route.message_limit,
+                             created=int(time.time()))
+
+
+def limited_reply(route: Route, payload: dict, quota: Quota, as_message: bool) -> Reply:
+    """An empty bucket: the limit text as an assistant message, or the 429."""
+    text = limit_message(quota.wait_seconds)
+    err = ProxyError(HTTPStatus.TOO_MANY_REQUESTS,
+                     f"Rate limit reached for this key: {text}. Please try again in "
+                     f"{math.ceil(quota.wait_seconds)}s.", type="requests",
+                     code="rate_limit_exceeded",
+                     headers=rate_limit_headers(quota) + retry_headers(quota.wait_seconds))
+    return route.api.limited(err, text, route.path, payload,
+                             as_message=as_message and route.message_limit,
+                             created=int(time.time()))
+
+
 # ######################################################################### handler ####
 
 class ProxyHandler(BaseHTTPRequestHandler):
-    """One client connection: parse, authenticate, charge, forward, log.
+    """HTTP in and out for one client connection, and dispatch by the route table.
 
-    Policy lives in the functions and classes above; this class only wires them to HTTP. Its one
-    error boundary is `_handle`: a ProxyError becomes the OpenAI error body, or, once response
-    headers are out, a closed connection.
+    Each request gets an Exchange; the handler reads the request, looks its route up, and either
+    writes a local answer or takes it through admission (Charge), the Forwarder and the relay.
+    Its one error boundary is `_serve`: a ProxyError becomes an error in the route's API shape,
+    or, once the response head is out, a closed connection.
+
+    Replaced from BaseHTTPRequestHandler (CPython 3.10-3.13 Lib/http/server.py), and why:
+    - setup(): the connection is read through SocketReader (kernel timeouts, see
+      set_io_timeout), with KEEPALIVE_TIMEOUT as the limit of any one read or write.
+    - handle_one_request(): follows the base class's; adds the client deadlines (the request
+      line and headers must arrive within CLIENT_HEADER_TIMEOUT however slowly they trickle)
+      and the request line limit (MAX_HEADER_BYTES, else 414).
+    - parse_request(): only "METHOD target HTTP/1.x"; headers read by read_headers, which
+      refuses what could smuggle a request (the email parser is slow and lenient).
+    - send_error(): errors as JSON in the API's shape instead of an HTML page.
+    - log_request(), log_message(): the access log is written once per request, from the
+      Exchange, by the server's AccessLog.
+    Not used: send_response() and the header-writing methods (answers are written whole by
+    _send, or head and first piece together by the relay), hence no server_version either: the
+    proxy adds no Server header of its own.
     """
 
     protocol_version = "HTTP/1.1"
-    server_version = f"llm_proxy/{__version__}"
     disable_nagle_algorithm = True      # headers and small SSE events must not wait for ACKs
     server: "ProxyServer"
 
@@ -2130,12 +2904,12 @@ class ProxyHandler(BaseHTTPRequestHandler):
         CLIENT_HEADER_TIMEOUT, however slowly they trickle in (slowloris): the server's deadline
         thread cuts the connection's reading side when the time is up.
         """
-        config = self.server.config
+        config, deadlines = self.server.config, self.server.deadlines
         try:
             if not self.rfile.peek(1):
                 self.close_connection = True  # the client closed its idle connection
                 return
-            self.server.set_deadline(self, config.client_header_timeout)
+            deadlines.set(self, config.client_header_timeout)
             self.raw_requestline = self.rfile.readline(config.max_header_bytes + 1)
             if len(self.raw_requestline) > config.max_header_bytes:
                 self.requestline, self.request_version, self.command = "", "", ""
@@ -2146,95 +2920,15 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 return
             if not self.parse_request():
                 return
-            self.server.set_deadline(self, None)
-            method = getattr(self, "do_" + self.command, None)
-            if method is None:
+            deadlines.set(self, None)
+            if self.command not in HANDLED_METHODS:
                 self.send_error(HTTPStatus.NOT_IMPLEMENTED)
                 return
-            method()
+            self._serve()
         except (TimeoutError, socket.timeout, ConnectionError):
             self.close_connection = True
         finally:
-            self.server.set_deadline(self, None)
-
-    # -- dispatch ---------------------------------------------------------------------------
-
-    def do_GET(self) -> None:
-        self._handle()
-
-    do_POST = do_PUT = do_PATCH = do_DELETE = do_GET
-
-    def do_OPTIONS(self) -> None:
-        """CORS preflight: allow whatever the browser asks for (x-stainless-* included)."""
-        self._begin()
-        asked = self.headers.get("Access-Control-Request-Headers", "")
-        allowed = _header_safe(asked) or "Authorization, Content-Type"
-        self._send(HTTPStatus.NO_CONTENT, [
-            ("Access-Control-Allow-Methods", "GET, POST, PUT, PATCH, DELETE, OPTIONS"),
-            ("Access-Control-Allow-Headers", allowed),
-            ("Access-Control-Max-Age", "86400"),
-        ], None)
-        self._log_access()
-
-    # -- the error boundary -----------------------------------------------------------------
-
-    def _begin(self) -> None:
-        self._started = time.perf_counter()
-        self._headers_sent = False
-        self._body_consumed = False
-        self._status = 0
-        self._cost: int | None = None
-        self._remaining: int | None = None
-        self._label = "-"
-        self._route = ""
-        self._note = ""
-        self._bucket_key = ""
-
-    def _handle(self) -> None:
-        self._begin()
-        self.server.request_started()
-        try:
-            self._proxy()
-        except ProxyError as err:
-            self._fail(err)
-        except ClientGone:
-            self.close_connection = True
-            self._status = self._status if self._headers_sent else 499
-            self._note = "client closed"
-        except (KeyboardInterrupt, SystemExit, MemoryError):
-            raise
-        except Exception as exc:  # a bug: answer 500, log one line, keep serving
-            self.server.log(f"error: {type(exc).__name__} while handling "
-                            f"{self.command} {_loggable(self._route or '?')}")
-            self._fail(ProxyError(HTTPStatus.INTERNAL_SERVER_ERROR, "The proxy failed to handle "
-                                  "the request.", type="server_error", close=True))
-        finally:
-            self.server.request_finished()
-            self._log_access()
-
-    def _fail(self, err: ProxyError) -> None:
-        if self._headers_sent:
-            self.close_connection = True
-            return
-        if err.close:
-            self.close_connection = True
-        try:
-            self._send(err.status, [("Content-Type", "application/json"), *err.headers],
-                       err.body() if self.command != "HEAD" else None)
-        except OSError:
-            self.close_connection = True
-
-    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        """http.server's own errors (malformed request line, headers too long, unsupported
-        method) as OpenAI-shaped JSON instead of an HTML page."""
-        if not hasattr(self, "_started"):
-            self._begin()
-        self.close_connection = True
-        status = HTTPStatus(code)
-        text = {HTTPStatus.BAD_REQUEST: "Malformed HTTP request.",
-                HTTPStatus.NOT_IMPLEMENTED: f"Method not supported: {_loggable(self.command or '')}."}
-        self._fail(ProxyError(status, text.get(status, status.phrase + ".")))
-        self._log_access()
+            deadlines.set(self, None)
 
     def parse_request(self) -> bool:
         """Parse the request line and headers into command, path, request_version, headers.
@@ -2272,7 +2966,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             return False
         except EOFError:
             return False
-        tokens = _connection_tokens(self.headers)
+        tokens = connection_tokens(self.headers)  # type: ignore[arg-type]
         self.close_connection = "close" in tokens or (
             int(minor) < 1 and "keep-alive" not in tokens)
         expect = self.headers.get("Expect")
@@ -2280,129 +2974,149 @@ class ProxyHandler(BaseHTTPRequestHandler):
             return self.handle_expect_100()
         return True
 
-    # -- the request ------------------------------------------------------------------------
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own errors (malformed request line, headers too long, unsupported
+        method) as OpenAI-shaped JSON instead of an HTML page; the connection is closed."""
+        ex = Exchange(self.command or "", "", self.client_address[0])
+        self.close_connection = True
+        status = HTTPStatus(code)
+        text = {HTTPStatus.BAD_REQUEST: "Malformed HTTP request.",
+                HTTPStatus.NOT_IMPLEMENTED: f"Method not supported: {loggable(self.command or '')}."}
+        self._fail(ex, ProxyError(status, text.get(status, status.phrase + ".")))
+        self.server.log_access(ex)
 
-    def _proxy(self) -> None:
-        config = self.server.config
-        self._route = self.path.partition("?")[0]  # for the log until it is normalised
-        path, query = normalize_path(self.path)
-        self._route = path
-        if path == HEALTH_PATH and self.command == "GET":
-            return self._health()
-        if path in (METRICS_PATH, ADMIN_KEYS_PATH) and self.command == "GET":
-            return self._admin(path)
-        if path != API_PREFIX and not path.startswith(API_PREFIX + "/"):
-            raise ProxyError(HTTPStatus.NOT_FOUND, f"Invalid URL ({self.command} {path}).",
-                             code="unknown_url")
-        bucket_key, policy = self._authenticate()
-        body = self._read_body()
-        charged = is_charged(self.command, path, policy)
-        payload = parse_json_object(body) if charged else None
-        if policy.models is not None and self.command == "POST":
-            self._check_model(payload if charged else _json_or_none(body), policy.models)
-        if path == "/v1/models" and self.command == "GET" and config.base_model:
-            return self._send_json(HTTPStatus.OK, {"object": "list", "data": [
-                {"id": config.base_model, "object": "model", "created": 0,
-                 "owned_by": "llm_proxy"}]})
-        slots = self.server.key_slots
-        if not slots.enter(bucket_key):
-            return self._send_busy(path, payload, policy)
+    def log_request(self, code: object = "-", size: object = "-") -> None:
+        pass  # the access log is written once per request, from the Exchange
+
+    def log_message(self, format: str, *args: object) -> None:
+        self.server.log(loggable(format % args))
+
+    # -- the error boundary -----------------------------------------------------------------
+
+    def _serve(self) -> None:
+        """One request, start to end. The charge closes here, in one place, however the
+        request ended, and before an error is written (a refunded request is refunded by the
+        time its client reads the error); then the access line is written."""
+        ex = Exchange(self.command, self.path, self.client_address[0])
+        server = self.server
+        server.request_started()
+        failure: ProxyError | None = None
         try:
-            if payload is None:
-                return self._forward(path, query, body, None)
-            charge = self._admit(path, payload, bucket_key, policy)
-            if charge is not None:
-                self._forward(path, query, self._upstream_body(payload, body, charge), charge)
+            try:
+                self._dispatch(ex)
+            except ProxyError as err:
+                failure = err
+            except ClientGone:
+                self.close_connection = True
+                ex.status = ex.status if ex.head_sent else 499
+                ex.note = ex.note or "client closed"
+            except (KeyboardInterrupt, SystemExit, MemoryError):
+                raise
+            except Exception as exc:  # a bug: answer 500, log one line, keep serving
+                server.log(f"error: {type(exc).__name__} while handling "
+                           f"{loggable(ex.method)} {loggable(ex.path or '?')}")
+                failure = ProxyError(HTTPStatus.INTERNAL_SERVER_ERROR, "The proxy failed to "
+                                     "handle the request.", type="server_error", close=True)
+            finally:
+                if ex.charge is not None:
+                    ex.charge.close(ex.ending)
+                    ex.note = ex.note or ex.charge.note
+            if failure is not None:
+                self._fail(ex, failure)
         finally:
-            slots.leave(bucket_key)
+            server.request_finished()
+            server.log_access(ex)
 
-    def _check_model(self, payload: object, allowed: frozenset[str]) -> None:
-        """A key limited to some models gets 403 for any other (naming the allowed ones)."""
-        model = payload.get("model") if isinstance(payload, dict) else None
-        if model not in allowed:
-            raise ProxyError(HTTPStatus.FORBIDDEN,
-                             f"This key may not use model {model!r}. Allowed: "
-                             f"{', '.join(sorted(allowed))}.", code="model_not_allowed",
-                             param="model")
+    def _fail(self, ex: Exchange, err: ProxyError) -> None:
+        """Send `err` in the route's API shape, unless the response head is already out (then
+        the connection closes). The access log says what the client really got."""
+        if err.close or ex.head_sent:
+            self.close_connection = True
+        if ex.head_sent:
+            return
+        api = ex.route.api if ex.route is not None else OPENAI
+        try:
+            self._reply(ex, api.error(err))
+        except ClientGone:
+            self.close_connection = True
+            ex.status, ex.note = 499, "client closed"
 
-    def _admit(self, route: str, payload: dict, bucket_key: str,
-               policy: KeyPolicy) -> "Charge | None":
-        """Take the request's cost from its bucket. None when limited (already answered)."""
-        store = self.server.store
-        bucket = policy.bucket
-        cost = request_cost(payload, policy, route)
-        self._cost = cost
-        if cost > bucket.capacity:
-            raise ProxyError(
-                HTTPStatus.BAD_REQUEST,
-                f"This request would cost {cost} tokens, but a bucket holds at most "
-                f"{bucket.capacity}, so it can never be admitted. Send a shorter request or a "
-                "smaller max_tokens.", code="request_exceeds_bucket")
-        quota = store.take(bucket_key, cost, bucket)
-        self._remaining = quota.remaining
-        if not quota.admitted:
-            self._cost = 0
-            self.server.metrics.inc("llm_proxy_limited_requests_total",
-                                    (("key", self.server.metrics.key(self._label)),))
-            self._send_limited(route, payload, quota, policy)
-            return None
-        charge = Charge(bucket_key, bucket, quota)
-        if policy.token_cost_mode == "usage":
-            charge.prompt_estimate = prompt_estimate(payload)
-            charge.meter = UsageMeter(stream=payload.get("stream") is True)
-        return charge
+    # -- dispatch ---------------------------------------------------------------------------
 
-    def _upstream_body(self, payload: dict, body: bytes, charge: "Charge") -> bytes:
-        """The body to forward: the client's bytes unless the model is rewritten (BASE_MODEL,
-        generation routes) or, in usage mode, a stream is asked for its usage on the client's
-        behalf. Then charge.fallback_body keeps the body without that request."""
-        changed = False
-        if self.server.config.base_model and self._route != EMBEDDINGS_ROUTE:
-            payload["model"] = self.server.config.base_model
-            changed = True
-        meter = charge.meter
-        if meter is not None and meter.stream and self._route in MESSAGE_ROUTES:
-            options = payload.get("stream_options")
-            if not (isinstance(options, dict) and options.get("include_usage") is True):
-                charge.fallback_body = json.dumps(payload).encode() if changed else body
-                payload["stream_options"] = {**(options if isinstance(options, dict) else {}),
-                                             "include_usage": True}
-                meter.strip = changed = True
-        return json.dumps(payload).encode() if changed else body
+    def _dispatch(self, ex: Exchange) -> None:
+        ex.path, ex.query = normalize_path(self.path)
+        route = ROUTES.find(ex.method, ex.path)
+        if route is None:
+            raise ProxyError(HTTPStatus.NOT_FOUND, f"Invalid URL ({ex.method} {ex.path}).",
+                             code="unknown_url")
+        ex.route = route
+        if route.kind in (LOCAL, ADMIN):
+            if route.kind == ADMIN:
+                check_admin(self.server, ex, self.headers)  # type: ignore[arg-type]
+            reply = LOCAL_ANSWERS[route.answer](self.server, ex, self.headers)  # type: ignore[arg-type]
+            assert reply is not None
+            return self._reply(ex, reply)
+        self._forward(ex)
 
-    def _authenticate(self) -> tuple[str, KeyPolicy]:
-        """The caller's bucket key and policy, or ProxyError(401). Keyless callers share their
-        IP's bucket (when keys are not required)."""
-        token = bearer_token(self.headers.get("Authorization"))
-        ring = self.server.keys
-        if not token:
-            if ring:
-                raise ProxyError(HTTPStatus.UNAUTHORIZED, "You didn't provide an API key. "
-                                 "Provide it in the Authorization header as 'Bearer YOUR_KEY'.",
-                                 code="invalid_api_key")
-            self._bucket_key = "ip:" + self._client_ip()
-            return self._bucket_key, self.server.default_policy
-        digest = key_digest(token)
-        policy = ring.lookup(token, digest)
-        if policy is None:
-            if ring:
-                raise ProxyError(HTTPStatus.UNAUTHORIZED, "Incorrect API key provided.",
-                                 code="invalid_api_key")
-            policy = self.server.default_policy
-        self._label = policy.name or short_hash(digest)
-        self._bucket_key = "key:" + digest
-        if policy.disabled:
-            raise ProxyError(HTTPStatus.UNAUTHORIZED, "This API key has been disabled.",
-                             code="invalid_api_key")
-        return self._bucket_key, policy
+    def _forward(self, ex: Exchange) -> None:
+        """A forwarded route: who is asking, what they send, whether it is charged and
+        admitted, then the upstream and the relay."""
+        server, config, route = self.server, self.server.config, ex.route
+        assert route is not None
+        who = identify(self.headers, server.keys, server.default_policy,  # type: ignore[arg-type]
+                       ex.client, config.trust_forwarded_for)
+        ex.bucket_key, ex.policy, ex.label = who.bucket_key, who.policy, who.label
+        ex.body = self._read_body(ex)
+        policy = who.policy
+        charged = route.charges(policy)
+        if charged:
+            ex.payload = parse_json_object(ex.body)
+        if policy.models is not None and ex.method == "POST":
+            check_model(ex.payload if charged else json_or_none(ex.body), policy.models)
+        if route.answer:
+            reply = LOCAL_ANSWERS[route.answer](server, ex, self.headers)  # type: ignore[arg-type]
+            if reply is not None:
+                return self._reply(ex, reply)
+        slots = server.key_slots
+        as_message = policy.limit_response == "message"
+        if not slots.enter(ex.bucket_key):
+            ex.charge = Charge.declined(None)
+            return self._reply(ex, busy_reply(route, ex.payload, slots.limit, as_message))
+        try:
+            if charged:
+                ex.charge = admit(ex, server.store, server.metrics)
+                if ex.charge.state == "declined":
+                    assert ex.charge.quota is not None and ex.payload is not None
+                    return self._reply(ex, limited_reply(route, ex.payload, ex.charge.quota,
+                                                         as_message))
+                body, fallback = upstream_body(ex, config.base_model)
+            else:
+                body, fallback = ex.body, None
+            self._forward_upstream(ex, body, fallback)
+        finally:
+            slots.leave(ex.bucket_key)
 
-    def _client_ip(self) -> str:
-        if self.server.config.trust_forwarded_for:
-            forwarded = [p.strip() for p in ",".join(
-                self.headers.get_all("X-Forwarded-For") or []).split(",") if p.strip()]
-            if forwarded:
-                return forwarded[-1]
-        return self.client_address[0]
+    def _forward_upstream(self, ex: Exchange, body: bytes, fallback: bytes | None) -> None:
+        forwarder = self.server.forwarder
+        pool = forwarder.pool
+        target = pool.upstream.path_for(ex.path, ex.query)
+        peer = self.client_address[0]
+
+        def head(data: bytes) -> str:
+            return upstream_head(ex.method, target, self.headers, peer, pool, data)  # type: ignore[arg-type]
+
+        with forwarder.turn(ex, lambda: peer_closed(self.connection)):
+            answer = forwarder.send(ex, head, body, fallback, self.connection)
+            meter = ex.charge.meter if ex.charge is not None else None
+            if answer.without_stream_options and meter is not None:
+                meter.strip = False  # settled by estimate: there will be no usage to strip
+            whole = False
+            try:
+                whole = relay_answer(ex, answer, self, pool.read_timeout, self.server.metrics)
+            finally:
+                forwarder.finish(answer, whole)
+
+    # -- reading the body -------------------------------------------------------------------
 
     def _has_body(self) -> bool:
         headers = getattr(self, "headers", None)  # absent when the request line was malformed
@@ -2411,10 +3125,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
         return bool(headers.get("Content-Length", "0").strip() not in ("", "0")
                     or headers.get("Transfer-Encoding"))
 
-    def _read_body(self) -> bytes:
+    def _read_body(self, ex: Exchange) -> bytes:
         """The whole request body, within MAX_BODY_BYTES (decided from Content-Length before
         reading). Ambiguous framing is refused and the connection closed (request smuggling)."""
-        config = self.server.config
+        config, deadlines = self.server.config, self.server.deadlines
         limit = config.max_body_bytes
         lengths = {v.strip() for v in self.headers.get_all("Content-Length") or []}
         encoding = ",".join(self.headers.get_all("Transfer-Encoding") or []).strip().lower()
@@ -2425,7 +3139,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             if encoding != "chunked":
                 raise ProxyError(HTTPStatus.BAD_REQUEST, "Unsupported Transfer-Encoding.",
                                  close=True)
-            self.server.set_deadline(self, config.client_body_timeout)
+            deadlines.set(self, config.client_body_timeout)
             body = self._read_chunked(limit)
         else:
             if len(lengths) > 1:
@@ -2440,15 +3154,15 @@ class ProxyHandler(BaseHTTPRequestHandler):
                                  f"Request body is {length} bytes; the limit is {limit}.",
                                  code="request_too_large", close=True)
             if length:
-                self.server.set_deadline(self, config.client_body_timeout)
+                deadlines.set(self, config.client_body_timeout)
             body = self._read_exactly(length)
-        self.server.set_deadline(self, None)
-        self._body_consumed = True
+        deadlines.set(self, None)
+        ex.body_read = True
         return body
 
     def _cut_off(self) -> Exception:
         """Why a body read came up short: the deadline thread (408) or the client (gone)."""
-        if self.server.deadline_passed(self):
+        if self.server.deadlines.passed(self):
             return ProxyError(HTTPStatus.REQUEST_TIMEOUT, "The request body took too long to "
                               "arrive.", close=True)
         return ClientGone()
@@ -2493,336 +3207,28 @@ class ProxyHandler(BaseHTTPRequestHandler):
             if not line.strip():
                 return b"".join(parts)
 
-    # -- local answers ----------------------------------------------------------------------
-
-    def _health(self) -> None:
-        """{"ok": true, "quota": …, "usage": …, "store": …} for the caller's bucket, without
-        creating one. A caller without a key gets no quota when keys are required (a liveness
-        probe). "ok" is false while requests are refused for want of the store (closed mode)."""
-        answer: dict[str, object] = {"ok": True}
-        token = bearer_token(self.headers.get("Authorization"))
-        try:
-            if token or not self.server.keys:
-                bucket_key, key_policy = self._authenticate()
-                policy = key_policy.bucket
-                quota = self.server.store.peek(bucket_key, policy)
-                answer["quota"] = {
-                    "limit": quota.limit, "remaining": quota.remaining,
-                    "reset_seconds": math.ceil(quota.reset_seconds),
-                    "refill_tokens": policy.refill_tokens,
-                    "refill_interval_seconds": policy.refill_interval,
-                }
-                answer["usage"] = self.server.store.usage(bucket_key)
-        except StoreUnavailable:
-            answer["ok"] = False
-        answer["store"] = self.server.store.status()
-        self._send_json(HTTPStatus.OK, answer)
-
-    def _admin(self, path: str) -> None:
-        """/metrics and /admin/keys: for ADMIN_API_KEY holders, or, when it is unset, for
-        clients on this machine only (anyone else gets 404, as if they did not exist)."""
-        admin_key = self.server.config.admin_api_key
-        if admin_key:
-            token = bearer_token(self.headers.get("Authorization"))
-            if not hmac.compare_digest(key_digest(token), key_digest(admin_key)):
-                raise ProxyError(HTTPStatus.UNAUTHORIZED, "This route needs the admin key.",
-                                 code="invalid_api_key")
-        elif not _is_loopback(self.client_address[0]):
-            raise ProxyError(HTTPStatus.NOT_FOUND, f"Invalid URL ({self.command} {path}).",
-                             code="unknown_url")
-        if path == METRICS_PATH:
-            body = self.server.render_metrics().encode()
-            return self._send(HTTPStatus.OK, [
-                ("Content-Type", "text/plain; version=0.0.4; charset=utf-8")], body)
-        self._send_json(HTTPStatus.OK, {"keys": self.server.key_report(),
-                                        "buckets_held": len(self.server.store),
-                                        "store": self.server.store.status()})
-
-    def _send_busy(self, route: str, payload: dict | None, policy: KeyPolicy) -> None:
-        """Over MAX_CONCURRENT_PER_KEY: answered like an empty bucket, in its own words, and
-        not charged."""
-        self._cost = 0
-        text = "too many requests at once for this key, wait for one to finish"
-        headers = [("Retry-After", "1"), ("retry-after-ms", "1000")]
-        if policy.limit_response == "429" or payload is None or route not in MESSAGE_ROUTES:
-            raise ProxyError(HTTPStatus.TOO_MANY_REQUESTS, f"Too many requests at once for this "
-                             f"key (at most {self.server.config.max_concurrent_per_key}); wait "
-                             "for one to finish.", type="requests",
-                             code="concurrency_limit_exceeded", headers=headers)
-        self._send_message(route, payload, text, headers)
-
-    def _send_message(self, route: str, payload: dict, text: str,
-                      headers: list[tuple[str, str]]) -> None:
-        """An assistant message from the proxy, in the shape the client asked for."""
-        model = payload.get("model")
-        options = payload.get("stream_options")
-        content_type, body = limit_completion(
-            route, model if isinstance(model, str) else "", text,
-            stream=payload.get("stream") is True,
-            include_usage=isinstance(options, dict) and options.get("include_usage") is True,
-            created=int(time.time()))
-        self._send(HTTPStatus.OK, [("Content-Type", content_type), *headers], body)
-
-    def _send_limited(self, route: str, payload: dict, quota: Quota, policy: KeyPolicy) -> None:
-        headers = rate_limit_headers(quota) + retry_headers(quota.wait_seconds)
-        text = limit_message(quota.wait_seconds)
-        if policy.limit_response == "429" or route not in MESSAGE_ROUTES:
-            raise ProxyError(HTTPStatus.TOO_MANY_REQUESTS,
-                             f"Rate limit reached for this key: {text}. Please try again in "
-                             f"{math.ceil(quota.wait_seconds)}s.",
-                             type="requests", code="rate_limit_exceeded", headers=headers)
-        self._send_message(route, payload, text, headers)
-
-    def _send_json(self, status: HTTPStatus, value: object) -> None:
-        self._send(status, [("Content-Type", "application/json")], json.dumps(value).encode())
-
-    # -- forwarding -------------------------------------------------------------------------
-
-    def _upstream_head(self, target: str, body: bytes) -> str:
-        """The upstream request's line and headers: the client's end-to-end headers (repeats
-        joined), with Host, the upstream key, X-Forwarded-For and Content-Length set here.
-        Every value was checked when it was parsed (read_headers) or configured (Config)."""
-        headers = self.headers
-        named = _connection_tokens(headers)
-        dropped = NOT_FORWARDED_UP | named if named else NOT_FORWARDED_UP
-        forwarded: dict[str, str] = {}
-        for name, value in headers.items():
-            if name.lower() in dropped:
-                continue
-            forwarded[name] = f"{forwarded[name]}, {value}" if name in forwarded else value
-        pool = self.server.pool
-        lines = [f"{self.command} {target} HTTP/1.1", pool.host_line,
-                 "Accept-Encoding: identity", *[f"{n}: {v}" for n, v in forwarded.items()]]
-        previous = ", ".join(headers.get_all("X-Forwarded-For", ()))
-        peer = self.client_address[0]
-        lines.append(f"X-Forwarded-For: {previous}, {peer}" if previous else
-                     f"X-Forwarded-For: {peer}")
-        if pool.authorization_line:
-            lines.append(pool.authorization_line)
-        if body or self.command in ("POST", "PUT", "PATCH"):
-            lines.append(f"Content-Length: {len(body)}")
-        return "\r\n".join(lines)
-
-    def _forward(self, path: str, query: str, body: bytes, charge: "Charge | None") -> None:
-        """Send the request upstream (after its turn in the fair queue, when there is one) and
-        relay the answer as it arrives. A request that leaves the queue is refunded whole.
-
-        Refunds the charge when the upstream never answered or answered 5xx; in usage mode,
-        settles it with what the response really cost, however the relay ended. Once the
-        response head is out, failures close the connection (a stream gets a final error event).
-        """
-        gate = self.server.gate
-        if gate is None:
-            return self._forward_now(path, query, body, charge)
-        config = self.server.config
-        outcome = gate.enter(self._bucket_key, config.upstream_queue_timeout,
-                             lambda: _peer_closed(self.connection))
-        if outcome != "ok":
-            self._refund(charge)
-            if outcome == "gone":
-                raise ClientGone()
-            raise ProxyError(HTTPStatus.SERVICE_UNAVAILABLE, "The model server is busy; this "
-                             f"request waited {_number(config.upstream_queue_timeout)} s for its "
-                             "turn. Please try again.", type="server_error", code="upstream_busy",
-                             headers=[("Retry-After", "1"), ("retry-after-ms", "1000")])
-        try:
-            self._forward_now(path, query, body, charge)
-        finally:
-            gate.leave(self._bucket_key)
-
-    def _forward_now(self, path: str, query: str, body: bytes, charge: "Charge | None") -> None:
-        pool, metrics = self.server.pool, self.server.metrics
-        target = pool.upstream.path_for(path, query)
-        started = time.perf_counter()
-        try:
-            conn, resp = self._exchange(pool, target, body)
-        except ProxyError as err:
-            kind = {"upstream_timeout": "timeout", "upstream_unreachable": "refused"}
-            metrics.inc("llm_proxy_upstream_errors_total",
-                        (("kind", kind.get(err.code or "", "invalid")),))
-            self._refund(charge)
-            raise
-        metrics.observe("llm_proxy_upstream_ttfb_seconds", time.perf_counter() - started)
-        if resp.status >= 500:
-            metrics.inc("llm_proxy_upstream_errors_total", (("kind", "5xx"),))
-        keep = False
-        try:
-            if charge is not None and charge.fallback_body is not None:
-                refused = self._stream_options_refused(resp, charge)
-                if refused is not None:  # asked again without them: relay that answer instead
-                    self._done_with(pool, conn, resp, keep=True)
-                    body, charge.fallback_body = refused, None
-                    conn, resp = self._exchange(pool, target, body)
-            if resp.status >= 500:
-                self._refund(charge)
-            keep = self._relay(resp, conn.sock, charge)
-        except ProxyError:  # the upstream failed before a byte of its body reached the client
-            self._refund(charge)
-            raise
-        finally:
-            self._done_with(pool, conn, resp, keep)
-            metrics.observe("llm_proxy_upstream_latency_seconds", time.perf_counter() - started)
-            if charge is not None:
-                self._settle(charge)
-
-    @staticmethod
-    def _done_with(pool: UpstreamPool, conn: _Connection,
-                   resp: http.client.HTTPResponse, keep: bool) -> None:
-        if keep and resp.isclosed() and not resp.will_close:
-            pool.release(conn)
-        else:
-            conn.close()
-
-    def _stream_options_refused(self, resp: http.client.HTTPResponse,
-                                charge: "Charge") -> bytes | None:
-        """When the upstream refuses the stream_options the proxy added (a 400 naming them),
-        the body to send again without them; the stream is then settled by estimate. Any other
-        answer is left unread for the relay (a small 400 is read and put back)."""
-        if resp.status != HTTPStatus.BAD_REQUEST or resp.length is None \
-                or resp.length > 64 * 1024:
-            return None
-        error = resp.read()
-        if b"stream_options" in error:
-            if charge.meter is not None:
-                charge.meter.strip = False
-            return charge.fallback_body
-        resp.fp, resp.length = _BytesReader(error), len(error)  # type: ignore[assignment]
-        return None
-
-    def _refund(self, charge: "Charge | None") -> None:
-        if charge is None or not self._cost:
-            return
-        charge.quota = self.server.store.refund(charge.key, self._cost, charge.policy)
-        self._cost, self._remaining = 0, charge.quota.remaining
-
-    def _settle(self, charge: "Charge") -> None:
-        """Usage mode: replace the reservation with what the response really cost."""
-        if charge.meter is None or not self._cost:
-            return
-        prompt, completion, total = charge.meter.cost(charge.prompt_estimate)
-        store = self.server.store
-        try:
-            quota = store.settle(charge.key, total - self._cost, charge.policy, prompt=prompt,
-                                 completion=completion)
-        except StoreUnavailable:
-            self._note = "not settled: the store is unreachable"
-            return
-        self._cost, self._remaining = total, quota.remaining
-
-    def _exchange(self, pool: UpstreamPool, target: str,
-                  body: bytes) -> tuple[_Connection, "_UpstreamResponse"]:
-        """Send the request and read the response head. A reused connection that the upstream
-        had closed meanwhile fails before any byte comes back; that one is retried on a new one."""
-        head = self._upstream_head(target, body)
-        for attempt in (1, 2):
-            conn, reused = pool.acquire()
-            try:
-                resp = conn.send_request(head, body)
-                if not conn.has_unread():  # (a fast upstream often has: no wait, no poll)
-                    wait_readable(conn.sock, self.connection, pool.read_timeout)
-                resp.begin()
-                return conn, resp
-            except (ConnectionResetError, BrokenPipeError, http.client.RemoteDisconnected):
-                conn.close()
-                if reused and attempt == 1:
-                    continue
-                raise ProxyError(HTTPStatus.BAD_GATEWAY, "The upstream server closed the "
-                                 "connection without answering.", type="server_error",
-                                 code="upstream_unreachable") from None
-            except (UpstreamTimeout, TimeoutError, BlockingIOError):
-                conn.close()  # (BlockingIOError: the kernel's send timeout)
-                raise ProxyError(HTTPStatus.GATEWAY_TIMEOUT, "The upstream server did not answer "
-                                 "in time.", type="server_error", code="upstream_timeout") from None
-            except ClientGone:
-                conn.close()
-                raise
-            except (OSError, http.client.HTTPException):
-                conn.close()
-                raise ProxyError(HTTPStatus.BAD_GATEWAY, "The upstream server sent an invalid "
-                                 "response.", type="server_error", code="upstream_error") from None
-        raise AssertionError("unreachable")
-
-    def _relay(self, resp: http.client.HTTPResponse, sock: socket.socket,
-               charge: "Charge | None") -> bool:
-        """Relay status, headers and body. Returns True when the body was relayed whole."""
-        headers = _response_headers(resp, charge.quota if charge is not None else None)
-        meter = charge.meter if charge is not None else None
-        no_body = resp.status in _NO_BODY_STATUSES or \
-            self.command == "HEAD"
-        length = None if resp.chunked or (meter is not None and meter.strip) else resp.length
-        chunked = length is None and not no_body and self.request_version == "HTTP/1.1"
-        if no_body:
-            pass
-        elif length is not None:
-            headers.append(("Content-Length", str(length)))
-        elif chunked:
-            headers.append(("Transfer-Encoding", "chunked"))
-        else:  # an HTTP/1.0 client: the end of the body is the end of the connection
-            self.close_connection = True
-        if no_body:
-            self._send(resp.status, headers, None, reason=resp.reason)
-            resp.close()
-            return True
-        stream = "text/event-stream" in (resp.getheader("Content-Type") or "")
-        head = self._head(resp.status, resp.reason, headers)
-        # A stream is generated while it is relayed: watch the client between events so that
-        # its going away stops generation at once. A plain body was generated before its head
-        # was sent, so it is simply read (READ_TIMEOUT still applies).
-        watch = self.connection if stream else None
-        try:
-            while resp.fp is not None and (resp.chunked or resp.length != 0):
-                if watch is not None and not _buffered(resp, sock):
-                    if not wait_readable(sock, watch, self.server.pool.read_timeout):
-                        watch = None
-                piece = resp.read1(READ_CHUNK)
-                if not piece:
-                    break
-                if meter is not None:
-                    piece = meter.feed(piece)
-                    if not piece:
-                        continue
-                data = b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece
-                self._write(head + data if head else data)  # the head goes with the first piece
-                head = b""
-            resp.close()
-        except (UpstreamTimeout, OSError, ValueError, http.client.HTTPException) as exc:
-            self._abort_relay(head, chunked and stream, exc)
-            return False
-        rest = meter.finish() if meter is not None else b""
-        tail = (b"%x\r\n%s\r\n" % (len(rest), rest) if rest else b"") + b"0\r\n\r\n" \
-            if chunked else rest
-        if head or tail:
-            self._write(head + tail)
-        return True
-
-    def _abort_relay(self, head: bytes, sse_chunked: bool, exc: BaseException) -> None:
-        """The upstream failed mid-body. Before any byte went out, the client still gets a clean
-        error; after, a stream gets a final OpenAI error event (which the openai SDK raises as
-        APIError) and a terminated chunked body, and the connection is closed."""
-        timed_out = isinstance(exc, (UpstreamTimeout, socket.timeout, TimeoutError))
-        message = ("The upstream server stopped sending the response." if timed_out else
-                   "The upstream server broke off the response.")
-        self.close_connection = True
-        if head:
-            # nothing went out yet: a plain error is still possible
-            self._headers_sent = False
-            status = HTTPStatus.GATEWAY_TIMEOUT if timed_out else HTTPStatus.BAD_GATEWAY
-            raise ProxyError(status, message, type="server_error",
-                             code="upstream_timeout" if timed_out else "upstream_error")
-        if sse_chunked:
-            event = b"data: " + error_body(message, "server_error", "upstream_error") + b"\n\n"
-            try:
-                self._write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(event), event))
-            except (ClientGone, OSError):
-                pass  # the client is gone too; the connection closes either way
-        self._note = f"upstream broke off: {'timeout' if timed_out else type(exc).__name__}"
-        self.server.metrics.inc("llm_proxy_upstream_errors_total",
-                                (("kind", "timeout" if timed_out else "broken"),))
-
     # -- writing ----------------------------------------------------------------------------
 
-    def _head(self, status: int, reason: str, headers: list[tuple[str, str]]) -> bytes:
-        self._status = status
+    def _reply(self, ex: Exchange, reply: Reply) -> None:
+        self._send(ex, reply.status, list(reply.headers), reply.body)
+
+    def _send(self, ex: Exchange, status: int, headers: list[tuple[str, str]],
+              body: bytes | None) -> None:
+        """A complete response in one write (head and body coalesced). A request body left
+        unread would be taken for the next request, so such a connection is closed."""
+        if not ex.body_read and self._has_body():
+            self.close_connection = True
+        if not any(n == "Date" for n, _ in headers):
+            headers.append(("Date", formatdate(usegmt=True)))
+        if body is not None and status != HTTPStatus.NO_CONTENT:
+            headers.append(("Content-Length", str(len(body))))
+        head = self.response_head(ex, status, HTTPStatus(status).phrase, headers)
+        self.write(ex, head + (body or b"") if ex.method != "HEAD" else head)
+
+    def response_head(self, ex: Exchange, status: int, reason: str,
+                      headers: list[tuple[str, str]]) -> bytes:
+        """The status line and headers (CORS and Connection: close added here)."""
+        ex.status = status
         lines = [f"{self.protocol_version} {status} {reason}"]
         lines += [f"{name}: {value}" for name, value in headers]
         lines.append(_CORS_LINES)
@@ -2831,193 +3237,225 @@ class ProxyHandler(BaseHTTPRequestHandler):
         lines.append("\r\n")
         return "\r\n".join(lines).encode("latin-1", "replace")
 
-    def _send(self, status: int, headers: list[tuple[str, str]], body: bytes | None,
-              *, reason: str | None = None) -> None:
-        """A complete response in one write (head and body coalesced). A request body left
-        unread would be taken for the next request, so such a connection is closed."""
-        if not self._body_consumed and self._has_body():
-            self.close_connection = True
-        headers = [*headers, ("Date", formatdate(usegmt=True))] \
-            if not any(n == "Date" for n, _ in headers) else headers
-        if body is not None and status != HTTPStatus.NO_CONTENT:
-            headers.append(("Content-Length", str(len(body))))
-        head = self._head(status, reason or HTTPStatus(status).phrase, headers)
-        self._write(head + (body or b"") if self.command != "HEAD" else head)
-
-    def _write(self, data: bytes) -> None:
+    def write(self, ex: Exchange, data: bytes) -> None:
+        """Write to the client; ClientGone if it has gone away."""
         try:
             self.wfile.write(data)
         except OSError:
             raise ClientGone() from None
-        self._headers_sent = True
-
-    # -- logging ----------------------------------------------------------------------------
-
-    def _log_access(self) -> None:
-        """The access-log line and the request's metrics, once per request."""
-        if not hasattr(self, "_started"):
-            return
-        elapsed = (time.perf_counter() - self._started) * 1000
-        server = self.server
-        server.metrics.count_request(self._label, self._route, self._status, self._cost)
-        server.log_access(
-            client=_loggable(self.client_address[0]), key=self._label,
-            method=_loggable(self.command or "-"), path=_loggable(self._route or "-"),
-            status=self._status, cost=self._cost, remaining=self._remaining,
-            duration_ms=round(elapsed, 1), note=self._note)
-        del self._started
-
-    def log_request(self, code: object = "-", size: object = "-") -> None:
-        pass  # the access log is written by _log_access, once per request
-
-    def log_message(self, format: str, *args: object) -> None:
-        self.server.log(_loggable(format % args))
+        ex.head_sent = True
 
 
-def _connection_tokens(headers: Headers) -> frozenset[str]:
-    """The options of the Connection headers, lower case (the names of hop-by-hop headers)."""
-    values = headers.get_all("Connection")
-    if not values:
-        return frozenset()
-    return frozenset(t.strip().lower() for v in values for t in v.split(","))
-
-
-_NOT_FORWARDED_CHARGED = NOT_FORWARDED_DOWN | {n.lower() for n in RATE_LIMIT_HEADERS}
-
-
-def _response_headers(resp: http.client.HTTPResponse,
-                      quota: Quota | None) -> list[tuple[str, str]]:
-    """The upstream's headers minus hop-by-hop ones and those the proxy sets itself."""
-    dropped = NOT_FORWARDED_DOWN if quota is None else _NOT_FORWARDED_CHARGED
-    named = _connection_tokens(resp.headers)  # type: ignore[arg-type]
-    if named:
-        dropped = dropped | named
-    headers = [(n, v) for n, v in resp.headers.items() if n.lower() not in dropped]
-    if quota is not None:
-        headers += rate_limit_headers(quota)
-    return headers
-
-
-def _is_loopback(address: str) -> bool:
-    return address.startswith("127.") or address in ("::1", "::ffff:127.0.0.1")
-
-
+HANDLED_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _CORS_LINES = "\r\n".join(f"{name}: {value}" for name, value in CORS_HEADERS)
 
 
-def _header_safe(value: str) -> str:
-    return "".join(ch for ch in value if " " <= ch < "\x7f")
+# #################################################################### server parts ####
+
+# What the server is made of besides the request pipeline, one job each: metrics, the log,
+# the connection cap, the client deadlines, and the keys-file watcher.
+
+def _label_value(value: str) -> str:
+    """Escape a label value for the Prometheus text format."""
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
-def _loggable(text: str) -> str:
-    """Escape control and non-ASCII characters before anything reaches the log."""
-    if text.isascii() and text.isprintable():
-        return text
-    return "".join(ch if " " <= ch < "\x7f" else f"\\x{ord(ch):02x}" for ch in text)
+class Metrics:
+    """Counters and histograms, rendered in the Prometheus text exposition format by hand.
 
-
-# ########################################################################## server ####
-
-class ProxyServer(ThreadingHTTPServer):
-    """The proxy: a threading HTTP server holding the config, the buckets and the upstream pool.
-
-    Methods for the caller: serve_forever(), stop() (from any thread, e.g. a signal handler),
-    drain(timeout), server_close(). Tunables: request_queue_size (the listen backlog; the default
-    of 5 drops handshakes under bursts), daemon_threads.
+    Methods for the caller: inc(), observe(), key(), render(). Per-key series are capped at
+    MAX_KEY_SERIES distinct keys (further keys count under key="other"), so an open proxy
+    flooded with random keys cannot grow them without bound.
     """
 
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = LISTEN_BACKLOG
+    MAX_KEY_SERIES = 1000
+    BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+    HELP = {
+        "llm_proxy_requests_total": ("counter", "Requests answered, by key, route and status class."),
+        "llm_proxy_limited_requests_total": ("counter", "Requests refused because the key's bucket was empty."),
+        "llm_proxy_tokens_charged_total": ("counter", "Tokens taken from buckets (after refunds and settlement)."),
+        "llm_proxy_upstream_errors_total": ("counter", "Upstream failures by kind: refused, timeout, 5xx, invalid, broken."),
+        "llm_proxy_key_reloads_total": ("counter", "Keys file reloads by result."),
+        "llm_proxy_store_outages_total": ("counter", "Times the shared Redis store became unreachable."),
+        "llm_proxy_store_up": ("gauge", "1 while the bucket store is reachable (always 1 in memory)."),
+        "llm_proxy_requests_in_flight": ("gauge", "Requests being handled now."),
+        "llm_proxy_buckets": ("gauge", "Buckets held in memory (keys that are not full)."),
+        "llm_proxy_keys": ("gauge", "Keys accepted (keys file and PROXY_API_KEYS)."),
+        "llm_proxy_upstream_ttfb_seconds": ("histogram", "Time from sending a request upstream to its response head."),
+        "llm_proxy_upstream_latency_seconds": ("histogram", "Time from sending a request upstream to the end of its response."),
+    }
 
-    def __init__(self, config: Config, *,
-                 store: "MemoryBucketStore | RedisBucketStore | None" = None,
-                 clock: Callable[[], float] = time.monotonic,
-                 log_stream: object = None, handler: type = ProxyHandler,
-                 key_check_interval: float = 1.0) -> None:
-        self.config = config
-        self._log_stream = log_stream if log_stream is not None else sys.stderr
-        self._log_lock = threading.Lock()
-        self._stamp_second, self._stamp = -1, ""
-        self.metrics = Metrics()
-        self.default_policy = config.default_policy
-        self.keys = load_key_ring(config)  # ConfigError for an invalid keys file
-        self.store = store if store is not None else make_store(config, self.log, self.metrics,
-                                                                clock)
-        self.gate = (FairGate(config.max_upstream_concurrency, config.fair_queue)
-                     if config.max_upstream_concurrency else None)
-        self.key_slots = KeySlots(config.max_concurrent_per_key)
-        self._connections = 0
-        self._connections_lock = threading.Lock()
-        self._deadlines: dict[ProxyHandler, float] = {}
-        self._expired: set[ProxyHandler] = set()
-        self._refused: list[socket.socket] = []
-        self._refused_ready = threading.Condition()
-        self.pool = UpstreamPool(Upstream.from_url(config.base_api_url), config.open_timeout,
-                                 config.read_timeout, api_key=config.base_api_key)
-        self._inflight = 0
-        self._inflight_lock = threading.Lock()
-        self._idle = threading.Condition(self._inflight_lock)
-        self._closing = threading.Event()
-        self._reload_now = threading.Event()
-        if ":" in config.host:
-            self.address_family = socket.AF_INET6
-        super().__init__((config.host, config.port), handler)
-        for target, name in ((self._enforce_deadlines, "deadlines"), (self._refuse, "refuse")):
-            threading.Thread(target=target, name=f"llm_proxy-{name}", daemon=True).start()
-        if config.keys_file:
-            threading.Thread(target=self._watch_keys_file, args=(key_check_interval,),
-                             name="llm_proxy-keys", daemon=True).start()
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counters: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+        self._histograms: dict[str, list[float]] = {}
+        self._keys: set[str] = set()
 
-    # -- connections ------------------------------------------------------------------------
+    def key(self, label: str) -> str:
+        """The key label to use: `label`, or "other" once MAX_KEY_SERIES keys are in use."""
+        if label in self._keys:
+            return label
+        with self._lock:
+            if len(self._keys) >= self.MAX_KEY_SERIES:
+                return "other"
+            self._keys.add(label)
+        return label
 
-    def process_request(self, request: socket.socket, client_address: object) -> None:
-        """One thread per connection, up to MAX_CONNECTIONS; past that the connection is handed
-        to the single refusing thread (a 503), so a flood cannot pile up threads."""
-        with self._connections_lock:
-            full = self._connections >= self.config.max_connections
-            if not full:
-                self._connections += 1
-        if full:
-            with self._refused_ready:
-                if len(self._refused) < LISTEN_BACKLOG:
-                    self._refused.append(request)
-                    self._refused_ready.notify()
-                    return
-            self.shutdown_request(request)
+    def inc(self, name: str, labels: tuple[tuple[str, str], ...] = (), value: float = 1) -> None:
+        with self._lock:
+            series = self._counters.setdefault(name, {})
+            series[labels] = series.get(labels, 0) + value
+
+    def count_request(self, label: str, route: str, status: int, cost: int | None) -> None:
+        """A request answered: llm_proxy_requests_total and the tokens charged, in one go."""
+        key = self.key(label)
+        labels = (("key", key), ("route", route), ("status", f"{status // 100}xx"))
+        with self._lock:
+            series = self._counters.setdefault("llm_proxy_requests_total", {})
+            series[labels] = series.get(labels, 0) + 1
+            if cost:
+                series = self._counters.setdefault("llm_proxy_tokens_charged_total", {})
+                series[labels[:1]] = series.get(labels[:1], 0) + cost
+
+    def observe(self, name: str, seconds: float) -> None:
+        index = bisect.bisect_left(self.BUCKETS, seconds)  # the first bound >= seconds
+        with self._lock:
+            counts = self._histograms.get(name)
+            if counts is None:
+                counts = self._histograms[name] = [0.0] * (len(self.BUCKETS) + 3)
+            counts[index] += 1  # (index len(BUCKETS): above every bound)
+            counts[-2] += seconds
+            counts[-1] += 1
+
+    def render(self, gauges: Mapping[str, float]) -> str:
+        lines: list[str] = []
+        with self._lock:
+            counters = {n: dict(v) for n, v in self._counters.items()}
+            histograms = {n: list(v) for n, v in self._histograms.items()}
+        for name, (kind, text) in self.HELP.items():
+            lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
+            if kind == "gauge":
+                lines.append(f"{name} {_number(gauges.get(name, 0))}")
+            elif kind == "counter":
+                for labels, value in sorted(counters.get(name, {}).items()):
+                    lines.append(f"{name}{_labels(labels)} {_number(value)}")
+            else:
+                counts = histograms.get(name, [0.0] * (len(self.BUCKETS) + 3))
+                cumulative = 0.0
+                for bound, count in zip(self.BUCKETS, counts):
+                    cumulative += count
+                    lines.append(f'{name}_bucket{{le="{bound}"}} {_number(cumulative)}')
+                lines.append(f'{name}_bucket{{le="+Inf"}} {_number(counts[-1])}')
+                lines.append(f"{name}_sum {counts[-2]!r}")
+                lines.append(f"{name}_count {_number(counts[-1])}")
+        return "\n".join(lines) + "\n"
+
+
+def _labels(labels: tuple[tuple[str, str], ...]) -> str:
+    if not labels:
+        return ""
+    return "{" + ",".join(f'{k}="{_label_value(v)}"' for k, v in labels) + "}"
+
+
+class AccessLog:
+    """The log: one line per request (written from its Exchange) and operational messages
+    (errors, reloads), as text or, with LOG_FORMAT=json, one JSON object per line. Lines are
+    written whole under a lock; a log that cannot be written never takes a request down."""
+
+    def __init__(self, stream: object, json_lines: bool) -> None:
+        self._stream = stream
+        self._json = json_lines
+        self._lock = threading.Lock()
+        self._second, self._stamp = -1, ""
+
+    def message(self, text: str) -> None:
+        if self._json:
+            self._write(json.dumps({"time": self._timestamp(), "message": text}))
+        else:
+            self._write(f"{self._timestamp()} {text}")
+
+    def access(self, ex: Exchange, duration_ms: float) -> None:
+        client, method = loggable(ex.client), loggable(ex.method or "-")
+        path, cost, remaining = loggable(ex.path or "-"), ex.cost, ex.remaining
+        if self._json:
+            self._write(json.dumps({
+                "time": self._timestamp(), "client": client, "key": ex.label, "method": method,
+                "path": path, "status": ex.status, "cost": cost, "remaining": remaining,
+                "duration_ms": duration_ms, **({"note": ex.note} if ex.note else {})}))
             return
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._connection_done()
-            raise
+        self._write(
+            f"{self._timestamp()} {client} key={ex.label} \"{method} {path}\" {ex.status} "
+            f"cost={'-' if cost is None else cost} "
+            f"remaining={'-' if remaining is None else remaining} {duration_ms:.1f}ms"
+            + (f" ({ex.note})" if ex.note else ""))
 
-    def process_request_thread(self, request: socket.socket, client_address: object) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._connection_done()
+    def _write(self, line: str) -> None:
+        with self._lock:
+            try:
+                self._stream.write(line + "\n")  # type: ignore[attr-defined]
+                self._stream.flush()  # type: ignore[attr-defined]
+            except (OSError, ValueError):
+                pass  # a closed or full log must not take requests down with it
 
-    def _connection_done(self) -> None:
-        with self._connections_lock:
-            self._connections -= 1
+    def _timestamp(self) -> str:
+        now = int(time.time())
+        if now != self._second:  # one strftime a second, not one a line
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
+            self._second = now
+        return self._stamp
 
-    @property
-    def connections(self) -> int:
-        return self._connections
 
-    def _refuse(self) -> None:
-        """Answer connections over MAX_CONNECTIONS with a 503, one at a time: read what the
-        client sent (briefly), answer, close."""
+class ConnectionCap:
+    """At most MAX_CONNECTIONS client connections at once. Past the cap a connection is handed
+    to one refusing thread, which answers 503 and closes it, so a flood cannot pile up threads.
+    Methods for the caller: enter(), leave(), refuse(), close(); `count`."""
+
+    def __init__(self, limit: int, shutdown: Callable[[socket.socket], None]) -> None:
+        self.limit = limit
+        self._shutdown = shutdown
+        self._lock = threading.Lock()
+        self.count = 0
+        self._refused: list[socket.socket] = []
+        self._ready = threading.Condition()
+        self._closing = False
+        threading.Thread(target=self._refuse_loop, name="llm_proxy-refuse", daemon=True).start()
+
+    def enter(self) -> bool:
+        with self._lock:
+            if self.count >= self.limit:
+                return False
+            self.count += 1
+            return True
+
+    def leave(self) -> None:
+        with self._lock:
+            self.count -= 1
+
+    def refuse(self, sock: socket.socket) -> None:
+        with self._ready:
+            if len(self._refused) < LISTEN_BACKLOG:
+                self._refused.append(sock)
+                self._ready.notify()
+                return
+        self._shutdown(sock)
+
+    def close(self) -> None:
+        with self._ready:
+            self._closing = True
+            self._ready.notify_all()
+
+    def _refuse_loop(self) -> None:
+        """Answer connections over the cap, one at a time: read what the client sent
+        (briefly), answer, close."""
         body = error_body("Too many connections to the proxy. Please try again shortly.",
                           "server_error", "too_many_connections")
         answer = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
                   b"Retry-After: 1\r\nConnection: close\r\nAccess-Control-Allow-Origin: *\r\n"
                   b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-        while not self._closing.is_set():
-            with self._refused_ready:
-                while not self._refused and not self._closing.is_set():
-                    self._refused_ready.wait(1.0)
+        while True:
+            with self._ready:
+                while not self._refused and not self._closing:
+                    self._ready.wait(1.0)
                 if not self._refused:
                     return
                 sock = self._refused.pop(0)
@@ -3027,75 +3465,211 @@ class ProxyServer(ThreadingHTTPServer):
                 sock.sendall(answer)
             except OSError:
                 pass  # the client is gone or too slow: it is closed either way
-            self.shutdown_request(sock)
+            self._shutdown(sock)
 
-    # -- client deadlines -------------------------------------------------------------------
 
-    def set_deadline(self, handler: "ProxyHandler", seconds: float | None) -> None:
+class ClientDeadlines:
+    """Time limits on reading from clients that a read timeout cannot enforce: a client that
+    trickles a byte now and then succeeds at every read. set() gives a handler until a deadline;
+    a thread checks every DEADLINE_CHECK_SECONDS and cuts the reading side of a connection whose
+    deadline has passed, so its blocked read returns at once (passed() then says why)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._deadlines: dict[ProxyHandler, float] = {}
+        self._expired: set[ProxyHandler] = set()
+        self._closing = threading.Event()
+        threading.Thread(target=self._enforce, name="llm_proxy-deadlines", daemon=True).start()
+
+    def set(self, handler: "ProxyHandler", seconds: float | None) -> None:
         """From now, `handler` has `seconds` to finish reading (None: no deadline)."""
-        if seconds is None:
-            self._deadlines.pop(handler, None)
-        else:
-            self._deadlines[handler] = time.monotonic() + seconds
-        if self._expired:
+        with self._lock:
+            if seconds is None:
+                self._deadlines.pop(handler, None)
+            else:
+                self._deadlines[handler] = self._clock() + seconds
             self._expired.discard(handler)
 
-    def deadline_passed(self, handler: "ProxyHandler") -> bool:
-        return handler in self._expired
+    def passed(self, handler: "ProxyHandler") -> bool:
+        with self._lock:
+            return handler in self._expired
 
-    def _enforce_deadlines(self) -> None:
-        """Cut the reading side of connections whose client is too slow: the blocked read
-        returns at once and the handler answers 408 or closes."""
+    def close(self) -> None:
+        self._closing.set()
+
+    def _enforce(self) -> None:
         while not self._closing.wait(DEADLINE_CHECK_SECONDS):
-            now = time.monotonic()
-            for handler, deadline in list(self._deadlines.items()):
-                if deadline <= now and self._deadlines.get(handler) == deadline:
-                    self._deadlines.pop(handler, None)
+            now = self._clock()
+            with self._lock:
+                late = [h for h, deadline in self._deadlines.items() if deadline <= now]
+                for handler in late:
+                    del self._deadlines[handler]
                     self._expired.add(handler)
-                    try:
-                        handler.connection.shutdown(socket.SHUT_RD)
-                    except OSError:
-                        pass  # already closed
+            for handler in late:
+                try:
+                    handler.connection.shutdown(socket.SHUT_RD)
+                except OSError:
+                    pass  # already closed
 
-    # -- logs -------------------------------------------------------------------------------
 
-    def _write_log(self, line: str) -> None:
-        with self._log_lock:
-            try:
-                self._log_stream.write(line + "\n")  # type: ignore[attr-defined]
-                self._log_stream.flush()  # type: ignore[attr-defined]
-            except (OSError, ValueError):
-                pass  # a closed or full log must not take requests down with it
+class KeysWatcher:
+    """Reloads the keys file when it changes (checked every `interval` seconds) and when asked
+    (request(), safe from a signal handler), in its own thread, off the request path."""
 
-    def _timestamp(self) -> str:
-        now = int(time.time())
-        if now != self._stamp_second:  # one strftime a second, not one a line
-            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
-            self._stamp_second = now
-        return self._stamp
+    def __init__(self, path: str, reload: Callable[[], bool], interval: float) -> None:
+        self._path = path
+        self._reload = reload
+        self._interval = interval
+        self._asked = threading.Event()
+        self._closing = threading.Event()
+        threading.Thread(target=self._watch, name="llm_proxy-keys", daemon=True).start()
+
+    def request(self) -> None:
+        self._asked.set()
+
+    def close(self) -> None:
+        self._closing.set()
+        self._asked.set()
+
+    def _watch(self) -> None:
+        seen = _file_signature(self._path)
+        while not self._closing.is_set():
+            asked = self._asked.wait(self._interval)
+            self._asked.clear()
+            if self._closing.is_set():
+                return
+            current = _file_signature(self._path)
+            if asked or current != seen:
+                seen = current
+                self._reload()
+
+
+def _file_signature(path: str) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size, st.st_ino
+
+
+# ########################################################################## server ####
+
+class ProxyServer(ThreadingHTTPServer):
+    """The proxy: a threading HTTP server assembled from its parts (config, keys, bucket store,
+    metrics, log, connection cap, client deadlines, keys watcher, forwarder).
+
+    Methods for the caller: serve_forever(), stop() (from any thread, e.g. a signal handler),
+    drain(timeout), server_close(), reload_keys(), request_key_reload(). Tunables:
+    request_queue_size (the listen backlog; the default of 5 drops handshakes under bursts),
+    daemon_threads.
+    """
+
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = LISTEN_BACKLOG
+
+    def __init__(self, config: Config, *, store: "BucketStore | None" = None,
+                 clock: Callable[[], float] = time.monotonic, log_stream: object = None,
+                 handler: type = ProxyHandler, key_check_interval: float = 1.0) -> None:
+        self.config = config
+        self.access_log = AccessLog(log_stream if log_stream is not None else sys.stderr,
+                                    config.log_format == "json")
+        self.metrics = Metrics()
+        self.default_policy = config.default_policy
+        self.keys = load_key_ring(config)  # ConfigError for an invalid keys file
+        self.store = store if store is not None else make_store(config, self.log, self.metrics,
+                                                                clock)
+        gate = (FairGate(config.max_upstream_concurrency, config.fair_queue)
+                if config.max_upstream_concurrency else None)
+        pool = UpstreamPool(Upstream.from_url(config.base_api_url), config.open_timeout,
+                            config.read_timeout, api_key=config.base_api_key)
+        self.forwarder = Forwarder(pool, gate, self.metrics, config.upstream_queue_timeout)
+        self.key_slots = KeySlots(config.max_concurrent_per_key)
+        self._inflight = 0
+        self._idle = threading.Condition()
+        if ":" in config.host:
+            self.address_family = socket.AF_INET6
+        super().__init__((config.host, config.port), handler)
+        self.cap = ConnectionCap(config.max_connections, self.shutdown_request)
+        self.deadlines = ClientDeadlines()
+        self.keys_watcher = (KeysWatcher(config.keys_file, self.reload_keys, key_check_interval)
+                             if config.keys_file else None)
+
+    @property
+    def pool(self) -> UpstreamPool:
+        return self.forwarder.pool
+
+    @property
+    def gate(self) -> FairGate | None:
+        return self.forwarder.gate
+
+    @property
+    def connections(self) -> int:
+        return self.cap.count
+
+    # -- connections (socketserver's hooks) -------------------------------------------------
+
+    def process_request(self, request: socket.socket, client_address: object) -> None:
+        """One thread per connection, up to MAX_CONNECTIONS; past that the connection goes to
+        the cap's refusing thread (a 503)."""
+        if not self.cap.enter():
+            self.cap.refuse(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.cap.leave()
+            raise
+
+    def process_request_thread(self, request: socket.socket, client_address: object) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.cap.leave()
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        """socketserver prints a traceback here; log one line instead. A client resetting its
+        connection between requests is ordinary and not logged."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, TimeoutError)):
+            return
+        self.log(f"error: {type(exc).__name__} on connection from {client_address}")
+
+    # -- requests in flight, the log --------------------------------------------------------
+
+    def request_started(self) -> None:
+        with self._idle:
+            self._inflight += 1
+
+    def request_finished(self) -> None:
+        with self._idle:
+            self._inflight -= 1
+            if self._inflight == 0:
+                self._idle.notify_all()
+
+    @property
+    def requests_in_flight(self) -> int:
+        return self._inflight
 
     def log(self, message: str) -> None:
         """An operational message (errors, reloads), in the configured LOG_FORMAT."""
-        if self.config.log_format == "json":
-            self._write_log(json.dumps({"time": self._timestamp(), "message": message}))
-        else:
-            self._write_log(f"{self._timestamp()} {message}")
+        self.access_log.message(message)
 
-    def log_access(self, *, client: str, key: str, method: str, path: str, status: int,
-                   cost: int | None, remaining: int | None, duration_ms: float,
-                   note: str) -> None:
-        """One access-log line: text, or with LOG_FORMAT=json one JSON object, same fields."""
-        if self.config.log_format == "json":
-            self._write_log(json.dumps({
-                "time": self._timestamp(), "client": client, "key": key, "method": method,
-                "path": path, "status": status, "cost": cost, "remaining": remaining,
-                "duration_ms": duration_ms, **({"note": note} if note else {})}))
-            return
-        self._write_log(
-            f"{self._timestamp()} {client} key={key} \"{method} {path}\" {status} "
-            f"cost={'-' if cost is None else cost} "
-            f"remaining={'-' if remaining is None else remaining} {duration_ms:.1f}ms"
-            + (f" ({note})" if note else ""))
+    def log_access(self, ex: Exchange) -> None:
+        """The access-log line and the request's metrics, once per request."""
+        elapsed = (time.perf_counter() - ex.started) * 1000
+        self.metrics.count_request(ex.label, ex.route_label, ex.status, ex.cost)
+        self.access_log.access(ex, round(elapsed, 1))
+
+    def render_metrics(self) -> str:
+        with self._idle:
+            inflight = self._inflight
+        return self.metrics.render({"llm_proxy_requests_in_flight": inflight,
+                                    "llm_proxy_buckets": len(self.store),
+                                    "llm_proxy_keys": len(self.keys),
+                                    "llm_proxy_store_up": 1 if self.store.status().get(
+                                        "reachable", True) else 0})
 
     # -- keys -------------------------------------------------------------------------------
 
@@ -3116,62 +3690,10 @@ class ProxyServer(ThreadingHTTPServer):
 
     def request_key_reload(self) -> None:
         """Reload the keys file soon, off the request path (safe from a signal handler)."""
-        self._reload_now.set()
+        if self.keys_watcher is not None:
+            self.keys_watcher.request()
 
-    def _watch_keys_file(self, interval: float) -> None:
-        seen = _file_signature(self.config.keys_file)
-        while not self._closing.is_set():
-            asked = self._reload_now.wait(interval)
-            self._reload_now.clear()
-            if self._closing.is_set():
-                return
-            current = _file_signature(self.config.keys_file)
-            if asked or current != seen:
-                seen = current
-                self.reload_keys()
-
-    def key_report(self) -> list[dict[str, object]]:
-        """Every accepted key's name, balance, limit, next refill and counters; no secret."""
-        report = []
-        for digest, policy in self.keys.entries:
-            quota = self.store.peek("key:" + digest, policy.bucket)
-            report.append({
-                "name": policy.name or short_hash(digest), "disabled": policy.disabled,
-                "limit": quota.limit, "balance": quota.remaining,
-                "next_refill_seconds": math.ceil(quota.reset_seconds),
-                "refill_tokens": policy.bucket.refill_tokens,
-                "refill_interval_seconds": policy.bucket.refill_interval,
-                "token_cost_mode": policy.token_cost_mode,
-                "models": sorted(policy.models) if policy.models is not None else None,
-                **self.store.usage("key:" + digest)})
-        return report
-
-    def render_metrics(self) -> str:
-        with self._idle:
-            inflight = self._inflight
-        return self.metrics.render({"llm_proxy_requests_in_flight": inflight,
-                                    "llm_proxy_buckets": len(self.store),
-                                    "llm_proxy_keys": len(self.keys),
-                                    "llm_proxy_store_up": 1 if self.store.status().get(
-                                        "reachable", True) else 0})
-
-    def handle_error(self, request: object, client_address: object) -> None:
-        """socketserver prints a traceback here; log one line instead. A client resetting its
-        connection between requests is ordinary and not logged."""
-        exc = sys.exc_info()[1]
-        if isinstance(exc, (ConnectionError, TimeoutError)):
-            return
-        self.log(f"error: {type(exc).__name__} on connection from {client_address}")
-
-    def request_started(self) -> None:
-        with self._inflight_lock:
-            self._inflight += 1
-
-    def request_finished(self) -> None:
-        with self._inflight_lock:  # (the lock of self._idle)
-            self._inflight -= 1
-            if self._inflight == 0:
-                self._idle.notify_all()
+    # -- stopping ---------------------------------------------------------------------------
 
     def stop(self) -> None:
         """Stop accepting connections (safe from a signal handler: shutdown() runs elsewhere)."""
@@ -3183,10 +3705,10 @@ class ProxyServer(ThreadingHTTPServer):
             return self._idle.wait_for(lambda: self._inflight == 0, timeout)
 
     def server_close(self) -> None:
-        self._closing.set()
-        self._reload_now.set()
-        with self._refused_ready:
-            self._refused_ready.notify_all()
+        self.cap.close()
+        self.deadlines.close()
+        if self.keys_watcher is not None:
+            self.keys_watcher.close()
         super().server_close()
         self.pool.close()
 
@@ -3198,14 +3720,6 @@ class ProxyServer(ThreadingHTTPServer):
 
 
 # ############################################################################# CLI ####
-
-def _file_signature(path: str) -> tuple[int, int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_mtime_ns, st.st_size, st.st_ino
-
 
 def describe(config: Config, server: ProxyServer) -> list[str]:
     upstream = Upstream.from_url(config.base_api_url)
