@@ -1467,8 +1467,8 @@ def read_headers(fp: object, max_bytes: int = MAX_HEADER_BYTES) -> Headers:
             return Headers(items)
         if not line.endswith(b"\n"):
             raise EOFError("headers cut off")
-        name, colon, value = line.partition(b":")
-        value = value.strip(b" \t\r\n")
+        name, colon, value = line[:-2 if line.endswith(b"\r\n") else -1].partition(b":")
+        value = value.strip(b" \t")  # (a CR or NUL left in it is refused below)
         if not colon or not name or name[-1:] in (b" ", b"\t") or line[:1] in (b" ", b"\t") \
                 or not _TOKEN.fullmatch(name) or _FORBIDDEN_IN_VALUE.search(value):
             raise HeaderError(HTTPStatus.BAD_REQUEST)
@@ -1664,7 +1664,7 @@ class Exchange:
 
     __slots__ = ("method", "path", "query", "client", "started", "route", "label", "bucket_key",
                  "policy", "body", "body_read", "payload", "charge", "ending", "status", "note",
-                 "head_sent")
+                 "head_sent", "tail")
 
     def __init__(self, method: str, target: str, client: str) -> None:
         self.method = method
@@ -1684,6 +1684,7 @@ class Exchange:
         self.status = 0                     # the status the client was sent
         self.note = ""
         self.head_sent = False
+        self.tail = b""                     # the answer's last bytes, written after the charge
 
     @property
     def cost(self) -> int | None:
@@ -1699,8 +1700,7 @@ class Exchange:
         return self.route.label if self.route is not None else "other"
 
 
-@dataclass(frozen=True)
-class Identity:
+class Identity(typing.NamedTuple):
     """Who a request is from: the bucket it draws on, its policy, its name in logs."""
     bucket_key: str
     policy: KeyPolicy
@@ -2155,10 +2155,10 @@ class UpstreamPool:
         set_io_timeout(sock, self.read_timeout)
         return _Connection(sock)
 
-    def idle(self) -> int:
-        """How many connections wait in the pool now."""
+    def idle(self) -> list[_Connection]:
+        """The connections waiting in the pool now (a copy of the list)."""
         with self._lock:
-            return len(self._idle)
+            return list(self._idle)
 
     def close(self) -> None:
         with self._lock:
@@ -2377,6 +2377,7 @@ class Answer:
 
 
 _UPSTREAM_ERROR_KINDS = {"upstream_timeout": "timeout", "upstream_unreachable": "refused"}
+_NO_QUEUE = contextlib.nullcontext()
 
 
 class Forwarder:
@@ -2396,14 +2397,15 @@ class Forwarder:
         self.metrics = metrics
         self.queue_timeout = queue_timeout
 
-    @contextlib.contextmanager
-    def turn(self, ex: Exchange, gone: Callable[[], bool]) -> Iterator[None]:
-        """Hold a slot to the upstream for the body of the `with`. A request that leaves the
+    def turn(self, ex: Exchange, gone: Callable[[], bool]) -> typing.ContextManager[None]:
+        """Hold a slot to the upstream for the body of a `with`. A request that leaves the
         queue (its client went away, or it waited UPSTREAM_QUEUE_TIMEOUT) never reached the
         upstream: ex.ending stays NOT_SENT."""
-        if self.gate is None:
-            yield
-            return
+        return _NO_QUEUE if self.gate is None else self._queued(ex, gone)
+
+    @contextlib.contextmanager
+    def _queued(self, ex: Exchange, gone: Callable[[], bool]) -> Iterator[None]:
+        assert self.gate is not None
         outcome = self.gate.enter(ex.bucket_key, self.queue_timeout, gone)
         if outcome == "gone":
             raise ClientGone()
@@ -2515,8 +2517,7 @@ class Forwarder:
 NONE, LENGTH, CHUNKED, CLOSE = "none", "length", "chunked", "close"
 
 
-@dataclass(frozen=True)
-class Framing:
+class Framing(typing.NamedTuple):
     """How the client's copy of a response body is delimited: not at all (NONE: no body), by
     Content-Length (LENGTH), in chunks (CHUNKED), or by closing the connection (CLOSE)."""
     kind: str
@@ -2559,21 +2560,24 @@ UPSTREAM_BROKE = "broke off"    # the upstream's body stopped before its end (re
 UPSTREAM_SILENT = "timeout"     # the upstream sent nothing for READ_TIMEOUT
 
 
-@dataclass(frozen=True)
-class RelayEnd:
+class RelayEnd(typing.NamedTuple):
+    """How a relay ended (one of the four above), and what the caller needs to know of it."""
     how: str
     sent: bool = True           # whether anything (the head first) went out to the client
     detail: str = ""            # the failure's name, for the access log
+    tail: bytes = b""           # WHOLE: the bytes that complete the answer, not yet written
 
 
 def relay(resp: http.client.HTTPResponse, upstream: socket.socket, write: Callable[[bytes], None],
           head: bytes, framing: Framing, transform: BodyTransform | None,
           watch: socket.socket | None, read_timeout: float) -> RelayEnd:
     """Send `head` with the first piece of the body, then each piece as it arrives, framed as
-    `framing` says. A stream is generated while it is relayed: with `watch` (the client's
-    socket) the client is watched between pieces so that its going away closes the upstream at
-    once, which stops generation. A plain body was generated before its head was sent, so it
-    is simply read (READ_TIMEOUT still applies). `write` raises ClientGone."""
+    `framing` says, except the bytes that complete the answer: those come back in the
+    RelayEnd's `tail`, for the caller to write once the request's charge is closed. A stream is
+    generated while it is relayed: with `watch` (the client's socket) the client is watched
+    between pieces so that its going away closes the upstream at once, which stops generation.
+    A plain body was generated before its head was sent, so it is simply read (READ_TIMEOUT
+    still applies). `write` raises ClientGone."""
     chunked = framing.kind == CHUNKED
     try:
         while resp.fp is not None and (resp.chunked or resp.length != 0):
@@ -2588,20 +2592,21 @@ def relay(resp: http.client.HTTPResponse, upstream: socket.socket, write: Callab
                 if not piece:
                     continue
             data = frame_chunk(piece) if chunked else piece
+            if resp.length == 0 and not chunked:  # the last piece of a sized body
+                head += data
+                break
             write(head + data if head else data)  # the head goes with the first piece
             head = b""
         resp.close()
         rest = transform.finish() if transform is not None else b""
-        tail = (frame_chunk(rest) if rest else b"") + LAST_CHUNK if chunked else rest
-        if head or tail:
-            write(head + tail)
+        tail = head + ((frame_chunk(rest) if rest else b"") + LAST_CHUNK if chunked else rest)
     except ClientGone:
         return RelayEnd(CLIENT_GONE)
     except (UpstreamTimeout, socket.timeout, TimeoutError):
         return RelayEnd(UPSTREAM_SILENT, not head, "timeout")
     except (OSError, ValueError, http.client.HTTPException) as exc:
         return RelayEnd(UPSTREAM_BROKE, not head, type(exc).__name__)
-    return RelayEnd(WHOLE)
+    return RelayEnd(WHOLE, tail=tail)
 
 
 def _buffered(resp: http.client.HTTPResponse, sock: socket.socket) -> bool:
@@ -2648,13 +2653,12 @@ def response_headers(resp: http.client.HTTPResponse,
 
 
 _NOT_FORWARDED_CHARGED = NOT_FORWARDED_DOWN | {n.lower() for n in RATE_LIMIT_HEADERS}
-STREAM_TYPES = ("text/event-stream",)
+_STREAM_TYPE = re.compile(r"text/event-stream", re.IGNORECASE)
 
 
 def is_stream(resp: http.client.HTTPResponse) -> bool:
     """Whether the answer is generated while it is relayed (server-sent events)."""
-    content_type = resp.getheader("Content-Type") or ""
-    return any(kind in content_type for kind in STREAM_TYPES)
+    return _STREAM_TYPE.search(resp.getheader("Content-Type") or "") is not None
 
 
 class ClientSide(Protocol):
@@ -2672,7 +2676,8 @@ class ClientSide(Protocol):
 def relay_answer(ex: Exchange, answer: Answer, client: ClientSide, read_timeout: float,
                  metrics: "Metrics") -> bool:
     """Relay the upstream's answer (status, headers, body) and record how it ended in
-    ex.ending. Returns whether the body was read whole (the upstream connection can be reused).
+    ex.ending. Returns whether the body was read whole (the upstream connection can be reused);
+    the bytes that complete the answer are left in ex.tail, written once the charge is closed.
 
     Before anything went out, a failure is still a clean error (ProxyError); after, a stream
     gets its API's last error event and a terminated body, and the connection is closed. A
@@ -2694,15 +2699,15 @@ def relay_answer(ex: Exchange, answer: Answer, client: ClientSide, read_timeout:
         client.close_connection = True
     head = client.response_head(ex, resp.status, resp.reason, headers)
     if framing.kind == NONE:
-        client.write(ex, head)
         resp.close()
-        end = RelayEnd(WHOLE)
+        end = RelayEnd(WHOLE, tail=head)
     else:
         stream = is_stream(resp)
         end = relay(resp, answer.conn.sock, lambda data: client.write(ex, data), head, framing,
                     meter, client.connection if stream else None, read_timeout)
     if end.how == WHOLE:
         _ended(ex, ANSWERED)
+        ex.tail = end.tail
         return True
     if end.how == CLIENT_GONE:
         _ended(ex, LEFT)
@@ -2995,8 +3000,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def _serve(self) -> None:
         """One request, start to end. The charge closes here, in one place, however the
-        request ended, and before an error is written (a refunded request is refunded by the
-        time its client reads the error); then the access line is written."""
+        request ended, and before the bytes that complete the answer (or the error) are
+        written: by the time a client has its whole answer, what it cost is settled. Then the
+        access line is written."""
         ex = Exchange(self.command, self.path, self.client_address[0])
         server = self.server
         server.request_started()
@@ -3023,9 +3029,19 @@ class ProxyHandler(BaseHTTPRequestHandler):
                     ex.note = ex.note or ex.charge.note
             if failure is not None:
                 self._fail(ex, failure)
+            elif ex.tail:
+                self._finish_answer(ex)
         finally:
             server.request_finished()
             server.log_access(ex)
+
+    def _finish_answer(self, ex: Exchange) -> None:
+        """Write the bytes that complete a relayed answer (its charge is closed by now)."""
+        try:
+            self.write(ex, ex.tail)
+        except ClientGone:
+            self.close_connection = True
+            ex.note = "client closed"
 
     def _fail(self, ex: Exchange, err: ProxyError) -> None:
         """Send `err` in the route's API shape, unless the response head is already out (then
@@ -3374,9 +3390,9 @@ class AccessLog:
         else:
             self._write(f"{self._timestamp()} {text}")
 
-    def access(self, ex: Exchange, duration_ms: float) -> None:
+    def access(self, ex: Exchange, cost: int | None, duration_ms: float) -> None:
         client, method = loggable(ex.client), loggable(ex.method or "-")
-        path, cost, remaining = loggable(ex.path or "-"), ex.cost, ex.remaining
+        path, remaining = loggable(ex.path or "-"), ex.remaining
         if self._json:
             self._write(json.dumps({
                 "time": self._timestamp(), "client": client, "key": ex.label, "method": method,
@@ -3484,6 +3500,8 @@ class ClientDeadlines:
 
     def set(self, handler: "ProxyHandler", seconds: float | None) -> None:
         """From now, `handler` has `seconds` to finish reading (None: no deadline)."""
+        if seconds is None and handler not in self._deadlines and handler not in self._expired:
+            return  # nothing to clear: only the handler's own thread adds entries for it
         with self._lock:
             if seconds is None:
                 self._deadlines.pop(handler, None)
@@ -3587,7 +3605,8 @@ class ProxyServer(ThreadingHTTPServer):
         self.forwarder = Forwarder(pool, gate, self.metrics, config.upstream_queue_timeout)
         self.key_slots = KeySlots(config.max_concurrent_per_key)
         self._inflight = 0
-        self._idle = threading.Condition()
+        self._inflight_lock = threading.Lock()
+        self._idle = threading.Condition(self._inflight_lock)
         if ":" in config.host:
             self.address_family = socket.AF_INET6
         super().__init__((config.host, config.port), handler)
@@ -3639,11 +3658,11 @@ class ProxyServer(ThreadingHTTPServer):
     # -- requests in flight, the log --------------------------------------------------------
 
     def request_started(self) -> None:
-        with self._idle:
+        with self._inflight_lock:
             self._inflight += 1
 
     def request_finished(self) -> None:
-        with self._idle:
+        with self._inflight_lock:  # (the lock of self._idle)
             self._inflight -= 1
             if self._inflight == 0:
                 self._idle.notify_all()
@@ -3659,8 +3678,9 @@ class ProxyServer(ThreadingHTTPServer):
     def log_access(self, ex: Exchange) -> None:
         """The access-log line and the request's metrics, once per request."""
         elapsed = (time.perf_counter() - ex.started) * 1000
-        self.metrics.count_request(ex.label, ex.route_label, ex.status, ex.cost)
-        self.access_log.access(ex, round(elapsed, 1))
+        cost = ex.cost
+        self.metrics.count_request(ex.label, ex.route_label, ex.status, cost)
+        self.access_log.access(ex, cost, round(elapsed, 1))
 
     def render_metrics(self) -> str:
         with self._idle:
