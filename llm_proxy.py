@@ -15,37 +15,48 @@ How to run
     python3 llm_proxy.py --help          # every setting, its environment variable and default
 
     Configuration comes from environment variables, each with a matching --flag (the flag wins).
-    `Config.from_env` is the only place that reads them. Bind to 127.0.0.1 unless you mean to share
-    the proxy, and set PROXY_API_KEYS when you do: without it any bearer token is accepted and
-    simply gets its own bucket.
+    `Config.from_env` is the only place that reads them (config: one row per setting). Bind to
+    127.0.0.1 unless you mean to share the proxy, and set PROXY_API_KEYS when you do: without
+    it any bearer token is accepted and simply gets its own bucket.
 
-How it works
-    http.server's ThreadingHTTPServer runs one thread per client connection. A request is parsed
-    and its path normalised once (so /v1//chat/./completions/ is charged as what it is), the key is
-    authenticated, the cost is taken atomically from the key's bucket, and the request is forwarded
-    through a small keep-alive pool of upstream connections (made by http.client, read with
-    http.client's response framing through one buffered reader per connection, written in one
-    send per request; sockets carry kernel timeouts, so no socket call costs an extra poll).
-    The response is relayed piece by
-    piece as it arrives, never buffered whole: server-sent events reach the client when the
-    upstream writes them. A client that goes away closes the upstream connection at once, which
-    is what stops generation on llama.cpp, vLLM and Ollama. A request that never got an answer
-    from the upstream (unreachable, timed out, 5xx) is refunded. With TOKEN_COST_MODE=usage the
-    cost taken at admission is only a reservation: a UsageMeter reads the upstream's own usage
-    numbers as the response passes through, and the bucket is settled with them afterwards.
+The life of a request (the sections of this file, in order)
+    Around the request: constants, errors, config, keys (who may ask, with which policy),
+    buckets (the stores that hold balances), pricing (what a request takes at admission),
+    metering (the usage meter that reads what an answer really cost), API shapes (how the
+    proxy speaks when it answers by itself), HTTP messages (header parsing, path normalising).
+
+    Then a request, as it happens:
+    1. http.server's ThreadingHTTPServer runs one thread per client connection; ProxyHandler
+       (handler) reads the request line and headers within the client deadlines.
+    2. The path is normalised once and looked up in the route table (routes): what the route
+       is (forwarded and charged, forwarded and free, answered here, admin only) and which API
+       it speaks. Nothing else compares paths; what is charged is what is forwarded.
+    3. An Exchange (exchange) holds the request from here to its access-log line: who it is
+       from (identify), its body, its payload.
+    4. Admission takes the cost from the key's bucket (charge): a Charge is held, or declined
+       and the limit is answered in the route's API shape. From here on money moves in one
+       place: Charge.close(ending), once, in one finally.
+    5. The Forwarder (forwarder) waits for the request's turn in the fair queue, sends it
+       through a keep-alive pool of upstream connections (one retry on a stale one) and reads
+       the answer's head.
+    6. The relay (relay) sends the head and the body as they arrive, never buffered whole;
+       server-sent events reach the client when the upstream writes them, and a client that
+       goes away closes the upstream connection at once (which stops generation). The usage
+       meter rewrites nothing the client asked for; it reads usage on the way. The relay
+       reports how it ended; the charge closes (refund if the model never answered, else
+       charged, in usage mode settled with the upstream's numbers) before the bytes that
+       complete the answer are written.
+    7. The access line and metrics are written from the Exchange (server parts).
+    Local answers (health, metrics, admin) are functions of the server and the exchange.
+    ProxyServer (server) is assembled from parts: the access log, the connection cap, the
+    client deadlines, the keys-file watcher, metrics, the store, the forwarder.
 
     Buckets refill in discrete steps (REFILL_TOKENS every REFILL_INTERVAL_SECONDS) on each bucket's
     own grid, which starts when a full bucket is first spent. A full bucket is therefore the same
     as a new one and is dropped from memory: the store only holds keys that have spent something
-    recently.
-
-    Around that: named keys with their own policies from a keys file (reloaded without a
-    restart), Prometheus metrics, client timeouts and connection caps against slow or hostile
-    clients, and a fair queue in front of a small upstream (a freed slot goes to the key with
-    the fewest requests in flight).
-
-    Buckets live in this process's memory, or, with REDIS_URL, in Redis/Valkey shared by several
-    instances (the redis package is imported only then; the proxy stays standard-library only).
+    recently. Buckets live in this process's memory, or, with REDIS_URL, in Redis/Valkey shared
+    by several instances (the redis package is imported only then; the proxy stays
+    standard-library only).
 """
 
 from __future__ import annotations
@@ -83,10 +94,11 @@ from typing import Callable, Iterable, Iterator, Mapping, Protocol, Sequence
 
 __version__ = "0.1.0"
 __all__ = [
-    "Config", "ConfigError", "ProxyError", "BucketPolicy", "Quota", "MemoryBucketStore",
-    "estimate_cost", "prompt_estimate", "request_cost", "UsageMeter", "normalize_path",
-    "read_headers", "KeyPolicy", "KeyRing", "load_key_ring", "Metrics", "FairGate",
-    "RedisBucketStore", "ProxyHandler", "ProxyServer", "main",
+    "Config", "ConfigError", "ProxyError", "KeyPolicy", "KeyRing", "load_key_ring",
+    "BucketPolicy", "Quota", "MemoryBucketStore", "RedisBucketStore", "estimate_cost",
+    "prompt_estimate", "request_cost", "UsageMeter", "read_headers", "normalize_path", "Route",
+    "ROUTES", "Exchange", "Charge", "Forwarder", "FairGate", "choose_framing", "relay",
+    "Metrics", "ProxyHandler", "ProxyServer", "main",
 ]
 
 

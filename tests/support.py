@@ -278,34 +278,17 @@ for _habit in ("no-usage", "ollama", "llamacpp"):
     SCENARIOS[_habit].__doc__ = f"Usage reported the way {_habit} does (see stream_events)."
 
 
-@scenario("gate")
-def _gate(h, path, request):
-    """A stream that holds its second event until the test sets server.release."""
-    h.stream(path, request, pause_at=1)
-
-
-@scenario("gate2")
-def _gate2(h, path, request):
-    """A stream that holds its third event until the test sets server.release."""
-    h.stream(path, request, pause_at=2)
-
-
-@scenario("stall")
-def _stall(h, path, request):
-    """A stream that goes silent after two events."""
-    h.stream(path, request, stop_at=2)
-
-
-@scenario("reset")
-def _reset(h, path, request):
-    """A stream whose connection is reset after the first event."""
-    h.stream(path, request, reset_at=1)
-
-
-@scenario("endless")
-def _endless(h, path, request):
-    """A stream that keeps sending events for WAIT seconds (until its reader goes away)."""
-    h.stream(path, request, endless=True)
+#: Streams that go wrong part-way (arguments of FakeUpstreamHandler.stream).
+for _name, _doc, _options in (
+        ("gate", "holds its second event until the test sets server.release", {"pause_at": 1}),
+        ("gate2", "holds its third event until the test sets server.release", {"pause_at": 2}),
+        ("stall", "goes silent after two events", {"stop_at": 2}),
+        ("reset", "has its connection reset after the first event", {"reset_at": 1}),
+        ("endless", "keeps sending events for WAIT seconds (until its reader goes away)",
+         {"endless": True})):
+    SCENARIOS[_name] = lambda h, path, request, options=_options: h.stream(path, request,
+                                                                          **options)
+    SCENARIOS[_name].__doc__ = f"A stream that {_doc}."
 
 
 def fake_prompt_tokens(request):
