@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Benchmark llm_proxy against a fast fake upstream, side by side with direct calls to it.
 
-    python3 bench_llm_proxy.py              # the full run (about three minutes), prints the tables
+    python3 bench_llm_proxy.py              # the full run (about five minutes), prints the tables
     python3 bench_llm_proxy.py --quick      # a short smoke run
+    python3 bench_llm_proxy.py --fanout     # only the fan-out figure (--quick: 50 streams, 3 s)
 
 What it measures (every figure for the proxy is compared with the same call made directly):
   * added latency per non-stream request at concurrency 1 (p50, p99), one keep-alive connection:
@@ -12,7 +13,11 @@ What it measures (every figure for the proxy is compared with the same call made
   * concurrency 64 for 10 s with wrk when it is installed (else a threaded Python client):
     requests/s, p50/p99, errors;
   * added time to the first streamed event;
-  * event spacing seen by 50 concurrent streams whose upstream sends an event every 20 ms.
+  * event spacing seen by 50 concurrent streams whose upstream sends an event every 20 ms;
+  * fan-out: N streams of 100 events 10 ms apart at once (200 and 400 by default), for 10 s,
+    directly, through nginx (when installed) and through the proxy in request and usage mode:
+    events/s delivered, the gap between events and the time to the first event (p50, p99), and
+    the CPU time the relaying process spends per event.
 
 The fake upstream is a raw asyncio server in its own process, and the proxy runs as its own
 process started with the README's run command, so neither competes with the load generator for
@@ -23,10 +28,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import functools
 import http.client
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -36,6 +44,7 @@ import sys
 import tempfile
 import threading
 import time
+from typing import Iterator
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 KEY = "sk-bench-key"
@@ -52,15 +61,55 @@ ANSWER = json.dumps({
 
 # ##################################################################### fake upstream ####
 
-def _event(index: int) -> bytes:
+@functools.lru_cache(maxsize=4096)
+def _event(index: int, usage: bool = False) -> bytes:
+    """One event of a stream, as a chunk. Cached: every stream sends the same ones, and the
+    fan-out figure asks for 40,000 a second."""
     chunk = {"id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 1,
              "model": "bench", "choices": [{"index": 0, "delta": {"content": f"tok{index} "},
                                             "finish_reason": None}]}
+    if usage:  # with include_usage, OpenAI puts "usage": null on every chunk but the last
+        chunk["usage"] = None
+    return _sse_chunk(chunk)
+
+
+def _usage_event(events: int) -> bytes:
+    """The final chunk of a stream asked for `stream_options.include_usage`."""
+    return _sse_chunk({"id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 1,
+                       "model": "bench", "choices": [],
+                       "usage": {"prompt_tokens": 5, "completion_tokens": events,
+                                 "total_tokens": 5 + events}})
+
+
+def _sse_chunk(chunk: dict) -> bytes:
     data = b"data: " + json.dumps(chunk).encode() + b"\n\n"
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
 SERVED: dict[str, int] = {}  # requests answered per model: reliability_llm_proxy.py reads it
+
+
+def _send_events(transport: asyncio.WriteTransport, events: int, spacing: float, usage: bool
+                 ) -> asyncio.Future:
+    """Send events 1 to events-1, each `spacing` seconds after the one before (as a model's
+    tokens come), from timer callbacks rather than a coroutine that sleeps: no task to wake and
+    no future per event, which took 40 % off the upstream's CPU time per event at the fan-out
+    figure's rates. Done when the last is sent or the client has gone. Nothing waits for a slow
+    reader: a stream is a few hundred bytes an event, which the kernel and the transport hold."""
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+
+    def send(index: int) -> None:
+        if index >= events or transport.is_closing():
+            done.set_result(None)
+            return
+        transport.write(_event(index, usage))
+        loop.call_later(spacing, send, index + 1)
+    if events > 1:
+        loop.call_later(spacing, send, 1)
+    else:
+        done.set_result(None)
+    return done
 
 
 async def _serve_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -89,14 +138,15 @@ async def _serve_client(reader: asyncio.StreamReader, writer: asyncio.StreamWrit
                 if "x-bench-events" in headers else 20
             spacing = float(re.search(r"x-bench-spacing-ms: *([\d.]+)", headers).group(1)) \
                 if "x-bench-spacing-ms" in headers else 20.0
+            usage = re.search(rb'"include_usage"\s*:\s*true', body) is not None
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-                         b"Transfer-Encoding: chunked\r\n\r\n" + _event(0))
-            for index in range(1, events):
-                await asyncio.sleep(spacing / 1000)
-                writer.write(_event(index))
-                await writer.drain()
+                         b"Transfer-Encoding: chunked\r\n\r\n" + _event(0, usage))
+            await _send_events(writer.transport, events, spacing / 1000, usage)
+            if writer.transport.is_closing():
+                raise ConnectionResetError  # the client has gone
             done = b"data: [DONE]\n\n"
-            writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(done), done))
+            writer.write((_usage_event(events) if usage else b"") +
+                         b"%x\r\n%s\r\n0\r\n\r\n" % (len(done), done))
             await writer.drain()
     except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
         pass
@@ -382,6 +432,339 @@ def bench_redis(up_port: int, requests: int, seconds: int) -> list[tuple[str, st
     return rows
 
 
+# ######################################################################### fan-out ####
+
+FANOUT_EVENTS, FANOUT_SPACING_MS = 100, 10.0  # a busy model server: 100 tokens/s per stream
+
+
+class _FanoutRun:
+    """What the fan-out client's connections share: the request they send, the measured window
+    and what arrived in it."""
+
+    def __init__(self, port: int, events: int, spacing_ms: float) -> None:
+        self.request = (
+            f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            f"Authorization: Bearer {KEY}\r\nContent-Type: application/json\r\n"
+            f"X-Bench-Events: {events}\r\nX-Bench-Spacing-Ms: {spacing_ms}\r\n"
+            f"Content-Length: {len(STREAM)}\r\n\r\n").encode() + STREAM
+        self.start = self.end = float("inf")  # set once every connection is open
+        self.events = self.streams = self.errors = self.open = 0
+        self.gaps: list[float] = []
+        self.firsts: list[float] = []
+        self.all_closed = asyncio.get_running_loop().create_future()
+
+    def inside(self, moment: float) -> bool:
+        return self.start <= moment < self.end
+
+    def closed(self) -> None:
+        self.open -= 1
+        if self.open == 0 and not self.all_closed.done():
+            self.all_closed.set_result(None)
+
+
+class _FanoutConnection(asyncio.Protocol):
+    """One connection of the fan-out client: it asks for a stream, timestamps every event as it
+    arrives, and asks for the next stream as soon as one has ended, until the window closes.
+
+    A Protocol rather than a StreamReader: what one recv brought is parsed in one call, with no
+    task to wake, so one client process keeps up with 40,000 events a second."""
+
+    def __init__(self, run: _FanoutRun) -> None:
+        self.run = run
+        self.transport: asyncio.Transport | None = None
+        self.busy = self.closing = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.run.open += 1
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closing and (self.busy or time.perf_counter() < self.run.end):
+            self.run.errors += 1  # the target cut a stream, or a connection it should keep
+        self.run.closed()
+
+    def close(self) -> None:
+        self.closing = True
+        self.transport.close()
+
+    def send(self) -> None:
+        self.head, self.raw, self.body = True, b"", b""
+        self.chunk_left, self.last_chunk, self.done = 0, False, False
+        self.last: float | None = None
+        self.busy = True
+        self.sent = time.perf_counter()
+        self.transport.write(self.run.request)
+
+    def data_received(self, data: bytes) -> None:
+        now = time.perf_counter()
+        if not self.busy:
+            return
+        self.raw += data
+        try:
+            if self.head and not self._head():
+                return
+            ended = self._chunks()
+        except ValueError:
+            ended = None
+        self._events(now)
+        if ended is None or (ended and not self.done):
+            self.run.errors += 1
+            self.close()
+        elif ended:
+            self.busy = False
+            self.run.streams += self.run.inside(now)
+            if now < self.run.end:
+                self.send()
+            else:
+                self.close()
+
+    def _head(self) -> bool:
+        """Take the response head off; False while it has not all arrived. ValueError if it is
+        not a 200 with a chunked body."""
+        end = self.raw.find(b"\r\n\r\n")
+        if end < 0:
+            return False
+        head, self.raw = self.raw[:end].lower(), self.raw[end + 4:]
+        if not head.startswith(b"http/1.1 200 ") or b"transfer-encoding: chunked" not in head:
+            raise ValueError(head)
+        self.head = False
+        return True
+
+    def _chunks(self) -> bool:
+        """Move the chunks' data from raw to body; True once the last chunk is in."""
+        raw, pos, pieces = self.raw, 0, []
+        while pos < len(raw):
+            if self.chunk_left:
+                piece = raw[pos:pos + self.chunk_left]
+                pieces.append(piece)
+                pos += len(piece)
+                self.chunk_left -= len(piece)
+                continue
+            end = raw.find(b"\r\n", pos)
+            if end < 0:
+                break
+            line, pos = raw[pos:end], end + 2
+            if line:
+                self.chunk_left = int(line.split(b";", 1)[0], 16)
+                self.last_chunk = self.chunk_left == 0
+            elif self.last_chunk:  # the blank line after the last chunk (no trailers)
+                self.raw, self.body = raw[pos:], self.body + b"".join(pieces)
+                return True
+        self.raw, self.body = raw[pos:], self.body + b"".join(pieces)
+        return False
+
+    def _events(self, now: float) -> None:
+        """Count the whole events in body, all stamped with the time their bytes arrived."""
+        body, start, run = self.body, 0, self.run
+        counted = run.inside(now)
+        while (end := body.find(b"\n\n", start)) >= 0:
+            if body.startswith(b"data: [DONE]", start):
+                self.done = True
+            elif body.startswith(b"data:", start):
+                if self.last is None:
+                    if run.inside(self.sent):
+                        run.firsts.append(now - self.sent)
+                elif counted:
+                    run.gaps.append(now - self.last)
+                run.events += counted
+                self.last = now
+            start = end + 2
+        self.body = body[start:]
+
+
+async def fanout_client(port: int, streams: int, events: int, spacing_ms: float,
+                        seconds: float) -> dict[str, object]:
+    """Open `streams` connections, start their first streams evenly over the length of one
+    stream (so that requests then keep arriving at an even rate, as at a busy server with
+    streams of every age, rather than all at once), then measure for `seconds`. Prints "start"
+    and "end" as the window opens and closes, for the driver to read the target's CPU time."""
+    loop = asyncio.get_running_loop()
+    run = _FanoutRun(port, events, spacing_ms)
+    connections = []
+    for _ in range(streams):
+        _, connection = await loop.create_connection(lambda: _FanoutConnection(run),
+                                                     "127.0.0.1", port)
+        connections.append(connection)
+    stagger = events * spacing_ms / 1000
+    now = time.perf_counter()
+    run.start, run.end = now + stagger, now + stagger + seconds
+    for index, connection in enumerate(connections):
+        loop.call_later(index * stagger / streams, connection.send)
+    loop.call_later(stagger, functools.partial(print, "start", flush=True))
+    loop.call_later(stagger + seconds, functools.partial(print, "end", flush=True))
+    try:  # the streams under way at the end run out (the targets see no cut streams)
+        await asyncio.wait_for(asyncio.shield(run.all_closed), stagger * 3 + seconds + 30)
+    except asyncio.TimeoutError:
+        pass
+    unfinished = sum(c.busy for c in connections)
+    for connection in connections:
+        connection.close()
+
+    def ms(values: list[float], q: float) -> float | None:
+        return pct(values, q) * 1000 if values else None
+    return {"events_per_s": run.events / seconds, "events": run.events, "streams": run.streams,
+            "errors": run.errors + unfinished, "gap_p50": ms(run.gaps, 50),
+            "gap_p99": ms(run.gaps, 99), "first_p50": ms(run.firsts, 50),
+            "first_p99": ms(run.firsts, 99)}
+
+
+def fanout_measure(port: int, streams: int, seconds: float, pids: list[int]
+                   ) -> dict[str, object]:
+    """One fan-out run against `port`, by the client in a process of its own (the same for
+    every target); `pids` are the processes whose CPU time is the target's."""
+    spec = json.dumps({"port": port, "streams": streams, "events": FANOUT_EVENTS,
+                       "spacing_ms": FANOUT_SPACING_MS, "seconds": seconds})
+    # A pipe this time: the driver reads three lines, and measures nothing in between.
+    client = subprocess.Popen([sys.executable, __file__, "--fanout-client", spec],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        marks = []
+        for expected in ("start", "end"):
+            line = client.stdout.readline().strip()
+            if line != expected:
+                raise SystemExit(f"the fan-out client stopped: {line or 'no output'}")
+            marks.append((sum(cpu_seconds(pid) for pid in pids), cpu_seconds(client.pid)))
+        result = json.loads(client.stdout.readline())
+        client.wait(30)
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait()
+        client.stdout.close()
+    (target0, client0), (target1, client1) = marks
+    result["cpu_us_per_event"] = \
+        (target1 - target0) / max(1, result["events"]) * 1e6 if pids else None
+    result["client_cpu"] = (client1 - client0) / seconds
+    return result
+
+
+def child_pids(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(child) for child in f.read().split()]
+    except OSError:
+        return []
+
+
+def nginx_conf(tmp: str, port: int, up_port: int, streams: int) -> str:
+    """nginx as a streaming reverse proxy in front of the fake upstream: one worker (one core,
+    as the proxy's GIL gives it), no buffering, kept-alive upstream connections. Every path it
+    writes is in `tmp`."""
+    user = "user root;\n" if os.geteuid() == 0 else ""  # else the workers could not reach tmp
+    temps = "".join(f"    {kind}_temp_path {tmp}/{kind};\n"
+                    for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    return (f"daemon off;\nworker_processes 1;\n{user}pid {tmp}/nginx.pid;\n"
+            f"error_log {tmp}/error.log warn;\nworker_rlimit_nofile {4 * streams + 1024};\n"
+            f"events {{ worker_connections {4 * streams + 512}; }}\n"
+            "http {\n    access_log off;\n" + temps +
+            f"    upstream fake {{ server 127.0.0.1:{up_port}; keepalive {streams}; }}\n"
+            f"    server {{\n        listen 127.0.0.1:{port} backlog=1024;\n"
+            "        location / {\n            proxy_pass http://fake;\n"
+            "            proxy_http_version 1.1;\n"
+            '            proxy_set_header Connection "";\n'
+            "            proxy_buffering off;\n        }\n    }\n}\n")
+
+
+def nginx_binary() -> str | None:
+    return shutil.which("nginx", path=os.environ.get("PATH", "") + ":/usr/sbin:/usr/local/sbin")
+
+
+@contextlib.contextmanager
+def fanout_target(target: str, mode: str, up_port: int, streams: int
+                  ) -> Iterator[tuple[int, list[int]]]:
+    """The port to send the streams to and the processes that relay them: the upstream itself
+    (nothing relays), nginx (master and worker), or the proxy in its own process."""
+    if target == "direct":
+        yield up_port, []
+        return
+    port = free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        if target == "nginx":
+            with open(os.path.join(tmp, "nginx.conf"), "w") as f:
+                f.write(nginx_conf(tmp, port, up_port, streams))
+            proc = start_listening([nginx_binary(), "-p", tmp, "-c", "nginx.conf", "-e",
+                                    os.path.join(tmp, "error.log")], port, tmp)
+            pids = [proc.pid]
+            while len(pids) == 1 and proc.poll() is None:  # the worker may not be forked yet
+                pids += child_pids(proc.pid)
+                time.sleep(0.01)
+        else:
+            proc = start([sys.executable, os.path.join(HERE, "llm_proxy.py")], {
+                "HOST": "127.0.0.1", "PORT": str(port),
+                "BASE_API_URL": f"http://127.0.0.1:{up_port}/v1", "MAX_TOKENS": "1000000000",
+                "REFILL_TOKENS": "1000000000", "TOKEN_COST_MODE": mode,
+                "MAX_CONNECTIONS": str(max(1024, 2 * streams))}, "listening on", "stderr")
+            pids = [proc.pid]
+        try:
+            yield port, pids
+        finally:
+            proc.terminate()
+            proc.wait(30)
+
+
+def start_listening(command: list[str], port: int, tmp: str) -> subprocess.Popen:
+    """Start a server that says nothing when ready (nginx), once `port` takes connections."""
+    with open(os.path.join(tmp, "output.log"), "w") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=log)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), 1).close()
+            return proc
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                proc.wait()
+                logs = [os.path.join(tmp, name) for name in ("output.log", "error.log")]
+                raise SystemExit(f"{command[0]} did not start: " + " ".join(
+                    open(path).read() for path in logs if os.path.exists(path)))
+            time.sleep(0.02)
+
+
+def bench_fanout(up_port: int, counts: list[int], modes: list[str], seconds: float
+                 ) -> tuple[str, list[tuple[str, ...]]]:
+    """N streams at once through each target, one after another, N by N: the settings line and
+    the rows of the table."""
+    nginx = nginx_binary()
+    targets = [("direct", "–")] + ([("nginx", "–")] if nginx else []) + \
+        [("llm_proxy", mode) for mode in modes]
+    rows = []
+    for streams in counts:
+        for target, mode in targets:
+            with fanout_target(target, mode, up_port, streams) as (port, pids):
+                r = fanout_measure(port, streams, seconds, pids)
+            cpu = r["cpu_us_per_event"]
+            rows.append((target, mode, str(streams), f"{r['events_per_s']:,.0f}",
+                         *(_ms(r[k]) for k in ("gap_p50", "gap_p99", "first_p50", "first_p99")),
+                         "–" if cpu is None else f"{cpu:.1f}", str(r["errors"]),
+                         f"{r['client_cpu'] * 100:.0f}"))
+    if nginx:
+        version = subprocess.run([nginx, "-v"], capture_output=True, text=True).stderr
+        relay = (f"nginx {version.strip().rsplit('/', 1)[-1]} with one worker, "
+                 "proxy_buffering off, kept-alive upstream connections")
+    else:
+        relay = "nginx is not installed: no nginx rows"
+    settings = (f"each stream {FANOUT_EVENTS} events {FANOUT_SPACING_MS:g} ms apart from the fake "
+                "upstream, asked for again as soon as it ends (same connection); the first "
+                f"streams started evenly over {FANOUT_EVENTS * FANOUT_SPACING_MS / 1000:g} s, "
+                f"then {seconds:g} s measured; one asyncio client process for every target; "
+                f"{relay}; Python {sys.version.split()[0]}, {os.cpu_count()} CPUs")
+    return settings, rows
+
+
+def _ms(value: float | None) -> str:
+    return "–" if value is None else f"{value:.1f}" if value < 100 else f"{value:.0f}"
+
+
+def raise_open_files(needed: int) -> None:
+    """Let the processes started from here have `needed` descriptors (a proxy relaying N streams
+    holds 2N sockets), as far as the hard limit allows."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        resource.setrlimit(resource.RLIMIT_NOFILE,
+                           (needed if hard == resource.RLIM_INFINITY else min(needed, hard), hard))
+
+
 # ############################################################################# run ####
 
 def start(command: list[str], env: dict[str, str], ready: str, stream: str) -> subprocess.Popen:
@@ -409,19 +792,36 @@ def main(argv: list[str] | None = None) -> int:
                         help="only the keys-file figures (10,000 keys against 1, reloads)")
     parser.add_argument("--redis", action="store_true",
                         help="only the Redis store against the in-memory one")
+    parser.add_argument("--fanout", action="store_true",
+                        help="only the fan-out figure: N streams at once, direct, through nginx "
+                             "(when installed) and through the proxy")
+    parser.add_argument("--fanout-streams", metavar="N,N",
+                        help="streams at once, one run each (default 200,400; --quick: 50)")
+    parser.add_argument("--fanout-modes", metavar="MODE,MODE", default="request,usage",
+                        help="the proxy's TOKEN_COST_MODE, one run each (default request,usage)")
+    parser.add_argument("--fanout-seconds", type=float, metavar="S",
+                        help="seconds measured per run (default 10; --quick: 3)")
     parser.add_argument("--serve-upstream", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--fanout-client", metavar="JSON", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_upstream:
         serve_upstream(args.serve_upstream)
         return 0
+    if args.fanout_client:
+        print(json.dumps(asyncio.run(fanout_client(**json.loads(args.fanout_client)))))
+        return 0
 
     requests, seconds, firsts = (300, 2, 50) if args.quick else (3000, 10, 300)
+    everything = not (args.keys or args.redis or args.fanout)
+    counts = [int(n) for n in (args.fanout_streams or ("50" if args.quick else "200,400")
+                               ).split(",")]
+    if everything or args.fanout:
+        raise_open_files(4 * max(counts) + 1024)  # before the upstream starts: it inherits it
     up_port = free_port()
     upstream = start([sys.executable, __file__, "--serve-upstream", str(up_port)], {}, "ready",
                      "stdout")
     try:
         print(f"\nllm_proxy benchmark: Python {sys.version.split()[0]}, {os.cpu_count()} CPUs")
-        everything = not (args.keys or args.redis)
         if everything:
             rows, tool = proxy_rows(up_port, requests, seconds, firsts, args.quick)
             print_table(f"the proxy against direct calls ({tool})", ("direct", "proxy"), rows)
@@ -431,6 +831,11 @@ def main(argv: list[str] | None = None) -> int:
         if everything or args.redis:
             print_table("bucket store", ("memory", "redis"),
                         bench_redis(up_port, requests, seconds))
+        if everything or args.fanout:
+            fanout_seconds = args.fanout_seconds or (3 if args.quick else 10)
+            settings, rows = bench_fanout(up_port, counts, args.fanout_modes.split(","),
+                                          fanout_seconds)
+            print_grid(f"fan-out ({settings})", FANOUT_COLUMNS, rows)
     finally:
         upstream.terminate()
         upstream.wait(30)
@@ -446,6 +851,22 @@ def print_table(title: str, columns: tuple[str, str], rows: list[tuple[str, str,
           f"|------:|")
     for name, a, b, c in rows:
         print(f"| {name.ljust(width)} | {a} | {b} | {c} |")
+
+
+FANOUT_COLUMNS = ("target", "mode", "streams", "events/s delivered", "gap p50 ms", "gap p99 ms",
+                  "TTFT p50 ms", "TTFT p99 ms", "CPU µs per event", "errors", "client CPU %")
+
+
+def print_grid(title: str, columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    """A markdown table with every column padded; the first two left-aligned, the rest right."""
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
+    print(f"\n{title}\n")
+    for row in (columns, *rows):
+        print("| " + " | ".join(v.ljust(w) if i < 2 else v.rjust(w)
+                                for i, (v, w) in enumerate(zip(row, widths))) + " |")
+        if row is columns:
+            print("|" + "|".join("-" * (w + 2) if i < 2 else "-" * (w + 1) + ":"
+                                 for i, w in enumerate(widths)) + "|")
 
 
 def proxy_rows(up_port: int, requests: int, seconds: int, firsts: int, quick: bool
