@@ -788,6 +788,8 @@ def start(command: list[str], env: dict[str, str], ready: str, stream: str) -> s
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a short smoke run")
+    parser.add_argument("--core", action="store_true",
+                        help="only the proxy against direct calls (latency, c=64, streams)")
     parser.add_argument("--keys", action="store_true",
                         help="only the keys-file figures (10,000 keys against 1, reloads)")
     parser.add_argument("--redis", action="store_true",
@@ -812,7 +814,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     requests, seconds, firsts = (300, 2, 50) if args.quick else (3000, 10, 300)
-    everything = not (args.keys or args.redis or args.fanout)
+    everything = not (args.core or args.keys or args.redis or args.fanout)
     counts = [int(n) for n in (args.fanout_streams or ("50" if args.quick else "200,400")
                                ).split(",")]
     if everything or args.fanout:
@@ -822,7 +824,7 @@ def main(argv: list[str] | None = None) -> int:
                      "stdout")
     try:
         print(f"\nllm_proxy benchmark: Python {sys.version.split()[0]}, {os.cpu_count()} CPUs")
-        if everything:
+        if everything or args.core:
             rows, tool = proxy_rows(up_port, requests, seconds, firsts, args.quick)
             print_table(f"the proxy against direct calls ({tool})", ("direct", "proxy"), rows)
         if everything or args.keys:
