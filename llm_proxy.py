@@ -96,8 +96,8 @@ __version__ = "0.1.0"
 __all__ = [
     "Config", "ConfigError", "ProxyError", "KeyPolicy", "KeyRing", "load_key_ring",
     "BucketPolicy", "Quota", "MemoryBucketStore", "RedisBucketStore", "estimate_cost",
-    "prompt_estimate", "request_cost", "UsageMeter", "read_headers", "normalize_path", "Route",
-    "ROUTES", "Exchange", "Charge", "Forwarder", "FairGate", "choose_framing", "relay",
+    "prompt_estimate", "request_cost", "Meter", "UsageMeter", "read_headers", "normalize_path",
+    "Route", "DEFAULT_ROUTES", "RouteTable", "Exchange", "Charge", "Forwarder", "FairGate", "choose_framing", "relay",
     "Metrics", "ProxyHandler", "ProxyServer", "main",
 ]
 
@@ -114,6 +114,7 @@ COST_MODES = ("request", "estimate", "usage")
 GENERATE = "generate"   # forwarded; charged in every cost mode
 EMBED = "embed"         # forwarded; charged by input size in the estimate and usage modes
 FREE = "free"           # forwarded; never charged
+MANAGE = "manage"       # forwarded for the admin only (model management); never charged
 LOCAL = "local"         # answered by the proxy itself
 ADMIN = "admin"         # answered by the proxy itself, to the admin only
 
@@ -125,7 +126,11 @@ HOP_BY_HOP = frozenset({
     "te", "trailer", "transfer-encoding", "upgrade",
 })
 NOT_FORWARDED_UP = HOP_BY_HOP | {
-    "host", "content-length", "authorization", "expect", "accept-encoding", "x-forwarded-for",
+    "host", "content-length", "authorization", "x-api-key", "expect", "accept-encoding",
+    "x-forwarded-for",
+    # llama.cpp keeps a stream running past its client's hang-up and lets others read it
+    # (/v1/stream) when a request names a conversation: generation must stop with its client
+    "x-conversation-id",
 }
 RATE_LIMIT_HEADERS = (
     "X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset",
@@ -143,8 +148,10 @@ CORS_HEADERS = (
     ("Access-Control-Expose-Headers", ", ".join(RATE_LIMIT_HEADERS + LIMIT_HEADERS)),
 )
 #: openai-python waits exactly what Retry-After says up to this many seconds; longer, it backs off
-#: on its own schedule, so the proxy also says x-should-retry: false to make it fail fast.
+#: on its own schedule, so the proxy also says x-should-retry: false to make it fail fast. The
+#: anthropic SDKs (before 2.x) and Claude Code honour at most 60 s.
 SDK_MAX_RETRY_AFTER = 120
+ANTHROPIC_MAX_RETRY_AFTER = 60
 
 READ_CHUNK = 64 * 1024
 READ_BUFFER = 16 * 1024             # an upstream connection's read buffer
@@ -189,6 +196,13 @@ class ProxyError(Exception):
 
     def body(self) -> bytes:
         return error_body(self.message, self.type, self.code, self.param)
+
+
+class UpstreamUnreachable(ProxyError):
+    """The upstream could not be reached (refused, no route, TLS refused): nothing was sent."""
+
+    def __init__(self, status: HTTPStatus, message: str, code: str) -> None:
+        super().__init__(status, message, type="server_error", code=code)
 
 
 class StoreUnavailable(ProxyError):
@@ -291,6 +305,38 @@ def _key(name: str, raw: str) -> str:
     return key
 
 
+def _optional_url(name: str, raw: str) -> str:
+    return _url(name, raw) if raw.strip() else ""
+
+
+_ROUTE_KINDS = ("generate", "embed", "free", "manage")
+_ROUTE_PATH = re.compile(r"/[A-Za-z0-9._~!$&'()*+=:@/-]*")
+
+
+def _extra_routes(name: str, raw: str) -> tuple[tuple[str, str, str], ...]:
+    """'METHOD /path kind, ...' -> ((METHOD, path, kind), ...)."""
+    rows = []
+    for item in (i.strip() for i in raw.split(",")):
+        if not item:
+            continue
+        words = item.split()
+        if len(words) != 3:
+            raise ConfigError(f"{name}: {item!r} must be 'METHOD /path kind'")
+        method, path, kind = words[0].upper(), words[1], words[2].lower()
+        if method not in ("GET", "POST", "PUT", "PATCH", "DELETE"):
+            raise ConfigError(f"{name}: {item!r}: the method must be GET, POST, PUT, PATCH or "
+                              "DELETE")
+        if not _ROUTE_PATH.fullmatch(path) or "//" in path or "/./" in path or "/../" in path \
+                or ("*" in path and not path.endswith("/*")) or path.count("*") > 1:
+            raise ConfigError(f"{name}: {item!r}: the path must be a plain absolute path "
+                              "(a trailing /* covers what is below it)")
+        if kind not in _ROUTE_KINDS:
+            raise ConfigError(f"{name}: {item!r}: the kind must be one of "
+                              f"{', '.join(_ROUTE_KINDS)}")
+        rows.append((method, path, kind))
+    return tuple(rows)
+
+
 def _keys(name: str, raw: str) -> tuple[str, ...]:
     return tuple(k.strip() for k in raw.split(",") if k.strip())
 
@@ -389,6 +435,12 @@ SETTINGS: tuple[Setting, ...] = (
             "bearer token for /metrics and /admin/keys (unset: loopback clients only)"),
     Setting("LOG_FORMAT", "text", _choice("text", "json"),
             "text, or json for one JSON object per line"),
+    Setting("NATIVE_API_URL", "", _optional_url,
+            "the upstream's root, where Ollama's native /api routes are forwarded (default: "
+            "BASE_API_URL without its trailing /v1)"),
+    Setting("EXTRA_ROUTES", "", _extra_routes,
+            "more routes to forward, comma-separated 'METHOD /path kind' (kind: generate, embed, "
+            "free or manage; a path ending in /* covers what is below it)"),
 )
 
 
@@ -1057,7 +1109,9 @@ BucketStore = typing.Union[MemoryBucketStore, RedisBucketStore]
 # ######################################################################### pricing ####
 
 # What a request takes from its bucket at admission. In usage mode this is a reservation that the
-# charge settles later with what the upstream reports (metering, below).
+# charge settles later with what the upstream reports (metering, below). What a generation
+# request asks for (its output limits, how many answers) is read and validated by its API
+# (API shapes, below) into an Ask; nothing a request says can make it cheaper than it is.
 
 def _string_stats(value: object) -> tuple[int, int]:
     """(number of strings, total characters) of every string value in a JSON document, skipping
@@ -1088,7 +1142,8 @@ RESERVE_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
 def response_reserve(body: Mapping[str, object], default: int) -> int:
     """Tokens set aside for the answer: max_completion_tokens, else max_tokens, else (for
     /v1/responses) max_output_tokens, else `default`; a negative or non-integer value counts as
-    absent."""
+    absent. (The request path reads limits through its API's Ask instead, which refuses such
+    values; this is the formula for a body that names none.)"""
     for name in RESERVE_FIELDS:
         value = _whole(body.get(name))
         if value is not None:
@@ -1107,24 +1162,173 @@ def estimate_cost(body: Mapping[str, object], reserve: int) -> int:
     return max(1, prompt_estimate(body) + response_reserve(body, reserve))
 
 
-def request_cost(body: Mapping[str, object], policy: KeyPolicy, kind: str = "generate") -> int:
+class Ask(typing.NamedTuple):
+    """What a generation request asks for, read from its payload by its API and validated."""
+    stream: bool
+    reserve: int                         # output tokens one answer may run to
+    answers: int = 1                     # answers generated: n (or best_of) times the prompts
+    limits: tuple[tuple[str, ...], ...] = ()  # where the request set an output limit
+
+
+def request_cost(body: Mapping[str, object], policy: KeyPolicy, kind: str = "generate",
+                 ask: Ask | None = None) -> int:
     """What a charged request takes from its bucket at admission (in usage mode: reserves).
-    `kind` is its route's kind: "generate", or "embed" (its input is its whole cost)."""
+    `kind` is its route's kind: "generate" (its prompt plus the reserve for every answer it
+    asks for), or "embed" (its input is its whole cost)."""
     if policy.token_cost_mode == "request":
         return policy.request_token_cost
     if kind == EMBED:  # an embedding generates nothing: its input is its cost
         return max(1, prompt_estimate(body))
-    return estimate_cost(body, policy.response_token_reserve)
+    if ask is None:
+        return estimate_cost(body, policy.response_token_reserve)
+    return max(1, prompt_estimate(body) + ask.reserve * ask.answers)
 
 
 # ######################################################################## metering ####
 
+# With TOKEN_COST_MODE=usage a Meter reads what an answer really cost as it passes through the
+# relay: a body transform (feed each piece, finish at the end) that returns what to relay. Each
+# API has its own (OpenAI's server-sent events, Anthropic's named events, Ollama's lines of
+# JSON); the framing is shared.
+
 _USAGE_NULL = re.compile(rb',\s*"usage"\s*:\s*null(?=\s*[,}])|"usage"\s*:\s*null\s*,\s*')
 _EVENT_END = re.compile(rb"\r?\n\r?\n")
+_LINE_END = re.compile(rb"\n")
 
 
 def _count(value: object) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+class Meter:
+    """What an answer really cost, read as it passes through (TOKEN_COST_MODE=usage).
+
+    feed() takes each piece read from the upstream and returns what to relay. A plain body is
+    relayed untouched and parsed once it has all gone out (finish()). A stream is cut into its
+    events (SSE: a blank line ends one; NDJSON: a newline), each relayed as soon as it is
+    complete; observe() (one per API) reads each, and may drop one (drop()). cost() says what
+    the answer came to: the upstream's own numbers, never less completion than the delivered
+    text shows (characters / 4), or, without numbers, the prompt estimate plus that.
+
+    `unmeterable` is true when the answer could not be read where it should have been: an
+    encoded body (Content-Encoding), a plain body over MAX_METERED_BODY, or a successful answer
+    without the usage its API always sends (`expects_usage`). The charge then keeps its whole
+    reservation.
+    """
+
+    event_end = _EVENT_END
+
+    def __init__(self, stream: bool, strip: bool = False, expects_usage: bool = True) -> None:
+        self.stream = stream
+        self.strip = strip                  # drop what the proxy asked for on the client's behalf
+        self.expects_usage = expects_usage
+        self.generated = 0                  # characters of generated text seen
+        self.encoded = False
+        self.ok = True                      # a 2xx answer (only those are expected to carry usage)
+        self._pending = b""
+        self._body: list[bytes] = []
+        self._size = 0
+
+    def begin(self, status: int, content_encoding: str | None) -> None:
+        """The answer's status and Content-Encoding, before its body: an encoded body passes
+        through unread (and unstripped)."""
+        self.ok = 200 <= status < 300
+        if content_encoding and content_encoding.strip().lower() != "identity":
+            self.encoded, self.strip = True, False
+
+    def feed(self, data: bytes) -> bytes:
+        if self.encoded:
+            return data
+        if not self.stream:
+            self._size += len(data)
+            if self._size <= MAX_METERED_BODY:
+                self._body.append(data)
+            return data
+        buffer = self._pending + data
+        out = []
+        start = 0
+        for match in self.event_end.finditer(buffer):
+            event = self._event(buffer[start:match.end()])
+            if event:
+                out.append(event)
+            start = match.end()
+        self._pending = buffer[start:]
+        if len(self._pending) > MAX_PENDING_EVENT:  # not events after all: stop holding bytes
+            out.append(self._pending)
+            self._pending = b""
+        return b"".join(out)
+
+    def finish(self) -> bytes:
+        """The end of the response: what is left to relay (an unterminated last event)."""
+        rest, self._pending = self._pending, b""
+        if not self.stream and not self.encoded and self._size <= MAX_METERED_BODY:
+            obj = json_or_none(b"".join(self._body))
+            if isinstance(obj, dict):
+                self.observe(obj)
+            self._body = []
+        if self.encoded:
+            return rest
+        return (self._event(rest) or b"") if rest else b""
+
+    def _event(self, event: bytes) -> bytes | None:
+        obj = self._parse(event)
+        if obj is None:
+            return event
+        if self.observe(obj):
+            return None
+        return self.rewrite(event)
+
+    def _parse(self, event: bytes) -> dict | None:
+        """The JSON object an event carries (SSE: its data lines), or None."""
+        data = b"".join(line[5:].strip() for line in event.splitlines()
+                        if line.startswith(b"data:"))
+        if not data.startswith(b"{"):
+            return None  # [DONE], comments, other event fields
+        obj = json_or_none(data)
+        return obj if isinstance(obj, dict) else None
+
+    def rewrite(self, event: bytes) -> bytes:
+        """An event as relayed (the OpenAI meter strips what the proxy asked for)."""
+        return event
+
+    # -- one per API ------------------------------------------------------------------------
+
+    def observe(self, obj: dict) -> bool:
+        """Note usage and generated text of one event (or of a whole plain body); True to drop
+        the event."""
+        raise NotImplementedError
+
+    def usage(self) -> tuple[int | None, int, int] | None:
+        """(prompt tokens or None when not reported, completion tokens, total) as reported."""
+        raise NotImplementedError
+
+    # -- the result -------------------------------------------------------------------------
+
+    @property
+    def unmeterable(self) -> bool:
+        if self.encoded or (not self.stream and self._size > MAX_METERED_BODY):
+            return self.ok
+        return self.ok and self.expects_usage and self.usage() is None
+
+    def reported(self) -> int | None:
+        """The total the upstream reported, if it reported one."""
+        numbers = self.usage()
+        return None if numbers is None else numbers[2]
+
+    def cost(self, prompt_tokens_estimate: int) -> tuple[int, int, int]:
+        """(prompt, completion, total) tokens: the upstream's numbers, or an estimate."""
+        floor = math.ceil(self.generated / 4)
+        numbers = self.usage()
+        if numbers is None:
+            return prompt_tokens_estimate, floor, prompt_tokens_estimate + floor
+        prompt, completion, total = numbers
+        if prompt is None:
+            prompt = prompt_tokens_estimate
+            total += prompt
+        if completion < floor:  # a server that reports one answer's usage for several
+            total += floor - completion
+            completion = floor
+        return prompt, completion, total
 
 
 def usage_numbers(usage: object) -> tuple[int, int, int]:
@@ -1140,8 +1344,8 @@ def usage_numbers(usage: object) -> tuple[int, int, int]:
 
 
 def generated_chars(obj: Mapping[str, object]) -> int:
-    """Characters of generated text in a response object or stream chunk (for settling when
-    the upstream reports no usage)."""
+    """Characters of generated text in an OpenAI response object or stream chunk, across all
+    its choices (for settling when the upstream reports no usage, or too little)."""
     chars = 0
     choices = obj.get("choices")
     if isinstance(choices, list):
@@ -1164,109 +1368,138 @@ def generated_chars(obj: Mapping[str, object]) -> int:
     return chars
 
 
-class UsageMeter:
-    """What a response really cost, read as it passes through (TOKEN_COST_MODE=usage).
-
-    feed() takes each piece read from the upstream and returns what to relay. A plain body is
-    relayed untouched and parsed once it has all gone out (finish()). A stream is cut into
-    server-sent events, each relayed as soon as it is complete; when the proxy asked for
-    `stream_options.include_usage` on the client's behalf (strip=True), the usage event the
+class UsageMeter(Meter):
+    """The OpenAI API's usage: from the chunks with empty `choices` (the final usage chunk; a
+    server that sends one per answer, as llama.cpp does for n > 1, has them added up), else the
+    last non-zero usage of each answer (Ollama's /v1/completions puts zeroed usage on every
+    chunk; llama.cpp's completions put it in each answer's last chunk), else a /v1/responses
+    `response.completed` event; or the `usage` of a plain body. When the proxy asked for
+    `stream_options.include_usage` on the client's behalf (strip=True), the usage chunk the
     client did not ask for is dropped, and so is the `"usage": null` member the upstream then
-    adds to every other chunk, so the client gets the bytes it would have got without the proxy.
-
-    Usage is taken from the chunk with empty `choices` (the final usage chunk), else from the
-    last chunk with a non-zero usage (Ollama's /v1/completions sends zeroed usage on every chunk),
-    or from a /v1/responses `response.completed` event. Without usage, cost() estimates from the
-    generated text.
+    adds to every other chunk: the client gets the bytes it would have got without the proxy.
     """
 
-    def __init__(self, stream: bool, strip: bool = False) -> None:
-        self.stream = stream
-        self.strip = strip
-        self.usage: object = None
-        self.generated = 0
-        self._final = False
-        self._pending = b""
-        self._body: list[bytes] = []
-        self._size = 0
+    def __init__(self, stream: bool, strip: bool = False, expects_usage: bool = True) -> None:
+        super().__init__(stream, strip, expects_usage)
+        self._finals: list[tuple[int, int, int]] = []
+        self._by_answer: dict[object, tuple[int, int, int]] = {}
 
-    def feed(self, data: bytes) -> bytes:
-        if not self.stream:
-            self._size += len(data)
-            if self._size <= MAX_METERED_BODY:
-                self._body.append(data)
-            return data
-        buffer = self._pending + data
-        out = []
-        start = 0
-        for match in _EVENT_END.finditer(buffer):
-            event = self._event(buffer[start:match.end()])
-            if event:
-                out.append(event)
-            start = match.end()
-        self._pending = buffer[start:]
-        if len(self._pending) > MAX_PENDING_EVENT:  # not SSE after all: stop holding bytes
-            out.append(self._pending)
-            self._pending = b""
-        return b"".join(out)
-
-    def finish(self) -> bytes:
-        """The end of the response: what is left to relay (an unterminated last event)."""
-        rest, self._pending = self._pending, b""
-        if not self.stream and self._size <= MAX_METERED_BODY:
-            try:
-                self._observe(json.loads(b"".join(self._body)))
-            except (ValueError, RecursionError):
-                pass  # not JSON (an error page): settled by estimate
-            self._body = []
-        return (self._event(rest) or b"") if rest else b""
-
-    def _event(self, event: bytes) -> bytes | None:
-        data = b"".join(line[5:].strip() for line in event.splitlines()
-                        if line.startswith(b"data:"))
-        if not data.startswith(b"{"):
-            return event  # [DONE], comments, other event fields
-        try:
-            obj = json.loads(data)
-        except (ValueError, RecursionError):
-            return event
-        if not isinstance(obj, dict):
-            return event
-        final = self._observe(obj)
-        if self.strip:
-            if final:
-                return None
-            if b'"usage"' in event:
-                event = _USAGE_NULL.sub(b"", event)
-        return event
-
-    def _observe(self, obj: object) -> bool:
-        """Note usage and generated text; True if this is the final usage chunk."""
-        if not isinstance(obj, dict):
-            return False
+    def observe(self, obj: dict) -> bool:
         usage = obj.get("usage")
         if obj.get("type") == "response.completed" and isinstance(obj.get("response"), dict):
             usage = obj["response"].get("usage")
-        final = obj.get("choices") == [] and usage_numbers(usage)[2] > 0
-        if usage_numbers(usage)[2] > 0 and (final or not self._final):
-            self.usage, self._final = usage, self._final or final
+        numbers = usage_numbers(usage)
+        final = obj.get("choices") == [] and numbers[2] > 0
+        if final:
+            self._finals.append(numbers)
+        elif numbers[2] > 0:
+            choices = obj.get("choices")
+            first = choices[0] if isinstance(choices, list) and choices else None
+            self._by_answer[first.get("index") if isinstance(first, dict) else None] = numbers
         self.generated += generated_chars(obj)
-        return final
+        return final and self.strip
 
-    def cost(self, prompt_tokens_estimate: int) -> tuple[int, int, int]:
-        """(prompt, completion, total) tokens: the upstream's numbers, or an estimate."""
-        prompt, completion, total = usage_numbers(self.usage)
-        if total:
-            return prompt, completion, total
-        completion = math.ceil(self.generated / 4)
-        return prompt_tokens_estimate, completion, prompt_tokens_estimate + completion
+    def rewrite(self, event: bytes) -> bytes:
+        if self.strip and b'"usage"' in event:
+            return _USAGE_NULL.sub(b"", event)
+        return event
+
+    def usage(self) -> tuple[int | None, int, int] | None:
+        found = self._finals or list(self._by_answer.values())
+        if not found:
+            return None
+        return (sum(n[0] for n in found), sum(n[1] for n in found), sum(n[2] for n in found))
+
+
+class AnthropicMeter(Meter):
+    """The Anthropic Messages API's usage: a message's `usage`, or, streamed, message_start's
+    (the input) and the last message_delta's (the output, cumulative). The prompt is
+    input_tokens plus the cache fields (cache_creation_input_tokens, cache_read_input_tokens),
+    as in Anthropic's own API and on llama.cpp's server."""
+
+    FIELDS = ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens",
+              "output_tokens")
+
+    def __init__(self, stream: bool, strip: bool = False, expects_usage: bool = True) -> None:
+        super().__init__(stream, strip, expects_usage)
+        self._fields: dict[str, int] | None = None
+
+    def observe(self, obj: dict) -> bool:
+        kind = obj.get("type")
+        usage: object = None
+        if kind == "message":
+            usage = obj.get("usage")
+            content = obj.get("content")
+            for block in content if isinstance(content, list) else []:
+                if isinstance(block, dict):
+                    self.generated += _string_stats({k: v for k, v in block.items()
+                                                     if k != "type"})[1]
+        elif kind == "message_start" and isinstance(obj.get("message"), dict):
+            usage = obj["message"].get("usage")
+        elif kind == "message_delta":
+            usage = obj.get("usage")
+        elif kind == "content_block_delta" and isinstance(obj.get("delta"), dict):
+            delta = obj["delta"]
+            for name in ("text", "partial_json", "thinking"):
+                if isinstance(delta.get(name), str):
+                    self.generated += len(delta[name])
+        if isinstance(usage, dict):
+            fields = self._fields if self._fields is not None else {}
+            for name in self.FIELDS:  # cumulative: the largest value seen is the latest
+                fields[name] = max(fields.get(name, 0), _count(usage.get(name)))
+            self._fields = fields
+        return False
+
+    def usage(self) -> tuple[int | None, int, int] | None:
+        if self._fields is None:
+            return None
+        f = self._fields
+        prompt = (f["input_tokens"] + f["cache_creation_input_tokens"]
+                  + f["cache_read_input_tokens"])
+        return prompt, f["output_tokens"], prompt + f["output_tokens"]
+
+
+class OllamaMeter(Meter):
+    """Ollama's native API: lines of JSON; the last (`"done": true`) carries prompt_eval_count
+    (left out when the prompt was cached: the prompt estimate stands in) and eval_count.
+    /api/embed reports prompt_eval_count too."""
+
+    event_end = _LINE_END
+
+    def __init__(self, stream: bool, strip: bool = False, expects_usage: bool = True) -> None:
+        super().__init__(stream, strip, expects_usage)
+        self._numbers: tuple[int | None, int] | None = None
+
+    def _parse(self, event: bytes) -> dict | None:
+        obj = json_or_none(event) if event.lstrip().startswith(b"{") else None
+        return obj if isinstance(obj, dict) else None
+
+    def observe(self, obj: dict) -> bool:
+        for part in (obj.get("message"), obj):
+            if isinstance(part, dict):
+                for name in ("content", "response", "thinking"):
+                    if isinstance(part.get(name), str):
+                        self.generated += len(part[name])
+        if obj.get("done") is True or "prompt_eval_count" in obj or "eval_count" in obj:
+            prompt = obj.get("prompt_eval_count")
+            self._numbers = (_count(prompt) if prompt is not None else None,
+                             _count(obj.get("eval_count")))
+        return False
+
+    def usage(self) -> tuple[int | None, int, int] | None:
+        if self._numbers is None:
+            return None
+        prompt, completion = self._numbers
+        return prompt, completion, (prompt or 0) + completion
 
 
 # ###################################################################### API shapes ####
 
-# How each API speaks when the proxy itself answers: its error bodies, the limit answer (an
-# assistant message in the API's own shape, or a 429), the last event of a stream the upstream
-# broke off. A route names its API; the handler only writes the Reply it is given.
+# How each API the proxy serves speaks, one class per API: what a request may ask for (read:
+# its stream flag and output limits, validated, and the reserve they come to; cap: the limit
+# written into the forwarded body in estimate mode), its errors, the limit answer (an assistant
+# message in the API's own shape, or a 429), the last event of a stream the upstream broke off,
+# and the meter that reads its usage. A route names its API; nothing else knows their shapes.
 
 @dataclass(frozen=True)
 class Reply:
@@ -1289,6 +1522,166 @@ def wait_text(seconds: float) -> str:
 
 def limit_message(seconds: float) -> str:
     return f"limit reached, wait {wait_text(seconds)}"
+
+
+def rate_limit_headers(quota: Quota) -> list[tuple[str, str]]:
+    """The X-RateLimit-* headers of every charged response (the prototype's names)."""
+    return [
+        ("X-RateLimit-Limit", str(quota.limit)),
+        ("X-RateLimit-Remaining", str(max(0, quota.remaining))),
+        ("X-RateLimit-Reset", str(math.ceil(quota.reset_seconds))),
+        ("X-RateLimit-Refill-Tokens", str(quota.policy.refill_tokens)),
+        ("X-RateLimit-Refill-Seconds", _number(quota.policy.refill_interval)),
+        ("X-RateLimit-Reset-Seconds", str(math.ceil(quota.wait_seconds))),
+    ]
+
+
+def retry_headers(wait: float, honoured: float = SDK_MAX_RETRY_AFTER) -> list[tuple[str, str]]:
+    """Retry-After (whole seconds) and retry-after-ms, which the SDKs read first; past what the
+    SDK would wait (`honoured`), x-should-retry: false so it fails fast instead of backing off
+    blindly."""
+    seconds = max(1, math.ceil(wait))
+    headers = [("Retry-After", str(seconds)), ("retry-after-ms", str(max(1, math.ceil(wait * 1000))))]
+    if seconds > honoured:
+        headers.append(("x-should-retry", "false"))
+    return headers
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+MAX_LIMIT = 2 ** 31 - 1
+
+
+def _field(payload: Mapping[str, object], path: tuple[str, ...]) -> object:
+    value: object = payload
+    for name in path:
+        if not isinstance(value, dict) or name not in value:
+            return None
+        value = value[name]
+    return value
+
+
+def _read_integer(payload: Mapping[str, object], path: tuple[str, ...], low: int,
+                  high: int = MAX_LIMIT) -> int | None:
+    """An integer field (None when absent or null), or ProxyError(400) naming it."""
+    value = _field(payload, path)
+    if value is None:
+        return None
+    name = ".".join(path)
+    if type(value) is not int or not low <= value <= high:
+        raise ProxyError(HTTPStatus.BAD_REQUEST, f"Invalid value for '{name}': expected an "
+                         f"integer from {low} to {high}, got {json.dumps(value)[:40]}.",
+                         param=name, code="invalid_value")
+    return value
+
+
+def _read_stream(payload: Mapping[str, object], default: bool) -> bool:
+    value = payload.get("stream")
+    if value is None:
+        return default
+    if type(value) is not bool:
+        raise ProxyError(HTTPStatus.BAD_REQUEST, "Invalid type for 'stream': expected a boolean, "
+                         f"got {json.dumps(value)[:40]}.", param="stream", code="invalid_type")
+    return value
+
+
+def _set_limit(payload: dict, path: tuple[str, ...], value: int) -> None:
+    for name in path[:-1]:
+        payload = payload.setdefault(name, {})
+    payload[path[-1]] = value
+
+
+class OpenAIShape:
+    """The OpenAI API (chat/completions, completions, responses, embeddings): errors as
+    {"error": {message, type, param, code}}, the limit as a chat.completion / text_completion
+    (or their streams) or a 429 of type "requests", a broken stream's last event as
+    `data: {"error": ...}` (which the openai SDK raises as APIError)."""
+
+    name = "openai"
+    stream_default = False
+    honoured_retry_after = SDK_MAX_RETRY_AFTER
+    #: output limits a request may set (llama.cpp's n_predict too: it wins over max_tokens)
+    LIMITS: tuple[tuple[str, ...], ...] = (("max_tokens",), ("max_completion_tokens",),
+                                           ("max_output_tokens",), ("n_predict",))
+
+    # -- what a request asks for ------------------------------------------------------------
+
+    def read(self, payload: dict, path: str, default_reserve: int) -> Ask:
+        """Validate what the request asks for and the reserve it comes to: the largest output
+        limit any field sets (else `default_reserve`), for each of its answers (n, or best_of,
+        times the prompts of a prompt array)."""
+        stream = _read_stream(payload, self.stream_default)
+        limits, largest = [], None
+        for field in self.LIMITS:
+            value = _read_integer(payload, field, -1 if field == ("n_predict",) else 0)
+            if value is not None:
+                limits.append(field)
+                if value >= 0:  # (n_predict -1: no limit of its own)
+                    largest = value if largest is None else max(largest, value)
+        answers = max(_read_integer(payload, ("n",), 1, 128) or 1,
+                      _read_integer(payload, ("best_of",), 1, 128) or 1)
+        prompt = payload.get("prompt")
+        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+            answers *= len(prompt)  # several prompts (strings or token lists): one answer each
+        reserve = default_reserve if largest is None else largest
+        return Ask(stream, reserve, answers, tuple(limits))
+
+    def cap(self, payload: dict, path: str, ask: Ask) -> bool:
+        """Estimate mode: write the reserve charged for into every output limit the request
+        set (or the route's own when it set none), so generation cannot exceed what was paid
+        for. Whether the body changed."""
+        fields = ask.limits or (("max_output_tokens",) if path == RESPONSES_ROUTE
+                                else ("max_tokens",),)
+        changed = False
+        for field in fields:
+            if _field(payload, field) != ask.reserve:
+                _set_limit(payload, field, ask.reserve)
+                changed = True
+        return changed
+
+    def ask_for_usage(self, payload: dict, path: str) -> bool:
+        """Usage mode, a stream on chat or completions: ask for the usage chunk on the client's
+        behalf (stream_options.include_usage). Whether the body changed."""
+        if path not in (CHAT_ROUTE, COMPLETIONS_ROUTE):
+            return False
+        options = payload.get("stream_options")
+        if isinstance(options, dict) and options.get("include_usage") is True:
+            return False
+        payload["stream_options"] = {**(options if isinstance(options, dict) else {}),
+                                     "include_usage": True}
+        return True
+
+    def meter(self, path: str, ask: Ask | None, payload: dict) -> Meter:
+        stream = ask is not None and ask.stream
+        options = payload.get("stream_options")
+        asked = isinstance(options, dict) and options.get("include_usage") is True
+        return UsageMeter(stream, expects_usage=not stream or asked)
+
+    # -- how it answers ---------------------------------------------------------------------
+
+    def error(self, err: ProxyError) -> Reply:
+        return Reply(err.status, (("Content-Type", "application/json"), *err.headers), err.body())
+
+    def limited(self, err: ProxyError, text: str, path: str, payload: dict | None, *,
+                as_message: bool, created: int) -> Reply:
+        """The answer to a request the proxy will not forward for now (an empty bucket, too
+        many at once): `err` as a 429, or, when `as_message`, the assistant message `text` in
+        the shape the request asked for, with err's headers."""
+        if not as_message or payload is None:
+            return self.error(err)
+        model = payload.get("model")
+        options = payload.get("stream_options")
+        content_type, body = limit_completion(
+            path, model if isinstance(model, str) else "", text,
+            stream=payload.get("stream") is True,
+            include_usage=isinstance(options, dict) and options.get("include_usage") is True,
+            created=created)
+        return Reply(HTTPStatus.OK, (("Content-Type", content_type), *err.headers), body)
+
+    def broken_stream_event(self, message: str) -> bytes:
+        return b"data: " + error_body(message, "server_error", "upstream_error") + b"\n\n"
 
 
 def _completion_id(route: str) -> str:
@@ -1340,63 +1733,165 @@ def limit_completion(route: str, model: str, text: str, *, stream: bool, include
     return "text/event-stream; charset=utf-8", _sse(events)
 
 
-def rate_limit_headers(quota: Quota) -> list[tuple[str, str]]:
-    """The X-RateLimit-* headers of every charged response (the prototype's names)."""
-    return [
-        ("X-RateLimit-Limit", str(quota.limit)),
-        ("X-RateLimit-Remaining", str(max(0, quota.remaining))),
-        ("X-RateLimit-Reset", str(math.ceil(quota.reset_seconds))),
-        ("X-RateLimit-Refill-Tokens", str(quota.policy.refill_tokens)),
-        ("X-RateLimit-Refill-Seconds", _number(quota.policy.refill_interval)),
-        ("X-RateLimit-Reset-Seconds", str(math.ceil(quota.wait_seconds))),
-    ]
+#: The Anthropic error type of each status the proxy answers with (docs.claude.com/en/api/errors).
+ANTHROPIC_ERROR_TYPES = {
+    400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+    404: "not_found_error", 405: "invalid_request_error", 408: "timeout_error",
+    413: "request_too_large", 429: "rate_limit_error", 500: "api_error", 502: "api_error",
+    503: "overloaded_error", 504: "timeout_error", 508: "api_error", 529: "overloaded_error",
+}
 
 
-def retry_headers(wait: float) -> list[tuple[str, str]]:
-    """Retry-After (whole seconds) and retry-after-ms, which openai-python reads first; past what
-    the SDK would wait, x-should-retry: false so it fails fast instead of backing off blindly."""
-    seconds = max(1, math.ceil(wait))
-    headers = [("Retry-After", str(seconds)), ("retry-after-ms", str(max(1, math.ceil(wait * 1000))))]
-    if seconds > SDK_MAX_RETRY_AFTER:
-        headers.append(("x-should-retry", "false"))
-    return headers
+def _anthropic_event(name: str, data: object) -> bytes:
+    return b"event: %s\ndata: %s\n\n" % (name.encode(), json.dumps(data).encode())
 
 
-def _number(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else str(value)
+class AnthropicShape(OpenAIShape):
+    """The Anthropic Messages API (/v1/messages): errors as {"type": "error", "error": {type,
+    message}}, the limit as a `message` (or its event stream, every event named), a broken
+    stream's last event as `event: error`. Its SDKs and Claude Code honour a retry-after of at
+    most 60 s."""
 
+    name = "anthropic"
+    honoured_retry_after = ANTHROPIC_MAX_RETRY_AFTER
+    LIMITS = (("max_tokens",),)
 
-class OpenAIShape:
-    """The OpenAI API: errors as {"error": {message, type, param, code}}, the limit as a
-    chat.completion / text_completion (or their streams) or a 429 of type "requests", a broken
-    stream's last event as `data: {"error": ...}` (which the openai SDK raises as APIError)."""
+    def read(self, payload: dict, path: str, default_reserve: int) -> Ask:
+        stream = _read_stream(payload, False)
+        value = _read_integer(payload, ("max_tokens",), 0)
+        if value is None:  # (the API requires it; local servers do not insist)
+            return Ask(stream, default_reserve)
+        return Ask(stream, value, 1, (("max_tokens",),))
 
-    name = "openai"
+    def cap(self, payload: dict, path: str, ask: Ask) -> bool:
+        if payload.get("max_tokens") == ask.reserve:
+            return False
+        payload["max_tokens"] = ask.reserve
+        return True
+
+    def ask_for_usage(self, payload: dict, path: str) -> bool:
+        return False  # its answers always carry usage
+
+    def meter(self, path: str, ask: Ask | None, payload: dict) -> Meter:
+        return AnthropicMeter(ask is not None and ask.stream,
+                              expects_usage=path == "/v1/messages")
 
     def error(self, err: ProxyError) -> Reply:
-        return Reply(err.status, (("Content-Type", "application/json"), *err.headers), err.body())
+        kind = ANTHROPIC_ERROR_TYPES.get(err.status, "api_error" if err.status >= 500
+                                         else "invalid_request_error")
+        body = {"type": "error", "error": {"type": kind, "message": err.message}}
+        return Reply(err.status, (("Content-Type", "application/json"), *err.headers),
+                     json.dumps(body).encode())
 
     def limited(self, err: ProxyError, text: str, path: str, payload: dict | None, *,
                 as_message: bool, created: int) -> Reply:
-        """The answer to a request the proxy will not forward for now (an empty bucket, too
-        many at once): `err` as a 429, or, when `as_message`, the assistant message `text` in
-        the shape the request asked for, with err's headers."""
         if not as_message or payload is None:
             return self.error(err)
-        model = payload.get("model")
-        options = payload.get("stream_options")
-        content_type, body = limit_completion(
-            path, model if isinstance(model, str) else "", text,
-            stream=payload.get("stream") is True,
-            include_usage=isinstance(options, dict) and options.get("include_usage") is True,
-            created=created)
-        return Reply(HTTPStatus.OK, (("Content-Type", content_type), *err.headers), body)
+        model = payload.get("model") if isinstance(payload.get("model"), str) else ""
+        message = {"id": "msg_" + uuid.uuid4().hex[:24], "type": "message",
+                   "role": "assistant", "model": model,
+                   "content": [{"type": "text", "text": text}], "stop_reason": "end_turn",
+                   "stop_sequence": None, "usage": {"input_tokens": 0, "output_tokens": 0}}
+        if payload.get("stream") is not True:
+            return Reply(HTTPStatus.OK, (("Content-Type", "application/json"), *err.headers),
+                         json.dumps(message).encode())
+        start = {**message, "content": [], "stop_reason": None}
+        body = b"".join((
+            _anthropic_event("message_start", {"type": "message_start", "message": start}),
+            _anthropic_event("content_block_start", {"type": "content_block_start", "index": 0,
+                                                     "content_block": {"type": "text",
+                                                                       "text": ""}}),
+            _anthropic_event("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                                     "delta": {"type": "text_delta",
+                                                               "text": text}}),
+            _anthropic_event("content_block_stop", {"type": "content_block_stop", "index": 0}),
+            _anthropic_event("message_delta", {"type": "message_delta",
+                                               "delta": {"stop_reason": "end_turn",
+                                                         "stop_sequence": None},
+                                               "usage": {"output_tokens": 0}}),
+            _anthropic_event("message_stop", {"type": "message_stop"})))
+        return Reply(HTTPStatus.OK, (("Content-Type", "text/event-stream; charset=utf-8"),
+                                     *err.headers), body)
 
     def broken_stream_event(self, message: str) -> bytes:
-        return b"data: " + error_body(message, "server_error", "upstream_error") + b"\n\n"
+        return _anthropic_event("error", {"type": "error", "error": {"type": "api_error",
+                                                                     "message": message}})
 
 
-OPENAI = OpenAIShape()
+class OllamaShape(OpenAIShape):
+    """Ollama's native API (/api/chat, /api/generate, ...): `stream` defaults to true, streams
+    are lines of JSON (application/x-ndjson), errors are {"error": "..."}, the limit is a normal
+    answer with "done": true (one line when streamed)."""
+
+    name = "ollama"
+    stream_default = True
+    LIMITS = (("options", "num_predict"),)
+
+    def read(self, payload: dict, path: str, default_reserve: int) -> Ask:
+        stream = _read_stream(payload, True)
+        options = payload.get("options")
+        if options is not None and not isinstance(options, dict):
+            raise ProxyError(HTTPStatus.BAD_REQUEST, "Invalid type for 'options': expected an "
+                             "object.", param="options", code="invalid_type")
+        value = _read_integer(payload, ("options", "num_predict"), -2)
+        if value is None:
+            return Ask(stream, default_reserve)
+        # -1 (until it stops) and -2 (fill the context) set no limit of their own
+        return Ask(stream, value if value >= 0 else default_reserve, 1,
+                   (("options", "num_predict"),))
+
+    def cap(self, payload: dict, path: str, ask: Ask) -> bool:
+        if _field(payload, ("options", "num_predict")) == ask.reserve:
+            return False
+        _set_limit(payload, ("options", "num_predict"), ask.reserve)
+        return True
+
+    def ask_for_usage(self, payload: dict, path: str) -> bool:
+        return False  # the last line always carries the counts
+
+    def meter(self, path: str, ask: Ask | None, payload: dict) -> Meter:
+        stream = ask is not None and ask.stream
+        return OllamaMeter(stream, expects_usage=path != "/api/embeddings")
+
+    def error(self, err: ProxyError) -> Reply:
+        return Reply(err.status, (("Content-Type", "application/json; charset=utf-8"),
+                                  *err.headers), json.dumps({"error": err.message}).encode())
+
+    def limited(self, err: ProxyError, text: str, path: str, payload: dict | None, *,
+                as_message: bool, created: int) -> Reply:
+        if not as_message or payload is None:
+            return self.error(err)
+        model = payload.get("model") if isinstance(payload.get("model"), str) else ""
+        answer: dict[str, object] = {
+            "model": model, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                        time.gmtime(created))}
+        if path == "/api/chat":
+            answer["message"] = {"role": "assistant", "content": text}
+        else:
+            answer["response"] = text
+        answer.update({"done": True, "done_reason": "stop", "prompt_eval_count": 0,
+                       "eval_count": 0})
+        if payload.get("stream") is not False:
+            return Reply(HTTPStatus.OK, (("Content-Type", "application/x-ndjson"),
+                                         *err.headers), json.dumps(answer).encode() + b"\n")
+        return Reply(HTTPStatus.OK, (("Content-Type", "application/json; charset=utf-8"),
+                                     *err.headers), json.dumps(answer).encode())
+
+    def broken_stream_event(self, message: str) -> bytes:
+        return json.dumps({"error": message}).encode() + b"\n"
+
+
+OPENAI, ANTHROPIC, OLLAMA = OpenAIShape(), AnthropicShape(), OllamaShape()
+
+
+def api_of_path(path: str) -> OpenAIShape:
+    """The API a path speaks, for answering a request no route matched (a 404 or 405 in the
+    shape its client expects)."""
+    if path == "/api" or path.startswith("/api/"):
+        return OLLAMA
+    if path.startswith("/v1/messages"):
+        return ANTHROPIC
+    return OPENAI
 
 
 # ################################################################### HTTP messages ####
@@ -1510,7 +2005,10 @@ def _read_header_block(fp: object, max_bytes: int) -> Headers | None:
     return Headers(items)
 
 
-_BAD_PATH_CHAR = re.compile(r"[\x00-\x1f\x7f\\]")
+#: Refused in a decoded path: control characters, whitespace, a backslash, a '%' left after
+#: decoding (a path encoded twice), ';' parameters. A route is forwarded in its one canonical
+#: spelling or not at all.
+_BAD_PATH_CHAR = re.compile(r"[\x00-\x20\x7f-\x9f\\%;]|\s")
 _BAD_QUERY_CHAR = re.compile(r"[\x00-\x20\x7f]")
 
 
@@ -1520,7 +2018,9 @@ def normalize_path(target: str) -> tuple[str, str]:
     The path is percent-decoded once, empty and '.' segments are dropped, '..' segments are
     resolved (never above the root) and a trailing slash is removed. Routing, charging and
     forwarding all use this one result, so no other spelling reaches a route uncharged.
-    Raises ProxyError(400) for targets that cannot be a path.
+    Raises ProxyError(400) for targets that cannot be a path, and for paths that are not
+    plainly one: control characters or whitespace, a backslash, ';' parameters, or a '%' left
+    after decoding.
     """
     if target.startswith(("http://", "https://")):  # absolute-form (RFC 9112 section 3.2.2)
         target = urllib.parse.urlsplit(target)._replace(scheme="", netloc="").geturl() or "/"
@@ -1596,12 +2096,13 @@ def loggable(text: str) -> str:
 class Route:
     """What one (method, normalised path) is: a row of the route table.
 
-    `kind` says what happens to it (GENERATE, EMBED, FREE: forwarded; LOCAL, ADMIN: answered by
-    the proxy), `api` how it speaks when the proxy answers (errors, the limit), `answer` which
-    local answer serves it (for a forwarded route: one that may answer instead, such as the
-    BASE_MODEL model list). `message_limit`: its limit can be an assistant message. A `path`
-    ending in "/" covers everything below it. How a row is priced is its kind (pricing), how its
-    usage is read is the meter of its API (metering), how its limit speaks is its API's.
+    `kind` says what happens to it (GENERATE, EMBED, FREE, MANAGE: forwarded; LOCAL, ADMIN:
+    answered by the proxy), `api` how it speaks (what its requests may ask for, its errors, its
+    limit answer, its meter), `answer` which local answer serves it (for a forwarded route: one
+    that may answer instead, such as the BASE_MODEL model list). `message_limit`: its limit can
+    be an assistant message. `upstream`: forwarded under BASE_API_URL in place of /v1 ("v1"),
+    or under the upstream's root (NATIVE_API_URL, "root"). A `path` ending in "/" covers
+    everything below it.
     """
     path: str
     methods: frozenset[str]
@@ -1609,6 +2110,7 @@ class Route:
     api: OpenAIShape = OPENAI
     answer: str = ""
     message_limit: bool = False
+    upstream: str = "v1"
 
     @property
     def label(self) -> str:
@@ -1621,7 +2123,57 @@ class Route:
                                          and policy.token_cost_mode != "request")
 
 
-ANY_METHOD = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"})
+def _row(spec: str, kind: str, api: OpenAIShape = OPENAI, answer: str = "",
+         message_limit: bool = False) -> Route:
+    """A row from 'METHOD[,METHOD] /path'."""
+    methods, path = spec.split()
+    upstream = "v1" if path == "/v1" or path.startswith("/v1/") else "root"
+    return Route(path, frozenset(methods.split(",")), kind, api, answer, message_limit,
+                 upstream)
+
+
+#: What each route is. Anything not found here is answered 404 and never forwarded, and a
+#: method not listed for a route's path gets 405. EXTRA_ROUTES adds rows.
+DEFAULT_ROUTES = (
+    # OpenAI
+    _row("POST /v1/chat/completions", GENERATE, message_limit=True),
+    _row("POST /v1/completions", GENERATE, message_limit=True),
+    _row("POST /v1/responses", GENERATE),
+    _row("POST /v1/embeddings", EMBED),
+    _row("POST /v1/rerank", EMBED),
+    _row("GET /v1/models", FREE, answer="models"),
+    _row("GET /v1/models/", FREE, answer="model"),
+    # Anthropic Messages
+    _row("POST /v1/messages", GENERATE, ANTHROPIC, message_limit=True),
+    _row("POST /v1/messages/count_tokens", FREE, ANTHROPIC),
+    # Ollama's native API, at the upstream's root
+    _row("POST /api/chat", GENERATE, OLLAMA, message_limit=True),
+    _row("POST /api/generate", GENERATE, OLLAMA, message_limit=True),
+    _row("POST /api/embed", EMBED, OLLAMA),
+    _row("POST /api/embeddings", EMBED, OLLAMA),
+    _row("GET /api/tags", FREE, OLLAMA, answer="tags"),
+    _row("POST /api/show", FREE, OLLAMA),
+    _row("GET /api/version", FREE, OLLAMA),
+    _row("GET /api/ps", FREE, OLLAMA),
+    _row("POST /api/pull", MANAGE, OLLAMA),
+    _row("POST /api/push", MANAGE, OLLAMA),
+    _row("POST /api/create", MANAGE, OLLAMA),
+    _row("POST /api/copy", MANAGE, OLLAMA),
+    _row("DELETE /api/delete", MANAGE, OLLAMA),
+    _row("HEAD,POST /api/blobs/", MANAGE, OLLAMA),
+    # answered by the proxy
+    _row("GET /health", LOCAL, answer="health"),
+    _row("GET /metrics", ADMIN, answer="metrics"),
+    _row("GET /admin/keys", ADMIN, answer="admin_keys"),
+    _row("OPTIONS /", LOCAL, answer="preflight"),
+)
+
+
+def extra_route(method: str, path: str, kind: str) -> Route:
+    """A row of EXTRA_ROUTES: its API is the one its path belongs to."""
+    covering = path.endswith("/*")
+    path = path[:-1] if covering else path
+    return _row(f"{method} {path}", kind, api_of_path(path))
 
 
 class RouteTable:
@@ -1631,38 +2183,37 @@ class RouteTable:
     def __init__(self, rows: Iterable[Route]) -> None:
         self.rows = tuple(rows)
         self._exact: dict[tuple[str, str], Route] = {}
+        self._methods: dict[str, set[str]] = {}
         self._covering: list[Route] = []
         for row in self.rows:
             if row.path.endswith("/"):
                 self._covering.append(row)
             else:
+                self._methods.setdefault(row.path, set()).update(row.methods)
                 for method in row.methods:
                     self._exact[(method, row.path)] = row
         self._covering.sort(key=lambda row: -len(row.path))
 
-    def find(self, method: str, path: str) -> Route | None:
+    def find(self, method: str, path: str) -> Route:
+        """The route of (method, path), or ProxyError: 404 for a path no row knows, 405 (with
+        Allow) for a method no row of that path lists. OPTIONS (CORS preflight) is answered on
+        every path."""
         row = self._exact.get((method, path))
         if row is not None:
             return row
+        allowed = set(self._methods.get(path, ()))
         for row in self._covering:
-            if method in row.methods and (path + "/").startswith(row.path):
-                return row
-        return None
-
-
-#: Every route. Anything not found here is answered 404 and never forwarded.
-ROUTES = RouteTable([
-    Route(CHAT_ROUTE, frozenset({"POST"}), GENERATE, message_limit=True),
-    Route(COMPLETIONS_ROUTE, frozenset({"POST"}), GENERATE, message_limit=True),
-    Route(RESPONSES_ROUTE, frozenset({"POST"}), GENERATE),
-    Route(EMBEDDINGS_ROUTE, frozenset({"POST"}), EMBED),
-    Route("/v1/models", frozenset({"GET"}), FREE, answer="models"),
-    Route("/v1/", ANY_METHOD, FREE),
-    Route("/health", frozenset({"GET"}), LOCAL, answer="health"),
-    Route("/metrics", frozenset({"GET"}), ADMIN, answer="metrics"),
-    Route("/admin/keys", frozenset({"GET"}), ADMIN, answer="admin_keys"),
-    Route("/", frozenset({"OPTIONS"}), LOCAL, answer="preflight"),
-])
+            if path.startswith(row.path) and len(path) > len(row.path) or row.path == "/":
+                if method in row.methods:
+                    return row
+                if row.path != "/":
+                    allowed.update(row.methods)
+        if allowed:
+            raise ProxyError(HTTPStatus.METHOD_NOT_ALLOWED, f"Method {method} is not allowed "
+                             f"for {path}.", code="method_not_allowed",
+                             headers=[("Allow", ", ".join(sorted(allowed | {"OPTIONS"})))])
+        raise ProxyError(HTTPStatus.NOT_FOUND, f"Invalid URL ({method} {path}).",
+                         code="unknown_url")
 
 
 # ######################################################################## exchange ####
@@ -1674,9 +2225,9 @@ class Exchange:
     and the access log read and write it. Nothing else remembers the request.
     """
 
-    __slots__ = ("method", "path", "query", "client", "started", "route", "label", "bucket_key",
-                 "policy", "body", "body_read", "payload", "charge", "ending", "status", "note",
-                 "head_sent", "tail")
+    __slots__ = ("method", "path", "query", "client", "started", "route", "api", "label",
+                 "bucket_key", "policy", "body", "body_read", "payload", "ask", "charge",
+                 "ending", "status", "note", "head_sent", "tail")
 
     def __init__(self, method: str, target: str, client: str) -> None:
         self.method = method
@@ -1685,12 +2236,14 @@ class Exchange:
         self.client = client                # the peer's address
         self.started = time.perf_counter()
         self.route: Route | None = None
+        self.api: OpenAIShape = OPENAI      # how the proxy's own answers speak
         self.label = "-"                    # the key's name or short hash, for logs and metrics
         self.bucket_key = ""
         self.policy: KeyPolicy | None = None
         self.body = b""
         self.body_read = False              # a body left unread closes the connection
         self.payload: dict | None = None    # the JSON body of a charged request
+        self.ask: Ask | None = None         # what a generation request asks for
         self.charge: Charge | None = None
         self.ending = NOT_SENT              # how the upstream part went (see Charge.close)
         self.status = 0                     # the status the client was sent
@@ -1719,17 +2272,22 @@ class Identity(typing.NamedTuple):
     label: str
 
 
+def client_key(headers: Headers) -> str:
+    """The key a client presents: a bearer token, or (as Anthropic's clients send it) x-api-key."""
+    return bearer_token(headers.get("Authorization")) or (headers.get("x-api-key") or "").strip()
+
+
 def identify(headers: Headers, keys: KeyRing, default_policy: KeyPolicy, peer: str,
              trust_forwarded_for: bool) -> Identity:
     """The caller's bucket key and policy, or ProxyError(401). Keyless callers share their
     IP's bucket (when keys are not required): the last X-Forwarded-For address when it is
     trusted, else the peer's."""
-    token = bearer_token(headers.get("Authorization"))
+    token = client_key(headers)
     if not token:
         if keys:
             raise ProxyError(HTTPStatus.UNAUTHORIZED, "You didn't provide an API key. "
-                             "Provide it in the Authorization header as 'Bearer YOUR_KEY'.",
-                             code="invalid_api_key")
+                             "Provide it in the Authorization header as 'Bearer YOUR_KEY' "
+                             "(or as x-api-key).", code="invalid_api_key")
         if trust_forwarded_for:
             forwarded = [p.strip() for p in ",".join(
                 headers.get_all("X-Forwarded-For") or []).split(",") if p.strip()]  # type: ignore[arg-type]
@@ -1763,23 +2321,24 @@ def check_model(payload: object, allowed: frozenset[str]) -> None:
 def upstream_body(ex: Exchange, base_model: str) -> tuple[bytes, bytes | None]:
     """The body to forward for a charged request, and the one to fall back to if the upstream
     refuses stream_options the proxy added (None: nothing was added). The client's bytes go as
-    they are unless the model is rewritten (BASE_MODEL, generation routes) or, in usage mode, a
-    stream is asked for its usage on the client's behalf (and the meter then strips it)."""
-    payload = ex.payload
-    assert payload is not None and ex.route is not None
+    they are unless the model is rewritten (BASE_MODEL, generation routes), the reserve charged
+    for is written into its output limits (estimate mode), or, in usage mode, a stream is asked
+    for its usage on the client's behalf (and the meter then strips it)."""
+    payload, route, ask = ex.payload, ex.route, ex.ask
+    assert payload is not None and route is not None and ex.policy is not None
     changed = False
     fallback = None
-    if base_model and ex.route.kind == GENERATE:
+    if base_model and route.kind == GENERATE:
         payload["model"] = base_model
         changed = True
+    if ask is not None and ex.policy.token_cost_mode == "estimate":
+        changed = route.api.cap(payload, route.path, ask) or changed
     meter = ex.charge.meter if ex.charge is not None else None
-    if meter is not None and meter.stream and ex.route.message_limit:
-        options = payload.get("stream_options")
-        if not (isinstance(options, dict) and options.get("include_usage") is True):
-            fallback = json.dumps(payload).encode() if changed else ex.body
-            payload["stream_options"] = {**(options if isinstance(options, dict) else {}),
-                                         "include_usage": True}
-            meter.strip = changed = True
+    if meter is not None and meter.stream:
+        plain = json.dumps(payload).encode() if changed else ex.body
+        if route.api.ask_for_usage(payload, route.path):
+            fallback = plain
+            meter.strip = meter.expects_usage = changed = True
     return (json.dumps(payload).encode() if changed else ex.body), fallback
 
 
@@ -1787,12 +2346,24 @@ def upstream_body(ex: Exchange, base_model: str) -> tuple[bytes, bytes | None]:
 
 #: How the upstream part of a request ended, which decides what it costs (Charge.close).
 NOT_SENT = "not sent"        # it never reached the upstream (queue, unreachable): refunded
-NO_ANSWER = "no answer"      # no answer came, or broke off before any of it went out: refunded
-FAILED = "failed"            # the upstream answered with a server error (5xx): refunded
+NO_ANSWER = "no answer"      # sent, but no answer came (timeout, reset, nonsense): charged
+FAILED = "failed"            # the upstream answered 502/503/504/529 (it never ran): refunded
+REFUSED = "refused"          # the upstream answered 4xx: charged (usage mode: what it reports)
 LEFT = "client left"         # the client went away before the answer was whole: charged
-BROKEN = "broken off"        # the answer stopped after it had begun to go out: charged
+BROKEN = "broken off"        # the answer stopped before its end: charged
 ANSWERED = "answered"        # relayed whole: charged (usage mode: what the upstream reports)
-REFUNDED_ENDINGS = frozenset({NOT_SENT, NO_ANSWER, FAILED})
+REFUNDED_ENDINGS = frozenset({NOT_SENT, FAILED})
+#: Upstream statuses that say the model never ran (a gateway's or an overloaded server's).
+NOT_RUN_STATUSES = frozenset({502, 503, 504, 529})
+
+
+def upstream_ending(status: int) -> str | None:
+    """What an upstream status alone says of how the request ended (None: the relay will)."""
+    if status in NOT_RUN_STATUSES:
+        return FAILED
+    if 400 <= status < 500:
+        return REFUSED
+    return None
 
 
 class Charge:
@@ -1805,11 +2376,11 @@ class Charge:
     balance shown in headers and logs is the charge's own `quota`.
     """
 
-    __slots__ = ("store", "key", "bucket", "usage_mode", "held", "state", "quota", "meter",
-                 "prompt_estimate", "charged", "note")
+    __slots__ = ("store", "key", "bucket", "held", "state", "quota", "meter", "prompt_estimate",
+                 "cost", "note")
 
     def __init__(self, store: "BucketStore | None", key: str, bucket: BucketPolicy | None,
-                 quota: Quota | None, held: int, *, meter: UsageMeter | None = None,
+                 quota: Quota | None, held: int, *, meter: Meter | None = None,
                  prompt_estimate: int = 0) -> None:
         self.store = store
         self.key = key
@@ -1819,7 +2390,7 @@ class Charge:
         self.quota = quota
         self.meter = meter                    # usage mode: reads what the answer really cost
         self.prompt_estimate = prompt_estimate
-        self.charged = held                   # what the request costs so far
+        self.cost = held                      # what the request costs so far
         self.note = ""
 
     @classmethod
@@ -1828,21 +2399,30 @@ class Charge:
         return cls(None, "", None, quota, 0)
 
     @property
-    def cost(self) -> int:
-        return self.charged
-
-    @property
     def remaining(self) -> int | None:
         return None if self.quota is None else self.quota.remaining
 
     def settlement(self, ending: str) -> tuple[int, int, int]:
         """What the request costs in the end, given how it ended: (tokens, prompt tokens,
-        completion tokens); the token counts are those the usage counters record."""
+        completion tokens); the token counts are those the usage counters record.
+
+        Refunded only when the model provably did not run (never sent; 502/503/504/529).
+        Otherwise the held tokens stay, or, in usage mode, what the upstream reports replaces
+        them: a 4xx refusal costs what it reports, else nothing; an answer the meter could not
+        read keeps its whole reservation; anything else costs the usage reported (or the
+        prompt estimate plus what was generated, when the answer was cut short).
+        """
         if ending in REFUNDED_ENDINGS:
             return 0, 0, 0
-        if self.meter is None:
+        meter = self.meter
+        if meter is None:
             return self.held, 0, 0
-        prompt, completion, total = self.meter.cost(self.prompt_estimate)
+        if ending == REFUSED:
+            reported = meter.reported()
+            return (reported, 0, 0) if reported else (0, 0, 0)
+        prompt, completion, total = meter.cost(self.prompt_estimate)
+        if ending == ANSWERED and meter.unmeterable and total < self.held:
+            return self.held, prompt, completion
         return total, prompt, completion
 
     def close(self, ending: str) -> None:
@@ -1860,7 +2440,7 @@ class Charge:
         except StoreUnavailable:
             self.note = "not settled: the store is unreachable"
             return
-        self.charged = total
+        self.cost = total
 
 
 def admit(ex: Exchange, store: "BucketStore", metrics: "Metrics") -> Charge:
@@ -1870,7 +2450,7 @@ def admit(ex: Exchange, store: "BucketStore", metrics: "Metrics") -> Charge:
     policy, route, payload = ex.policy, ex.route, ex.payload
     assert policy is not None and route is not None and payload is not None
     bucket = policy.bucket
-    cost = request_cost(payload, policy, route.kind)
+    cost = request_cost(payload, policy, route.kind, ex.ask)
     if cost > bucket.capacity:
         raise ProxyError(
             HTTPStatus.BAD_REQUEST,
@@ -1884,7 +2464,7 @@ def admit(ex: Exchange, store: "BucketStore", metrics: "Metrics") -> Charge:
     if policy.token_cost_mode != "usage":
         return Charge(store, ex.bucket_key, bucket, quota, cost)
     return Charge(store, ex.bucket_key, bucket, quota, cost,
-                  meter=UsageMeter(stream=payload.get("stream") is True),
+                  meter=route.api.meter(route.path, ex.ask, payload),
                   prompt_estimate=prompt_estimate(payload))
 
 
@@ -1897,16 +2477,30 @@ def admit(ex: Exchange, store: "BucketStore", metrics: "Metrics") -> Charge:
 
 @dataclass(frozen=True)
 class Upstream:
+    """Where a route's requests go: a server (scheme, host, port), and the path that replaces
+    the route's own `prefix` (BASE_API_URL's path replaces /v1; the root's is put in front of
+    native paths such as /api/chat)."""
     scheme: str
     host: str
     port: int
     base_path: str
+    prefix: str = "/v1"
 
     @classmethod
-    def from_url(cls, url: str) -> "Upstream":
+    def from_url(cls, url: str, prefix: str = "/v1") -> "Upstream":
         parts = urllib.parse.urlsplit(url)
         port = parts.port or (443 if parts.scheme == "https" else 80)
-        return cls(parts.scheme, parts.hostname or "", port, parts.path.rstrip("/"))
+        return cls(parts.scheme, parts.hostname or "", port, parts.path.rstrip("/"), prefix)
+
+    @classmethod
+    def root_of(cls, config: Config) -> "Upstream":
+        """The upstream's root: NATIVE_API_URL, else BASE_API_URL without its trailing /v1."""
+        url = config.native_api_url or re.sub(r"/v1/?$", "", config.base_api_url)
+        return cls.from_url(url, prefix="")
+
+    @property
+    def address(self) -> tuple[str, str, int]:
+        return self.scheme, self.host, self.port
 
     @property
     def host_header(self) -> str:
@@ -1921,8 +2515,8 @@ class Upstream:
         return host if self.port == default else f"{host}:{self.port}"
 
     def path_for(self, path: str, query: str) -> str:
-        """The upstream target for a normalised /v1 path: the base URL's path replaces /v1."""
-        quoted = _quoted_path(self.base_path + path[len("/v1"):])
+        """The upstream target for a normalised path: the base path replaces the prefix."""
+        quoted = _quoted_path(self.base_path + path[len(self.prefix):])
         return quoted + ("?" + query if query else "")
 
 
@@ -2118,6 +2712,7 @@ class UpstreamPool:
         self._ssl = ssl.create_default_context() if upstream.scheme == "https" else None
         self.host_line = f"Host: {upstream.host_header}"
         self.authorization_line = f"Authorization: Bearer {api_key}" if api_key else ""
+        self.api_key_line = f"x-api-key: {api_key}" if api_key else ""
 
     def acquire(self) -> tuple[_Connection, bool]:
         """An idle connection may have been closed by the upstream meanwhile; the caller finds
@@ -2156,13 +2751,13 @@ class UpstreamPool:
             maker.connect()  # sets TCP_NODELAY; checks the certificate
         except (socket.timeout, TimeoutError):
             maker.close()
-            raise ProxyError(HTTPStatus.GATEWAY_TIMEOUT, "The upstream server did not accept "
-                             "the connection in time.", type="server_error",
-                             code="upstream_timeout") from None
+            raise UpstreamUnreachable(HTTPStatus.GATEWAY_TIMEOUT, "The upstream server did not "
+                                      "accept the connection in time.",
+                                      "upstream_timeout") from None
         except OSError:
             maker.close()
-            raise ProxyError(HTTPStatus.BAD_GATEWAY, "The upstream server could not be reached.",
-                             type="server_error", code="upstream_unreachable") from None
+            raise UpstreamUnreachable(HTTPStatus.BAD_GATEWAY, "The upstream server could not be "
+                                      "reached.", "upstream_unreachable") from None
         sock, maker.sock = maker.sock, None
         set_io_timeout(sock, self.read_timeout)
         return _Connection(sock)
@@ -2356,11 +2951,13 @@ class _BytesReader(io.BytesIO):
 
 
 def upstream_head(method: str, target: str, headers: Headers, peer: str, pool: "UpstreamPool",
-                  body: bytes) -> str:
+                  body: bytes, api: OpenAIShape = OPENAI) -> str:
     """The upstream request's line and headers (without the empty line that ends them): the
     client's end-to-end headers (repeats joined), with Host, the upstream key, X-Forwarded-For
-    and Content-Length set here. Every value was checked when it was parsed (read_headers) or
-    configured (Config)."""
+    and Content-Length set here. The upstream key goes as a bearer token, and for the
+    Anthropic API as x-api-key too (llama.cpp takes either, vLLM only the first, servers made
+    for Anthropic's clients may want the second). Every value was checked when it was parsed
+    (read_headers) or configured (Config)."""
     named = connection_tokens(headers)
     dropped = NOT_FORWARDED_UP | named if named else NOT_FORWARDED_UP
     forwarded: dict[str, str] = {}
@@ -2374,6 +2971,8 @@ def upstream_head(method: str, target: str, headers: Headers, peer: str, pool: "
     lines.append(f"X-Forwarded-For: {previous}, {peer}" if previous else f"X-Forwarded-For: {peer}")
     if pool.authorization_line:
         lines.append(pool.authorization_line)
+        if api is ANTHROPIC:
+            lines.append(pool.api_key_line)
     if body or method in ("POST", "PUT", "PATCH"):
         lines.append(f"Content-Length: {len(body)}")
     return "\r\n".join(lines)
@@ -2382,6 +2981,7 @@ def upstream_head(method: str, target: str, headers: Headers, peer: str, pool: "
 @dataclass
 class Answer:
     """The upstream's answer to a request, its head read, its body not yet."""
+    pool: "UpstreamPool"
     conn: _Connection
     resp: _UpstreamResponse
     sent: float                 # when the request went out (time.perf_counter)
@@ -2395,19 +2995,37 @@ _NO_QUEUE = contextlib.nullcontext()
 class Forwarder:
     """Takes a request to the upstream and brings back its answer's head.
 
-    turn(): the request's place in the fair queue (when MAX_UPSTREAM_CONCURRENCY is set).
-    send(): the exchange, retried once when a reused pooled connection turns out to have been
-    closed by the upstream, and sent once more without the stream_options the proxy added on the
-    client's behalf when the upstream refuses them. finish(): the connection back to the pool,
-    or closed. Whatever fails sets `ex.ending` and raises the error the client gets.
+    target(): where a route's request goes (the /v1 base or the upstream's root, each server
+    with its own pool of connections). turn(): the request's place in the fair queue (when
+    MAX_UPSTREAM_CONCURRENCY is set). send(): the exchange, retried once when a reused pooled
+    connection turns out to have been closed by the upstream, and sent once more without the
+    stream_options the proxy added on the client's behalf when the upstream refuses them.
+    finish(): the connection back to its pool, or closed. Whatever fails sets `ex.ending` and
+    raises the error the client gets.
     """
 
-    def __init__(self, pool: "UpstreamPool", gate: FairGate | None, metrics: "Metrics",
-                 queue_timeout: float) -> None:
-        self.pool = pool
+    def __init__(self, config: Config, gate: FairGate | None, metrics: "Metrics") -> None:
+        self.upstreams = {"v1": Upstream.from_url(config.base_api_url),
+                          "root": Upstream.root_of(config)}
+        self.pools: dict[tuple[str, str, int], UpstreamPool] = {}
+        for upstream in self.upstreams.values():
+            if upstream.address not in self.pools:
+                self.pools[upstream.address] = UpstreamPool(
+                    upstream, config.open_timeout, config.read_timeout,
+                    api_key=config.base_api_key)
+        self.pool = self.pools[self.upstreams["v1"].address]
         self.gate = gate
         self.metrics = metrics
-        self.queue_timeout = queue_timeout
+        self.queue_timeout = config.upstream_queue_timeout
+
+    def target(self, route: Route, path: str, query: str) -> tuple["UpstreamPool", str]:
+        """The pool and the request target of a forwarded request."""
+        upstream = self.upstreams[route.upstream]
+        return self.pools[upstream.address], upstream.path_for(path, query)
+
+    def close(self) -> None:
+        for pool in self.pools.values():
+            pool.close()
 
     def turn(self, ex: Exchange, gone: Callable[[], bool]) -> typing.ContextManager[None]:
         """Hold a slot to the upstream for the body of a `with`. A request that leaves the
@@ -2431,22 +3049,24 @@ class Forwarder:
         finally:
             self.gate.leave(ex.bucket_key)
 
-    def send(self, ex: Exchange, head: Callable[[bytes], str], body: bytes,
-             fallback: bytes | None, client: socket.socket) -> Answer:
+    def send(self, ex: Exchange, pool: "UpstreamPool", head: Callable[[bytes], str],
+             body: bytes, fallback: bytes | None, client: socket.socket) -> Answer:
         """Send the request (head(body) makes its head) and read the answer's head, watching
-        the client meanwhile."""
+        the client meanwhile. The answer's status may already say how the request ended
+        (upstream_ending); a request that could not be sent at all stays NOT_SENT."""
         started = time.perf_counter()
         try:
-            conn, resp = self._exchange(head(body), body, client)
-            answer = Answer(conn, resp, started)
+            conn, resp = self._exchange(pool, head(body), body, client)
+            answer = Answer(pool, conn, resp, started)
             if fallback is not None:
                 refused = self._stream_options_refused(resp)
                 if refused:  # asked again without them: that answer is relayed instead
-                    self._done(conn, resp, whole=True)
-                    conn, resp = self._exchange(head(fallback), fallback, client)
-                    answer = Answer(conn, resp, started, without_stream_options=True)
+                    self._done(pool, conn, resp, whole=True)
+                    conn, resp = self._exchange(pool, head(fallback), fallback, client)
+                    answer = Answer(pool, conn, resp, started, without_stream_options=True)
         except ProxyError as err:
-            ex.ending = NO_ANSWER
+            if not isinstance(err, UpstreamUnreachable):
+                ex.ending = NO_ANSWER
             self.metrics.inc("llm_proxy_upstream_errors_total",
                              (("kind", _UPSTREAM_ERROR_KINDS.get(err.code or "", "invalid")),))
             raise
@@ -2454,29 +3074,31 @@ class Forwarder:
             ex.ending = LEFT
             raise
         self.metrics.observe("llm_proxy_upstream_ttfb_seconds", time.perf_counter() - started)
+        ex.ending = upstream_ending(resp.status) or ex.ending
         if resp.status >= 500:
-            ex.ending = FAILED
             self.metrics.inc("llm_proxy_upstream_errors_total", (("kind", "5xx"),))
         return answer
 
     def finish(self, answer: Answer, whole: bool) -> None:
         """Done with the answer: a connection whose answer was read whole (by its own framing)
-        goes back to the pool, any other is closed."""
-        self._done(answer.conn, answer.resp, whole)
+        goes back to its pool, any other is closed."""
+        self._done(answer.pool, answer.conn, answer.resp, whole)
         self.metrics.observe("llm_proxy_upstream_latency_seconds",
                              time.perf_counter() - answer.sent)
 
-    def _done(self, conn: _Connection, resp: _UpstreamResponse, whole: bool) -> None:
+    @staticmethod
+    def _done(pool: "UpstreamPool", conn: _Connection, resp: _UpstreamResponse,
+              whole: bool) -> None:
         if whole and resp.isclosed() and not resp.will_close:
-            self.pool.release(conn)
+            pool.release(conn)
         else:
             conn.close()
 
-    def _exchange(self, head: str, body: bytes,
+    @staticmethod
+    def _exchange(pool: "UpstreamPool", head: str, body: bytes,
                   client: socket.socket) -> tuple[_Connection, _UpstreamResponse]:
         """Send the request and read the response head. A reused connection that the upstream
         had closed meanwhile fails before any byte comes back; that one is retried on a new one."""
-        pool = self.pool
         for attempt in (1, 2):
             conn, reused = pool.acquire()
             try:
@@ -2665,11 +3287,12 @@ def response_headers(resp: http.client.HTTPResponse,
 
 
 _NOT_FORWARDED_CHARGED = NOT_FORWARDED_DOWN | {n.lower() for n in RATE_LIMIT_HEADERS}
-_STREAM_TYPE = re.compile(r"text/event-stream", re.IGNORECASE)
+_STREAM_TYPE = re.compile(r"text/event-stream|application/x-ndjson", re.IGNORECASE)
 
 
 def is_stream(resp: http.client.HTTPResponse) -> bool:
-    """Whether the answer is generated while it is relayed (server-sent events)."""
+    """Whether the answer is generated while it is relayed (server-sent events, or Ollama's
+    lines of JSON)."""
     return _STREAM_TYPE.search(resp.getheader("Content-Type") or "") is not None
 
 
@@ -2698,6 +3321,8 @@ def relay_answer(ex: Exchange, answer: Answer, client: ClientSide, read_timeout:
     resp = answer.resp
     charge = ex.charge
     meter = charge.meter if charge is not None else None
+    if meter is not None:
+        meter.begin(resp.status, resp.getheader("Content-Encoding"))
     headers = response_headers(resp, charge.quota if charge is not None else None)
     framing = choose_framing(status=resp.status, method=ex.method,
                              http11=client.request_version == "HTTP/1.1",
@@ -2736,17 +3361,18 @@ def relay_answer(ex: Exchange, answer: Answer, client: ClientSide, read_timeout:
                          code="upstream_timeout" if timed_out else "upstream_error")
     _ended(ex, BROKEN)
     ex.note = f"upstream broke off: {end.detail}"
-    if framing.kind == CHUNKED and stream and ex.route is not None:
+    if framing.kind == CHUNKED and stream:
         try:
-            client.write(ex, frame_chunk(ex.route.api.broken_stream_event(message)) + LAST_CHUNK)
+            client.write(ex, frame_chunk(ex.api.broken_stream_event(message)) + LAST_CHUNK)
         except ClientGone:
             pass  # the client is gone too; the connection closes either way
     return False
 
 
 def _ended(ex: Exchange, ending: str) -> None:
-    """Record how the upstream part ended; an upstream server error (FAILED) stays that."""
-    if ex.ending != FAILED:
+    """Record how the upstream part ended; what the upstream's status said (FAILED, REFUSED)
+    stays what it was."""
+    if ex.ending not in (FAILED, REFUSED):
         ex.ending = ending
 
 
@@ -2782,18 +3408,33 @@ def answer_health(server: "ProxyServer", ex: Exchange, headers: Headers) -> Repl
     return json_reply(HTTPStatus.OK, answer)
 
 
+def is_admin(server: "ProxyServer", ex: Exchange, headers: Headers) -> bool:
+    """Whether the request comes from the administrator: it carries ADMIN_API_KEY, or, when
+    that is unset, it comes from this machine."""
+    admin_key = server.config.admin_api_key
+    if admin_key:
+        return hmac.compare_digest(key_digest(client_key(headers)), key_digest(admin_key))
+    return is_loopback(ex.client)
+
+
 def check_admin(server: "ProxyServer", ex: Exchange, headers: Headers) -> None:
     """Admin routes are for ADMIN_API_KEY holders, or, when it is unset, for clients on this
     machine only (anyone else gets 404, as if they did not exist)."""
-    admin_key = server.config.admin_api_key
-    if admin_key:
-        token = bearer_token(headers.get("Authorization"))
-        if not hmac.compare_digest(key_digest(token), key_digest(admin_key)):
-            raise ProxyError(HTTPStatus.UNAUTHORIZED, "This route needs the admin key.",
-                             code="invalid_api_key")
-    elif not is_loopback(ex.client):
-        raise ProxyError(HTTPStatus.NOT_FOUND, f"Invalid URL ({ex.method} {ex.path}).",
-                         code="unknown_url")
+    if is_admin(server, ex, headers):
+        return
+    if server.config.admin_api_key:
+        raise ProxyError(HTTPStatus.UNAUTHORIZED, "This route needs the admin key.",
+                         code="invalid_api_key")
+    raise ProxyError(HTTPStatus.NOT_FOUND, f"Invalid URL ({ex.method} {ex.path}).",
+                     code="unknown_url")
+
+
+def check_manager(server: "ProxyServer", ex: Exchange, headers: Headers) -> None:
+    """Model management (pull, push, create, copy, delete) is forwarded for the administrator
+    only; anyone else gets 403."""
+    if not is_admin(server, ex, headers):
+        raise ProxyError(HTTPStatus.FORBIDDEN, "Model management is for the administrator of "
+                         "this proxy.", type="permission_error", code="admin_only")
 
 
 def answer_metrics(server: "ProxyServer", ex: Exchange, headers: Headers) -> Reply:
@@ -2830,8 +3471,35 @@ def answer_models(server: "ProxyServer", ex: Exchange, headers: Headers) -> Repl
     model = server.config.base_model
     if not model:
         return None
-    return json_reply(HTTPStatus.OK, {"object": "list", "data": [
-        {"id": model, "object": "model", "created": 0, "owned_by": "llm_proxy"}]})
+    return json_reply(HTTPStatus.OK, {"object": "list", "data": [_model_object(model)]})
+
+
+def _model_object(model: str) -> dict[str, object]:
+    return {"id": model, "object": "model", "created": 0, "owned_by": "llm_proxy"}
+
+
+def answer_model(server: "ProxyServer", ex: Exchange, headers: Headers) -> Reply | None:
+    """With BASE_MODEL set, /v1/models/{id} knows that one model only; else the upstream's."""
+    model = server.config.base_model
+    if not model:
+        return None
+    asked = ex.path[len("/v1/models/"):]
+    if asked != model:
+        raise ProxyError(HTTPStatus.NOT_FOUND, f"The model '{asked}' does not exist.",
+                         param="model", code="model_not_found")
+    return json_reply(HTTPStatus.OK, _model_object(model))
+
+
+def answer_tags(server: "ProxyServer", ex: Exchange, headers: Headers) -> Reply | None:
+    """With BASE_MODEL set, Ollama's model list (/api/tags) is that one model (named with a tag,
+    as Ollama's clients expect); else the upstream's."""
+    model = server.config.base_model
+    if not model:
+        return None
+    name = model if ":" in model else model + ":latest"
+    return json_reply(HTTPStatus.OK, {"models": [{
+        "name": name, "model": name, "modified_at": "1970-01-01T00:00:00Z", "size": 0,
+        "digest": "", "details": {}}]})
 
 
 def answer_preflight(server: "ProxyServer", ex: Exchange, headers: Headers) -> Reply:
@@ -2846,7 +3514,8 @@ def answer_preflight(server: "ProxyServer", ex: Exchange, headers: Headers) -> R
 
 LOCAL_ANSWERS: dict[str, Callable[["ProxyServer", Exchange, Headers], Reply | None]] = {
     "health": answer_health, "metrics": answer_metrics, "admin_keys": answer_admin_keys,
-    "models": answer_models, "preflight": answer_preflight,
+    "models": answer_models, "model": answer_model, "tags": answer_tags,
+    "preflight": answer_preflight,
 }
 
 
@@ -2869,7 +3538,8 @@ def limited_reply(route: Route, payload: dict, quota: Quota, as_message: bool) -
                      f"Rate limit reached for this key: {text}. Please try again in "
                      f"{math.ceil(quota.wait_seconds)}s.", type="requests",
                      code="rate_limit_exceeded",
-                     headers=rate_limit_headers(quota) + retry_headers(quota.wait_seconds))
+                     headers=rate_limit_headers(quota) + retry_headers(
+                         quota.wait_seconds, route.api.honoured_retry_after))
     return route.api.limited(err, text, route.path, payload,
                              as_message=as_message and route.message_limit,
                              created=int(time.time()))
@@ -3062,9 +3732,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.close_connection = True
         if ex.head_sent:
             return
-        api = ex.route.api if ex.route is not None else OPENAI
         try:
-            self._reply(ex, api.error(err))
+            self._reply(ex, ex.api.error(err))
         except ClientGone:
             self.close_connection = True
             ex.status, ex.note = 499, "client closed"
@@ -3072,12 +3741,11 @@ class ProxyHandler(BaseHTTPRequestHandler):
     # -- dispatch ---------------------------------------------------------------------------
 
     def _dispatch(self, ex: Exchange) -> None:
+        ex.api = api_of_path(ex.path)  # (a target that is not a path is refused in its shape)
         ex.path, ex.query = normalize_path(self.path)
-        route = ROUTES.find(ex.method, ex.path)
-        if route is None:
-            raise ProxyError(HTTPStatus.NOT_FOUND, f"Invalid URL ({ex.method} {ex.path}).",
-                             code="unknown_url")
-        ex.route = route
+        ex.api = api_of_path(ex.path)
+        route = self.server.routes.find(ex.method, ex.path)
+        ex.route, ex.api = route, route.api
         if route.kind in (LOCAL, ADMIN):
             if route.kind == ADMIN:
                 check_admin(self.server, ex, self.headers)  # type: ignore[arg-type]
@@ -3091,6 +3759,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
         admitted, then the upstream and the relay."""
         server, config, route = self.server, self.server.config, ex.route
         assert route is not None
+        if route.kind == MANAGE:  # the administrator's: forwarded free, after the check
+            check_manager(server, ex, self.headers)  # type: ignore[arg-type]
+            ex.body, ex.label = self._read_body(ex), "admin"
+            return self._forward_upstream(ex, ex.body, None)
         who = identify(self.headers, server.keys, server.default_policy,  # type: ignore[arg-type]
                        ex.client, config.trust_forwarded_for)
         ex.bucket_key, ex.policy, ex.label = who.bucket_key, who.policy, who.label
@@ -3099,6 +3771,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         charged = route.charges(policy)
         if charged:
             ex.payload = parse_json_object(ex.body)
+            if route.kind == GENERATE:
+                ex.ask = route.api.read(ex.payload, route.path, policy.response_token_reserve)
         if policy.models is not None and ex.method == "POST":
             check_model(ex.payload if charged else json_or_none(ex.body), policy.models)
         if route.answer:
@@ -3126,18 +3800,19 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def _forward_upstream(self, ex: Exchange, body: bytes, fallback: bytes | None) -> None:
         forwarder = self.server.forwarder
-        pool = forwarder.pool
-        target = pool.upstream.path_for(ex.path, ex.query)
+        assert ex.route is not None
+        pool, target = forwarder.target(ex.route, ex.path, ex.query)
         peer = self.client_address[0]
 
         def head(data: bytes) -> str:
-            return upstream_head(ex.method, target, self.headers, peer, pool, data)  # type: ignore[arg-type]
+            return upstream_head(ex.method, target, self.headers, peer, pool,  # type: ignore[arg-type]
+                                 data, ex.api)
 
         with forwarder.turn(ex, lambda: peer_closed(self.connection)):
-            answer = forwarder.send(ex, head, body, fallback, self.connection)
+            answer = forwarder.send(ex, pool, head, body, fallback, self.connection)
             meter = ex.charge.meter if ex.charge is not None else None
             if answer.without_stream_options and meter is not None:
-                meter.strip = False  # settled by estimate: there will be no usage to strip
+                meter.strip = meter.expects_usage = False  # settled by estimate
             whole = False
             try:
                 whole = relay_answer(ex, answer, self, pool.read_timeout, self.server.metrics)
@@ -3274,7 +3949,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         ex.head_sent = True
 
 
-HANDLED_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+HANDLED_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _CORS_LINES = "\r\n".join(f"{name}: {value}" for name, value in CORS_HEADERS)
 
 
@@ -3612,9 +4287,9 @@ class ProxyServer(ThreadingHTTPServer):
                                                                 clock)
         gate = (FairGate(config.max_upstream_concurrency, config.fair_queue)
                 if config.max_upstream_concurrency else None)
-        pool = UpstreamPool(Upstream.from_url(config.base_api_url), config.open_timeout,
-                            config.read_timeout, api_key=config.base_api_key)
-        self.forwarder = Forwarder(pool, gate, self.metrics, config.upstream_queue_timeout)
+        self.routes = RouteTable(DEFAULT_ROUTES + tuple(extra_route(*row)
+                                                        for row in config.extra_routes))
+        self.forwarder = Forwarder(config, gate, self.metrics)
         self.key_slots = KeySlots(config.max_concurrent_per_key)
         self._inflight = 0
         self._inflight_lock = threading.Lock()
@@ -3742,7 +4417,7 @@ class ProxyServer(ThreadingHTTPServer):
         if self.keys_watcher is not None:
             self.keys_watcher.close()
         super().server_close()
-        self.pool.close()
+        self.forwarder.close()
 
     @property
     def url(self) -> str:

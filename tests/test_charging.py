@@ -184,16 +184,20 @@ class ErrorTests(ProxyTestCase):
         self.assert_openai_error(status, body, 502, "upstream_unreachable")
         self.assertEqual(self.remaining(), 10)
 
-    def test_upstream_timeout_is_504_and_not_charged(self):
+    def test_upstream_timeout_after_sending_is_504_and_charged(self):
+        """A slow model with a big max_tokens is not free: the request reached it."""
         self.restart(read_timeout=0.5)
         status, _, body = self.chat(headers={"X-Fake-Scenario": "hang"})
         self.assert_openai_error(status, body, 504, "upstream_timeout")
-        self.assertEqual(self.remaining(), 10)
+        self.assertEqual(self.remaining(), 9)
 
     def test_upstream_errors_pass_through(self):
-        for scenario, status, charged in (("status-500", 500, False), ("status-503", 503, False),
-                                          ("status-429", 429, True), ("status-400", 400, True),
-                                          ("html-500", 500, False)):
+        """Passed through as they are; refunded only when the status says the model never ran
+        (502, 503, 504, 529), charged otherwise (it may have run: a 500 mid-way)."""
+        for scenario, status, charged in (("status-500", 500, True), ("status-503", 503, False),
+                                          ("status-502", 502, False), ("status-504", 504, False),
+                                          ("status-529", 529, False), ("status-429", 429, True),
+                                          ("status-400", 400, True), ("html-500", 500, True)):
             with self.subTest(scenario=scenario):
                 self.restart()
                 got, headers, body = self.chat(headers={"X-Fake-Scenario": scenario})
@@ -206,10 +210,11 @@ class ErrorTests(ProxyTestCase):
                     self.assertEqual(headers["retry-after"], "7")
                 self.assertEqual(self.remaining(), 9 if charged else 10)
 
-    def test_upstream_closing_without_answer_is_502(self):
+    def test_upstream_closing_without_answer_is_502_and_charged(self):
+        """The request was sent: the model may have run, so it is charged."""
         status, _, body = self.chat(headers={"X-Fake-Scenario": "close"})
         self.assert_openai_error(status, body, 502)
-        self.assertEqual(self.remaining(), 10)
+        self.assertEqual(self.remaining(), 9)
 
     def test_paths_outside_v1_are_404_and_never_forwarded(self):
         for path in ("/slots", "/props", "/v1/../slots", "/V1/chat/completions",
@@ -333,14 +338,19 @@ class UsageModeTests(ProxyTestCase):
                 self.assertEqual(body, self.direct(path, request, scenario))
                 self.assertEqual(self.charged() - before, self.upstream.reported[-1])
 
-    def test_no_usage_is_settled_by_estimate(self):
-        for stream, generated in ((False, "proxy ok"), (True, "Hello world")):
+    def test_an_answer_without_the_usage_it_always_carries_keeps_its_reservation(self):
+        """A plain answer always carries usage, and so does a stream asked for it: when it is
+        missing, the answer cannot be metered and is never settled below its reservation."""
+        for stream in (False, True):
             with self.subTest(stream=stream):
                 before, seen = self.charged(), len(self.upstream.requests)
-                self.chat(stream=stream, headers={"X-Fake-Scenario": "no-usage"})
+                _, headers, _ = self.chat(stream=stream, headers={"X-Fake-Scenario": "no-usage"})
                 self.settled(seen + 1)
-                prompt = llm_proxy.prompt_estimate(json.loads(self.upstream.requests[-1][3]))
-                self.assertEqual(self.charged() - before, prompt + -(-len(generated) // 4))
+                reserved = self.CAPACITY - int(headers["x-ratelimit-remaining"]) - before
+                self.assertEqual(self.charged() - before, reserved)
+                sent = json.loads(self.upstream.requests[-1][3])
+                self.assertEqual(reserved, llm_proxy.prompt_estimate(
+                    {k: v for k, v in sent.items() if k != "stream_options"}) + 50)
 
     def test_client_disconnect_mid_stream_charges_the_prompt_and_what_was_generated(self):
         conn = http.client.HTTPConnection("127.0.0.1", self.proxy.server_address[1], timeout=WAIT)

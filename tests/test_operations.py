@@ -322,7 +322,7 @@ class AdminTests(ProxyTestCase):
     def test_metrics_after_a_known_sequence(self):
         for _ in range(4):
             self.chat(key=ALICE)          # 3 admitted, 1 limited
-        self.chat(key=BOB, headers={"X-Fake-Scenario": "status-500"})
+        self.chat(key=BOB, headers={"X-Fake-Scenario": "status-503"})
         self.request("GET", "/v1/models", key=BOB)
         self.assertTrue(self.log.wait_for(lambda text: text.count(" cost=") == 6))
         text = self.metrics()

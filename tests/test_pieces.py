@@ -12,7 +12,8 @@ import threading
 import unittest
 
 import llm_proxy
-from llm_proxy import (ANSWERED, BROKEN, FAILED, LEFT, NO_ANSWER, NOT_SENT, BucketPolicy,
+from llm_proxy import (ANSWERED, BROKEN, FAILED, LEFT, NO_ANSWER, NOT_SENT, REFUSED,
+                       BucketPolicy,
                        Charge, FairGate, Framing, HeaderError, MemoryBucketStore, UsageMeter,
                        choose_framing, read_headers)
 from tests.support import WAIT, FakeClock, completion, stream_events, usage_of, wait_until
@@ -111,12 +112,14 @@ class ChargeTests(unittest.TestCase):
 
     def test_transitions(self):
         table = [  # (usage mode, ending) -> (state, cost)
-            (False, NOT_SENT, "refunded", 0), (False, NO_ANSWER, "refunded", 0),
-            (False, FAILED, "refunded", 0), (False, LEFT, "settled", 20),
-            (False, BROKEN, "settled", 20), (False, ANSWERED, "settled", 20),
-            (True, NOT_SENT, "refunded", 0), (True, NO_ANSWER, "refunded", 0),
-            (True, FAILED, "refunded", 0), (True, LEFT, "settled", 7),
-            (True, BROKEN, "settled", 7), (True, ANSWERED, "settled", 7),
+            (False, NOT_SENT, "refunded", 0), (False, NO_ANSWER, "settled", 20),
+            (False, FAILED, "refunded", 0), (False, REFUSED, "settled", 20),
+            (False, LEFT, "settled", 20), (False, BROKEN, "settled", 20),
+            (False, ANSWERED, "settled", 20),
+            (True, NOT_SENT, "refunded", 0), (True, NO_ANSWER, "settled", 7),
+            (True, FAILED, "refunded", 0), (True, REFUSED, "settled", 7),  # what it reported
+            (True, LEFT, "settled", 7), (True, BROKEN, "settled", 7),
+            (True, ANSWERED, "settled", 7),
         ]
         for usage, ending, state, cost in table:
             with self.subTest(usage=usage, ending=ending):
