@@ -1116,7 +1116,14 @@ BucketStore = typing.Union[MemoryBucketStore, RedisBucketStore]
 def _string_stats(value: object) -> tuple[int, int]:
     """(number of strings, total characters) of every string value in a JSON document, skipping
     values under any key named "model". Iterative, so deeply nested input cannot blow the stack."""
-    count = chars = 0
+    count, chars, _ = _text_stats(value)
+    return count, chars
+
+
+def _text_stats(value: object) -> tuple[int, int, int]:
+    """_string_stats, and the integers found in arrays: token ids (a prompt or an input sent as
+    tokens rather than text)."""
+    count = chars = tokens = 0
     stack = [value]
     while stack:
         item = stack.pop()
@@ -1126,8 +1133,12 @@ def _string_stats(value: object) -> tuple[int, int]:
         elif isinstance(item, dict):
             stack.extend(v for k, v in item.items() if k != "model")
         elif isinstance(item, list):
-            stack.extend(item)
-    return count, chars
+            for element in item:
+                if isinstance(element, int) and not isinstance(element, bool):
+                    tokens += 1
+                else:
+                    stack.append(element)
+    return count, chars, tokens
 
 
 def _whole(value: object) -> int | None:
@@ -1152,9 +1163,10 @@ def response_reserve(body: Mapping[str, object], default: int) -> int:
 
 
 def prompt_estimate(body: Mapping[str, object]) -> int:
-    """ceil(len(" ".join(strings)) / 4): the prototype's guess at what the input costs."""
-    count, chars = _string_stats(body)
-    return math.ceil((chars + max(0, count - 1)) / 4)
+    """ceil(len(" ".join(strings)) / 4): the prototype's guess at what the input costs, plus
+    one for each token id sent as a number in an array."""
+    count, chars, tokens = _text_stats(body)
+    return math.ceil((chars + max(0, count - 1)) / 4) + tokens
 
 
 def estimate_cost(body: Mapping[str, object], reserve: int) -> int:
@@ -1168,6 +1180,7 @@ class Ask(typing.NamedTuple):
     reserve: int                         # output tokens one answer may run to
     answers: int = 1                     # answers generated: n (or best_of) times the prompts
     limits: tuple[tuple[str, ...], ...] = ()  # where the request set an output limit
+    prompts: int = 1                     # prompts sent (a /v1/completions prompt array)
 
 
 def request_cost(body: Mapping[str, object], policy: KeyPolicy, kind: str = "generate",
@@ -1223,6 +1236,7 @@ class Meter:
         self.strip = strip                  # drop what the proxy asked for on the client's behalf
         self.expects_usage = expects_usage
         self.generated = 0                  # characters of generated text seen
+        self.prompt_floor = 0               # the least the prompt may count (several prompts)
         self.encoded = False
         self.ok = True                      # a 2xx answer (only those are expected to carry usage)
         self._pending = b""
@@ -1325,6 +1339,9 @@ class Meter:
         if prompt is None:
             prompt = prompt_tokens_estimate
             total += prompt
+        if prompt < self.prompt_floor:  # a server that reports one prompt's usage for several
+            total += self.prompt_floor - prompt
+            prompt = self.prompt_floor
         if completion < floor:  # a server that reports one answer's usage for several
             total += floor - completion
             completion = floor
@@ -1622,11 +1639,11 @@ class OpenAIShape:
                     largest = value if largest is None else max(largest, value)
         answers = max(_read_integer(payload, ("n",), 1, 128) or 1,
                       _read_integer(payload, ("best_of",), 1, 128) or 1)
-        prompt = payload.get("prompt")
+        prompt, prompts = payload.get("prompt"), 1
         if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
-            answers *= len(prompt)  # several prompts (strings or token lists): one answer each
+            prompts = len(prompt)  # several prompts (strings or token lists): answers for each
         reserve = default_reserve if largest is None else largest
-        return Ask(stream, reserve, answers, tuple(limits))
+        return Ask(stream, reserve, answers * prompts, tuple(limits), prompts)
 
     def cap(self, payload: dict, path: str, ask: Ask) -> bool:
         """Estimate mode: write the reserve charged for into every output limit the request
@@ -2463,9 +2480,12 @@ def admit(ex: Exchange, store: "BucketStore", metrics: "Metrics") -> Charge:
         return Charge.declined(quota)
     if policy.token_cost_mode != "usage":
         return Charge(store, ex.bucket_key, bucket, quota, cost)
-    return Charge(store, ex.bucket_key, bucket, quota, cost,
-                  meter=route.api.meter(route.path, ex.ask, payload),
-                  prompt_estimate=prompt_estimate(payload))
+    meter = route.api.meter(route.path, ex.ask, payload)
+    estimate = prompt_estimate(payload)
+    if ex.ask is not None and ex.ask.prompts > 1:
+        meter.prompt_floor = estimate
+    return Charge(store, ex.bucket_key, bucket, quota, cost, meter=meter,
+                  prompt_estimate=estimate)
 
 
 # ####################################################################### forwarder ####

@@ -1,8 +1,13 @@
 """What the tests share: the fake upstream, the proxy test base class, small helpers.
 
-The fake upstream is an OpenAI-compatible server on an ephemeral port whose answers follow the
-documented formats. The X-Fake-Scenario request header picks one of SCENARIOS (faults, and the
-habits of real servers); without it the fake answers as an OpenAI server does.
+The fake upstream is a server on an ephemeral port that speaks three APIs, each following its
+documented format: OpenAI's under /v1, Anthropic's Messages API (/v1/messages), and Ollama's
+native API at the root (/api/...); see api_of. The X-Fake-Scenario request header picks one of
+SCENARIOS (faults, and the habits of real servers); without it the fake answers as the API
+that owns the path does. Tests compute the expected answers with the same functions the fake
+uses: completion / stream_events / usage_of (OpenAI), anthropic_message / anthropic_events /
+anthropic_usage (Anthropic), ollama_answer / ollama_lines / ollama_counts (Ollama), all from
+fake_prompt_tokens; wire() gives the exact bytes of the Anthropic and Ollama JSON.
 """
 
 from __future__ import annotations
@@ -85,8 +90,65 @@ def scenario(name: str):
     return register
 
 
+def api_of(path):
+    """Which API of the fake serves `path` (without its query string):
+
+    "anthropic"  /v1/messages and /v1/messages/count_tokens (reached through BASE_API_URL);
+    "ollama"     / and /api/... : Ollama's native API, at the server ROOT (the proxy forwards
+                 these to BASE_API_URL without its trailing /v1);
+    "openai"     everything else (the OpenAI-compatible API under /v1)."""
+    if path == "/v1/messages" or path.startswith("/v1/messages/"):
+        return "anthropic"
+    if path in ("/", "/api") or path.startswith("/api/"):
+        return "ollama"
+    return "openai"
+
+
+def wire(value):
+    """JSON as Go servers (Ollama) and the Anthropic API write it: compact, no spaces. The
+    OpenAI answers keep Python's json.dumps spacing, as before."""
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+#: Ollama's native routes: path -> (HTTP methods Ollama accepts there, handler method). Gin
+#: answers another method with 405 and an unknown path with 404, both as plain text.
+#: "/api/blobs/" stands for every /api/blobs/sha256:<digest>.
+OLLAMA_ROUTES = {
+    "/": ("GET HEAD", "ollama_read"),
+    "/api/version": ("GET HEAD", "ollama_read"),
+    "/api/tags": ("GET HEAD", "ollama_read"),
+    "/api/ps": ("GET", "ollama_read"),
+    "/api/show": ("POST", "ollama_read"),
+    "/api/chat": ("POST", "ollama_generate"),
+    "/api/generate": ("POST", "ollama_generate"),
+    "/api/embed": ("POST", "ollama_embed"),
+    "/api/embeddings": ("POST", "ollama_embed"),
+    "/api/pull": ("POST", "ollama_progress"),
+    "/api/push": ("POST", "ollama_progress"),
+    "/api/create": ("POST", "ollama_progress"),
+    "/api/copy": ("POST", "ollama_admin"),
+    "/api/delete": ("DELETE", "ollama_admin"),
+    "/api/blobs/": ("HEAD POST", "ollama_admin"),
+}
+OLLAMA_JSON = "application/json; charset=utf-8"  # Gin's c.JSON
+OLLAMA_NDJSON = "application/x-ndjson"  # Ollama's streamResponse
+#: The Go struct each streaming route's body is decoded into (named in its 400 for a bad stream).
+OLLAMA_REQUEST_TYPES = {"/api/chat": "ChatRequest", "/api/generate": "GenerateRequest",
+                        "/api/pull": "PullRequest", "/api/push": "PushRequest",
+                        "/api/create": "CreateRequest"}
+OLLAMA_RUN_ERROR = "an error was encountered while running the model"
+
+
 class FakeUpstreamHandler(BaseHTTPRequestHandler):
-    """An OpenAI-compatible server (chat, completions, responses, embeddings, models)."""
+    """One server, three documented APIs, picked by path (api_of):
+
+    - `openai`: an OpenAI-compatible server under /v1 (chat, completions, responses,
+      embeddings, models), platform.openai.com/docs/api-reference;
+    - `anthropic`: Anthropic's Messages API, POST /v1/messages and /v1/messages/count_tokens,
+      docs.claude.com/en/api/messages (and messages-streaming, messages-count-tokens, errors);
+    - `ollama`: Ollama's native API at the root, /api/... (ollama/ollama docs/api.md, field
+      order from api/types.go), dispatched through OLLAMA_ROUTES.
+    """
 
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True  # small chunked writes must not wait for delayed ACKs
@@ -99,9 +161,17 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
 
     do_POST = do_DELETE = do_PUT = do_PATCH = do_GET
 
+    def do_HEAD(self):
+        """Only Ollama's routes answer HEAD (/, /api/version, /api/tags, /api/blobs/...);
+        elsewhere the fake says 501, as the standard library does for a method it lacks."""
+        if api_of(self.path.partition("?")[0]) != "ollama":
+            return self.send_error(501, "Unsupported method (%r)" % self.command)
+        self._serve()
+
     def _serve(self):
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
+        self.body = body
         server = self.server
         server.record(self.command, self.path, dict(self.headers.items()), body)
         server.peers.append(self.client_address)
@@ -115,7 +185,16 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
         self.answer(path, request)
 
     def answer(self, path, request, habit=""):
-        """The normal answer to `path`, with a server's usage `habit` (see stream_events)."""
+        """The normal answer to `path` from the API that serves it, with a server's `habit`
+        (a SCENARIOS name changing how usage is reported; see stream_events,
+        anthropic_events, ollama_lines)."""
+        return getattr(self, api_of(path))(path, request, habit)
+
+    # ------------------------------------------------------------------------- OpenAI ----
+
+    def openai(self, path, request, habit=""):
+        """The OpenAI API: /v1/models, /v1/embeddings, and /v1/chat/completions,
+        /v1/completions, /v1/responses (SSE when "stream" is truthy; see stream_events)."""
         server = self.server
         if path == "/v1/models":
             return self.json(200, {"object": "list", "data": [
@@ -140,18 +219,107 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
                              [("X-RateLimit-Remaining", "12345"), ("X-Upstream", "yes")])
         return self.error(404)
 
+    # ---------------------------------------------------------------------- Anthropic ----
+
+    def anthropic(self, path, request, habit=""):
+        """Anthropic's Messages API. POST /v1/messages answers anthropic_message(), or with
+        "stream": true the SSE events of anthropic_events(); POST /v1/messages/count_tokens
+        answers {"input_tokens": P}. P is fake_prompt_tokens(request) (it counts "system").
+        Reports input + output tokens (cache fields included) like the OpenAI paths: always
+        for a plain answer, for a stream when its events carry usage. Other paths or methods:
+        an Anthropic not_found_error."""
+        if self.command != "POST" or path not in ("/v1/messages", "/v1/messages/count_tokens"):
+            return self.error(404)
+        if path == "/v1/messages/count_tokens":
+            return self.send(200, wire({"input_tokens": fake_prompt_tokens(request)}),
+                             ANTHROPIC_HEADERS)
+        if request.get("stream") is True:
+            return self.stream(path, request, habit)
+        if habit == "anthropic-error":
+            return self.error(529)
+        self.server.report(fake_prompt_tokens(request) + 2)
+        self.send(200, wire(anthropic_message(request.get("model", ""), request, habit)),
+                  ANTHROPIC_HEADERS)
+
+    # ------------------------------------------------------------------------- Ollama ----
+
+    def ollama(self, path, request, habit=""):
+        """Ollama's native API through OLLAMA_ROUTES, after the checks Ollama makes first:
+        Gin's plain-text 404/405; 400 {"error": "missing request body"} for an empty POST;
+        400 for a `stream` that is not a JSON bool (Go's decoding error); 404 {"error": "model
+        'missing' not found"} when the request names the model "missing"."""
+        route = OLLAMA_ROUTES.get("/api/blobs/" if path.startswith("/api/blobs/") else path)
+        if route is None:
+            return self.send(404, b"404 page not found", [("Content-Type", "text/plain")])
+        methods, handler = route
+        if self.command not in methods.split():
+            return self.send(405, b"405 method not allowed", [("Content-Type", "text/plain")])
+        refusal = ollama_refusal(path, request, self.body, self.command)
+        if refusal:
+            return self.ollama_json(*refusal)
+        return getattr(self, handler)(path, request, habit)
+
+    def ollama_generate(self, path, request, habit):
+        """/api/chat and /api/generate: NDJSON (ollama_lines) unless "stream" is false, then
+        one object (ollama_answer). Reports prompt_eval_count + eval_count, P + eval_count,
+        even when the final line leaves prompt_eval_count out ("ollama-cached"): the tests
+        compare that total with what the proxy charges (its own estimate of the prompt plus
+        eval_count). A stream whose lines carry no count ("no-usage", "ollama-error") reports
+        nothing; a plain answer always reports, as the OpenAI paths do."""
+        if request.get("stream") is not False:  # absent or null: Ollama streams
+            return self.stream(path, request, habit)
+        if habit == "ollama-error":  # before the first byte: a real status and the error
+            return self.ollama_json(500, {"error": OLLAMA_RUN_ERROR})
+        self.server.report(fake_prompt_tokens(request) + 2)
+        self.ollama_json(200, ollama_answer(path, request.get("model", ""), request, habit))
+
+    def ollama_embed(self, path, request, habit):
+        """/api/embed (one embedding per input, prompt_eval_count P: reported) and the older
+        /api/embeddings (one embedding, no count: nothing reported)."""
+        if path == "/api/embed":
+            self.server.report(fake_prompt_tokens(request))
+        self.ollama_json(200, ollama_answer(path, request.get("model", ""), request, habit))
+
+    def ollama_read(self, path, request, habit):
+        """/ ("Ollama is running"), /api/version, /api/tags, /api/ps, /api/show."""
+        if path == "/":
+            return self.send(200, b"Ollama is running",
+                             [("Content-Type", "text/plain; charset=utf-8")])
+        self.ollama_json(200, ollama_answer(path, request.get("model", ""), request, habit))
+
+    def ollama_progress(self, path, request, habit):
+        """/api/pull, /api/push, /api/create: progress as NDJSON (ollama_lines) unless
+        "stream" is false, then one {"status": "success"}."""
+        if request.get("stream") is not False:
+            return self.stream(path, request, habit)
+        self.ollama_json(200, ollama_answer(path, request.get("model", ""), request, habit))
+
+    def ollama_admin(self, path, request, habit):
+        """/api/copy, /api/delete, HEAD|POST /api/blobs/sha256:...: 200 {"status": "success"}
+        so that a test sees the request went through (real Ollama answers 200 with an empty
+        body here, and 201 for an uploaded blob; its client reads only the status)."""
+        self.ollama_json(200, ollama_answer(path, request.get("model", ""), request, habit))
+
+    def ollama_json(self, status, value):
+        self.send(status, wire(value), [("Content-Type", OLLAMA_JSON)])
+
+    # ------------------------------------------------------------------------ sending ----
+
     def stream(self, path, request, habit="", pause_at=None, stop_at=None, reset_at=None,
                endless=False):
-        """An SSE answer, event by event: wait for server.release before event `pause_at`,
-        go silent before `stop_at`, reset the connection before `reset_at`, or repeat an event
-        for WAIT seconds at the end (`endless`)."""
+        """A streamed answer (SSE, or NDJSON for Ollama; see stream_of), event by event, each
+        its own chunk: wait for server.release before event `pause_at`, go silent before
+        `stop_at`, reset the connection before `reset_at`, or repeat a content event for
+        WAIT seconds at the end (`endless`)."""
+        headers, events, total, repeat = stream_of(path, request.get("model", ""), request,
+                                                   habit)
         self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
+        for name, value in headers:
+            self.send_header(name, value)
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
-        events = stream_events(path, request.get("model", ""), request, habit)
-        if any(b'"usage": {' in e for e in events):
-            self.server.report(usage_of(path, request, completion_tokens=3)["total_tokens"])
+        if total is not None:
+            self.server.report(total)
         delay = float(self.headers.get("X-Fake-Delay", "0"))
         try:
             for index, event in enumerate(events):
@@ -173,7 +341,7 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
             if endless:
                 deadline = time.monotonic() + WAIT
                 while time.monotonic() < deadline:
-                    self.chunk(events[1])
+                    self.chunk(events[repeat])
                     time.sleep(0.02)
             self.wfile.write(b"0\r\n\r\n")
         except OSError:
@@ -185,6 +353,16 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
                   [("Content-Type", "application/json"), *headers])
 
     def error(self, status, headers=()):
+        """An error in the shape of the API that serves the request's path: OpenAI's
+        {"error": {message, type, param, code}}, Anthropic's {"type": "error", "error":
+        {type, message}}, Ollama's {"error": "..."}."""
+        api = api_of(self.path.partition("?")[0])
+        if api == "anthropic":
+            return self.send(status, wire(anthropic_error(status)),
+                             [*ANTHROPIC_HEADERS, *headers])
+        if api == "ollama":
+            return self.send(status, wire({"error": f"upstream says {status}"}),
+                             [("Content-Type", OLLAMA_JSON), *headers])
         self.json(status, {"error": {"message": f"upstream says {status}" if status != 404
                                      else "not found", "type": "invalid_request_error"
                                      if status < 500 else "server_error", "param": None,
@@ -196,7 +374,8 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
             self.send_header(name, value)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(body)
+        if self.command != "HEAD":
+            self.wfile.write(body)
 
     def chunk(self, data):
         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
@@ -273,12 +452,29 @@ def _reject_stream_options(h, path, request):
                            "type": "invalid_request_error", "param": None, "code": None}})
 
 
-for _habit in ("no-usage", "ollama", "llamacpp"):
+#: Habits: the normal answer, with usage reported (or failing) the way a real server does.
+for _habit, _doc in (
+        ("no-usage", "Usage never reported: no usage (OpenAI, Anthropic), no prompt_eval_count "
+                     "or eval_count (Ollama)."),
+        ("ollama", "Usage reported the way Ollama's OpenAI API does (see stream_events)."),
+        ("llamacpp", "Usage reported the way llama.cpp does (see stream_events)."),
+        ("anthropic-cache", "/v1/messages usage split as llama.cpp and Anthropic do with a "
+                            "prompt cache: input_tokens 1 (uncached), cache_read_input_tokens "
+                            "the rest, cache_creation_input_tokens 0 (see anthropic_usage)."),
+        ("anthropic-error", "/v1/messages fails: a stream sends message_start, then an "
+                            "`event: error` (overloaded_error) and ends; a plain answer is a "
+                            "529 overloaded_error."),
+        ("ollama-cached", "/api/chat, /api/generate leave prompt_eval_count out (Ollama does "
+                          "when the prompt was cached); the fake still reports P + eval_count."),
+        ("ollama-error", "/api/chat, /api/generate fail: a stream sends one line, then "
+                         '{"error": "..."} and ends (status 200); a plain answer is a 500.')):
     SCENARIOS[_habit] = lambda h, path, request, habit=_habit: h.answer(path, request, habit)
-    SCENARIOS[_habit].__doc__ = f"Usage reported the way {_habit} does (see stream_events)."
+    SCENARIOS[_habit].__doc__ = _doc
 
 
-#: Streams that go wrong part-way (arguments of FakeUpstreamHandler.stream).
+#: Streams that go wrong part-way (arguments of FakeUpstreamHandler.stream), on every API's
+#: streaming routes alike (OpenAI SSE, Anthropic SSE, Ollama NDJSON): event k is the k-th
+#: event or line of stream_events / anthropic_events / ollama_lines.
 for _name, _doc, _options in (
         ("gate", "holds its second event until the test sets server.release", {"pause_at": 1}),
         ("gate2", "holds its third event until the test sets server.release", {"pause_at": 2}),
@@ -292,10 +488,39 @@ for _name, _doc, _options in (
 
 
 def fake_prompt_tokens(request):
-    """The fake's "tokenizer": deterministic, and not the proxy's characters/4 estimate."""
-    text = json.dumps([request.get(k) for k in ("messages", "prompt", "input")])
+    """The fake's "tokenizer": deterministic, and not the proxy's characters/4 estimate. It
+    counts "messages", "prompt", "input" and, when present, "system" (Anthropic's top-level
+    system prompt, Ollama's /api/generate system)."""
+    parts = [request.get(k) for k in ("messages", "prompt", "input")]
+    if "system" in request:
+        parts.append(request["system"])
+    text = json.dumps(parts)
     return 3 + len(text.split()) + len(text) // 7
 
+
+def stream_of(path, model, request=None, habit=""):
+    """What FakeUpstreamHandler.stream sends on `path`: (headers before Transfer-Encoding,
+    the events, the total it reports or None, the index of the event `endless` repeats)."""
+    request = request or {}
+    api = api_of(path)
+    prompt = fake_prompt_tokens(request)
+    if api == "anthropic":
+        events = anthropic_events(model, request, habit)
+        total = None if habit == "no-usage" else prompt if habit == "anthropic-error" \
+            else prompt + 3
+        return ANTHROPIC_SSE_HEADERS, events, total, min(3, len(events) - 1)
+    if api == "ollama":
+        lines = ollama_lines(path, model, request, habit)
+        counted = path in ("/api/chat", "/api/generate") and habit not in (
+            "no-usage", "ollama-error")
+        return [("Content-Type", OLLAMA_NDJSON)], lines, prompt + 3 if counted else None, 1
+    events = stream_events(path, model, request, habit)
+    total = (usage_of(path, request, completion_tokens=3)["total_tokens"]
+             if any(b'"usage": {' in e for e in events) else None)
+    return [("Content-Type", "text/event-stream")], events, total, 1
+
+
+# ------------------------------------------------------------------ OpenAI's formats ----
 
 def usage_of(path, request, completion_tokens=2):
     prompt = fake_prompt_tokens(request)
@@ -366,6 +591,209 @@ def stream_events(path, model, request=None, scenario=""):
     return [b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks] + [b"data: [DONE]\n\n"]
 
 
+# --------------------------------------------------------------- Anthropic's formats ----
+# docs.claude.com/en/api/messages, /en/docs/build-with-claude/streaming, /en/api/errors. The
+# JSON is compact, as the Anthropic API and llama.cpp write it; answers carry "request-id".
+
+ANTHROPIC_HEADERS = [("Content-Type", "application/json"), ("request-id", "req_fake")]
+ANTHROPIC_SSE_HEADERS = [("Content-Type", "text/event-stream"), ("request-id", "req_fake")]
+#: HTTP status -> Anthropic error type (docs.claude.com/en/api/errors); other 4xx are
+#: invalid_request_error, other 5xx api_error.
+ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
+                         402: "billing_error", 403: "permission_error", 404: "not_found_error",
+                         413: "request_too_large", 429: "rate_limit_error", 500: "api_error",
+                         504: "timeout_error", 529: "overloaded_error"}
+
+
+def anthropic_error(status):
+    """The body of an Anthropic error answer with `status`."""
+    kind = ANTHROPIC_ERROR_TYPES.get(status, "invalid_request_error" if status < 500
+                                     else "api_error")
+    message = "Overloaded" if status == 529 else "not found" if status == 404 \
+        else f"upstream says {status}"
+    return {"type": "error", "error": {"type": kind, "message": message},
+            "request_id": "req_fake"}
+
+
+def anthropic_usage(request, output_tokens, habit=""):
+    """Messages usage for a prompt of fake_prompt_tokens(request) tokens. With the
+    "anthropic-cache" habit the prompt is split as llama.cpp does for a cached prompt (and
+    Anthropic with prompt caching): input_tokens 1 is the uncached part and
+    cache_read_input_tokens the rest, so input + cache_creation + cache_read = P."""
+    prompt = fake_prompt_tokens(request or {})
+    if habit == "anthropic-cache":
+        return {"input_tokens": 1, "cache_creation_input_tokens": 0,
+                "cache_read_input_tokens": prompt - 1, "output_tokens": output_tokens}
+    return {"input_tokens": prompt, "output_tokens": output_tokens}
+
+
+def anthropic_message(model, request=None, habit=""):
+    """The non-stream /v1/messages answer ("proxy ok", 2 output tokens), as the dict the fake
+    sends (its bytes: wire(anthropic_message(...))). "no-usage" leaves usage out."""
+    message = {"id": "msg_fake", "type": "message", "role": "assistant",
+               "content": [{"type": "text", "text": "proxy ok"}], "model": model,
+               "stop_reason": "end_turn", "stop_sequence": None,
+               "usage": anthropic_usage(request, 2, habit)}
+    if habit == "no-usage":
+        del message["usage"]
+    return message
+
+
+def anthropic_events(model, request=None, habit=""):
+    """The SSE events (exact bytes, `event: NAME\\ndata: JSON\\n\\n` each) of a streamed
+    /v1/messages answer ("Hello world"): message_start (usage with input_tokens and
+    output_tokens 0), content_block_start, ping, two content_block_delta, content_block_stop,
+    message_delta (stop_reason end_turn, usage {"output_tokens": 3}: output only, as llama.cpp
+    sends it), message_stop. No [DONE]. Habits: "anthropic-cache" (see anthropic_usage),
+    "no-usage" (no usage in message_start or message_delta: the anthropic SDK's accumulator
+    cannot read such a stream, it is for the proxy's meter), "anthropic-error" (message_start,
+    then `event: error` with an overloaded_error, and the stream ends)."""
+    start = {"id": "msg_fake", "type": "message", "role": "assistant", "content": [],
+             "model": model, "stop_reason": None, "stop_sequence": None,
+             "usage": anthropic_usage(request, 0, habit)}
+    delta = {"type": "message_delta", "delta": {"stop_reason": "end_turn",
+                                                "stop_sequence": None},
+             "usage": {"output_tokens": 3}}
+    if habit == "no-usage":
+        del start["usage"], delta["usage"]
+    events = [("message_start", {"type": "message_start", "message": start}),
+              ("content_block_start", {"type": "content_block_start", "index": 0,
+                                       "content_block": {"type": "text", "text": ""}}),
+              ("ping", {"type": "ping"}),
+              *(("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                         "delta": {"type": "text_delta", "text": text}})
+                for text in ("Hello", " world")),
+              ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+              ("message_delta", delta),
+              ("message_stop", {"type": "message_stop"})]
+    if habit == "anthropic-error":
+        events = events[:1] + [("error", {"type": "error", "error": {
+            "type": "overloaded_error", "message": "Overloaded"}})]
+    return [b"event: %s\ndata: %s\n\n" % (name.encode(), wire(data)) for name, data in events]
+
+
+# ------------------------------------------------------------------ Ollama's formats ----
+# ollama/ollama docs/api.md and docs/api/errors.mdx; keys in the order of api/types.go. Go
+# writes compact JSON; a stream is one object and "\n" a line.
+
+OLLAMA_CREATED_AT = "2026-12-01T00:00:00.000000Z"
+OLLAMA_MODELS = ("fake-a:latest", "fake-b:latest")  # /api/tags and /api/ps, name == model
+OLLAMA_DETAILS = {"parent_model": "", "format": "gguf", "family": "fake", "families": ["fake"],
+                  "parameter_size": "1M", "quantization_level": "Q4_0"}
+OLLAMA_PROGRESS = {"/api/pull": "pulling manifest", "/api/push": "retrieving manifest",
+                   "/api/create": "gathering model components"}
+
+
+def ollama_refusal(path, request, body=b"{}", method="POST"):
+    """(status, {"error": ...}) when Ollama refuses the request before answering, else None:
+    an empty POST body; a `stream` that is not a JSON bool (null is allowed: it streams); the
+    model "missing" (404, worded as each handler words it)."""
+    if method == "POST" and not body and not path.startswith("/api/blobs/"):
+        return 400, {"error": "missing request body"}
+    stream = request.get("stream")
+    if path in OLLAMA_REQUEST_TYPES and stream is not None and not isinstance(stream, bool):
+        kind = ("string" if isinstance(stream, str) else "number"
+                if isinstance(stream, (int, float)) else "array" if isinstance(stream, list)
+                else "object")
+        return 400, {"error": f"json: cannot unmarshal {kind} into Go struct field "
+                              f"{OLLAMA_REQUEST_TYPES[path]}.stream of type bool"}
+    if path == "/api/copy" and request.get("source") == "missing":
+        return 404, {"error": 'model "missing" not found'}
+    if path in ("/api/chat", "/api/generate", "/api/embed", "/api/embeddings", "/api/show",
+                "/api/delete") and "missing" in (request.get("model"), request.get("name")):
+        return 404, {"error": "model 'missing' not found"}
+    return None
+
+
+def ollama_counts(request, eval_count, habit=""):
+    """The durations and counts of a final line: prompt_eval_count P =
+    fake_prompt_tokens(request), eval_count; "ollama-cached" leaves prompt_eval_count out
+    (as Ollama does for a cached prompt: the field is omitempty), "no-usage" both counts."""
+    counts = {"total_duration": 1000, "load_duration": 10,
+              "prompt_eval_count": fake_prompt_tokens(request or {}),
+              "prompt_eval_duration": 100, "eval_count": eval_count, "eval_duration": 500}
+    if habit in ("ollama-cached", "no-usage"):
+        del counts["prompt_eval_count"]
+    if habit == "no-usage":
+        del counts["eval_count"]
+    return counts
+
+
+def _ollama_part(path, model, text, request=None, habit="", eval_count=None):
+    """One /api/chat or /api/generate object; the final one when eval_count is given."""
+    part = {"model": model, "created_at": OLLAMA_CREATED_AT}
+    if path == "/api/chat":
+        part["message"] = {"role": "assistant", "content": text}
+    else:
+        part["response"] = text
+    part["done"] = eval_count is not None
+    if eval_count is not None:
+        part["done_reason"] = "stop"
+        if path == "/api/generate":
+            part["context"] = [1, 2, 3]
+        part.update(ollama_counts(request, eval_count, habit))
+    return part
+
+
+def ollama_lines(path, model, request=None, habit=""):
+    """The NDJSON lines (exact bytes, each ending in "\\n") of a streamed answer on `path`.
+    /api/chat, /api/generate: "Hello", " world" (done false), then the final line (content
+    "", done true, done_reason stop, durations, prompt_eval_count P, eval_count 3; /api/generate
+    adds context). Habits: "ollama-cached", "no-usage" (see ollama_counts), "ollama-error" (the
+    first line, then {"error": "an error was encountered while running the model"}).
+    /api/pull, /api/push, /api/create: a progress status, then {"status": "success"}."""
+    if path in OLLAMA_PROGRESS:
+        parts = [{"status": OLLAMA_PROGRESS[path]}, {"status": "success"}]
+    else:
+        parts = [_ollama_part(path, model, "Hello"), _ollama_part(path, model, " world"),
+                 _ollama_part(path, model, "", request, habit, eval_count=3)]
+        if habit == "ollama-error":
+            parts = [parts[0], {"error": OLLAMA_RUN_ERROR}]
+    return [wire(part) + b"\n" for part in parts]
+
+
+def ollama_model(name, running=False):
+    """An entry of /api/tags (or, running, of /api/ps)."""
+    if running:
+        return {"name": name, "model": name, "size": 1, "digest": "abc",
+                "details": OLLAMA_DETAILS, "expires_at": "2026-12-01T00:05:00Z",
+                "size_vram": 1, "context_length": 2048}
+    return {"name": name, "model": name, "modified_at": "2026-11-01T00:00:00Z", "size": 1,
+            "digest": "abc", "details": OLLAMA_DETAILS}
+
+
+def ollama_answer(path, model, request=None, habit=""):
+    """The JSON object the fake answers on an Ollama `path` when it does not stream (its
+    bytes: wire(ollama_answer(...))): /api/chat, /api/generate ("proxy ok", done, eval_count
+    2; habits as in ollama_lines), /api/embed (one [0.1, 0.2, 0.3] per input,
+    prompt_eval_count P unless "no-usage"), /api/embeddings, /api/tags, /api/ps,
+    /api/version, /api/show, and {"status": "success"} for the administration routes."""
+    request = request or {}
+    if path in ("/api/chat", "/api/generate"):
+        return _ollama_part(path, model, "proxy ok", request, habit, eval_count=2)
+    if path == "/api/embed":
+        inputs = request.get("input")
+        count = 1 if isinstance(inputs, str) else len(inputs or [])
+        answer = {"model": model, "embeddings": [[0.1, 0.2, 0.3] for _ in range(count)],
+                  "total_duration": 1, "load_duration": 1,
+                  "prompt_eval_count": fake_prompt_tokens(request)}
+        if habit == "no-usage":
+            del answer["prompt_eval_count"]
+        return answer
+    if path == "/api/embeddings":
+        return {"embedding": [0.1, 0.2, 0.3]}
+    if path in ("/api/tags", "/api/ps"):
+        return {"models": [ollama_model(name, path == "/api/ps") for name in OLLAMA_MODELS]}
+    if path == "/api/version":
+        return {"version": "0.14.0"}
+    if path == "/api/show":
+        return {"modelfile": "FROM fake\n", "parameters": "num_ctx 2048",
+                "template": "{{ .Prompt }}", "details": OLLAMA_DETAILS,
+                "model_info": {"general.architecture": "fake"}, "capabilities": ["completion"],
+                "modified_at": "2026-11-01T00:00:00Z"}
+    return {"status": "success"}
+
+
 class FakeUpstream(ThreadingHTTPServer):
     daemon_threads = True
 
@@ -403,7 +831,13 @@ class FakeUpstream(ThreadingHTTPServer):
 
     @property
     def url(self):
+        """BASE_API_URL for the proxy: the OpenAI and Anthropic APIs live under it."""
         return f"{'https' if self.tls else 'http'}://{self.host}/v1"
+
+    @property
+    def root_url(self):
+        """The server root, where Ollama's native API (/api/...) lives."""
+        return f"{'https' if self.tls else 'http'}://{self.host}"
 
 
 class LogCapture(io.StringIO):
