@@ -1226,7 +1226,8 @@ class Meter:
     `unmeterable` is true when the answer could not be read where it should have been: an
     encoded body (Content-Encoding), a plain body over MAX_METERED_BODY, or a successful answer
     without the usage its API always sends (`expects_usage`). The charge then keeps its whole
-    reservation.
+    reservation. A stream the upstream itself ended with an error event (`failed`) is settled
+    like one that broke off: the prompt estimate and what was generated.
     """
 
     event_end = _EVENT_END
@@ -1237,6 +1238,7 @@ class Meter:
         self.expects_usage = expects_usage
         self.generated = 0                  # characters of generated text seen
         self.prompt_floor = 0               # the least the prompt may count (several prompts)
+        self.failed = False                 # the upstream ended its stream with an error
         self.encoded = False
         self.ok = True                      # a 2xx answer (only those are expected to carry usage)
         self._pending = b""
@@ -1322,7 +1324,7 @@ class Meter:
     def unmeterable(self) -> bool:
         if self.encoded or (not self.stream and self._size > MAX_METERED_BODY):
             return self.ok
-        return self.ok and self.expects_usage and self.usage() is None
+        return self.ok and self.expects_usage and not self.failed and self.usage() is None
 
     def reported(self) -> int | None:
         """The total the upstream reported, if it reported one."""
@@ -1406,6 +1408,8 @@ class UsageMeter(Meter):
         if obj.get("type") == "response.completed" and isinstance(obj.get("response"), dict):
             usage = obj["response"].get("usage")
         numbers = usage_numbers(usage)
+        if "error" in obj and not obj.get("choices"):
+            self.failed = True
         final = obj.get("choices") == [] and numbers[2] > 0
         if final:
             self._finals.append(numbers)
@@ -1455,6 +1459,8 @@ class AnthropicMeter(Meter):
             usage = obj["message"].get("usage")
         elif kind == "message_delta":
             usage = obj.get("usage")
+        elif kind == "error":
+            self.failed = True
         elif kind == "content_block_delta" and isinstance(obj.get("delta"), dict):
             delta = obj["delta"]
             for name in ("text", "partial_json", "thinking"):
@@ -1497,6 +1503,8 @@ class OllamaMeter(Meter):
                 for name in ("content", "response", "thinking"):
                     if isinstance(part.get(name), str):
                         self.generated += len(part[name])
+        if "error" in obj and obj.get("done") is not True:
+            self.failed = True
         if obj.get("done") is True or "prompt_eval_count" in obj or "eval_count" in obj:
             prompt = obj.get("prompt_eval_count")
             self._numbers = (_count(prompt) if prompt is not None else None,
