@@ -12,6 +12,7 @@ fake_prompt_tokens; wire() gives the exact bytes of the Anthropic and Ollama JSO
 
 from __future__ import annotations
 
+import gzip
 import http.client
 import io
 import json
@@ -211,7 +212,16 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
         if path in ("/v1/chat/completions", "/v1/completions", "/v1/responses"):
             if request.get("stream"):
                 return self.stream(path, request, habit)
+            if habit == "llamacpp-n":
+                answer, truth = llamacpp_n_answer(request)
+                server.report(truth)
+                return self.json(200, answer)
             answer = completion(path, request.get("model", ""), request)
+            if habit == "gzip":  # sent encoded although the proxy asked for identity
+                server.report(answer["usage"]["total_tokens"])
+                return self.send(200, gzip.compress(json.dumps(answer).encode()),
+                                 [("Content-Type", "application/json"),
+                                  ("Content-Encoding", "gzip")])
             server.report(answer["usage"]["total_tokens"])
             if habit == "no-usage":
                 del answer["usage"]
@@ -458,6 +468,10 @@ for _habit, _doc in (
                      "or eval_count (Ollama)."),
         ("ollama", "Usage reported the way Ollama's OpenAI API does (see stream_events)."),
         ("llamacpp", "Usage reported the way llama.cpp does (see stream_events)."),
+        ("llamacpp-n", "n answers as llama.cpp's server gives them: a plain answer's usage counts "
+                       "the first only; a stream sends one usage chunk per answer (see "
+                       "llamacpp_n_answer, llamacpp_n_events)."),
+        ("gzip", "A plain chat answer sent gzip-encoded although identity was asked for."),
         ("anthropic-cache", "/v1/messages usage split as llama.cpp and Anthropic do with a "
                             "prompt cache: input_tokens 1 (uncached), cache_read_input_tokens "
                             "the rest, cache_creation_input_tokens 0 (see anthropic_usage)."),
@@ -517,6 +531,10 @@ def stream_of(path, model, request=None, habit=""):
     events = stream_events(path, model, request, habit)
     total = (usage_of(path, request, completion_tokens=3)["total_tokens"]
              if any(b'"usage": {' in e for e in events) else None)
+    if habit == "llamacpp-n":  # what it reports: every answer's usage chunk, added up
+        totals = [json.loads(e[6:])["usage"]["total_tokens"] for e in events
+                  if e.startswith(b"data: {") and b'"choices": [], "usage"' in e]
+        total = sum(totals) if totals else None
     return [("Content-Type", "text/event-stream")], events, total, 1
 
 
@@ -566,6 +584,8 @@ def stream_events(path, model, request=None, scenario=""):
                       **({} if scenario == "no-usage" else {"usage": usage})}})]
         return [b"event: %s\ndata: %s\n\n" % (name.encode(), json.dumps(e).encode())
                 for name, e in events]
+    if scenario == "llamacpp-n":
+        return llamacpp_n_events(request, asked)
     if path == "/v1/chat/completions":
         base = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1,
                 "model": model}
@@ -589,6 +609,52 @@ def stream_events(path, model, request=None, scenario=""):
     elif asked:
         chunks.append({**base, "choices": [], "usage": usage})
     return [b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks] + [b"data: [DONE]\n\n"]
+
+
+#: What llama.cpp's server generates for each answer of a request with n > 1 (the fake's).
+N_ANSWERS = ("proxy ok", "a longer second answer", "and a third answer, the longest of the three")
+
+
+def llamacpp_n_answer(request):
+    """A chat answer with n choices, or a completion of a prompt array, as llama.cpp's server
+    gives them: the usage counts the first choice (and the first prompt) only. Returns
+    (answer, the truth: every prompt and every choice, a token being four characters here)."""
+    prompts = request.get("prompt")
+    several = isinstance(prompts, list) and prompts and isinstance(prompts[0], str)
+    texts = N_ANSWERS[:len(prompts) if several else request.get("n", 1)]
+    prompt = fake_prompt_tokens({"prompt": prompts[0]} if several else request)
+    first = -(-len(texts[0]) // 4)
+    if several:
+        choices = [{"text": t, "index": i, "finish_reason": "stop"} for i, t in enumerate(texts)]
+    else:
+        choices = [{"index": i, "message": {"role": "assistant", "content": t},
+                    "finish_reason": "stop"} for i, t in enumerate(texts)]
+    answer = {"id": "chatcmpl-fake", "object": "text_completion" if several
+              else "chat.completion", "created": 1, "model": request.get("model", ""),
+              "choices": choices, "usage": {"prompt_tokens": prompt, "completion_tokens": first,
+                                            "total_tokens": prompt + first}}
+    return answer, fake_prompt_tokens(request) + sum(-(-len(t) // 4) for t in texts)
+
+
+def llamacpp_n_events(request, asked):
+    """A chat stream with n choices as llama.cpp's server sends it: each choice's chunks and,
+    when usage was asked for, one usage chunk after each choice's last (its prompt counted
+    again each time, no index), then one [DONE]."""
+    prompt = fake_prompt_tokens(request)
+    base = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1,
+            "model": request.get("model", "")}
+    events = []
+    for index, text in enumerate(N_ANSWERS[:request.get("n", 1)]):
+        for delta, finish in (({"role": "assistant", "content": None}, None),
+                              ({"content": text}, None), ({}, "stop")):
+            events.append({**base, "choices": [{"index": index, "delta": delta,
+                                                "finish_reason": finish}]})
+        if asked:
+            tokens = -(-len(text) // 4)
+            events.append({**base, "choices": [], "usage": {
+                "prompt_tokens": prompt, "completion_tokens": tokens,
+                "total_tokens": prompt + tokens}})
+    return [b"data: " + json.dumps(e).encode() + b"\n\n" for e in events] + [b"data: [DONE]\n\n"]
 
 
 # --------------------------------------------------------------- Anthropic's formats ----

@@ -3,10 +3,12 @@ every row, every spelling that is refused, what a request may ask for and what i
 
 from __future__ import annotations
 
+import gzip
 import json
+import os
 import subprocess
 import sys
-import os
+import unittest.mock
 
 import llm_proxy
 from llm_proxy import Config, ConfigError
@@ -205,3 +207,69 @@ class AskTests(ProxyTestCase):
         self.request("POST", "/v1/chat/completions", raw)
         self.assertEqual(self.upstream.requests[-1][3], raw)
         self.assertEqual(self.remaining(), 9)
+
+
+class UsageSettlementTests(ProxyTestCase):
+    """Usage mode settles every answer a request asked for, and never below its reservation
+    what could not be metered."""
+
+    CAPACITY = 100_000
+
+    def setUp(self):
+        super().setUp()
+        self.restart(token_cost_mode="usage", max_tokens=self.CAPACITY,
+                     response_token_reserve=50)
+
+    def charged_for(self, body, scenario="", path="/v1/chat/completions"):
+        before = self.remaining()
+        status, headers, answer = self.request("POST", path, body,
+                                               headers={"X-Fake-Scenario": scenario})
+        self.assertEqual(status, 200)
+        return before - self.remaining(), headers, answer
+
+    def test_every_answer_of_n_is_settled(self):
+        """llama.cpp reports the first answer's usage only when not streaming: the settled
+        completion is never below what the delivered text shows, across all answers."""
+        body = {**CHAT, "n": 3}
+        charged, _, answer = self.charged_for(body, "llamacpp-n")
+        self.assertEqual(json.loads(answer)["usage"]["completion_tokens"], 2)  # answer 0 only
+        self.assertEqual(charged, self.upstream.reported[-1])
+
+    def test_usage_chunks_of_every_answer_are_added_up(self):
+        """Streamed, llama.cpp sends one usage chunk per answer: they are added up, not the
+        last one kept (the proxy asked for them, so none reaches the client)."""
+        charged, _, answer = self.charged_for({**CHAT, "n": 3, "stream": True}, "llamacpp-n")
+        self.assertEqual(charged, self.upstream.reported[-1])
+        self.assertNotIn(b'"choices": [], "usage"', answer)
+
+    def test_several_prompts_are_never_settled_as_one(self):
+        """llama.cpp reports the first prompt's usage only: the prompt is never settled below
+        the estimate of them all, nor the completion below the text of every answer."""
+        body = {"model": "m", "prompt": ["a first prompt here, quite a long one indeed",
+                                         "a second one, also with some words in it",
+                                         "and a third prompt to finish the array"],
+                "max_tokens": 20}
+        charged, _, answer = self.charged_for(body, "llamacpp-n", path="/v1/completions")
+        usage = json.loads(answer)["usage"]
+        texts = [c["text"] for c in json.loads(answer)["choices"]]
+        floor = llm_proxy.prompt_estimate(body) + sum(-(-len(t) // 4) for t in texts)
+        self.assertGreater(floor, usage["total_tokens"])  # the case this is about
+        self.assertEqual(charged, floor)
+
+    def test_an_encoded_answer_keeps_its_reservation_and_reaches_the_client_untouched(self):
+        charged, headers, answer = self.charged_for(CHAT, "gzip")
+        reserved = llm_proxy.prompt_estimate(CHAT) + 50
+        self.assertEqual(charged, reserved)
+        self.assertEqual(headers["content-encoding"], "gzip")
+        self.assertEqual(json.loads(gzip.decompress(answer))["object"], "chat.completion")
+
+    def test_an_answer_too_long_to_meter_keeps_its_reservation(self):
+        with unittest.mock.patch.object(llm_proxy, "MAX_METERED_BODY", 100):
+            charged, _, answer = self.charged_for(CHAT)
+        self.assertGreater(len(answer), 100)
+        self.assertEqual(charged, llm_proxy.prompt_estimate(CHAT) + 50)
+
+    def test_a_refusal_costs_what_the_upstream_reports_else_nothing(self):
+        before = self.remaining()
+        status, _, _ = self.chat(headers={"X-Fake-Scenario": "status-400"})
+        self.assertEqual((status, self.remaining()), (400, before))
