@@ -1861,8 +1861,9 @@ class OllamaShape(OpenAIShape):
         value = _read_integer(payload, ("options", "num_predict"), -2)
         if value is None:
             return Ask(stream, default_reserve)
-        # -1 (until it stops) and -2 (fill the context) set no limit of their own
-        return Ask(stream, value if value >= 0 else default_reserve, 1,
+        # 0 and -1 (until it stops) and -2 (fill the context) set no limit of their own:
+        # Ollama's runner stops early only for a positive num_predict
+        return Ask(stream, value if value > 0 else default_reserve, 1,
                    (("options", "num_predict"),))
 
     def cap(self, payload: dict, path: str, ask: Ask) -> bool:
@@ -2092,6 +2093,33 @@ def parse_json_object(body: bytes) -> dict:
     return value
 
 
+_ASCII_DIGITS = re.compile(r"[0-9]+")  # str.isdigit() also takes "²" and other Unicode digits
+
+
+def request_framing(headers: Headers) -> int | None:
+    """How a request's body is delimited: its Content-Length, or None for chunked. Checked for
+    every request before it is routed, because a body the proxy does not read must not become
+    the next request: ambiguous or invalid framing is ProxyError(400) and closes the connection
+    (request smuggling, RFC 9112 section 6.3)."""
+    lengths = [v.strip() for v in headers.get_all("Content-Length") or []]  # type: ignore[union-attr]
+    encoding = ",".join(headers.get_all("Transfer-Encoding") or []).strip().lower()  # type: ignore[arg-type]
+    if encoding:
+        if lengths:
+            raise ProxyError(HTTPStatus.BAD_REQUEST, "Both Content-Length and "
+                             "Transfer-Encoding were sent.", close=True)
+        if encoding != "chunked":
+            raise ProxyError(HTTPStatus.BAD_REQUEST, "Unsupported Transfer-Encoding.",
+                             close=True)
+        return None
+    if len(lengths) > 1:  # duplicate or conflicting: which one the next hop uses is unknown
+        raise ProxyError(HTTPStatus.BAD_REQUEST, "Conflicting Content-Length headers.",
+                         close=True)
+    raw = lengths[0] if lengths else "0"
+    if not _ASCII_DIGITS.fullmatch(raw):
+        raise ProxyError(HTTPStatus.BAD_REQUEST, "Invalid Content-Length.", close=True)
+    return int(raw)
+
+
 def connection_tokens(headers: Headers) -> frozenset[str]:
     """The options of the Connection headers, lower case (the names of hop-by-hop headers)."""
     values = headers.get_all("Connection")
@@ -2251,8 +2279,8 @@ class Exchange:
     """
 
     __slots__ = ("method", "path", "query", "client", "started", "route", "api", "label",
-                 "bucket_key", "policy", "body", "body_read", "payload", "ask", "charge",
-                 "ending", "status", "note", "head_sent", "tail")
+                 "bucket_key", "policy", "length", "expects_continue", "body", "body_read",
+                 "payload", "ask", "charge", "ending", "status", "note", "head_sent", "tail")
 
     def __init__(self, method: str, target: str, client: str) -> None:
         self.method = method
@@ -2265,6 +2293,8 @@ class Exchange:
         self.label = "-"                    # the key's name or short hash, for logs and metrics
         self.bucket_key = ""
         self.policy: KeyPolicy | None = None
+        self.length: int | None = 0         # the body's Content-Length (None: chunked)
+        self.expects_continue = False       # the client waits for 100 Continue to send it
         self.body = b""
         self.body_read = False              # a body left unread closes the connection
         self.payload: dict | None = None    # the JSON body of a charged request
@@ -3664,11 +3694,11 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.send_error(HTTPStatus.BAD_REQUEST)
             return False
         version = words[2]
-        major, dot, minor = version[5:].partition(".")
-        if not version.startswith("HTTP/") or not dot or not (major + minor).isdigit() \
-                or len(major + minor) > 4:
+        numbers = _HTTP_VERSION.fullmatch(version)
+        if numbers is None:
             self.send_error(HTTPStatus.BAD_REQUEST)
             return False
+        major, minor = numbers.groups()
         if int(major) != 1:
             self.send_error(HTTPStatus.HTTP_VERSION_NOT_SUPPORTED)
             return False
@@ -3684,10 +3714,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
         tokens = connection_tokens(self.headers)  # type: ignore[arg-type]
         self.close_connection = "close" in tokens or (
             int(minor) < 1 and "keep-alive" not in tokens)
-        expect = self.headers.get("Expect")
-        if expect is not None and expect.lower() == "100-continue" and int(minor) >= 1:
-            return self.handle_expect_100()
-        return True
+        if int(minor) >= 1 and len(self.headers.get_all("Host") or ()) != 1:  # type: ignore[arg-type]
+            self.send_error(HTTPStatus.BAD_REQUEST)  # RFC 9112 section 3.2: exactly one Host
+            return False
+        return True  # (Expect: 100-continue is answered once the key and size are checked)
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """http.server's own errors (malformed request line, headers too long, unsupported
@@ -3719,6 +3749,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
         failure: ProxyError | None = None
         try:
             try:
+                ex.length = request_framing(self.headers)  # type: ignore[arg-type]
+                expect = self.headers.get("Expect")
+                ex.expects_continue = (expect is not None and expect.lower() == "100-continue"
+                                       and self.request_version == "HTTP/1.1")
                 self._dispatch(ex)
             except ProxyError as err:
                 failure = err
@@ -3858,32 +3892,25 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def _read_body(self, ex: Exchange) -> bytes:
         """The whole request body, within MAX_BODY_BYTES (decided from Content-Length before
-        reading). Ambiguous framing is refused and the connection closed (request smuggling)."""
+        reading), its framing checked before the request was routed (request_framing). A
+        client that waits for 100 Continue is told to go on only now, its key and size
+        accepted: one told 401 or 413 never sends the body."""
         config, deadlines = self.server.config, self.server.deadlines
-        limit = config.max_body_bytes
-        lengths = {v.strip() for v in self.headers.get_all("Content-Length") or []}
-        encoding = ",".join(self.headers.get_all("Transfer-Encoding") or []).strip().lower()
-        if encoding:
-            if lengths:
-                raise ProxyError(HTTPStatus.BAD_REQUEST, "Both Content-Length and "
-                                 "Transfer-Encoding were sent.", close=True)
-            if encoding != "chunked":
-                raise ProxyError(HTTPStatus.BAD_REQUEST, "Unsupported Transfer-Encoding.",
-                                 close=True)
+        limit, length = config.max_body_bytes, ex.length
+        if length is not None and length > limit:
+            raise ProxyError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                             f"Request body is {length} bytes; the limit is {limit}.",
+                             code="request_too_large", close=True)
+        if ex.expects_continue and length != 0:
+            ex.expects_continue = False
+            try:
+                self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            except OSError:
+                raise ClientGone() from None
+        if length is None:
             deadlines.set(self, config.client_body_timeout)
             body = self._read_chunked(limit)
         else:
-            if len(lengths) > 1:
-                raise ProxyError(HTTPStatus.BAD_REQUEST, "Conflicting Content-Length headers.",
-                                 close=True)
-            raw = lengths.pop() if lengths else "0"
-            if not raw.isdigit():
-                raise ProxyError(HTTPStatus.BAD_REQUEST, "Invalid Content-Length.", close=True)
-            length = int(raw)
-            if length > limit:
-                raise ProxyError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                                 f"Request body is {length} bytes; the limit is {limit}.",
-                                 code="request_too_large", close=True)
             if length:
                 deadlines.set(self, config.client_body_timeout)
             body = self._read_exactly(length)
@@ -3978,6 +4005,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
 
 HANDLED_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+_HTTP_VERSION = re.compile(r"HTTP/([0-9]{1,2})\.([0-9]{1,2})")  # ASCII digits only
 _CORS_LINES = "\r\n".join(f"{name}: {value}" for name, value in CORS_HEADERS)
 
 

@@ -246,16 +246,16 @@ class ErrorTests(ProxyTestCase):
                 self.assertIn(b'"error"', body)
         for length in (b"-5", b"abc", b"1, 2"):
             with self.subTest(length=length):
-                answer = self.raw(b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: " +
+                answer = self.raw(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: " +
                                   length + b"\r\n\r\n{}")
                 self.assertEqual(int(answer.split(b" ")[1]), 400)
-        answer = self.raw(b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 2\r\n"
+        answer = self.raw(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
                           b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
         self.assertEqual(int(answer.split(b" ")[1]), 400)
         for header in (b"X-Split: a\rInjected: b", b"Bad Name: x", b" folded", b"NoColon",
                        b"X-Nul: a\x00b"):
             with self.subTest(header=header):
-                answer = self.raw(b"GET /v1/models HTTP/1.1\r\n" + header + b"\r\n\r\n")
+                answer = self.raw(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n" + header + b"\r\n\r\n")
                 self.assertEqual(int(answer.split(b" ")[1]), 400)
         self.assertEqual(self.upstream.requests, [])
         self.assertEqual(self.chat()[0], 200)

@@ -65,7 +65,7 @@ class HardeningTests(ProxyTestCase):
         stop = threading.Event()
 
         def trickle():  # a byte every 0.2 s: each read succeeds, the whole never arrives
-            for byte in b"GET /v1/models HTTP/1.1\r\nX-Slow: " + b"a" * 200:
+            for byte in b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 200:
                 if stop.wait(0.2):
                     return
                 try:
@@ -84,7 +84,7 @@ class HardeningTests(ProxyTestCase):
     def test_slow_body_gets_408_and_no_charge(self):
         self.restart(client_body_timeout=1)
         sock = self.connect()
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nAuthorization: Bearer "
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
                      + CLIENT_KEY.encode() + b"\r\nContent-Length: 100\r\n\r\n{\"model\"")
         answer = self.read_all(sock)
         self.assertIn(b" 408 ", answer.split(b"\r\n")[0])
@@ -95,22 +95,22 @@ class HardeningTests(ProxyTestCase):
     def test_idle_keep_alive_connections_are_closed(self):
         self.restart(keepalive_timeout=1)
         sock = self.connect()
-        sock.sendall(b"GET /health HTTP/1.1\r\n\r\n")
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
         first = sock.recv(65536)
         self.assertIn(b" 200 ", first)
         self.assertEqual(self.read_all(sock), b"")
 
     def test_size_limits(self):
         self.restart(max_header_bytes=4096)
-        answer = self.raw(b"GET /v1/" + b"a" * 5000 + b" HTTP/1.1\r\n\r\n")
+        answer = self.raw(b"GET /v1/" + b"a" * 5000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
         self.assertIn(b" 414 ", answer.split(b"\r\n")[0])
-        answer = self.raw(b"GET /v1/models HTTP/1.1\r\n" + b"X-Big: " + b"b" * 5000 + b"\r\n\r\n")
+        answer = self.raw(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n" + b"X-Big: " + b"b" * 5000 + b"\r\n\r\n")
         self.assertIn(b" 431 ", answer.split(b"\r\n")[0])
         sock = self.connect()
 
         def flood():  # a 10 MB header: the proxy stops reading long before the end
             try:
-                sock.sendall(b"GET /v1/models HTTP/1.1\r\nX-Huge: " + b"h" * 10_000_000)
+                sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Huge: " + b"h" * 10_000_000)
             except OSError:
                 pass
         thread = threading.Thread(target=flood)
@@ -124,10 +124,10 @@ class HardeningTests(ProxyTestCase):
         self.restart(max_connections=2)
         idle = [self.connect(), self.connect()]
         for sock in idle:  # make sure both are accepted and held by a handler
-            sock.sendall(b"GET /health HTTP/1.1\r\n\r\n")
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
             self.assertIn(b" 200 ", sock.recv(65536))
         sock = self.connect()
-        sock.sendall(b"GET /health HTTP/1.1\r\n\r\n")
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
         answer = self.read_all(sock)
         self.assertIn(b" 503 ", answer.split(b"\r\n")[0])
         self.assertEqual(json.loads(answer.partition(b"\r\n\r\n")[2])["error"]["code"],
@@ -148,12 +148,58 @@ class HardeningTests(ProxyTestCase):
     def test_expect_100_continue_is_answered_not_forwarded(self):
         sock = self.connect()
         body = json.dumps({"model": "m", "messages": []}).encode()
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nExpect: 100-continue\r\n"
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
                      b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body))
         self.assertTrue(sock.recv(65536).startswith(b"HTTP/1.1 100 Continue"))
         sock.sendall(body)
         self.assertIn(b" 200 ", self.read_all(sock).split(b"\r\n")[0])
         self.assertNotIn("expect", {k.lower() for k in self.upstream.requests[0][2]})
+
+    def test_100_continue_only_once_the_key_and_size_are_accepted(self):
+        """A client told 401 or 413 never sends its body: that is what Expect is for."""
+        self.restart(proxy_api_keys=("sk-good",), max_body_bytes=1000)
+        for key, length, status in ((b"sk-bad", 10, b" 401 "), (b"sk-good", 5000, b" 413 ")):
+            with self.subTest(status=status):
+                sock = self.connect()
+                sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nExpect: "
+                             b"100-continue\r\nAuthorization: Bearer " + key +
+                             b"\r\nContent-Length: %d\r\n\r\n" % length)
+                answer = self.read_all(sock)
+                self.assertIn(status, answer.split(b"\r\n")[0])
+                self.assertNotIn(b"100 Continue", answer)
+        self.assertEqual(self.upstream.requests, [])
+
+    def test_framing_is_checked_on_every_route(self):
+        """Two Content-Lengths on a route that reads no body made that body a second request:
+        the smuggled GET /v1/models reached the upstream. Now it is refused, wherever it goes."""
+        smuggled = b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n"
+        for line in (b"GET /health", b"GET /metrics", b"GET /nope", b"OPTIONS /v1/models",
+                     b"POST /v1/chat/completions"):
+            with self.subTest(line=line):
+                answer = self.raw(line + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n"
+                                  b"Content-Length: %d\r\n\r\n%s" % (len(smuggled), smuggled))
+                self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), answer[:40])
+                self.assertEqual(answer.count(b"HTTP/1.1 "), 1)  # and the connection closed
+        self.assertEqual(self.upstream.requests, [])
+
+    def test_only_ascii_digits_in_numbers(self):
+        for request in ("POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                        "Content-Length: \u00b2\r\n\r\nab",
+                        "GET /health HTTP/1.\u00b9\r\nHost: x\r\n\r\n",
+                        "GET /health HTTP/\u0661.1\r\nHost: x\r\n\r\n"):
+            with self.subTest(request=request):
+                answer = self.raw(request.encode("utf-8"))
+                self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), answer[:40])
+        self.assertNotIn("error:", self.log.getvalue())
+
+    def test_http_1_1_needs_exactly_one_host(self):
+        for headers, status in ((b"", b" 400 "), (b"Host: a\r\nHost: b\r\n", b" 400 "),
+                                (b"Host: a\r\n", b" 200 ")):
+            with self.subTest(headers=headers):
+                answer = self.raw(b"GET /health HTTP/1.1\r\n" + headers +
+                                  b"Connection: close\r\n\r\n")
+                self.assertIn(status, answer.split(b"\r\n")[0])
+        self.assertIn(b" 200 ", self.raw(b"GET /health HTTP/1.0\r\n\r\n").split(b"\r\n")[0])
 
     def test_invalid_upstream_json_is_passed_through(self):
         status, _, body = self.chat(headers={"X-Fake-Scenario": "garbage"})
@@ -168,16 +214,16 @@ class HardeningTests(ProxyTestCase):
         port = self.proxy.server_address[1]
         deep = b"[" * 200_000 + b"]" * 200_000
         cases = [
-            (b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 50\r\n\r\n", None),
-            (b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 50\r\n\r\n{\"mo", None),
+            (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 50\r\n\r\n", None),
+            (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 50\r\n\r\n{\"mo", None),
             (b"\x00\xff garbage \x16\x03\r\n\r\n", 400),
-            (b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: -1\r\n\r\n", 400),
-            (b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: ten\r\n\r\n", 400),
+            (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n", 400),
+            (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: ten\r\n\r\n", 400),
             (b"GET /v1/models\r\n", 400),
-            (b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 4\r\n\r\n\xff\xfe\xfd{", 400),
-            (b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s"
+            (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\n\xff\xfe\xfd{", 400),
+            (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
              % (len(deep), deep), 400),
-            (b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 104857600\r\n\r\n"
+            (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 104857600\r\n\r\n"
              b'{"messages": "' + b"x" * 65536, 413),
         ]
         for data, expected in cases:
@@ -293,7 +339,7 @@ class FairQueueTests(ProxyTestCase):
         sock = socket.create_connection(("127.0.0.1", self.proxy.server_address[1]),
                                         timeout=WAIT)
         body = json.dumps({"model": "left", "messages": []}).encode()
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nAuthorization: Bearer key-b\r\n"
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer key-b\r\n"
                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
         self.assertTrue(wait_until(lambda: self.waiting() == 1))
         sock.close()

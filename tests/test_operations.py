@@ -100,7 +100,7 @@ class SecretTests(ProxyTestCase):
                                r'cost=1 remaining=9 \d+\.\dms$')
 
     def test_control_characters_are_escaped_in_the_log(self):
-        self.raw(b"GET /v1/\x1b[31mred HTTP/1.1\r\nConnection: close\r\n\r\n")
+        self.raw(b"GET /v1/\x1b[31mred HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         self.assertTrue(self.log.wait_for(lambda text: "400" in text))
         self.assertNotIn("\x1b", self.log.getvalue())
         self.assertIn("\\x1b", self.log.getvalue())
