@@ -131,6 +131,7 @@ NOT_FORWARDED_UP = HOP_BY_HOP | {
     # llama.cpp keeps a stream running past its client's hang-up and lets others read it
     # (/v1/stream) when a request names a conversation: generation must stop with its client
     "x-conversation-id",
+    "via",  # the proxy's own is appended (RFC 9110 section 7.6.3)
 }
 RATE_LIMIT_HEADERS = (
     "X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset",
@@ -2137,10 +2138,12 @@ def header_safe(value: str) -> str:
 
 
 def loggable(text: str) -> str:
-    """Escape control and non-ASCII characters before anything reaches the log."""
-    if text.isascii() and text.isprintable():
+    """Escape control and non-ASCII characters, quotes and backslashes before anything reaches
+    the log (as nginx does: a quote in a path must not end the field and forge a line)."""
+    if text.isascii() and text.isprintable() and '"' not in text and "\\" not in text:
         return text
-    return "".join(ch if " " <= ch < "\x7f" else f"\\x{ord(ch):02x}" for ch in text)
+    return "".join(ch if " " <= ch < "\x7f" and ch not in '"\\' else f"\\x{ord(ch):02x}"
+                   for ch in text)
 
 
 # ########################################################################## routes ####
@@ -2409,7 +2412,7 @@ BROKEN = "broken off"        # the answer stopped before its end: charged
 ANSWERED = "answered"        # relayed whole: charged (usage mode: what the upstream reports)
 REFUNDED_ENDINGS = frozenset({NOT_SENT, FAILED})
 #: Upstream statuses that say the model never ran (a gateway's or an overloaded server's).
-NOT_RUN_STATUSES = frozenset({502, 503, 504, 529})
+NOT_RUN_STATUSES = frozenset({502, 503, 504, 508, 529})
 
 
 def upstream_ending(status: int) -> str | None:
@@ -3009,7 +3012,7 @@ class _BytesReader(io.BytesIO):
 
 
 def upstream_head(method: str, target: str, headers: Headers, peer: str, pool: "UpstreamPool",
-                  body: bytes, api: OpenAIShape = OPENAI) -> str:
+                  body: bytes, api: OpenAIShape = OPENAI, via: str = "") -> str:
     """The upstream request's line and headers (without the empty line that ends them): the
     client's end-to-end headers (repeats joined), with Host, the upstream key, X-Forwarded-For
     and Content-Length set here. The upstream key goes as a bearer token, and for the
@@ -3027,6 +3030,9 @@ def upstream_head(method: str, target: str, headers: Headers, peer: str, pool: "
              "Accept-Encoding: identity", *[f"{n}: {v}" for n, v in forwarded.items()]]
     previous = ", ".join(headers.get_all("X-Forwarded-For", ()))  # type: ignore[arg-type]
     lines.append(f"X-Forwarded-For: {previous}, {peer}" if previous else f"X-Forwarded-For: {peer}")
+    if via:
+        hops = ", ".join(headers.get_all("Via", ()))  # type: ignore[arg-type]
+        lines.append(f"Via: {hops}, 1.1 {via}" if hops else f"Via: 1.1 {via}")
     if pool.authorization_line:
         lines.append(pool.authorization_line)
         if api is ANTHROPIC:
@@ -4143,7 +4149,7 @@ class AccessLog:
                 "duration_ms": duration_ms, **({"note": ex.note} if ex.note else {})}))
             return
         self._write(
-            f"{self._timestamp()} {client} key={ex.label} \"{method} {path}\" {ex.status} "
+            f"{self._timestamp()} {client} key={loggable(ex.label)} \"{method} {path}\" {ex.status} "
             f"cost={'-' if cost is None else cost} "
             f"remaining={'-' if remaining is None else remaining} {duration_ms:.1f}ms"
             + (f" ({ex.note})" if ex.note else ""))
