@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -163,7 +164,7 @@ MAX_HEADER_LINES = 200
 POOL_MAX_IDLE = 128
 LISTEN_BACKLOG = 1024
 DEADLINE_CHECK_SECONDS = 0.25       # how often slow clients are looked for
-SHUTDOWN_GRACE_SECONDS = 30.0
+SHUTDOWN_CUT_SECONDS = 5.0          # after the drain, for cut answers to end
 SWEEP_EVERY_SECONDS = 60.0
 MAX_TRACKED_KEYS = 65536            # per-key usage counters kept (least recently used dropped)
 MAX_METERED_BODY = 16 * 1024 * 1024  # a longer non-stream body is settled by estimate
@@ -410,6 +411,11 @@ SETTINGS: tuple[Setting, ...] = (
             "seconds a client has to send its request body"),
     Setting("KEEPALIVE_TIMEOUT", "75", _seconds,
             "seconds an idle kept-alive client connection stays open"),
+    Setting("SEND_TIMEOUT", "60", _seconds,
+            "seconds a client may take to accept one write of an answer (however it trickles)"),
+    Setting("DRAIN_TIMEOUT", "30", _seconds,
+            "seconds requests in flight may take to finish after SIGTERM; streams still running "
+            "then are ended with an error event"),
     Setting("MAX_HEADER_BYTES", str(32 * 1024), _integer(1024),
             "longest request line (else 414) and largest header block (else 431)"),
     Setting("MAX_CONNECTIONS", "1024", _integer(),
@@ -2909,11 +2915,15 @@ class FairGate:
         self._served: dict[str, int] = {}  # the turn at which each key last got a slot
         self._turn = 0
         self._seq = 0
+        self._closed = False
 
     def enter(self, key: str, timeout: float, gone: Callable[[], bool]) -> str:
         """"ok" once the request may go upstream; "gone" if the client went away while it
-        waited, "timeout" after `timeout` seconds. Only "ok" must be followed by leave()."""
+        waited, "timeout" after `timeout` seconds, "closed" when the proxy is stopping. Only
+        "ok" must be followed by leave()."""
         with self._lock:
+            if self._closed:
+                return "closed"
             if self._busy < self.limit and not self._waiting:
                 self._grant(key)
                 return "ok"
@@ -2925,7 +2935,8 @@ class FairGate:
             remaining = deadline - time.monotonic()
             if waiter.granted.wait(max(0.0, min(0.1, remaining))):
                 return "ok"
-            outcome = "gone" if gone() else "timeout" if remaining <= 0.1 else ""
+            outcome = "closed" if self._closed else "gone" if gone() else \
+                "timeout" if remaining <= 0.1 else ""
             if outcome:
                 with self._lock:
                     if waiter.granted.is_set():  # granted meanwhile: hand the slot on
@@ -2941,6 +2952,10 @@ class FairGate:
     def leave(self, key: str) -> None:
         with self._lock:
             self._release(key)
+
+    def close(self) -> None:
+        """Turn every waiting request away ("closed"), now and from now on."""
+        self._closed = True
 
     def waiting(self) -> int:
         """How many requests wait for a slot now."""
@@ -3050,6 +3065,9 @@ class Answer:
     resp: _UpstreamResponse
     sent: float                 # when the request went out (time.perf_counter)
     without_stream_options: bool = False  # sent again without the stream_options the proxy added
+    cut: bool = False           # cut short by the proxy's shutdown
+
+    __hash__ = object.__hash__  # (one answer is one answer, whatever its fields say)
 
 
 _UPSTREAM_ERROR_KINDS = {"upstream_timeout": "timeout", "upstream_unreachable": "refused"}
@@ -3081,6 +3099,9 @@ class Forwarder:
         self.gate = gate
         self.metrics = metrics
         self.queue_timeout = config.upstream_queue_timeout
+        self._lock = threading.Lock()
+        self._active: set[Answer] = set()  # answers being relayed (cut() ends them)
+        self._stopping = False
 
     def target(self, route: Route, path: str, query: str) -> tuple["UpstreamPool", str]:
         """The pool and the request target of a forwarded request."""
@@ -3090,6 +3111,23 @@ class Forwarder:
     def close(self) -> None:
         for pool in self.pools.values():
             pool.close()
+
+    def cut(self) -> int:
+        """The proxy is stopping: end every answer being relayed (its upstream connection is
+        shut, so its relay ends as if the upstream broke off, with the API's last error event)
+        and turn every queued request away. How many answers were cut."""
+        with self._lock:
+            self._stopping = True
+            active = list(self._active)
+        if self.gate is not None:
+            self.gate.close()
+        for answer in active:
+            answer.cut = True
+            try:
+                answer.conn.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # already closed
+        return len(active)
 
     def turn(self, ex: Exchange, gone: Callable[[], bool]) -> typing.ContextManager[None]:
         """Hold a slot to the upstream for the body of a `with`. A request that leaves the
@@ -3103,6 +3141,10 @@ class Forwarder:
         outcome = self.gate.enter(ex.bucket_key, self.queue_timeout, gone)
         if outcome == "gone":
             raise ClientGone()
+        if outcome == "closed":
+            raise ProxyError(HTTPStatus.SERVICE_UNAVAILABLE, "The proxy is shutting down. "
+                             "Please try again shortly.", type="server_error",
+                             code="shutting_down", headers=[("Retry-After", "1")])
         if outcome != "ok":
             raise ProxyError(HTTPStatus.SERVICE_UNAVAILABLE, "The model server is busy; this "
                              f"request waited {_number(self.queue_timeout)} s for its turn. "
@@ -3138,6 +3180,11 @@ class Forwarder:
             ex.ending = LEFT
             raise
         self.metrics.observe("llm_proxy_upstream_ttfb_seconds", time.perf_counter() - started)
+        with self._lock:
+            self._active.add(answer)
+            if self._stopping:  # (cut() ran while this one was being sent)
+                answer.cut = True
+                answer.conn.sock.shutdown(socket.SHUT_RDWR)
         ex.ending = upstream_ending(resp.status) or ex.ending
         if resp.status >= 500:
             self.metrics.inc("llm_proxy_upstream_errors_total", (("kind", "5xx"),))
@@ -3146,7 +3193,9 @@ class Forwarder:
     def finish(self, answer: Answer, whole: bool) -> None:
         """Done with the answer: a connection whose answer was read whole (by its own framing)
         goes back to its pool, any other is closed."""
-        self._done(answer.pool, answer.conn, answer.resp, whole)
+        with self._lock:
+            self._active.discard(answer)
+        self._done(answer.pool, answer.conn, answer.resp, whole and not answer.cut)
         self.metrics.observe("llm_proxy_upstream_latency_seconds",
                              time.perf_counter() - answer.sent)
 
@@ -3416,7 +3465,8 @@ def relay_answer(ex: Exchange, answer: Answer, client: ClientSide, read_timeout:
     client.close_connection = True
     timed_out = end.how == UPSTREAM_SILENT
     metrics.inc("llm_proxy_upstream_errors_total", (("kind", "timeout" if timed_out else "broken"),))
-    message = ("The upstream server stopped sending the response." if timed_out else
+    message = ("The proxy is shutting down; the response was cut short." if answer.cut else
+               "The upstream server stopped sending the response." if timed_out else
                "The upstream server broke off the response.")
     if not end.sent:  # nothing went out yet: a plain error is still possible
         _ended(ex, NO_ANSWER)
@@ -3424,7 +3474,8 @@ def relay_answer(ex: Exchange, answer: Answer, client: ClientSide, read_timeout:
                          message, type="server_error",
                          code="upstream_timeout" if timed_out else "upstream_error")
     _ended(ex, BROKEN)
-    ex.note = f"upstream broke off: {end.detail}"
+    ex.note = "cut short: the proxy is stopping" if answer.cut else \
+        f"upstream broke off: {end.detail}"
     if framing.kind == CHUNKED and stream:
         try:
             client.write(ex, frame_chunk(ex.api.broken_stream_event(message)) + LAST_CHUNK)
@@ -3646,6 +3697,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.rfile.close()  # socketserver's; the socket stays open
         self.rfile = io.BufferedReader(SocketReader(self.connection), CLIENT_READ_BUFFER)
         set_io_timeout(self.connection, self.server.config.keepalive_timeout)
+        # a new connection has CLIENT_HEADER_TIMEOUT, not KEEPALIVE_TIMEOUT, to start its request
+        self.server.deadlines.set(self, self.server.config.client_header_timeout)
 
     def handle_one_request(self) -> None:
         """One request on this connection, within the client timeouts.
@@ -3655,11 +3708,14 @@ class ProxyHandler(BaseHTTPRequestHandler):
         CLIENT_HEADER_TIMEOUT, however slowly they trickle in (slowloris): the server's deadline
         thread cuts the connection's reading side when the time is up.
         """
-        config, deadlines = self.server.config, self.server.deadlines
+        server = self.server
+        config, deadlines, cap = server.config, server.deadlines, server.cap
         try:
+            cap.mark(self.connection, IDLE)
             if not self.rfile.peek(1):
                 self.close_connection = True  # the client closed its idle connection
                 return
+            cap.mark(self.connection, READING)
             deadlines.set(self, config.client_header_timeout)
             self.raw_requestline = self.rfile.readline(config.max_header_bytes + 1)
             if len(self.raw_requestline) > config.max_header_bytes:
@@ -3672,10 +3728,13 @@ class ProxyHandler(BaseHTTPRequestHandler):
             if not self.parse_request():
                 return
             deadlines.set(self, None)
+            cap.mark(self.connection, BUSY)
             if self.command not in HANDLED_METHODS:
                 self.send_error(HTTPStatus.NOT_IMPLEMENTED)
                 return
             self._serve()
+            if server.draining:
+                self.close_connection = True
         except (TimeoutError, socket.timeout, ConnectionError):
             self.close_connection = True
         finally:
@@ -3827,6 +3886,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
         admitted, then the upstream and the relay."""
         server, config, route = self.server, self.server.config, ex.route
         assert route is not None
+        if any(server.via in hop for hop in self.headers.get_all("Via") or ()):  # type: ignore[union-attr]
+            raise ProxyError(HTTPStatus.LOOP_DETECTED, "This request came back to the proxy it "
+                             "was sent from: BASE_API_URL points at the proxy itself.",
+                             type="server_error", code="loop_detected")
         if route.kind == MANAGE:  # the administrator's: forwarded free, after the check
             check_manager(server, ex, self.headers)  # type: ignore[arg-type]
             ex.body, ex.label = self._read_body(ex), "admin"
@@ -3874,7 +3937,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
         def head(data: bytes) -> str:
             return upstream_head(ex.method, target, self.headers, peer, pool,  # type: ignore[arg-type]
-                                 data, ex.api)
+                                 data, ex.api, self.server.via)
 
         with forwarder.turn(ex, lambda: peer_closed(self.connection)):
             answer = forwarder.send(ex, pool, head, body, fallback, self.connection)
@@ -3913,14 +3976,12 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             except OSError:
                 raise ClientGone() from None
-        if length is None:
+        if length != 0:
+            self.server.cap.mark(self.connection, READING)
             deadlines.set(self, config.client_body_timeout)
-            body = self._read_chunked(limit)
-        else:
-            if length:
-                deadlines.set(self, config.client_body_timeout)
-            body = self._read_exactly(length)
+        body = self._read_chunked(limit) if length is None else self._read_exactly(length)
         deadlines.set(self, None)
+        self.server.cap.mark(self.connection, BUSY)
         ex.body_read = True
         return body
 
@@ -4002,11 +4063,27 @@ class ProxyHandler(BaseHTTPRequestHandler):
         return "\r\n".join(lines).encode("latin-1", "replace")
 
     def write(self, ex: Exchange, data: bytes) -> None:
-        """Write to the client; ClientGone if it has gone away."""
+        """Write to the client; ClientGone if it has gone away. A write the socket takes at
+        once costs one call; one that has to wait must finish within SEND_TIMEOUT as a whole,
+        however the client trickles its reading (a slow reader cannot hold a thread longer)."""
+        sock = self.connection
         try:
-            self.wfile.write(data)
+            sent = sock.send(data, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
         except OSError:
             raise ClientGone() from None
+        if sent < len(data):
+            server = self.server
+            server.cap.mark(sock, WRITING)
+            server.deadlines.set(self, server.config.send_timeout, writing=True)
+            try:
+                sock.sendall(memoryview(data)[sent:])
+            except OSError:
+                raise ClientGone() from None
+            finally:
+                server.deadlines.set(self, None)
+                server.cap.mark(sock, BUSY)
         ex.head_sent = True
 
 
@@ -4170,92 +4247,147 @@ class AccessLog:
         return self._stamp
 
 
+#: What a client connection is doing (ConnectionCap.mark).
+IDLE, READING, BUSY, WRITING = "idle", "reading", "busy", "writing"
+#: A connection reading its request or waiting on a write this long is stalled: a normal client
+#: sends its request head at once and reads what it asked for.
+STALLED_SECONDS = 1.0
+
+
 class ConnectionCap:
-    """At most MAX_CONNECTIONS client connections at once. Past the cap a connection is handed
-    to one refusing thread, which answers 503 and closes it, so a flood cannot pile up threads.
-    Methods for the caller: enter(), leave(), refuse(), close(); `count`."""
+    """At most MAX_CONNECTIONS client connections at once, and what each is doing.
 
-    def __init__(self, limit: int, shutdown: Callable[[socket.socket], None]) -> None:
+    Each connection is `idle` (waiting for a request: new, or kept alive between requests),
+    `reading` its request, `busy` (being served) or `writing` to a client that does not take
+    the answer at once, since when (mark(), called by the connection's own thread: a record
+    is written by that thread only, and read here to choose whom to close). A connection that
+    arrives at the cap makes room, as nginx does: the oldest idle connection is closed, else
+    the one stalled longest (reading or writing for STALLED_SECONDS or more), so a flood of
+    silent or slow connections cannot keep a real client out. Only when none is idle or
+    stalled is the newcomer refused, with a 503 written at once without waiting on it.
+    Methods for the caller: admit(), leave(), mark(), refuse(); `count`.
+    """
+
+    def __init__(self, limit: int, clock: Callable[[], float] = time.monotonic) -> None:
         self.limit = limit
-        self._shutdown = shutdown
+        self._clock = clock
         self._lock = threading.Lock()
-        self.count = 0
-        self._refused: list[socket.socket] = []
-        self._ready = threading.Condition()
-        self._closing = False
-        threading.Thread(target=self._refuse_loop, name="llm_proxy-refuse", daemon=True).start()
+        self._records: dict[socket.socket, list] = {}  # socket -> [state, since]
+        self._closing: set[socket.socket] = set()       # closed to make room, not yet gone
+        self._refused: collections.deque[tuple[float, socket.socket]] = collections.deque()
 
-    def enter(self) -> bool:
+    @property
+    def count(self) -> int:
+        return len(self._records)
+
+    def admit(self, sock: socket.socket) -> bool:
+        """Take a new connection, making room if the cap is reached; False: refuse it."""
         with self._lock:
-            if self.count >= self.limit:
-                return False
-            self.count += 1
+            if len(self._records) - len(self._closing) >= self.limit:
+                victim = self._victim()
+                if victim is None:
+                    return False
+                self._closing.add(victim)
+                try:
+                    victim.shutdown(socket.SHUT_RDWR)  # its thread wakes up and ends
+                except OSError:
+                    pass  # already going
+            self._records[sock] = [IDLE, self._clock()]
             return True
 
-    def leave(self) -> None:
-        with self._lock:
-            self.count -= 1
+    def _victim(self) -> socket.socket | None:
+        """The oldest idle connection, else the one stalled longest."""
+        now = self._clock()
+        idle = stalled = None
+        for sock, (state, since) in self._records.items():
+            if sock in self._closing:
+                continue
+            if state == IDLE:
+                if idle is None or since < idle[1]:
+                    idle = (sock, since)
+            elif state in (READING, WRITING) and now - since >= STALLED_SECONDS:
+                if stalled is None or since < stalled[1]:
+                    stalled = (sock, since)
+        chosen = idle or stalled
+        return chosen[0] if chosen is not None else None
 
-    def refuse(self, sock: socket.socket) -> None:
-        with self._ready:
-            if len(self._refused) < LISTEN_BACKLOG:
-                self._refused.append(sock)
-                self._ready.notify()
-                return
-        self._shutdown(sock)
+    def mark(self, sock: socket.socket, state: str) -> None:
+        record = self._records.get(sock)
+        if record is not None:
+            record[0], record[1] = state, self._clock()
+
+    def leave(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._records.pop(sock, None)
+            self._closing.discard(sock)
+
+    def refuse(self, sock: socket.socket, answer: bytes) -> None:
+        """Answer `answer` and end the connection, without waiting on the client: the answer
+        is written if the socket takes it, and the socket is half-closed. It is closed for good
+        a moment later (by a later refusal, or close()): closing a socket whose request is still
+        arriving would send a reset, which makes the client drop the answer unread."""
+        try:
+            sock.setblocking(False)
+            sock.send(answer)
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # the client is gone or its buffer is full: it is closed either way
+        now = self._clock()
+        with self._lock:
+            self._refused.append((now, sock))
+            done = []
+            while self._refused and (now - self._refused[0][0] >= STALLED_SECONDS
+                                     or len(self._refused) > LISTEN_BACKLOG):
+                done.append(self._refused.popleft()[1])
+        for old in done:
+            old.close()
 
     def close(self) -> None:
-        with self._ready:
-            self._closing = True
-            self._ready.notify_all()
+        with self._lock:
+            refused, self._refused = list(self._refused), collections.deque()
+        for _, sock in refused:
+            sock.close()
 
-    def _refuse_loop(self) -> None:
-        """Answer connections over the cap, one at a time: read what the client sent
-        (briefly), answer, close."""
-        body = error_body("Too many connections to the proxy. Please try again shortly.",
-                          "server_error", "too_many_connections")
-        answer = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                  b"Retry-After: 1\r\nConnection: close\r\nAccess-Control-Allow-Origin: *\r\n"
-                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-        while True:
-            with self._ready:
-                while not self._refused and not self._closing:
-                    self._ready.wait(1.0)
-                if not self._refused:
-                    return
-                sock = self._refused.pop(0)
-            try:
-                sock.settimeout(0.5)
-                sock.recv(65536)
-                sock.sendall(answer)
-            except OSError:
-                pass  # the client is gone or too slow: it is closed either way
-            self._shutdown(sock)
+
+def canned_503(message: str, code: str) -> bytes:
+    body = error_body(message, "server_error", code)
+    return (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+            b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+            % (len(body), body))
+
+
+TOO_MANY_CONNECTIONS = canned_503("Too many connections to the proxy. Please try again shortly.",
+                                  "too_many_connections")
+SHUTTING_DOWN = canned_503("The proxy is shutting down. Please try again shortly.",
+                           "shutting_down")
 
 
 class ClientDeadlines:
-    """Time limits on reading from clients that a read timeout cannot enforce: a client that
-    trickles a byte now and then succeeds at every read. set() gives a handler until a deadline;
-    a thread checks every DEADLINE_CHECK_SECONDS and cuts the reading side of a connection whose
-    deadline has passed, so its blocked read returns at once (passed() then says why)."""
+    """Time limits on clients that a socket timeout cannot enforce: a client that trickles a
+    byte now and then succeeds at every read, and one that takes a byte now and then at every
+    write. set() gives a handler until a deadline to finish reading (or, writing=True, the
+    write it is blocked in); a thread checks every DEADLINE_CHECK_SECONDS and cuts the
+    connection of a handler whose deadline has passed (its reading side, or both sides for a
+    write), so its blocked call returns at once (passed() then says why)."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._lock = threading.Lock()
-        self._deadlines: dict[ProxyHandler, float] = {}
+        self._deadlines: dict[ProxyHandler, tuple[float, int]] = {}
         self._expired: set[ProxyHandler] = set()
         self._closing = threading.Event()
         threading.Thread(target=self._enforce, name="llm_proxy-deadlines", daemon=True).start()
 
-    def set(self, handler: "ProxyHandler", seconds: float | None) -> None:
-        """From now, `handler` has `seconds` to finish reading (None: no deadline)."""
+    def set(self, handler: "ProxyHandler", seconds: float | None, writing: bool = False) -> None:
+        """From now, `handler` has `seconds` to finish (None: no deadline)."""
         if seconds is None and handler not in self._deadlines and handler not in self._expired:
             return  # nothing to clear: only the handler's own thread adds entries for it
         with self._lock:
             if seconds is None:
                 self._deadlines.pop(handler, None)
             else:
-                self._deadlines[handler] = self._clock() + seconds
+                how = socket.SHUT_RDWR if writing else socket.SHUT_RD
+                self._deadlines[handler] = (self._clock() + seconds, how)
             self._expired.discard(handler)
 
     def passed(self, handler: "ProxyHandler") -> bool:
@@ -4269,13 +4401,14 @@ class ClientDeadlines:
         while not self._closing.wait(DEADLINE_CHECK_SECONDS):
             now = self._clock()
             with self._lock:
-                late = [h for h, deadline in self._deadlines.items() if deadline <= now]
-                for handler in late:
+                late = [(h, how) for h, (deadline, how) in self._deadlines.items()
+                        if deadline <= now]
+                for handler, _ in late:
                     del self._deadlines[handler]
                     self._expired.add(handler)
-            for handler in late:
+            for handler, how in late:
                 try:
-                    handler.connection.shutdown(socket.SHUT_RD)
+                    handler.connection.shutdown(how)
                 except OSError:
                     pass  # already closed
 
@@ -4359,7 +4492,11 @@ class ProxyServer(ThreadingHTTPServer):
         if ":" in config.host:
             self.address_family = socket.AF_INET6
         super().__init__((config.host, config.port), handler)
-        self.cap = ConnectionCap(config.max_connections, self.shutdown_request)
+        self.cap = ConnectionCap(config.max_connections, clock)
+        self.draining = False
+        #: this process's name in Via headers (RFC 9110 section 7.6.3): a request that already
+        #: carries it has come round in a loop
+        self.via = "llm_proxy-" + secrets.token_hex(4)
         self.deadlines = ClientDeadlines()
         self.keys_watcher = (KeysWatcher(config.keys_file, self.reload_keys, key_check_interval)
                              if config.keys_file else None)
@@ -4379,22 +4516,25 @@ class ProxyServer(ThreadingHTTPServer):
     # -- connections (socketserver's hooks) -------------------------------------------------
 
     def process_request(self, request: socket.socket, client_address: object) -> None:
-        """One thread per connection, up to MAX_CONNECTIONS; past that the connection goes to
-        the cap's refusing thread (a 503)."""
-        if not self.cap.enter():
-            self.cap.refuse(request)
+        """One thread per connection, up to MAX_CONNECTIONS (the cap makes room by closing idle
+        or stalled connections, else refuses with a 503); a 503 while shutting down."""
+        if self.draining:
+            self.cap.refuse(request, SHUTTING_DOWN)
+            return
+        if not self.cap.admit(request):
+            self.cap.refuse(request, TOO_MANY_CONNECTIONS)
             return
         try:
             super().process_request(request, client_address)
         except BaseException:
-            self.cap.leave()
+            self.cap.leave(request)
             raise
 
     def process_request_thread(self, request: socket.socket, client_address: object) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self.cap.leave()
+            self.cap.leave(request)
 
     def handle_error(self, request: object, client_address: object) -> None:
         """socketserver prints a traceback here; log one line instead. A client resetting its
@@ -4465,17 +4605,38 @@ class ProxyServer(ThreadingHTTPServer):
     # -- stopping ---------------------------------------------------------------------------
 
     def stop(self) -> None:
-        """Stop accepting connections (safe from a signal handler: shutdown() runs elsewhere)."""
+        """Stop taking requests (safe from a signal handler: shutdown() runs elsewhere): new
+        connections get a 503 until serve_forever() returns, kept-alive ones are closed after
+        their request."""
+        self.draining = True
         threading.Thread(target=self.shutdown, name="llm_proxy-shutdown", daemon=True).start()
 
-    def drain(self, timeout: float = SHUTDOWN_GRACE_SECONDS) -> bool:
+    def drain(self, timeout: float) -> bool:
         """Wait until no request is in flight, at most `timeout` seconds."""
         with self._idle:
             return self._idle.wait_for(lambda: self._inflight == 0, timeout)
 
+    def stop_listening(self) -> None:
+        """Close the listening socket, so that new connections are refused by the system; those
+        already waiting in its backlog are answered 503 first rather than reset."""
+        self.socket.setblocking(False)
+        try:
+            while True:
+                sock, _ = self.socket.accept()
+                self.cap.refuse(sock, SHUTTING_DOWN)
+        except OSError:
+            pass  # (BlockingIOError: nothing more is waiting)
+        self.socket.close()
+
+    def cut_short(self) -> int:
+        """End what is still in flight at the end of the drain: every answer being relayed is
+        cut (a stream gets its API's last error event), every queued request is turned away.
+        How many answers were cut."""
+        return self.forwarder.cut()
+
     def server_close(self) -> None:
-        self.cap.close()
         self.deadlines.close()
+        self.cap.close()
         if self.keys_watcher is not None:
             self.keys_watcher.close()
         super().server_close()
@@ -4489,6 +4650,22 @@ class ProxyServer(ThreadingHTTPServer):
 
 
 # ############################################################################# CLI ####
+
+def points_at_itself(config: Config, server: ProxyServer) -> bool:
+    """Whether an upstream is this proxy's own listening address (a mistyped port)."""
+    port = server.server_address[1]
+    own = {"0.0.0.0", "::", str(server.server_address[0])}
+    for upstream in server.forwarder.upstreams.values():
+        if upstream.port != port:
+            continue
+        try:
+            found = {info[4][0] for info in socket.getaddrinfo(upstream.host, port)}
+        except OSError:
+            continue
+        if any(ip in own or ip.startswith("127.") or ip == "::1" for ip in found):
+            return True
+    return False
+
 
 def describe(config: Config, server: ProxyServer) -> list[str]:
     upstream = Upstream.from_url(config.base_api_url)
@@ -4527,20 +4704,29 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         print(f"llm_proxy: cannot listen on {config.host}:{config.port}: {err.strerror or err}",
               file=sys.stderr)
         return 1
-    for line in describe(config, server) + [f"warning: {w}" for w in config.warnings()]:
+    warnings = config.warnings() + (
+        ["BASE_API_URL is this proxy's own address: every request would come back to it "
+         "(each is answered 508 Loop Detected)"] if points_at_itself(config, server) else [])
+    for line in describe(config, server) + [f"warning: {w}" for w in warnings]:
         print(line, file=sys.stderr, flush=True)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: server.stop())
     if hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, lambda *_: server.request_key_reload())
+    status = 0
     try:
         server.serve_forever()
-        if not server.drain():
-            print("llm_proxy: stopped with requests still in flight", file=sys.stderr)
+        server.stop_listening()
+        if not server.drain(config.drain_timeout):
+            cut = server.cut_short()
+            server.drain(SHUTDOWN_CUT_SECONDS)
+            print(f"llm_proxy: DRAIN_TIMEOUT passed with requests in flight: {cut} answers "
+                  "were cut short", file=sys.stderr)
+            status = 1
     finally:
         server.server_close()
     print("llm_proxy: stopped", file=sys.stderr)
-    return 0
+    return status
 
 
 def keygen_main(argv: Sequence[str]) -> int:

@@ -422,6 +422,12 @@ def _stall_body(h, path, request):
     h.close_connection = True
 
 
+@scenario("big")
+def _big(h, path, request):
+    """A plain answer of 8 MB, sent as fast as the reader takes it."""
+    h.send(200, b'{"pad": "' + b"x" * (8 * 1024 * 1024) + b'"}', [("Content-Type", "application/json")])
+
+
 @scenario("garbage")
 def _garbage(h, path, request):
     """A 200 whose JSON body is cut short."""
@@ -1111,8 +1117,9 @@ class ProxyTestCase(unittest.TestCase):
                     break
         return b"".join(chunks)
 
-    def open_stream(self, path="/v1/chat/completions", scenario="", **fields):
-        conn = http.client.HTTPConnection("127.0.0.1", self.proxy.server_address[1], timeout=WAIT)
+    def open_stream(self, path="/v1/chat/completions", scenario="", proxy=None, **fields):
+        proxy = proxy or self.proxy
+        conn = http.client.HTTPConnection("127.0.0.1", proxy.server_address[1], timeout=WAIT)
         self.addCleanup(conn.close)
         body = {"model": "fake-a", "stream": True, **fields}
         body.update({"messages": [{"role": "user", "content": "hi"}]}

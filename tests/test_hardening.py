@@ -120,22 +120,69 @@ class HardeningTests(ProxyTestCase):
         self.assertIn(b" 431 ", answer.split(b"\r\n")[0])
         self.assertEqual(self.chat()[0], 200)
 
-    def test_connections_over_the_cap_get_503(self):
-        self.restart(max_connections=2)
-        idle = [self.connect(), self.connect()]
-        for sock in idle:  # make sure both are accepted and held by a handler
+    def held(self, count):
+        """`count` connections each kept alive after one request (idle at the cap)."""
+        socks = []
+        for _ in range(count):
+            sock = self.connect()
             sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
             self.assertIn(b" 200 ", sock.recv(65536))
+            socks.append(sock)
+        return socks
+
+    def test_at_the_cap_the_oldest_idle_connection_makes_room(self):
+        """A flood of connections that send nothing cannot keep a real client out: at the cap,
+        the oldest idle connection is closed, as nginx does."""
+        self.restart(max_connections=2)
+        oldest, newer = self.held(2)
         sock = self.connect()
-        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
-        answer = self.read_all(sock)
-        self.assertIn(b" 503 ", answer.split(b"\r\n")[0])
-        self.assertEqual(json.loads(answer.partition(b"\r\n\r\n")[2])["error"]["code"],
-                         "too_many_connections")
-        for sock in idle:
-            sock.close()
-        self.assertTrue(wait_until(lambda: self.proxy.connections == 0))
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        self.assertIn(b" 200 ", self.read_all(sock).split(b"\r\n")[0])
+        self.assertEqual(self.read_all(oldest), b"")  # closed to make room
+        newer.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertIn(b" 200 ", newer.recv(65536))
+
+    def test_at_the_cap_a_stalled_request_makes_room(self):
+        self.restart(max_connections=2)
+        slow = []
+        for _ in range(2):  # slowloris: a request head that never ends
+            sock = self.connect()
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: a")
+            slow.append(sock)
+        self.assertTrue(wait_until(lambda: self.proxy.connections == 2))
+        self.clock.advance(2)  # both have been reading their request head for 2 s
         self.assertEqual(self.chat()[0], 200)
+        self.assertEqual(self.read_all(slow[0]), b"")
+
+    def test_at_the_cap_with_every_connection_busy_a_newcomer_gets_503_at_once(self):
+        self.restart(max_connections=2)
+        for _ in range(2):
+            self.open_stream(scenario="gate")[1].readline()  # busy: streams being generated
+        started = time.monotonic()
+        status, _, body = self.chat()
+        self.assert_openai_error(status, body, 503, "too_many_connections")
+        self.assertLess(time.monotonic() - started, 5)
+        self.upstream.release.set()
+
+    def test_a_new_connection_has_the_header_timeout_to_start_its_request(self):
+        self.restart(client_header_timeout=1, keepalive_timeout=60)
+        sock = self.connect()
+        started = time.monotonic()
+        self.assertEqual(self.read_all(sock), b"")  # sent nothing: closed
+        self.assertLess(time.monotonic() - started, 30)
+
+    def test_a_slow_reader_is_cut_after_the_send_timeout(self):
+        """A write that has to wait must end within SEND_TIMEOUT, however the client trickles:
+        it cannot hold a thread and a slot for as long as it likes."""
+        self.restart(send_timeout=1)
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", self.proxy.server_address[1]))
+        self.addCleanup(sock.close)
+        sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Fake-Scenario: big\r\n\r\n")
+        sock.recv(1000)  # the answer has begun, and is then read no further
+        self.assertTrue(self.log.wait_for(lambda text: "(client closed)" in text, WAIT))
+        self.assertTrue(wait_until(lambda: self.proxy.connections == 0))
 
     def test_hop_by_hop_headers_are_not_relayed(self):
         status, headers, _ = self.request("GET", "/v1/models",

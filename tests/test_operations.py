@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -15,7 +16,7 @@ import llm_proxy
 
 from tests.support import (
     CLIENT_KEY, Config, HERE, ProxyServer, ProxyTestCase, UPSTREAM_KEY, WAIT, free_port,
-    parse_metrics)
+    parse_metrics, wait_until)
 
 try:
     from prometheus_client.parser import text_string_to_metric_families
@@ -99,6 +100,16 @@ class SecretTests(ProxyTestCase):
         self.assertRegex(line, r'127\.0\.0\.1 key=[0-9a-f]{10} "POST /v1/chat/completions" 200 '
                                r'cost=1 remaining=9 \d+\.\dms$')
 
+    def test_quotes_in_logged_fields_cannot_forge_a_line(self):
+        """A path such as /v1/x" 200 cost=0 ... would write a forged request into the text log;
+        quotes and backslashes are escaped, as nginx does (\\x22)."""
+        self.request("GET", '/v1/x%22%20200%20cost=0%20remaining=9%200.1ms%0a%5c')
+        self.request("GET", '/v1/x%22+200+cost=0+remaining=9+0.1ms"/')
+        self.assertTrue(self.log.wait_for(lambda text: text.count(" 40") >= 2))
+        for line in self.log.getvalue().splitlines():
+            self.assertEqual(line.count('"'), 2, line)  # the one quoted request field
+        self.assertIn("\\x22", self.log.getvalue())
+
     def test_control_characters_are_escaped_in_the_log(self):
         self.raw(b"GET /v1/\x1b[31mred HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         self.assertTrue(self.log.wait_for(lambda text: "400" in text))
@@ -130,6 +141,57 @@ class ServerTests(ProxyTestCase):
         self.assertEqual(self.request("GET", "/health", proxy=proxy)[0], 200)
         proc.terminate()
         self.assertEqual(proc.wait(WAIT), 0)
+
+
+class ProcessTests(ProxyTestCase):
+    """The proxy as a process: stopping it while it serves, and pointing it at itself."""
+
+    def start(self, **env):
+        env = {**os.environ, "PORT": "0", "HOST": "127.0.0.1", "BASE_API_URL": self.upstream.url,
+               **env}
+        proc = subprocess.Popen([sys.executable, os.path.join(HERE, "llm_proxy.py")], env=env,
+                                stderr=subprocess.PIPE, text=True)
+        self.addCleanup(proc.kill)
+        first = proc.stderr.readline()
+        port = int(first.rsplit(":", 1)[1])
+        return proc, type("P", (), {"server_address": ("127.0.0.1", port)})
+
+    def test_sigterm_refuses_new_connections_and_ends_what_is_left_at_the_drain_timeout(self):
+        proc, proxy = self.start(DRAIN_TIMEOUT="1")
+        conn, resp = self.open_stream(scenario="gate", proxy=proxy)
+        self.assertTrue(resp.readline().startswith(b"data: "))  # a stream the upstream holds
+        proc.terminate()
+
+        def refused():
+            try:
+                with socket.create_connection(proxy.server_address, timeout=WAIT) as sock:
+                    sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+                    return b" 503 " in sock.recv(65536).split(b"\r\n")[0]  # shutting down
+            except (ConnectionRefusedError, ConnectionResetError):
+                return True  # no longer listening (or it was closed while connecting)
+        self.assertTrue(wait_until(refused))  # new connections get an answer, never a hang
+        rest = resp.read()  # after DRAIN_TIMEOUT: the stream's last event, then its end
+        self.assertIn("shutting down", json.loads(rest.split(b"data: ")[-1])["error"]["message"])
+        self.assertEqual(proc.wait(WAIT), 1)  # the exit status says the drain was cut short
+        self.assertIn("cut short", proc.stderr.read())
+        self.upstream.release.set()
+
+    def test_a_proxy_pointed_at_itself_answers_508_once_and_warns(self):
+        port = free_port()
+        proc, proxy = self.start(PORT=str(port), BASE_API_URL=f"http://127.0.0.1:{port}/v1",
+                                 MAX_TOKENS="1000")
+        startup = proc.stderr.readline() + proc.stderr.readline() + proc.stderr.readline()
+        self.assertIn("BASE_API_URL is this proxy's own address", startup)
+        status, _, body = self.chat(proxy=proxy)
+        self.assert_openai_error(status, body, 508, "loop_detected")
+        proc.terminate()
+        log = proc.stderr.read()
+        self.assertEqual(log.count('"POST /v1/chat/completions"'), 2)  # one hop, then 508
+        self.assertEqual(proc.wait(WAIT), 0)
+
+    def test_forwarded_requests_carry_via(self):
+        self.chat(headers={"Via": "1.1 edge"})
+        self.assertRegex(self.upstream.requests[0][2]["Via"], r"^1\.1 edge, 1\.1 llm_proxy-[0-9a-f]{8}$")
 
 
 class KeysFileTests(ProxyTestCase):
