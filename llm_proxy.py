@@ -145,10 +145,7 @@ NOT_FORWARDED_DOWN = HOP_BY_HOP | {"content-length"} | {
     "access-control-allow-credentials", "access-control-allow-headers",
     "access-control-allow-methods", "access-control-max-age",
 }
-CORS_HEADERS = (
-    ("Access-Control-Allow-Origin", "*"),
-    ("Access-Control-Expose-Headers", ", ".join(RATE_LIMIT_HEADERS + LIMIT_HEADERS)),
-)
+CORS_EXPOSED = ", ".join(RATE_LIMIT_HEADERS + LIMIT_HEADERS)
 #: openai-python waits exactly what Retry-After says up to this many seconds; longer, it backs off
 #: on its own schedule, so the proxy also says x-should-retry: false to make it fail fast. The
 #: anthropic SDKs (before 2.x) and Claude Code honour at most 60 s.
@@ -339,6 +336,18 @@ def _extra_routes(name: str, raw: str) -> tuple[tuple[str, str, str], ...]:
     return tuple(rows)
 
 
+def _origins(name: str, raw: str) -> tuple[str, ...]:
+    """'' (the default for the mode), ('*',), ('none',) or origins like 'https://chat.lan'."""
+    origins = tuple(o.strip().rstrip("/").lower() for o in raw.split(",") if o.strip())
+    for origin in origins:
+        if origin not in ("*", "none") and not re.fullmatch(r"https?://[^/\s]+", origin):
+            raise ConfigError(f"{name}: {origin!r} is not an origin (scheme://host[:port]), "
+                              "* or none")
+    if len(origins) > 1 and ({"*", "none"} & set(origins)):
+        raise ConfigError(f"{name}: * and none stand alone")
+    return origins
+
+
 def _keys(name: str, raw: str) -> tuple[str, ...]:
     return tuple(k.strip() for k in raw.split(",") if k.strip())
 
@@ -438,6 +447,12 @@ SETTINGS: tuple[Setting, ...] = (
             "while Redis is unreachable: local (per-instance buckets) or closed (503)"),
     Setting("KEYS_FILE", "", _text,
             "JSON or TOML file of named keys with their own limits; reloaded on change and SIGHUP"),
+    Setting("CORS_ORIGINS", "", _origins,
+            "web origins whose pages may call the API routes: comma-separated, * for any, none "
+            "(empty: * when keys are required, none in open mode); admin routes: never"),
+    Setting("MAX_BUCKETS", "100000", _integer(0),
+            "open mode: buckets held at most, the least recently used forgotten beyond it "
+            "(0: no limit)"),
     Setting("ADMIN_API_KEY", "", _key,
             "bearer token for /metrics and /admin/keys (unset: loopback clients only)"),
     Setting("LOG_FORMAT", "text", _choice("text", "json"),
@@ -780,13 +795,16 @@ class MemoryBucketStore:
     Only buckets that are not full are
     held: a bucket refilled to full is the same as a new one, so it is dropped (on access, and by
     a sweep at most once a minute). Memory is bounded by the number of keys that spent tokens
-    within one full refill period.
+    within one full refill period, and, with `max_buckets` (open mode, where anyone can invent
+    keys), by that number: the least recently used bucket is forgotten beyond it, which costs
+    nothing an attacker could not get anyway by inventing a new key.
     """
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic, max_buckets: int = 0) -> None:
         self._clock = clock
         self._lock = threading.Lock()
-        self._buckets: dict[str, _Bucket] = {}
+        self.max_buckets = max_buckets
+        self._buckets: dict[str, _Bucket] = {}  # least recently used first
         self._usage: dict[str, list[int]] = {}
         self._last_sweep = clock()
 
@@ -797,7 +815,9 @@ class MemoryBucketStore:
         return {"backend": "memory"}
 
     def _load(self, key: str, policy: BucketPolicy, now: float) -> _Bucket:
-        bucket = self._buckets.get(key)
+        """The key's bucket, taken out of the dict; _store() puts it back last (the most
+        recently used)."""
+        bucket = self._buckets.pop(key, None)
         if bucket is None:
             return _Bucket(policy.capacity, now, policy)
         bucket.policy = policy
@@ -805,10 +825,10 @@ class MemoryBucketStore:
         return bucket
 
     def _store(self, key: str, bucket: _Bucket) -> None:
-        if bucket.tokens >= bucket.policy.capacity:
-            self._buckets.pop(key, None)
-        else:
+        if bucket.tokens < bucket.policy.capacity:  # (a full one is the same as a new one)
             self._buckets[key] = bucket
+            if self.max_buckets and len(self._buckets) > self.max_buckets:
+                del self._buckets[next(iter(self._buckets))]  # the least recently used
 
     def take(self, key: str, cost: int, policy: BucketPolicy) -> Quota:
         """Spend `cost` tokens if the bucket holds them; say how it stands either way. The
@@ -821,10 +841,10 @@ class MemoryBucketStore:
             admitted = bucket.tokens >= cost
             if admitted:
                 bucket.tokens -= cost
-                self._store(key, bucket)
                 self._count(key, 1, 0, 0, 0, cost)
             else:
                 self._count(key, 1, 1, 0, 0, 0)
+            self._store(key, bucket)
             return bucket.quota(admitted, cost, now)
 
     def settle(self, key: str, delta: int, policy: BucketPolicy, *, prompt: int = 0,
@@ -879,8 +899,9 @@ class MemoryBucketStore:
         """How the bucket stands now, without creating it."""
         with self._lock:
             now = self._clock()
+            held = key in self._buckets
             bucket = self._load(key, policy, now)
-            if key in self._buckets:
+            if held:
                 self._store(key, bucket)  # drops it if it has refilled to full
             return bucket.quota(True, 0, now)
 
@@ -983,7 +1004,7 @@ class RedisBucketStore:
             raise ConfigError("REDIS_URL is not a valid Redis URL") from None
         self._script = self._redis.register_script(_BUCKET_SCRIPT)
         self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
-        self.local = MemoryBucketStore(clock)
+        self.local = MemoryBucketStore(clock, max_buckets_of(config))
         self.prefix = config.redis_prefix
         self.closed_mode = config.redis_failure_mode == "closed"
         self._log = log
@@ -1106,7 +1127,13 @@ def make_store(config: Config, log: Callable[[str], None], metrics: "Metrics",
     """The in-memory store, or the Redis one when REDIS_URL is set."""
     if config.redis_url:
         return RedisBucketStore(config, log, metrics, clock)
-    return MemoryBucketStore(clock)
+    return MemoryBucketStore(clock, max_buckets_of(config))
+
+
+def max_buckets_of(config: Config) -> int:
+    """How many buckets a process may hold: bounded by the keys when keys are required, by
+    MAX_BUCKETS in open mode (where anyone can invent keys)."""
+    return 0 if config.keys_file or config.proxy_api_keys else config.max_buckets
 
 
 #: Either bucket store: the same interface and the same semantics.
@@ -2135,6 +2162,41 @@ def connection_tokens(headers: Headers) -> frozenset[str]:
     return frozenset(t.strip().lower() for v in values for t in v.split(","))  # type: ignore[union-attr]
 
 
+class CorsPolicy:
+    """Which web pages may call the proxy, decided by the server, not left to the browser.
+
+    A request without an Origin header (curl, SDKs, server-side clients) is unaffected. One
+    with an Origin is refused (403, in its API's shape, before anything is charged or
+    forwarded) unless CORS_ORIGINS allows that origin, or it is the proxy's own: a simple
+    cross-origin POST from a page gets nothing. CORS_ORIGINS defaults to * when keys are
+    required (the key is the protection) and to none in open mode (as Ollama's OLLAMA_ORIGINS
+    does), so a page the operator opens cannot use a proxy kept to this machine. Admin routes
+    carry no CORS headers and refuse every Origin (see the handler).
+    """
+
+    def __init__(self, origins: tuple[str, ...], keys_required: bool) -> None:
+        origins = origins or (("*",) if keys_required else ("none",))
+        self.any = origins == ("*",)
+        self.allowed = frozenset() if origins == ("none",) or self.any else frozenset(origins)
+        self._any_lines = ("Access-Control-Allow-Origin: *\r\n"
+                           f"Access-Control-Expose-Headers: {CORS_EXPOSED}")
+
+    def lines(self, origin: str | None, host: str | None) -> str:
+        """The CORS header lines of the answer to a request from `origin` (empty: none), or
+        ProxyError(403) for an origin that may not call."""
+        if origin is None:
+            return self._any_lines if self.any else ""
+        if self.any:
+            return self._any_lines
+        if origin.rstrip("/").lower() in self.allowed or (
+                host is not None and origin.lower() in (f"http://{host}".lower(),
+                                                        f"https://{host}".lower())):
+            return (f"Access-Control-Allow-Origin: {header_safe(origin)}\r\n"
+                    f"Access-Control-Expose-Headers: {CORS_EXPOSED}\r\nVary: Origin")
+        raise ProxyError(HTTPStatus.FORBIDDEN, "Requests from this web origin are not allowed "
+                         "(CORS_ORIGINS).", type="permission_error", code="origin_not_allowed")
+
+
 def is_loopback(address: str) -> bool:
     return address.startswith("127.") or address in ("::1", "::ffff:127.0.0.1")
 
@@ -2288,7 +2350,7 @@ class Exchange:
     """
 
     __slots__ = ("method", "path", "query", "client", "started", "route", "api", "label",
-                 "bucket_key", "policy", "length", "expects_continue", "body", "body_read",
+                 "bucket_key", "policy", "cors", "length", "expects_continue", "body", "body_read",
                  "payload", "ask", "charge", "ending", "status", "note", "head_sent", "tail")
 
     def __init__(self, method: str, target: str, client: str) -> None:
@@ -2302,6 +2364,7 @@ class Exchange:
         self.label = "-"                    # the key's name or short hash, for logs and metrics
         self.bucket_key = ""
         self.policy: KeyPolicy | None = None
+        self.cors = ""                      # the CORS header lines its answers carry
         self.length: int | None = 0         # the body's Content-Length (None: chunked)
         self.expects_continue = False       # the client waits for 100 Continue to send it
         self.body = b""
@@ -3529,7 +3592,10 @@ def is_admin(server: "ProxyServer", ex: Exchange, headers: Headers) -> bool:
     admin_key = server.config.admin_api_key
     if admin_key:
         return hmac.compare_digest(key_digest(client_key(headers)), key_digest(admin_key))
-    return is_loopback(ex.client)
+    # A request that came through another proxy (nginx on the same host, say) comes from
+    # loopback whoever sent it: it is never "local".
+    return is_loopback(ex.client) and "X-Forwarded-For" not in headers \
+        and "Forwarded" not in headers
 
 
 def check_admin(server: "ProxyServer", ex: Exchange, headers: Headers) -> None:
@@ -3618,7 +3684,8 @@ def answer_tags(server: "ProxyServer", ex: Exchange, headers: Headers) -> Reply 
 
 
 def answer_preflight(server: "ProxyServer", ex: Exchange, headers: Headers) -> Reply:
-    """CORS preflight: allow whatever the browser asks for (x-stainless-* included)."""
+    """CORS preflight from an allowed origin (CorsPolicy refused any other before this):
+    allow whatever the browser asks for (x-stainless-* included)."""
     asked = headers.get("Access-Control-Request-Headers", "")
     return Reply(HTTPStatus.NO_CONTENT, (
         ("Access-Control-Allow-Methods", "GET, POST, PUT, PATCH, DELETE, OPTIONS"),
@@ -3869,10 +3936,17 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def _dispatch(self, ex: Exchange) -> None:
         ex.api = api_of_path(ex.path)  # (a target that is not a path is refused in its shape)
+        origin = self.headers.get("Origin")
+        ex.cors = self.server.cors.lines(origin, self.headers.get("Host"))
         ex.path, ex.query = normalize_path(self.path)
         ex.api = api_of_path(ex.path)
         route = self.server.routes.find(ex.method, ex.path)
         ex.route, ex.api = route, route.api
+        if route.kind in (ADMIN, MANAGE):  # never for a web page: no CORS, no Origin
+            ex.cors = ""
+            if origin is not None:
+                raise ProxyError(HTTPStatus.FORBIDDEN, "Admin routes do not answer web pages.",
+                                 type="permission_error", code="origin_not_allowed")
         if route.kind in (LOCAL, ADMIN):
             if route.kind == ADMIN:
                 check_admin(self.server, ex, self.headers)  # type: ignore[arg-type]
@@ -4056,7 +4130,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         ex.status = status
         lines = [f"{self.protocol_version} {status} {reason}"]
         lines += [f"{name}: {value}" for name, value in headers]
-        lines.append(_CORS_LINES)
+        if ex.cors:
+            lines.append(ex.cors)
         if self.close_connection:
             lines.append("Connection: close")
         lines.append("\r\n")
@@ -4089,7 +4164,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
 HANDLED_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _HTTP_VERSION = re.compile(r"HTTP/([0-9]{1,2})\.([0-9]{1,2})")  # ASCII digits only
-_CORS_LINES = "\r\n".join(f"{name}: {value}" for name, value in CORS_HEADERS)
+
 
 
 # #################################################################### server parts ####
@@ -4484,6 +4559,8 @@ class ProxyServer(ThreadingHTTPServer):
                 if config.max_upstream_concurrency else None)
         self.routes = RouteTable(DEFAULT_ROUTES + tuple(extra_route(*row)
                                                         for row in config.extra_routes))
+        self.cors = CorsPolicy(config.cors_origins,
+                               bool(config.keys_file or config.proxy_api_keys))
         self.forwarder = Forwarder(config, gate, self.metrics)
         self.key_slots = KeySlots(config.max_concurrent_per_key)
         self._inflight = 0

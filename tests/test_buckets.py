@@ -148,6 +148,24 @@ class BucketTests(BucketContract, unittest.TestCase):
         self.store.take("fresh", 1, self.policy)
         self.assertEqual(len(self.store), 1)
 
+    def test_at_most_max_buckets_the_least_recently_used_forgotten(self):
+        """Open mode: a flood of invented keys holds at most max_buckets buckets."""
+        store = MemoryBucketStore(self.clock, max_buckets=100)
+        store.take("kept", 5, self.policy)
+        for i in range(1000):
+            store.take(f"invented-{i}", 1, self.policy)
+            if i % 50 == 0:
+                store.take("kept", 1, self.policy)  # used now and then: stays
+        self.assertEqual(len(store), 100)
+        self.assertEqual(store.peek("kept", self.policy).remaining, 0)  # remembered, spent
+        self.assertEqual(store.peek("invented-0", self.policy).remaining, 10)  # forgotten
+
+    def test_the_bound_applies_where_anyone_can_invent_keys(self):
+        self.assertEqual(llm_proxy.max_buckets_of(Config(max_buckets=5)), 5)
+        self.assertEqual(llm_proxy.max_buckets_of(Config(max_buckets=5, proxy_api_keys=("k",))), 0)
+        self.assertEqual(llm_proxy.make_store(Config(), print, llm_proxy.Metrics()).max_buckets,
+                         100_000)
+
     def test_usage_counters_are_bounded(self):
         self.store.record("a", requests=2)
         for i in range(llm_proxy.MAX_TRACKED_KEYS):

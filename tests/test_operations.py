@@ -56,22 +56,87 @@ class LocalRouteTests(ProxyTestCase):
         self.assertEqual(self.request("GET", "/health", key="bad")[0], 401)
         self.assertIn("quota", json.loads(self.request("GET", "/health", key="good")[2]))
 
-    def test_cors_preflight_and_headers(self):
-        status, headers, body = self.request("OPTIONS", "/v1/chat/completions", key=None,
-                                             headers={"Origin": "http://ui.local",
-                                                      "Access-Control-Request-Method": "POST",
-                                                      "Access-Control-Request-Headers":
-                                                          "authorization, x-stainless-os"})
-        self.assertEqual(status, 204)
-        self.assertEqual(body, b"")
+
+class CorsTests(ProxyTestCase):
+    """Which web pages may call the proxy is decided by the server (CORS_ORIGINS), and no page
+    reaches the admin surface."""
+
+    def preflight(self, origin, path="/v1/chat/completions"):
+        return self.request("OPTIONS", path, key=None, headers={
+            "Origin": origin, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, x-stainless-os"})
+
+    def test_with_keys_required_any_page_may_call_the_api(self):
+        self.restart(proxy_api_keys=(CLIENT_KEY,))
+        status, headers, body = self.preflight("http://ui.local")
+        self.assertEqual((status, body), (204, b""))
         self.assertEqual(headers["access-control-allow-origin"], "*")
         self.assertEqual(headers["access-control-allow-headers"], "authorization, x-stainless-os")
         self.assertIn("POST", headers["access-control-allow-methods"])
-        _, headers, _ = self.chat()
+        _, headers, _ = self.chat(headers={"Origin": "http://ui.local"})
         exposed = headers["access-control-expose-headers"].lower()
         for name in ("retry-after", "x-ratelimit-remaining", "x-ratelimit-reset-seconds"):
             self.assertIn(name, exposed)
-        self.assertEqual(self.upstream.requests[0][1], "/v1/chat/completions")
+
+    def test_in_open_mode_no_page_may_call_the_api(self):
+        """A page the operator opens could POST text/plain with no preflight and read the
+        answer: the server refuses it before anything is charged or forwarded."""
+        status, _, body = self.request("POST", "/v1/chat/completions",
+                                       b'{"model": "m", "messages": []}', key=None,
+                                       headers={"Origin": "http://evil.example",
+                                                "Content-Type": "text/plain"})
+        self.assert_openai_error(status, body, 403, "origin_not_allowed")
+        self.assertEqual(self.preflight("http://evil.example")[0], 403)
+        self.assertEqual(self.upstream.requests, [])
+        self.assertEqual(self.remaining(), 10)
+        status, headers, _ = self.chat()  # clients that send no Origin are unaffected
+        self.assertEqual(status, 200)
+        self.assertNotIn("access-control-allow-origin", headers)
+        port = self.proxy.server_address[1]  # the proxy's own pages are not another origin
+        self.assertEqual(self.chat(headers={"Origin": f"http://127.0.0.1:{port}",
+                                            "Host": f"127.0.0.1:{port}"})[0], 200)
+
+    def test_listed_origins_only_each_refused_in_its_apis_shape(self):
+        self.restart(cors_origins=("http://chat.lan",))
+        _, headers, _ = self.chat(headers={"Origin": "http://chat.lan"})
+        self.assertEqual((headers["access-control-allow-origin"], headers["vary"]),
+                         ("http://chat.lan", "Origin"))
+        for path, body, check in (
+                ("/v1/chat/completions", {"model": "m", "messages": []},
+                 lambda b: b["error"]["code"]),
+                ("/v1/messages", {"model": "m", "max_tokens": 5, "messages": []},
+                 lambda b: b["error"]["type"]),
+                ("/api/chat", {"model": "m", "messages": []}, lambda b: b["error"])):
+            with self.subTest(path=path):
+                status, _, answer = self.request("POST", path, body,
+                                                 headers={"Origin": "http://other.lan"})
+                self.assertEqual(status, 403)
+                self.assertTrue(check(json.loads(answer)))
+        self.assertEqual(self.upstream.requests[1:], [])
+
+    def test_admin_routes_answer_no_page_and_no_proxied_request(self):
+        for path in ("/metrics", "/admin/keys"):
+            with self.subTest(path=path):
+                status, headers, _ = self.request("GET", path)
+                self.assertEqual(status, 200)  # loopback, no admin key set
+                self.assertNotIn("access-control-allow-origin", headers)
+                self.assertEqual(self.request("GET", path,
+                                              headers={"Origin": "http://localhost:3000"})[0], 403)
+                # behind nginx on the same host every request comes from 127.0.0.1
+                for header in ({"X-Forwarded-For": "203.0.113.9"},
+                               {"Forwarded": "for=203.0.113.9"}):
+                    self.assertEqual(self.request("GET", path, headers=header)[0], 404)
+        self.restart(admin_api_key="sk-admin")
+        self.assertEqual(self.request("GET", "/metrics", key="sk-admin",
+                                      headers={"Origin": "http://localhost:3000"})[0], 403)
+
+    def test_the_setting_is_checked(self):
+        self.assertEqual(Config.from_env({"CORS_ORIGINS": "https://a.lan/, http://b:8080"},
+                                         []).cors_origins, ("https://a.lan", "http://b:8080"))
+        for bad in ("a.lan", "*, http://a.lan", "ftp://x"):
+            with self.subTest(bad=bad):
+                with self.assertRaises(llm_proxy.ConfigError):
+                    Config.from_env({"CORS_ORIGINS": bad}, [])
 
 
 class SecretTests(ProxyTestCase):
