@@ -65,7 +65,9 @@ import argparse
 import bisect
 import collections
 import contextlib
+import csv
 import dataclasses
+import datetime
 import functools
 import hashlib
 import hmac
@@ -77,6 +79,7 @@ import os
 import re
 import secrets
 import select
+import sqlite3
 import signal
 import socket
 import ssl
@@ -162,6 +165,7 @@ POOL_MAX_IDLE = 128
 LISTEN_BACKLOG = 1024
 DEADLINE_CHECK_SECONDS = 0.25       # how often slow clients are looked for
 SHUTDOWN_CUT_SECONDS = 5.0          # after the drain, for cut answers to end
+WAIT_FOR_WRITER = 10.0              # at shutdown, for the state writer's last flush
 SWEEP_EVERY_SECONDS = 60.0
 MAX_TRACKED_KEYS = 65536            # per-key usage counters kept (least recently used dropped)
 MAX_METERED_BODY = 16 * 1024 * 1024  # a longer non-stream body is settled by estimate
@@ -302,6 +306,21 @@ def _key(name: str, raw: str) -> str:
     if any(not "!" <= ch <= "~" for ch in key):  # it goes into a header line as it is
         raise ConfigError(f"{name} must be printable ASCII without spaces")
     return key
+
+
+def _state_db(name: str, raw: str) -> str:
+    return raw.strip()
+
+
+def _optional_count(name: str, raw: str) -> int | None:
+    return _integer(1)(name, raw) if raw.strip() else None
+
+
+def _zone(name: str, raw: str) -> str:
+    zone = raw.strip() or "UTC"
+    if zone.upper() != "UTC":  # (the default is checked at import, before time_zone exists)
+        time_zone(zone)  # ConfigError for an unknown zone
+    return zone
 
 
 def _optional_url(name: str, raw: str) -> str:
@@ -450,6 +469,22 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("CORS_ORIGINS", "", _origins,
             "web origins whose pages may call the API routes: comma-separated, * for any, none "
             "(empty: * when keys are required, none in open mode); admin routes: never"),
+    Setting("STATE_DB", "", _state_db,
+            "SQLite file keeping balances, counters, quotas and the usage ledger across restarts "
+            "(empty: $XDG_STATE_HOME/llm_proxy/state-PORT.db, else ~/.local/state/...; off: "
+            "memory only)"),
+    Setting("STATE_FLUSH_SECONDS", "1", _seconds,
+            "seconds between two writes of what changed to STATE_DB (at most this much is lost "
+            "if the process is killed)"),
+    Setting("LEDGER_RETENTION_DAYS", "400", _integer(1), "days of usage the ledger keeps"),
+    Setting("TOKENS_PER_DAY", "", _optional_count,
+            "tokens each key may be charged per day (empty: no such quota)"),
+    Setting("TOKENS_PER_MONTH", "", _optional_count,
+            "tokens each key may be charged per calendar month (empty: no such quota)"),
+    Setting("REQUESTS_PER_DAY", "", _optional_count,
+            "charged requests each key may make per day (empty: no such quota)"),
+    Setting("QUOTA_TIMEZONE", "UTC", _zone,
+            "IANA time zone in which days and months turn over, e.g. Europe/Berlin"),
     Setting("MAX_BUCKETS", "100000", _integer(0),
             "open mode: buckets held at most, the least recently used forgotten beyond it "
             "(0: no limit)"),
@@ -503,7 +538,9 @@ class _ConfigRules:
         """The policy of every key that the keys file does not describe."""
         c: Config = self  # type: ignore[assignment]
         return KeyPolicy(None, c.bucket_policy, c.request_token_cost, c.token_cost_mode,
-                         c.limit_response, c.response_token_reserve)
+                         c.limit_response, c.response_token_reserve,
+                         calendar=CalendarLimits(c.tokens_per_day, c.tokens_per_month,
+                                                 c.requests_per_day))
 
     def warnings(self) -> list[str]:
         """Settings that are valid but almost certainly not what the operator meant."""
@@ -561,6 +598,11 @@ class KeyPolicy:
     response_token_reserve: int
     models: frozenset[str] | None = None
     disabled: bool = False
+    calendar: "CalendarLimits" = None  # type: ignore[assignment]  (set by __post_init__)
+
+    def __post_init__(self) -> None:
+        if self.calendar is None:
+            object.__setattr__(self, "calendar", CalendarLimits())
 
 
 #: Fields of a keys-file entry, with the check each value must pass.
@@ -576,6 +618,9 @@ _ENTRY_FIELDS: dict[str, Callable[[object], bool]] = {
     "limit_response": lambda v: v in ("message", "429"),
     "models": lambda v: isinstance(v, list) and all(isinstance(m, str) and m for m in v),
     "disabled": lambda v: isinstance(v, bool),
+    "tokens_per_day": lambda v: v is None or type(v) is int and v >= 1,
+    "tokens_per_month": lambda v: v is None or type(v) is int and v >= 1,
+    "requests_per_day": lambda v: v is None or type(v) is int and v >= 1,
 }
 _FIELD_RULES = {
     "name": "a non-empty string", "key": "printable ASCII without spaces",
@@ -584,7 +629,9 @@ _FIELD_RULES = {
     "refill_interval_seconds": "a positive number", "request_token_cost":
     "a whole number of at least 1", "token_cost_mode": "one of " + ", ".join(COST_MODES),
     "limit_response": "message or 429", "models": "a list of model names",
-    "disabled": "true or false",
+    "disabled": "true or false", "tokens_per_day": "a whole number of at least 1, or null",
+    "tokens_per_month": "a whole number of at least 1, or null",
+    "requests_per_day": "a whole number of at least 1, or null",
 }
 
 
@@ -652,11 +699,13 @@ def key_policies(entries: Sequence[object], config: Config, path: str = "KEYS_FI
                               float(entry.get("refill_interval_seconds",
                                               base.bucket.refill_interval)))
         models = frozenset(entry["models"]) if "models" in entry else None
+        calendar = CalendarLimits(*(entry.get(name, getattr(base.calendar, name)) for name in (
+            "tokens_per_day", "tokens_per_month", "requests_per_day")))
         found.append((digest, KeyPolicy(
             entry["name"], bucket, entry.get("request_token_cost", base.request_token_cost),
             entry.get("token_cost_mode", base.token_cost_mode),
             entry.get("limit_response", base.limit_response), base.response_token_reserve,
-            models, entry.get("disabled", False))))
+            models, entry.get("disabled", False), calendar)))
     return found
 
 
@@ -744,14 +793,111 @@ class BucketPolicy:
 
 
 @dataclass(frozen=True)
+class CalendarLimits:
+    """A key's calendar quotas, beside its bucket (None: no such quota). Days and months turn
+    over at midnight in QUOTA_TIMEZONE."""
+    tokens_per_day: int | None = None
+    tokens_per_month: int | None = None
+    requests_per_day: int | None = None
+
+    def __bool__(self) -> bool:
+        return any(v is not None for v in (self.tokens_per_day, self.tokens_per_month,
+                                            self.requests_per_day))
+
+
+class Periods(typing.NamedTuple):
+    """The current day and month (in QUOTA_TIMEZONE) and the seconds until each ends."""
+    day: str                # "2026-12-01"
+    month: str              # "2026-12"
+    day_left: float
+    month_left: float
+
+
+class CalendarQuota(typing.NamedTuple):
+    """How one calendar quota of a key stands."""
+    name: str               # "tokens_per_day", "tokens_per_month" or "requests_per_day"
+    limit: int
+    used: int
+    reset_seconds: float    # until the day or month ends
+
+    @property
+    def remaining(self) -> int:
+        return max(0, self.limit - self.used)
+
+
+def calendar_quotas(limits: CalendarLimits, periods: Periods, day: Sequence[int],
+                    month: Sequence[int]) -> tuple[CalendarQuota, ...]:
+    """How each of a key's calendar quotas stands, from its day's and month's counters
+    ([tokens, requests])."""
+    found = []
+    if limits.tokens_per_day is not None:
+        found.append(CalendarQuota("tokens_per_day", limits.tokens_per_day, day[0],
+                                   periods.day_left))
+    if limits.tokens_per_month is not None:
+        found.append(CalendarQuota("tokens_per_month", limits.tokens_per_month, month[0],
+                                   periods.month_left))
+    if limits.requests_per_day is not None:
+        found.append(CalendarQuota("requests_per_day", limits.requests_per_day, day[1],
+                                   periods.day_left))
+    return tuple(found)
+
+
+class Calendar:
+    """Days and months in QUOTA_TIMEZONE, on an injected wall clock (`wall`, time.time)."""
+
+    def __init__(self, zone: str = "UTC", wall: Callable[[], float] = time.time) -> None:
+        self.wall = wall
+        self.zone = zone
+        self.tz: datetime.tzinfo = time_zone(zone)
+
+    def periods(self, now: float | None = None) -> Periods:
+        now = self.wall() if now is None else now
+        local = datetime.datetime.fromtimestamp(now, self.tz)
+        tomorrow = local.date() + datetime.timedelta(days=1)
+        next_month = (local.replace(day=1) + datetime.timedelta(days=32)).date().replace(day=1)
+        day_end = datetime.datetime.combine(tomorrow, datetime.time(), self.tz).timestamp()
+        month_end = datetime.datetime.combine(next_month, datetime.time(), self.tz).timestamp()
+        return Periods(local.strftime("%Y-%m-%d"), local.strftime("%Y-%m"),
+                       day_end - now, month_end - now)
+
+    def start_of(self, period: str) -> float:
+        """When a day ("2026-12-01") or a month ("2026-12") began, on the wall clock."""
+        date = datetime.date.fromisoformat(period if len(period) == 10 else period + "-01")
+        return datetime.datetime.combine(date, datetime.time(), self.tz).timestamp()
+
+
+def time_zone(name: str) -> datetime.tzinfo:
+    """The IANA time zone `name` (UTC needs no time zone database), or ConfigError."""
+    if name.upper() == "UTC":
+        return datetime.timezone.utc
+    try:
+        import zoneinfo  # only needed for a zone other than UTC
+        return zoneinfo.ZoneInfo(name)
+    except (ImportError, ValueError, OSError, KeyError):  # (ZoneInfoNotFoundError: a KeyError)
+        raise ConfigError(f"QUOTA_TIMEZONE: unknown time zone {name!r} (an IANA name such as "
+                          "Europe/Berlin is needed, and the system's time zone data)") from None
+
+
+class StoreChanges(typing.NamedTuple):
+    """What changed in a bucket store since a state file last took it (see changes())."""
+    buckets: dict[str, tuple | None]  # (tokens, anchor, capacity, refill tokens, interval)
+    counters: dict[str, list[int]]
+    periods: dict[tuple[str, str], list[int] | None]
+
+
+@dataclass(frozen=True)
 class Quota:
-    """What a bucket said about one request: admitted or not, and the numbers for the headers."""
+    """What a bucket (and a key's calendar quotas) said about one request: admitted or not, and
+    the numbers for the headers. `limited_by` names what refused it ("bucket", or a calendar
+    quota's name) and `wait_seconds` is then the real wait."""
     admitted: bool
     limit: int
     remaining: int
     reset_seconds: float   # until the next refill; 0 when the bucket is full
     wait_seconds: float    # until this cost could be admitted; 0 when admitted; inf if never
     policy: BucketPolicy
+    limited_by: str = ""
+    calendar: tuple[CalendarQuota, ...] = ()
 
 
 class _Bucket:
@@ -805,6 +951,11 @@ class MemoryBucketStore:
         self._lock = threading.Lock()
         self.max_buckets = max_buckets
         self._buckets: dict[str, _Bucket] = {}  # least recently used first
+        #: calendar quota counters: (bucket key, "d:2026-12-01" or "m:2026-12") -> [tokens, requests]
+        self._periods: dict[tuple[str, str], list[int]] = {}
+        #: what changed since the state file last took it (changes()); only while `persistent`
+        self.persistent = False
+        self._changed: tuple[set[str], set[str], set[tuple[str, str]]] = (set(), set(), set())
         self._usage: dict[str, list[int]] = {}
         self._last_sweep = clock()
 
@@ -829,28 +980,65 @@ class MemoryBucketStore:
             self._buckets[key] = bucket
             if self.max_buckets and len(self._buckets) > self.max_buckets:
                 del self._buckets[next(iter(self._buckets))]  # the least recently used
+        if self.persistent:
+            self._changed[0].add(key)
 
-    def take(self, key: str, cost: int, policy: BucketPolicy) -> Quota:
-        """Spend `cost` tokens if the bucket holds them; say how it stands either way. The
-        key's counters (requests, limited requests, tokens charged) move with it."""
+    def take(self, key: str, cost: int, policy: BucketPolicy,
+             limits: CalendarLimits | None = None, periods: Periods | None = None) -> Quota:
+        """Spend `cost` tokens if the bucket holds them and every calendar quota allows them,
+        in one step (no over-admission under concurrency); say how it stands either way. A
+        refused request is charged nothing anywhere. The key's counters (requests, limited
+        requests, tokens charged) move with it."""
         with self._lock:
             now = self._clock()
             if now - self._last_sweep >= SWEEP_EVERY_SECONDS:
-                self._sweep(now)
+                self._sweep(now, periods)
             bucket = self._load(key, policy, now)
-            admitted = bucket.tokens >= cost
+            day = month = None
+            calendar: tuple[CalendarQuota, ...] = ()
+            if limits and periods is not None:
+                day = self._period(key, "d:" + periods.day)
+                month = self._period(key, "m:" + periods.month)
+                calendar = calendar_quotas(limits, periods, day, month)
+            exhausted = [(q.reset_seconds, q.name) for q in calendar
+                         if q.used + (1 if q.name == "requests_per_day" else cost) > q.limit]
+            admitted = bucket.tokens >= cost and not exhausted
             if admitted:
                 bucket.tokens -= cost
                 self._count(key, 1, 0, 0, 0, cost)
+                if day is not None and month is not None and periods is not None:
+                    day[0], day[1], month[0], month[1] = day[0] + cost, day[1] + 1, \
+                        month[0] + cost, month[1] + 1
+                    self._mark_periods(key, periods)
+                    calendar = calendar_quotas(limits, periods, day, month)  # type: ignore[arg-type]
             else:
                 self._count(key, 1, 1, 0, 0, 0)
             self._store(key, bucket)
-            return bucket.quota(admitted, cost, now)
+            quota = bucket.quota(admitted, cost, now)
+            if not admitted:
+                waits = exhausted + ([] if bucket.tokens >= cost else
+                                     [(quota.wait_seconds, "bucket")])
+                wait, limited_by = max(waits)
+                quota = dataclasses.replace(quota, wait_seconds=wait, limited_by=limited_by)
+            return dataclasses.replace(quota, calendar=calendar) if calendar else quota
+
+    def _period(self, key: str, period: str) -> list[int]:
+        counts = self._periods.get((key, period))
+        if counts is None:
+            counts = self._periods[(key, period)] = [0, 0]
+        return counts
+
+    def _mark_periods(self, key: str, periods: Periods) -> None:
+        if self.persistent:
+            self._changed[2].update(((key, "d:" + periods.day), (key, "m:" + periods.month)))
 
     def settle(self, key: str, delta: int, policy: BucketPolicy, *, prompt: int = 0,
-               completion: int = 0) -> Quota:
+               completion: int = 0, periods: Periods | None = None,
+               refund: bool = False) -> Quota:
         """Charge `delta` more tokens once a request's real cost is known, or give back -delta
-        (and count the prompt and completion tokens it used).
+        (and count the prompt and completion tokens it used). The calendar quotas of the day
+        and month it was admitted in (`periods`) settle the same way; a refund gives its
+        request back too.
 
         Unlike take(), this may leave the balance below zero (a debt): the request was already
         served. Later refills pay the debt first. A refund never fills a bucket beyond full.
@@ -862,11 +1050,26 @@ class MemoryBucketStore:
             bucket.refill(now)
             self._store(key, bucket)
             self._count(key, 0, 0, prompt, completion, delta)
+            if periods is not None:
+                for name in ("d:" + periods.day, "m:" + periods.month):
+                    counts = self._periods.get((key, name))
+                    if counts is not None:
+                        counts[0] = max(0, counts[0] + delta)
+                        counts[1] = max(0, counts[1] - (1 if refund else 0))
+                self._mark_periods(key, periods)
             return bucket.quota(True, 0, now)
 
     def refund(self, key: str, amount: int, policy: BucketPolicy) -> Quota:
         """Give back tokens taken for a request the upstream never served."""
-        return self.settle(key, -amount, policy)
+        return self.settle(key, -amount, policy, refund=True)
+
+    def calendar(self, key: str, limits: CalendarLimits,
+                 periods: Periods) -> tuple[CalendarQuota, ...]:
+        """How the key's calendar quotas stand now."""
+        with self._lock:
+            day = self._periods.get((key, "d:" + periods.day)) or [0, 0]
+            month = self._periods.get((key, "m:" + periods.month)) or [0, 0]
+            return calendar_quotas(limits, periods, day, month)
 
     def record(self, key: str, *, requests: int = 0, limited: int = 0, prompt: int = 0,
                completion: int = 0, charged: int = 0) -> None:
@@ -888,6 +1091,8 @@ class MemoryBucketStore:
         self._usage[key] = counters
         if len(self._usage) > MAX_TRACKED_KEYS:
             del self._usage[next(iter(self._usage))]
+        if self.persistent:
+            self._changed[1].add(key)
 
     def usage(self, key: str) -> dict[str, int]:
         with self._lock:
@@ -905,7 +1110,7 @@ class MemoryBucketStore:
                 self._store(key, bucket)  # drops it if it has refilled to full
             return bucket.quota(True, 0, now)
 
-    def _sweep(self, now: float) -> None:
+    def _sweep(self, now: float, periods: Periods | None = None) -> None:
         full = []
         for key, bucket in self._buckets.items():
             bucket.refill(now)
@@ -913,18 +1118,79 @@ class MemoryBucketStore:
                 full.append(key)
         for key in full:
             del self._buckets[key]
+            if self.persistent:
+                self._changed[0].add(key)
+        if periods is not None:  # counters of days and months gone by are not needed
+            current = {"d:" + periods.day, "m:" + periods.month}
+            for entry in [e for e in self._periods if e[1] not in current]:
+                del self._periods[entry]
+                if self.persistent:
+                    self._changed[2].add(entry)
         self._last_sweep = now
+
+    # -- for the state file -----------------------------------------------------------------
+
+    def changes(self, wall: float) -> "StoreChanges":
+        """What changed since the last call (then forgotten): each changed bucket as (tokens,
+        the anchor of its refill grid on the wall clock `wall`, its policy's capacity, refill
+        tokens and interval), or None when it is full again (no longer held); each changed
+        key's counters; each changed quota counter."""
+        with self._lock:
+            buckets_changed, counters_changed, periods_changed = self._changed
+            self._changed = (set(), set(), set())
+            offset = wall - self._clock()
+            buckets: dict[str, tuple | None] = {}
+            for key in buckets_changed:
+                bucket = self._buckets.get(key)
+                buckets[key] = None if bucket is None else (
+                    bucket.tokens, bucket.anchor + offset, bucket.policy.capacity,
+                    bucket.policy.refill_tokens, bucket.policy.refill_interval)
+            counters = {k: list(self._usage[k]) for k in counters_changed if k in self._usage}
+            periods = {e: list(self._periods[e]) if e in self._periods else None
+                       for e in periods_changed}
+        return StoreChanges(buckets, counters, periods)
+
+    def mark_changed(self, changes: "StoreChanges") -> None:
+        """Changes that could not be written: to be taken again by the next changes()."""
+        with self._lock:
+            self._changed[0].update(changes.buckets)
+            self._changed[1].update(changes.counters)
+            self._changed[2].update(changes.periods)
+
+    def restore(self, buckets: dict[str, tuple[int, float, BucketPolicy]],
+                counters: dict[str, list[int]], periods: dict[tuple[str, str], list[int]],
+                wall: float) -> None:
+        """Take back the state a state file kept: each bucket's tokens and the anchor of its
+        refill grid on the wall clock `wall` (a refill due meanwhile is applied as the grid
+        says when the bucket is next used)."""
+        with self._lock:
+            offset = self._clock() - wall
+            for key, (tokens, anchor, policy) in buckets.items():
+                self._buckets[key] = _Bucket(tokens, anchor + offset, policy)
+            self._usage.update(counters)
+            self._periods.update(periods)
 
 
 #: One atomic step on a bucket held in a Redis hash {t: tokens, a: anchor}, on the Redis server's
 #: clock (so instances with skewed clocks agree), with the same rules as _Bucket: refill on the
 #: bucket's grid, a full bucket is deleted (it is the same as a new one), and the hash expires
 #: when it would have refilled to full. The key's usage counters (a second hash) move in the same
-#: step, so a request costs one round trip. Returns {admitted, tokens, anchor, now} as strings.
+#: step, so a request costs one round trip. So do the key's calendar quota counters (hashes
+#: {t: tokens, r: requests} of its day and month, KEYS[3] and KEYS[4], when ARGV[9] is "1"):
+#: take admits only when the bucket and every quota (ARGV[10..12], -1 for none) allow it, and
+#: then moves them all. Returns {admitted, tokens, anchor, now, day tokens, day requests,
+#: month tokens} as strings.
 _BUCKET_SCRIPT = """
 local op, amount = ARGV[1], tonumber(ARGV[2])
 local cap, refill, interval = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local prompt, completion, usage_ttl = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+local calendar = ARGV[9] == '1'
+local day_tokens, day_requests, month_tokens = 0, 0, 0
+if calendar then
+  day_tokens = tonumber(redis.call('HGET', KEYS[3], 't') or '0')
+  day_requests = tonumber(redis.call('HGET', KEYS[3], 'r') or '0')
+  month_tokens = tonumber(redis.call('HGET', KEYS[4], 't') or '0')
+end
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
 local tokens = tonumber(redis.call('HGET', KEYS[1], 't'))
@@ -941,10 +1207,37 @@ end
 if tokens >= cap then tokens, anchor = cap, now end
 local admitted = 1
 if op == 'take' then
-  if tokens >= amount then tokens = tokens - amount else admitted = 0 end
+  local per_day, per_month, requests = tonumber(ARGV[10]), tonumber(ARGV[11]), tonumber(ARGV[12])
+  if tokens < amount or (calendar and ((per_day >= 0 and day_tokens + amount > per_day)
+      or (per_month >= 0 and month_tokens + amount > per_month)
+      or (requests >= 0 and day_requests + 1 > requests))) then
+    admitted = 0
+  else
+    tokens = tokens - amount
+    if calendar then
+      day_tokens, day_requests = day_tokens + amount, day_requests + 1
+      month_tokens = month_tokens + amount
+      redis.call('HSET', KEYS[3], 't', day_tokens, 'r', day_requests)
+      redis.call('HINCRBY', KEYS[4], 't', amount)
+      redis.call('HINCRBY', KEYS[4], 'r', 1)
+      redis.call('EXPIRE', KEYS[3], 172800)
+      redis.call('EXPIRE', KEYS[4], 2764800)
+    end
+  end
 elseif op == 'settle' then
   tokens = math.min(cap, tokens - amount)
   if tokens >= cap then tokens, anchor = cap, now end
+  if calendar then  -- the day and month the request was admitted in
+    local refunded = ARGV[13] == '1' and 1 or 0
+    day_tokens = math.max(0, day_tokens + amount)
+    day_requests = math.max(0, day_requests - refunded)
+    month_tokens = math.max(0, month_tokens + amount)
+    redis.call('HSET', KEYS[3], 't', day_tokens, 'r', day_requests)
+    redis.call('HSET', KEYS[4], 't', month_tokens)
+    redis.call('HINCRBY', KEYS[4], 'r', -refunded)
+    redis.call('EXPIRE', KEYS[3], 172800)
+    redis.call('EXPIRE', KEYS[4], 2764800)
+  end
 end
 if tokens >= cap then
   redis.call('DEL', KEYS[1])
@@ -967,7 +1260,8 @@ elseif op == 'settle' then
   if completion > 0 then redis.call('HINCRBY', KEYS[2], 'completion_tokens', completion) end
   redis.call('EXPIRE', KEYS[2], usage_ttl)
 end
-return {admitted, tostring(tokens), string.format('%.6f', anchor), string.format('%.6f', now)}
+return {admitted, tostring(tokens), string.format('%.6f', anchor), string.format('%.6f', now),
+        tostring(day_tokens), tostring(day_requests), tostring(month_tokens)}
 """
 USAGE_FIELDS = ("requests", "limited_requests", "prompt_tokens", "completion_tokens",
                 "tokens_charged")
@@ -1027,19 +1321,32 @@ class RedisBucketStore:
         return {"backend": "redis", "reachable": not self._down,
                 "failure_mode": "closed" if self.closed_mode else "local"}
 
-    def take(self, key: str, cost: int, policy: BucketPolicy) -> Quota:
-        return self._either(lambda: self._bucket("take", key, cost, policy),
-                            lambda: self.local.take(key, cost, policy))
+    def take(self, key: str, cost: int, policy: BucketPolicy,
+             limits: CalendarLimits | None = None, periods: Periods | None = None) -> Quota:
+        return self._either(lambda: self._bucket("take", key, cost, policy, limits=limits,
+                                                 periods=periods),
+                            lambda: self.local.take(key, cost, policy, limits, periods))
 
     def settle(self, key: str, delta: int, policy: BucketPolicy, *, prompt: int = 0,
-               completion: int = 0) -> Quota:
+               completion: int = 0, periods: Periods | None = None,
+               refund: bool = False) -> Quota:
         return self._either(lambda: self._bucket("settle", key, delta, policy, prompt,
-                                                 completion),
+                                                 completion, periods=periods, refund=refund),
                             lambda: self.local.settle(key, delta, policy, prompt=prompt,
-                                                      completion=completion))
+                                                      completion=completion, periods=periods,
+                                                      refund=refund))
 
     def refund(self, key: str, amount: int, policy: BucketPolicy) -> Quota:
-        return self.settle(key, -amount, policy)
+        return self.settle(key, -amount, policy, refund=True)
+
+    def calendar(self, key: str, limits: CalendarLimits,
+                 periods: Periods) -> tuple[CalendarQuota, ...]:
+        def remote() -> tuple[CalendarQuota, ...]:
+            day = self._redis.hmget(self._period_name(key, "d:" + periods.day), "t", "r")
+            month = self._redis.hmget(self._period_name(key, "m:" + periods.month), "t", "r")
+            return calendar_quotas(limits, periods, [int(v or 0) for v in day],
+                                   [int(v or 0) for v in month])
+        return self._either(remote, lambda: self.local.calendar(key, limits, periods))
 
     def peek(self, key: str, policy: BucketPolicy) -> Quota:
         return self._either(lambda: self._bucket("peek", key, 0, policy),
@@ -1073,14 +1380,41 @@ class RedisBucketStore:
         # the digest in braces is a hash tag: both of a key's hashes land on one Cluster slot
         return f"{self.prefix}{kind}{{{key_digest(key)}}}"
 
+    def ledger(self, retention_days: int) -> "RedisLedger":
+        """The usage ledger beside these buckets."""
+        return RedisLedger(self._redis, self.prefix, retention_days, self._errors)
+
+    def _period_name(self, key: str, period: str) -> str:
+        return f"{self.prefix}q:{{{key_digest(key)}}}:{period}"
+
     def _bucket(self, op: str, key: str, amount: int, policy: BucketPolicy, prompt: int = 0,
-                completion: int = 0) -> Quota:
-        admitted, tokens, anchor, now = self._script(
-            keys=[self._name("b:", key), self._name("u:", key)],
+                completion: int = 0, *, limits: CalendarLimits | None = None,
+                periods: Periods | None = None, refund: bool = False) -> Quota:
+        calendar = periods is not None and (op == "settle" or bool(limits))
+        day = self._period_name(key, "d:" + periods.day) if periods else self._name("b:", key)
+        month = self._period_name(key, "m:" + periods.month) if periods else day
+        limit = [-1 if v is None else v for v in (
+            limits.tokens_per_day, limits.tokens_per_month, limits.requests_per_day)] \
+            if limits else [-1, -1, -1]
+        admitted, tokens, anchor, now, day_t, day_r, month_t = self._script(
+            keys=[self._name("b:", key), self._name("u:", key), day, month],
             args=[op, amount, policy.capacity, policy.refill_tokens, policy.refill_interval,
-                  prompt, completion, USAGE_TTL_SECONDS])
+                  prompt, completion, USAGE_TTL_SECONDS, "1" if calendar else "0", *limit,
+                  "1" if refund else "0"])
         bucket = _Bucket(int(float(tokens)), float(anchor), policy)
-        return bucket.quota(bool(int(admitted)), amount if op == "take" else 0, float(now))
+        quota = bucket.quota(bool(int(admitted)), amount if op == "take" else 0, float(now))
+        if op != "take" or not calendar or not limits or periods is None:
+            return quota
+        counts = calendar_quotas(limits, periods, [int(day_t), int(day_r)], [int(month_t), 0])
+        if quota.admitted:
+            return dataclasses.replace(quota, calendar=counts)
+        waits = [(q.reset_seconds, q.name) for q in counts
+                 if q.used + (1 if q.name == "requests_per_day" else amount) > q.limit]
+        if bucket.tokens < amount:
+            waits.append((quota.wait_seconds, "bucket"))
+        wait, limited_by = max(waits)
+        return dataclasses.replace(quota, wait_seconds=wait, limited_by=limited_by,
+                                   calendar=counts)
 
     def _either(self, remote: Callable[[], object], local: Callable[[], object]) -> object:
         """Redis when it is up (or due for a probe by this request), else the failure mode."""
@@ -1138,6 +1472,439 @@ def max_buckets_of(config: Config) -> int:
 
 #: Either bucket store: the same interface and the same semantics.
 BucketStore = typing.Union[MemoryBucketStore, RedisBucketStore]
+
+
+# ########################################################################### state ####
+
+# What the operator relies on outlives the process. Requests change balances, counters,
+# calendar quota counters and the usage ledger in memory, as before; a writer thread copies
+# what changed into an SQLite file (WAL) every STATE_FLUSH_SECONDS and at shutdown, in one
+# transaction. Requests never wait for the disk; a crash loses at most one flush interval.
+
+LEDGER_FIELDS = ("requests", "limited_requests", "prompt_tokens", "completion_tokens",
+                 "tokens_charged")
+
+
+class LedgerKey(typing.NamedTuple):
+    """One row of the usage ledger: a key's use of a model on a kind of route in an hour."""
+    hour: int               # the hour's start, UTC epoch seconds
+    key: str                # the bucket key ("key:" + digest, or "ip:" + address)
+    name: str               # the key's name (or short hash) in reports
+    model: str
+    kind: str               # the route's kind: generate or embed
+
+
+class Ledger:
+    """Usage per key x model x route kind x hour, added as requests end. Without a state file
+    it is all here (the last LEDGER_RETENTION_DAYS); with one, here is what the file has not
+    taken yet (take(), put_back() when the write failed)."""
+
+    def __init__(self, retention_days: int) -> None:
+        self._lock = threading.Lock()
+        self._rows: dict[LedgerKey, list[int]] = {}
+        self.retention = retention_days * 86400
+
+    def add(self, entry: LedgerKey, counts: Sequence[int]) -> None:
+        with self._lock:
+            row = self._rows.get(entry)
+            if row is None:
+                self._rows[entry] = list(counts)
+                if len(self._rows) % 4096 == 0:  # (only a ledger no file takes grows)
+                    cutoff = entry.hour - self.retention
+                    for old in [e for e in self._rows if e.hour < cutoff]:
+                        del self._rows[old]
+            else:
+                for i, value in enumerate(counts):
+                    row[i] += value
+
+    def take(self) -> dict[LedgerKey, list[int]]:
+        with self._lock:
+            rows, self._rows = self._rows, {}
+        return rows
+
+    def put_back(self, rows: Mapping[LedgerKey, Sequence[int]]) -> None:
+        for entry, counts in rows.items():
+            self.add(entry, counts)
+
+    def rows(self, since: float, until: float,
+             key: str | None = None) -> list[tuple[LedgerKey, list[int]]]:
+        """The rows of hours from `since` to before `until` (of one bucket key)."""
+        with self._lock:
+            return [(e, list(c)) for e, c in self._rows.items()
+                    if since <= e.hour < until and (key is None or e.key == key)]
+
+
+
+def state_path(config: Config) -> str:
+    """Where the state lives: STATE_DB, its default file, or "" (off, or kept in Redis)."""
+    if config.state_db.lower() == "off" or config.redis_url:
+        return ""
+    return config.state_db or default_state_path(config.port)
+
+
+def default_state_path(port: int, environ: Mapping[str, str] | None = None) -> str:
+    """$XDG_STATE_HOME/llm_proxy/state-PORT.db, else ~/.local/state/llm_proxy/state-PORT.db:
+    two proxies on one machine do not share a file by accident."""
+    environ = os.environ if environ is None else environ
+    base = environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local",
+                                                         "state")
+    return os.path.join(base, "llm_proxy", f"state-{port}.db")
+
+
+_SCHEMA_V1 = """
+CREATE TABLE buckets (key TEXT PRIMARY KEY, tokens INTEGER NOT NULL, anchor REAL NOT NULL,
+                      capacity INTEGER NOT NULL, refill_tokens INTEGER NOT NULL,
+                      refill_interval REAL NOT NULL);
+CREATE TABLE counters (key TEXT PRIMARY KEY, requests INTEGER NOT NULL,
+                       limited_requests INTEGER NOT NULL, prompt_tokens INTEGER NOT NULL,
+                       completion_tokens INTEGER NOT NULL, tokens_charged INTEGER NOT NULL);
+CREATE TABLE periods (key TEXT NOT NULL, period TEXT NOT NULL, tokens INTEGER NOT NULL,
+                      requests INTEGER NOT NULL, PRIMARY KEY (key, period));
+CREATE TABLE ledger (hour INTEGER NOT NULL, key TEXT NOT NULL, name TEXT NOT NULL,
+                     model TEXT NOT NULL, kind TEXT NOT NULL, requests INTEGER NOT NULL,
+                     limited_requests INTEGER NOT NULL, prompt_tokens INTEGER NOT NULL,
+                     completion_tokens INTEGER NOT NULL, tokens_charged INTEGER NOT NULL,
+                     PRIMARY KEY (hour, key, name, model, kind)) WITHOUT ROWID;
+CREATE INDEX ledger_by_key ON ledger (key, hour);
+"""
+#: schema version -> the step that brings a file from it to the next (PRAGMA user_version)
+MIGRATIONS: dict[int, str] = {0: _SCHEMA_V1}
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class StateFile:
+    """The proxy's state in one SQLite file, held by one process at a time.
+
+    Opening it (start-up) creates it and its folder when needed, takes its lock (a proxy that
+    finds the file held by another live proxy refuses to start), brings the schema up to date
+    (PRAGMA user_version, one migration step per version) and checks it can be read and
+    written: anything wrong is a ConfigError naming the path. load() hands the buckets (their
+    balances, debts and refill grids), counters and calendar counters back to a store; write()
+    takes what changed, in one transaction. read_ledger() is for reports, which may run while
+    the proxy does (another process reading the same file: WAL allows it).
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._lock_file = None
+        folder = os.path.dirname(os.path.abspath(path))
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as err:
+            raise ConfigError(f"STATE_DB {path}: its folder cannot be created "
+                              f"({err.strerror or err})") from None
+        self._take_lock()
+        try:
+            self.db = sqlite3.connect(path, timeout=5, isolation_level=None,
+                                      check_same_thread=False)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")  # (WAL: a crash loses no commit)
+            self._migrate()
+            self.db.execute("BEGIN IMMEDIATE")  # can it be written?
+            self.db.execute("COMMIT")
+        except sqlite3.Error as err:
+            self.close()
+            raise ConfigError(f"STATE_DB {path}: {_state_problem(err)}") from None
+
+    def _take_lock(self) -> None:
+        try:
+            import fcntl  # POSIX; elsewhere one process per file is the operator's care
+        except ImportError:
+            return
+        try:
+            self._lock_file = open(self.path + ".lock", "a+")
+        except OSError as err:
+            raise ConfigError(f"STATE_DB {self.path}: cannot be used ({err.strerror or err})"
+                              ) from None
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock_file.seek(0)
+            holder = self._lock_file.read().strip() or "?"
+            self._lock_file.close()
+            self._lock_file = None
+            raise ConfigError(f"STATE_DB {self.path} is in use by another llm_proxy (pid "
+                              f"{holder}); give each proxy its own STATE_DB or PORT") from None
+        self._lock_file.seek(0)
+        self._lock_file.truncate()
+        self._lock_file.write(str(os.getpid()))
+        self._lock_file.flush()
+
+    def _migrate(self) -> None:
+        version = self.db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise ConfigError(f"STATE_DB {self.path}: written by a newer llm_proxy (schema "
+                              f"{version}, this one knows {SCHEMA_VERSION})")
+        while version < SCHEMA_VERSION:  # each step whole or not at all
+            try:
+                self.db.executescript(f"BEGIN IMMEDIATE; {MIGRATIONS[version]} "
+                                      f"PRAGMA user_version = {version + 1}; COMMIT;")
+            except BaseException:
+                if self.db.in_transaction:
+                    self.db.execute("ROLLBACK")
+                raise
+            version += 1
+
+    def load(self, store: "MemoryBucketStore", wall: float) -> None:
+        try:
+            buckets = {key: (tokens, anchor, BucketPolicy(capacity, refill, interval))
+                       for key, tokens, anchor, capacity, refill, interval in self.db.execute(
+                           "SELECT key, tokens, anchor, capacity, refill_tokens, refill_interval "
+                           "FROM buckets")}
+            counters = {row[0]: list(row[1:]) for row in self.db.execute(
+                "SELECT key, " + ", ".join(LEDGER_FIELDS) + " FROM counters")}
+            periods = {(key, period): [tokens, requests] for key, period, tokens, requests in
+                       self.db.execute("SELECT key, period, tokens, requests FROM periods")}
+        except sqlite3.Error as err:
+            raise ConfigError(f"STATE_DB {self.path}: {_state_problem(err)}") from None
+        store.restore(buckets, counters, periods, wall)
+
+    def write(self, changes: StoreChanges, ledger: Mapping[LedgerKey, Sequence[int]],
+              prune_before: float) -> None:
+        """Write what changed in one transaction (sqlite3.Error if it cannot be written)."""
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for key, bucket in changes.buckets.items():
+                if bucket is None:
+                    db.execute("DELETE FROM buckets WHERE key = ?", (key,))
+                else:
+                    db.execute("INSERT OR REPLACE INTO buckets VALUES (?, ?, ?, ?, ?, ?)",
+                               (key, *bucket))
+            db.executemany("INSERT OR REPLACE INTO counters VALUES (?, ?, ?, ?, ?, ?)",
+                           [(key, *values) for key, values in changes.counters.items()])
+            for (key, period), counts in changes.periods.items():
+                if counts is None:
+                    db.execute("DELETE FROM periods WHERE key = ? AND period = ?", (key, period))
+                else:
+                    db.execute("INSERT OR REPLACE INTO periods VALUES (?, ?, ?, ?)",
+                               (key, period, *counts))
+            db.executemany(
+                "INSERT INTO ledger VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO UPDATE "
+                "SET " + ", ".join(f"{f} = {f} + excluded.{f}" for f in LEDGER_FIELDS),
+                [(*entry, *counts) for entry, counts in ledger.items()])
+            db.execute("DELETE FROM ledger WHERE hour < ?", (int(prune_before),))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def close(self) -> None:
+        db = getattr(self, "db", None)
+        if db is not None:
+            db.close()
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
+
+
+def _state_problem(err: sqlite3.Error) -> str:
+    text = str(err)
+    if "not a database" in text or "malformed" in text:
+        return f"not a readable llm_proxy state file ({text})"
+    if "readonly" in text or "read-only" in text:
+        return f"cannot be written ({text})"
+    if "unable to open" in text:
+        return f"cannot be opened ({text})"
+    return text
+
+
+def read_ledger(path: str, since: float, until: float,
+                key: str | None = None) -> list[tuple[LedgerKey, list[int]]]:
+    """The ledger rows of hours from `since` to before `until` in a state file, read without
+    disturbing the proxy that writes it. ConfigError when it cannot be read."""
+    if not os.path.exists(path):
+        raise ConfigError(f"STATE_DB {path}: no such file")
+    try:
+        db = sqlite3.connect(f"file:{urllib.parse.quote(path)}?mode=ro", uri=True, timeout=5)
+        try:
+            query = ("SELECT hour, key, name, model, kind, " + ", ".join(LEDGER_FIELDS) +
+                     " FROM ledger WHERE hour >= ? AND hour < ?")
+            arguments: tuple = (int(since), int(math.ceil(until)))
+            if key is not None:
+                query += " AND key = ?"
+                arguments += (key,)
+            return [(LedgerKey(*row[:5]), list(row[5:])) for row in db.execute(query, arguments)]
+        finally:
+            db.close()
+    except sqlite3.Error as err:
+        raise ConfigError(f"STATE_DB {path}: {_state_problem(err)}") from None
+
+
+class RedisLedger:
+    """The usage ledger in Redis (with REDIS_URL), shared by every instance: a hash per hour,
+    `REDIS_PREFIX l:HOUR`, whose fields are the row (key, name, model, kind) and a counter,
+    kept LEDGER_RETENTION_DAYS. Written by the StateWriter like a state file."""
+
+    path = "the usage ledger in Redis"
+    SEPARATOR = "\x1f"
+
+    def __init__(self, redis: object, prefix: str, retention_days: int,
+                 errors: tuple[type[BaseException], ...]) -> None:
+        self.redis = redis
+        self.prefix = prefix
+        self.retention = retention_days * 86400
+        self.errors = errors
+
+    def write(self, changes: StoreChanges, ledger: Mapping[LedgerKey, Sequence[int]],
+              prune_before: float) -> None:
+        if not ledger:
+            return
+        pipe = self.redis.pipeline(transaction=False)  # type: ignore[attr-defined]
+        for entry, counts in ledger.items():
+            name = f"{self.prefix}l:{entry.hour}"
+            row = self.SEPARATOR.join(entry[1:])
+            for field, value in zip(LEDGER_FIELDS, counts):
+                if value:
+                    pipe.hincrby(name, row + self.SEPARATOR + field, value)
+            pipe.expireat(name, int(entry.hour + self.retention + 3600))
+        pipe.execute()
+
+    def rows(self, since: float, until: float,
+             key: str | None = None) -> list[tuple[LedgerKey, list[int]]]:
+        found: dict[LedgerKey, list[int]] = {}
+        hours = list(range(int(since // 3600 * 3600), int(until), 3600))
+        pipe = self.redis.pipeline(transaction=False)  # type: ignore[attr-defined]
+        for hour in hours:
+            pipe.hgetall(f"{self.prefix}l:{hour}")
+        for hour, fields in zip(hours, pipe.execute()):
+            if hour < since:
+                continue
+            for raw, value in fields.items():
+                *row, field = raw.decode("utf-8", "replace").split(self.SEPARATOR)
+                if len(row) != 4 or field not in LEDGER_FIELDS or (key and row[0] != key):
+                    continue
+                counts = found.setdefault(LedgerKey(hour, *row), [0] * len(LEDGER_FIELDS))
+                counts[LEDGER_FIELDS.index(field)] += int(value)
+        return list(found.items())
+
+    def close(self) -> None:
+        pass
+
+
+def redis_ledger_rows(config: Config, since: float,
+                      until: float) -> list[tuple[LedgerKey, list[int]]]:
+    """The Redis ledger's rows, for `llm_proxy.py usage` (ConfigError when it cannot)."""
+    store = RedisBucketStore(config, lambda message: None, Metrics())
+    ledger = store.ledger(config.ledger_retention_days)
+    try:
+        return ledger.rows(since, until)
+    except ledger.errors as err:
+        raise ConfigError(f"REDIS_URL: the usage ledger cannot be read ({err})") from None
+
+
+REPORT_GROUPS = ("key", "model", "day", "hour")
+
+
+def usage_report(rows: Iterable[tuple[LedgerKey, Sequence[int]]], by: str,
+                 calendar: Calendar) -> list[dict[str, object]]:
+    """The ledger's rows added up by key (its name), model, day or hour (in QUOTA_TIMEZONE),
+    in order."""
+    groups: dict[str, list[int]] = {}
+    for entry, counts in rows:
+        if by == "key":
+            group = entry.name
+        elif by == "model":
+            group = entry.model
+        else:
+            local = datetime.datetime.fromtimestamp(entry.hour, calendar.tz)
+            group = local.strftime("%Y-%m-%d" if by == "day" else "%Y-%m-%d %H:00")
+        totals = groups.setdefault(group, [0] * len(LEDGER_FIELDS))
+        for i, value in enumerate(counts):
+            totals[i] += value
+    return [{by: group, **dict(zip(LEDGER_FIELDS, totals))}
+            for group, totals in sorted(groups.items())]
+
+
+def format_report(report: list[dict[str, object]], by: str, form: str) -> str:
+    """A report as an aligned table (with a total), CSV, or JSON."""
+    columns = [by, *LEDGER_FIELDS]
+    if form == "json":
+        return json.dumps(report, indent=1) + "\n"
+    if form == "csv":
+        out = io.StringIO()
+        writer = csv.DictWriter(out, columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(report)
+        return out.getvalue()
+    total = {by: "total", **{f: sum(int(r[f]) for r in report) for f in LEDGER_FIELDS}}  # type: ignore[call-overload]
+    table = [columns] + [[str(r[c]) for c in columns] for r in (*report, total)]
+    widths = [max(len(row[i]) for row in table) for i in range(len(columns))]
+    return "".join("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
+                             for i, (cell, w) in enumerate(zip(row, widths))).rstrip() + "\n"
+                   for row in table)
+
+
+def report_window(calendar: Calendar, since: str | None, until: str | None) -> tuple[float, float]:
+    """--since and --until (dates, or date and time, in QUOTA_TIMEZONE; until excluded) as
+    wall-clock times: by default from the start of this month until now."""
+    def moment(text: str, name: str) -> float:
+        try:
+            value = datetime.datetime.fromisoformat(text)
+        except ValueError:
+            raise ConfigError(f"{name}: {text!r} is not a date (2026-11-01) or a date and time "
+                              "(2026-11-01T13:00)") from None
+        return (value if value.tzinfo else value.replace(tzinfo=calendar.tz)).timestamp()
+    start = moment(since, "since") if since else calendar.start_of(calendar.periods().month)
+    end = moment(until, "until") if until else calendar.wall() + 3600
+    return start, end
+
+
+class StateWriter:
+    """The one thread that writes the state file: what changed, every STATE_FLUSH_SECONDS and
+    at stop(). A write that fails (disk full) is logged once per outage; requests go on from
+    memory, nothing is dropped, and the next flush tries again."""
+
+    def __init__(self, state: "StateFile | RedisLedger", store: "MemoryBucketStore | None",
+                 ledger: Ledger, interval: float, log: Callable[[str], None],
+                 wall: Callable[[], float] = time.time) -> None:
+        self.state, self.store, self.ledger = state, store, ledger
+        self.interval = interval
+        self._log = log
+        self._wall = wall
+        self.failing = False
+        self.flushing = threading.Lock()
+        self._stop = threading.Event()
+        self._errors = getattr(state, "errors", (sqlite3.Error,))
+        if store is not None:  # (with Redis only the ledger is written here)
+            store.persistent = True
+        self._thread = threading.Thread(target=self._run, name="llm_proxy-state", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.flush()
+
+    def flush(self) -> bool:
+        """Write what changed now; whether it could be written."""
+        with self.flushing:
+            now = self._wall()
+            changes = self.store.changes(now) if self.store is not None else \
+                StoreChanges({}, {}, {})
+            rows = self.ledger.take()
+            try:
+                self.state.write(changes, rows, now - self.ledger.retention)
+            except self._errors as err:
+                if self.store is not None:
+                    self.store.mark_changed(changes)
+                self.ledger.put_back(rows)
+                if not self.failing:
+                    self.failing = True
+                    self._log(f"warning: {self.state.path} cannot be written ({err}): "
+                              "requests go on from memory; trying again every "
+                              f"{_number(self.interval)} s")
+                return False
+            if self.failing:
+                self.failing = False
+                self._log(f"{self.state.path} is written again")
+            return True
+
+    def stop(self) -> None:
+        """The last write (shutdown): what changed since the last flush."""
+        self._stop.set()
+        self._thread.join(WAIT_FOR_WRITER)
+        self.flush()
+        self.state.close()
 
 
 # ######################################################################### pricing ####
@@ -1584,8 +2351,10 @@ def limit_message(seconds: float) -> str:
 
 
 def rate_limit_headers(quota: Quota) -> list[tuple[str, str]]:
-    """The X-RateLimit-* headers of every charged response (the prototype's names)."""
-    return [
+    """The X-RateLimit-* headers of every charged response (the prototype's names), and for
+    each calendar quota of the key its limit, what remains and the seconds until it resets
+    (X-RateLimit-Limit-Tokens-Day, ...-Remaining-..., ...-Reset-...)."""
+    headers = [
         ("X-RateLimit-Limit", str(quota.limit)),
         ("X-RateLimit-Remaining", str(max(0, quota.remaining))),
         ("X-RateLimit-Reset", str(math.ceil(quota.reset_seconds))),
@@ -1593,6 +2362,28 @@ def rate_limit_headers(quota: Quota) -> list[tuple[str, str]]:
         ("X-RateLimit-Refill-Seconds", _number(quota.policy.refill_interval)),
         ("X-RateLimit-Reset-Seconds", str(math.ceil(quota.wait_seconds))),
     ]
+    for q in quota.calendar:
+        suffix = CALENDAR_HEADER_SUFFIX[q.name]
+        headers += [(f"X-RateLimit-Limit-{suffix}", str(q.limit)),
+                    (f"X-RateLimit-Remaining-{suffix}", str(q.remaining)),
+                    (f"X-RateLimit-Reset-{suffix}", str(math.ceil(q.reset_seconds)))]
+    return headers
+
+
+CALENDAR_HEADER_SUFFIX = {"tokens_per_day": "Tokens-Day", "tokens_per_month": "Tokens-Month",
+                          "requests_per_day": "Requests-Day"}
+#: What the limit answer says ran out, for each thing that can refuse a request.
+LIMIT_TEXTS = {"tokens_per_day": "daily limit reached, resets in {}",
+               "tokens_per_month": "monthly limit reached, resets in {}",
+               "requests_per_day": "daily request limit reached, resets in {}"}
+
+
+def reset_text(seconds: float) -> str:
+    """'N s', 'N min', 'N h' or 'N days', rounded up: how far away a reset is."""
+    if seconds < 3600:
+        return wait_text(seconds)
+    hours = math.ceil(seconds / 3600)
+    return f"{hours} h" if hours < 48 else f"{math.ceil(seconds / 86400)} days"
 
 
 def retry_headers(wait: float, honoured: float = SDK_MAX_RETRY_AFTER) -> list[tuple[str, str]]:
@@ -2289,6 +3080,8 @@ DEFAULT_ROUTES = (
     _row("GET /health", LOCAL, answer="health"),
     _row("GET /metrics", ADMIN, answer="metrics"),
     _row("GET /admin/keys", ADMIN, answer="admin_keys"),
+    _row("GET /admin/usage", ADMIN, answer="admin_usage"),
+    _row("GET /v1/usage", LOCAL, answer="usage"),
     _row("OPTIONS /", LOCAL, answer="preflight"),
 )
 
@@ -2504,11 +3297,11 @@ class Charge:
     """
 
     __slots__ = ("store", "key", "bucket", "held", "state", "quota", "meter", "prompt_estimate",
-                 "cost", "note")
+                 "periods", "cost", "prompt_tokens", "completion_tokens", "note")
 
     def __init__(self, store: "BucketStore | None", key: str, bucket: BucketPolicy | None,
                  quota: Quota | None, held: int, *, meter: Meter | None = None,
-                 prompt_estimate: int = 0) -> None:
+                 prompt_estimate: int = 0, periods: Periods | None = None) -> None:
         self.store = store
         self.key = key
         self.bucket = bucket
@@ -2517,7 +3310,9 @@ class Charge:
         self.quota = quota
         self.meter = meter                    # usage mode: reads what the answer really cost
         self.prompt_estimate = prompt_estimate
+        self.periods = periods                # the day and month its calendar quotas count in
         self.cost = held                      # what the request costs so far
+        self.prompt_tokens = self.completion_tokens = 0  # usage mode: what it settled with
         self.note = ""
 
     @classmethod
@@ -2558,44 +3353,54 @@ class Charge:
             return
         self.state = "refunded" if ending in REFUNDED_ENDINGS else "settled"
         total, prompt, completion = self.settlement(ending)
+        self.prompt_tokens, self.completion_tokens = prompt, completion
         if total == self.held and not (prompt or completion):
             return
         assert self.store is not None and self.bucket is not None
         try:
             self.quota = self.store.settle(self.key, total - self.held, self.bucket,
-                                           prompt=prompt, completion=completion)
+                                           prompt=prompt, completion=completion,
+                                           periods=self.periods,
+                                           refund=self.state == "refunded")
         except StoreUnavailable:
             self.note = "not settled: the store is unreachable"
             return
         self.cost = total
 
 
-def admit(ex: Exchange, store: "BucketStore", metrics: "Metrics") -> Charge:
-    """Take the request's cost from its bucket: a held charge, or a declined one when the
-    bucket cannot pay (the limit answer reads its quota). ProxyError(400) for a request that
-    costs more than a bucket can ever hold."""
+def admit(ex: Exchange, store: "BucketStore", metrics: "Metrics",
+          calendar: Calendar | None = None) -> Charge:
+    """Take the request's cost from its bucket, and from its key's calendar quotas, in one
+    step: a held charge, or a declined one when the bucket or a quota cannot pay (the limit
+    answer reads its quota). ProxyError(400) for a request that costs more than a bucket (or
+    a token quota) can ever hold."""
     policy, route, payload = ex.policy, ex.route, ex.payload
     assert policy is not None and route is not None and payload is not None
     bucket = policy.bucket
     cost = request_cost(payload, policy, route.kind, ex.ask)
-    if cost > bucket.capacity:
+    limits = policy.calendar
+    ceiling = min((v for v in (bucket.capacity, limits.tokens_per_day, limits.tokens_per_month)
+                   if v is not None))
+    if cost > ceiling:
+        holder = "a bucket holds" if ceiling == bucket.capacity else "this key's quota allows"
         raise ProxyError(
             HTTPStatus.BAD_REQUEST,
-            f"This request would cost {cost} tokens, but a bucket holds at most "
-            f"{bucket.capacity}, so it can never be admitted. Send a shorter request or a "
-            "smaller max_tokens.", code="request_exceeds_bucket")
-    quota = store.take(ex.bucket_key, cost, bucket)
+            f"This request would cost {cost} tokens, but {holder} at most {ceiling}, so it "
+            "can never be admitted. Send a shorter request or a smaller max_tokens.",
+            code="request_exceeds_bucket")
+    periods = calendar.periods() if limits and calendar is not None else None
+    quota = store.take(ex.bucket_key, cost, bucket, limits if periods else None, periods)
     if not quota.admitted:
         metrics.inc("llm_proxy_limited_requests_total", (("key", metrics.key(ex.label)),))
         return Charge.declined(quota)
     if policy.token_cost_mode != "usage":
-        return Charge(store, ex.bucket_key, bucket, quota, cost)
+        return Charge(store, ex.bucket_key, bucket, quota, cost, periods=periods)
     meter = route.api.meter(route.path, ex.ask, payload)
     estimate = prompt_estimate(payload)
     if ex.ask is not None and ex.ask.prompts > 1:
         meter.prompt_floor = estimate
     return Charge(store, ex.bucket_key, bucket, quota, cost, meter=meter,
-                  prompt_estimate=estimate)
+                  prompt_estimate=estimate, periods=periods)
 
 
 # ####################################################################### forwarder ####
@@ -3694,9 +4499,78 @@ def answer_preflight(server: "ProxyServer", ex: Exchange, headers: Headers) -> R
     ), None)
 
 
+def answer_usage(server: "ProxyServer", ex: Exchange, headers: Headers) -> Reply:
+    """GET /v1/usage: a key about itself, and nothing else: its bucket, each calendar quota
+    (used, limit, resets at), and its own usage today and this month, by model."""
+    if not client_key(headers):
+        raise ProxyError(HTTPStatus.UNAUTHORIZED, "GET /v1/usage needs your key (as a bearer "
+                         "token or x-api-key).", code="invalid_api_key")
+    who = identify(headers, server.keys, server.default_policy, ex.client,
+                   server.config.trust_forwarded_for)
+    ex.label, ex.bucket_key = who.label, who.bucket_key
+    policy, store, calendar = who.policy, server.store, server.calendar
+    quota = store.peek(who.bucket_key, policy.bucket)
+    now = calendar.wall()
+    periods = calendar.periods(now)
+    quotas = store.calendar(who.bucket_key, policy.calendar, periods) if policy.calendar else ()
+    day_start, month_start = calendar.start_of(periods.day), calendar.start_of(periods.month)
+    usage: dict[str, dict[str, dict[str, int]]] = {"today": {}, "this_month": {}}
+    for entry, counts in server.usage_rows(month_start, now + 3600, who.bucket_key):
+        for span, since in (("today", day_start), ("this_month", month_start)):
+            if entry.hour >= since - 3599:  # (an hour that began before midnight counts on)
+                totals = usage[span].setdefault(entry.model, dict.fromkeys(LEDGER_FIELDS, 0))
+                for field, value in zip(LEDGER_FIELDS, counts):
+                    totals[field] += value
+    return json_reply(HTTPStatus.OK, {
+        "key": who.label,
+        "bucket": {"limit": quota.limit, "balance": quota.remaining,
+                   "next_refill_seconds": math.ceil(quota.reset_seconds),
+                   "refill_tokens": policy.bucket.refill_tokens,
+                   "refill_interval_seconds": policy.bucket.refill_interval},
+        "quotas": [{"name": q.name, "limit": q.limit, "used": q.used, "remaining": q.remaining,
+                    "resets_at": _iso(now + q.reset_seconds, calendar.tz),
+                    "resets_in_seconds": math.ceil(q.reset_seconds)} for q in quotas],
+        "usage": {span: {"by_model": by_model,
+                         "total": {f: sum(m[f] for m in by_model.values())
+                                   for f in LEDGER_FIELDS}}
+                  for span, by_model in usage.items()},
+        "timezone": calendar.zone})
+
+
+def _iso(moment: float, tz: datetime.tzinfo) -> str:
+    return datetime.datetime.fromtimestamp(round(moment), tz).isoformat()
+
+
+def answer_admin_usage(server: "ProxyServer", ex: Exchange, headers: Headers) -> Reply:
+    """GET /admin/usage?since=...&until=...&by=key|model|day|hour&key=NAME&format=json|csv:
+    the usage report of `llm_proxy.py usage`, for the admin."""
+    query = urllib.parse.parse_qs(ex.query)
+    arg = lambda name, default=None: (query.get(name) or [default])[-1]  # noqa: E731
+    by, form = arg("by", "key"), arg("format", "json")
+    if by not in REPORT_GROUPS or form not in ("json", "csv"):
+        raise ProxyError(HTTPStatus.BAD_REQUEST, "by must be key, model, day or hour and format "
+                         "json or csv.")
+    try:
+        since, until = report_window(server.calendar, arg("since"), arg("until"))
+    except ConfigError as err:
+        raise ProxyError(HTTPStatus.BAD_REQUEST, str(err)) from None
+    rows = server.usage_rows(since, until)
+    name = arg("key")
+    if name is not None:
+        rows = [(e, c) for e, c in rows if e.name == name]
+    report = usage_report(rows, by, server.calendar)
+    if form == "csv":
+        return Reply(HTTPStatus.OK, (("Content-Type", "text/csv; charset=utf-8"),),
+                     format_report(report, by, "csv").encode())
+    return json_reply(HTTPStatus.OK, {"since": _iso(since, server.calendar.tz),
+                                      "until": _iso(until, server.calendar.tz), "by": by,
+                                      "rows": report})
+
+
 LOCAL_ANSWERS: dict[str, Callable[["ProxyServer", Exchange, Headers], Reply | None]] = {
     "health": answer_health, "metrics": answer_metrics, "admin_keys": answer_admin_keys,
     "models": answer_models, "model": answer_model, "tags": answer_tags,
+    "usage": answer_usage, "admin_usage": answer_admin_usage,
     "preflight": answer_preflight,
 }
 
@@ -3714,8 +4588,10 @@ def busy_reply(route: Route, payload: dict | None, limit: int, as_message: bool)
 
 
 def limited_reply(route: Route, payload: dict, quota: Quota, as_message: bool) -> Reply:
-    """An empty bucket: the limit text as an assistant message, or the 429."""
-    text = limit_message(quota.wait_seconds)
+    """An empty bucket or a spent calendar quota: the limit text (naming what ran out and
+    when it comes back) as an assistant message, or the 429."""
+    text = (LIMIT_TEXTS[quota.limited_by].format(reset_text(quota.wait_seconds))
+            if quota.limited_by in LIMIT_TEXTS else limit_message(quota.wait_seconds))
     err = ProxyError(HTTPStatus.TOO_MANY_REQUESTS,
                      f"Rate limit reached for this key: {text}. Please try again in "
                      f"{math.ceil(quota.wait_seconds)}s.", type="requests",
@@ -3991,7 +4867,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             return self._reply(ex, busy_reply(route, ex.payload, slots.limit, as_message))
         try:
             if charged:
-                ex.charge = admit(ex, server.store, server.metrics)
+                ex.charge = admit(ex, server.store, server.metrics, server.calendar)
                 if ex.charge.state == "declined":
                     assert ex.charge.quota is not None and ex.payload is not None
                     return self._reply(ex, limited_reply(route, ex.payload, ex.charge.quota,
@@ -4545,8 +5421,9 @@ class ProxyServer(ThreadingHTTPServer):
     request_queue_size = LISTEN_BACKLOG
 
     def __init__(self, config: Config, *, store: "BucketStore | None" = None,
-                 clock: Callable[[], float] = time.monotonic, log_stream: object = None,
-                 handler: type = ProxyHandler, key_check_interval: float = 1.0) -> None:
+                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
+                 log_stream: object = None, handler: type = ProxyHandler,
+                 key_check_interval: float = 1.0) -> None:
         self.config = config
         self.access_log = AccessLog(log_stream if log_stream is not None else sys.stderr,
                                     config.log_format == "json")
@@ -4555,6 +5432,17 @@ class ProxyServer(ThreadingHTTPServer):
         self.keys = load_key_ring(config)  # ConfigError for an invalid keys file
         self.store = store if store is not None else make_store(config, self.log, self.metrics,
                                                                 clock)
+        self.calendar = Calendar(config.quota_timezone, wall)
+        self.ledger = Ledger(config.ledger_retention_days)
+        self.state: StateFile | None = None
+        self.writer: StateWriter | None = None
+        if state_path(config) and isinstance(self.store, MemoryBucketStore):
+            self.state = StateFile(state_path(config))  # ConfigError: it cannot be used
+            try:
+                self.state.load(self.store, wall())
+            except ConfigError:
+                self.state.close()
+                raise
         gate = (FairGate(config.max_upstream_concurrency, config.fair_queue)
                 if config.max_upstream_concurrency else None)
         self.routes = RouteTable(DEFAULT_ROUTES + tuple(extra_route(*row)
@@ -4577,6 +5465,13 @@ class ProxyServer(ThreadingHTTPServer):
         self.deadlines = ClientDeadlines()
         self.keys_watcher = (KeysWatcher(config.keys_file, self.reload_keys, key_check_interval)
                              if config.keys_file else None)
+        if self.state is not None:
+            self.writer = StateWriter(self.state, self.store, self.ledger,  # type: ignore[arg-type]
+                                      config.state_flush_seconds, self.log, wall)
+        elif isinstance(self.store, RedisBucketStore):  # the ledger is shared there
+            self.redis_ledger = self.store.ledger(config.ledger_retention_days)
+            self.writer = StateWriter(self.redis_ledger, None, self.ledger,
+                                      config.state_flush_seconds, self.log, wall)
 
     @property
     def pool(self) -> UpstreamPool:
@@ -4642,11 +5537,36 @@ class ProxyServer(ThreadingHTTPServer):
         self.access_log.message(message)
 
     def log_access(self, ex: Exchange) -> None:
-        """The access-log line and the request's metrics, once per request."""
+        """The access-log line, the request's metrics and its row of the usage ledger, once
+        per request."""
         elapsed = (time.perf_counter() - ex.started) * 1000
         cost = ex.cost
+        charge, route = ex.charge, ex.route
+        if charge is not None and route is not None and route.kind in (GENERATE, EMBED):
+            model = ex.payload.get("model") if ex.payload is not None else None
+            hour = int(self.calendar.wall() // 3600 * 3600)
+            self.ledger.add(LedgerKey(hour, ex.bucket_key, ex.label,
+                                      model[:200] if isinstance(model, str) else "", route.kind),
+                            (1, int(charge.state == "declined"), charge.prompt_tokens,
+                             charge.completion_tokens, charge.cost))
         self.metrics.count_request(ex.label, ex.route_label, ex.status, cost)
-        self.access_log.access(ex, cost, round(elapsed, 1))
+        self.access_log.access(ex, cost, round(elapsed, 1))  # (last: a line says all is done)
+
+    def usage_rows(self, since: float, until: float,
+                   key: str | None = None) -> list[tuple[LedgerKey, list[int]]]:
+        """The usage ledger's rows of hours from `since` to before `until` (of one bucket
+        key): what the state file holds and what it has not taken yet."""
+        if self.writer is None:
+            return self.ledger.rows(since, until, key)
+        with self.writer.flushing:  # (not while a flush moves rows from here to there)
+            if self.state is not None:
+                kept = read_ledger(self.state.path, since, until, key)
+            else:
+                try:
+                    kept = self.redis_ledger.rows(since, until, key)
+                except self.redis_ledger.errors:
+                    kept = []  # Redis is away: what this instance has not written yet
+            return kept + self.ledger.rows(since, until, key)
 
     def render_metrics(self) -> str:
         with self._idle:
@@ -4714,6 +5634,8 @@ class ProxyServer(ThreadingHTTPServer):
     def server_close(self) -> None:
         self.deadlines.close()
         self.cap.close()
+        if self.writer is not None:
+            self.writer.stop()  # the last write: what changed since the last flush
         if self.keys_watcher is not None:
             self.keys_watcher.close()
         super().server_close()
@@ -4760,6 +5682,16 @@ def describe(config: Config, server: ProxyServer) -> list[str]:
         + (f"{len(server.keys)} accepted" if server.keys else "any (open)")
         + (f" (keys file {config.keys_file}, reloaded on change and SIGHUP)"
            if config.keys_file else ""),
+        "state: " + (f"{server.state.path} (SQLite, written every "
+                     f"{_number(config.state_flush_seconds)} s)" if server.state is not None
+                     else "balances, quotas and the usage ledger in Redis" if config.redis_url
+                     else "memory only (STATE_DB=off): a restart starts every bucket full")
+        + "; quotas: " + (", ".join(
+            f"{value} {label}" for value, label in (
+                (config.tokens_per_day, "tokens a day"),
+                (config.tokens_per_month, "tokens a month"),
+                (config.requests_per_day, "requests a day")) if value is not None)
+            + f" ({config.quota_timezone})" if config.default_policy.calendar else "none"),
     ]
 
 
@@ -4767,6 +5699,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["keygen"]:
         return keygen_main(argv[1:])
+    if argv[:1] == ["usage"]:
+        return usage_main(argv[1:], environ)
     try:
         config = Config.from_env(environ, argv)
     except ConfigError as err:
@@ -4804,6 +5738,39 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         server.server_close()
     print("llm_proxy: stopped", file=sys.stderr)
     return status
+
+
+def usage_main(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> int:
+    """python3 llm_proxy.py usage: the usage report, read from the state file (while the
+    proxy runs, too) or from Redis."""
+    parser = _ArgumentParser(prog="llm_proxy.py usage",
+                             description="Print the usage report from the proxy's state.")
+    parser.add_argument("--since", help="from this date (2026-11-01) or date and time, in "
+                        "QUOTA_TIMEZONE (default: the start of this month)")
+    parser.add_argument("--until", help="up to this date or date and time, excluded "
+                        "(default: now)")
+    parser.add_argument("--by", choices=REPORT_GROUPS, default="key")
+    parser.add_argument("--key", metavar="NAME", help="only this key (its name)")
+    parser.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    try:
+        args, rest = parser.parse_known_args(argv)
+        config = Config.from_env(environ, rest)
+        calendar = Calendar(config.quota_timezone)
+        since, until = report_window(calendar, args.since, args.until)
+        path = state_path(config)
+        if config.redis_url:
+            rows = redis_ledger_rows(config, since, until)
+        elif not path:
+            raise ConfigError("STATE_DB is off: there is no usage to report")
+        else:
+            rows = read_ledger(path, since, until)
+    except ConfigError as err:
+        print(f"llm_proxy usage: {err}", file=sys.stderr)
+        return 2
+    if args.key is not None:
+        rows = [(e, c) for e, c in rows if e.name == args.key]
+    print(format_report(usage_report(rows, args.by, calendar), args.by, args.format), end="")
+    return 0
 
 
 def keygen_main(argv: Sequence[str]) -> int:

@@ -34,6 +34,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# No test writes the user's state folder: proxies keep their state in memory, or in the file a
+# test of the state gives them (this also reaches the proxies tests start as processes).
+os.environ["STATE_DB"] = "off"
 
 import llm_proxy  # noqa: E402
 from llm_proxy import Config, ProxyServer  # noqa: E402
@@ -1070,6 +1073,7 @@ class ProxyTestCase(unittest.TestCase):
 
     def start_proxy(self, **settings):
         settings.setdefault("base_api_url", self.upstream.url)
+        settings.setdefault("state_db", "off")
         config = Config(host="127.0.0.1", port=0, **settings)
         proxy = ProxyServer(config, clock=self.clock, log_stream=self.log)
         self._serve(proxy)

@@ -245,7 +245,7 @@ class ProcessTests(ProxyTestCase):
         port = free_port()
         proc, proxy = self.start(PORT=str(port), BASE_API_URL=f"http://127.0.0.1:{port}/v1",
                                  MAX_TOKENS="1000")
-        startup = proc.stderr.readline() + proc.stderr.readline() + proc.stderr.readline()
+        startup = "".join(proc.stderr.readline() for _ in range(4))  # upstream ... warning
         self.assertIn("BASE_API_URL is this proxy's own address", startup)
         status, _, body = self.chat(proxy=proxy)
         self.assert_openai_error(status, body, 508, "loop_detected")
@@ -289,6 +289,7 @@ class KeysFileTests(ProxyTestCase):
 
     def start_proxy(self, key_check_interval=1.0, **settings):
         settings.setdefault("base_api_url", self.upstream.url)
+        settings.setdefault("state_db", "off")
         proxy = ProxyServer(Config(host="127.0.0.1", port=0, **settings), clock=self.clock,
                             log_stream=self.log, key_check_interval=key_check_interval)
         self._serve(proxy)
@@ -344,8 +345,9 @@ class KeysFileTests(ProxyTestCase):
         self.assertEqual(self.chat(key=GUEST)[0], 401)                              # removed
 
     def test_invalid_reload_keeps_the_old_keys(self):
-        with open(self.path, "w") as f:
+        with open(self.path + ".new", "w") as f:  # (replaced whole: never read half-written)
             f.write('{"keys": [{"name": "alice", "key": "x", "max_tokenz": 3}]}')
+        os.replace(self.path + ".new", self.path)
         self.assertTrue(self.log.wait_for(lambda text: "keys file not reloaded" in text))
         line = [l for l in self.log.getvalue().splitlines() if "not reloaded" in l][0]
         self.assertIn("keys[0] (alice): unknown field 'max_tokenz'", line)
