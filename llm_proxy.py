@@ -1234,7 +1234,7 @@ elseif op == 'settle' then
     month_tokens = math.max(0, month_tokens + amount)
     redis.call('HSET', KEYS[3], 't', day_tokens, 'r', day_requests)
     redis.call('HSET', KEYS[4], 't', month_tokens)
-    redis.call('HINCRBY', KEYS[4], 'r', -refunded)
+    if refunded == 1 then redis.call('HINCRBY', KEYS[4], 'r', -1) end
     redis.call('EXPIRE', KEYS[3], 172800)
     redis.call('EXPIRE', KEYS[4], 2764800)
   end

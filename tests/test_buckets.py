@@ -249,6 +249,48 @@ class RedisProxyTests(WithRedis, ProxyTestCase):
         self.assertEqual(len(self.upstream.requests), 100)
         self.assertEqual(sum(b"limit reached" in r for r in results), 200)
 
+    def test_calendar_quotas_are_shared_and_admitted_atomically(self):
+        """Three instances, one daily quota of 20 tokens: exactly 20 requests reach the
+        upstream however they are spread, and the others are told what ran out."""
+        proxies = [self.instance(max_tokens=1000, tokens_per_day=20) for _ in range(3)]
+        results = []
+        barrier = threading.Barrier(30)
+
+        def worker(index):
+            barrier.wait()
+            for _ in range(2):
+                results.append(self.chat(proxy=proxies[index % 3])[2])
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(30)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(WAIT * 3)
+        self.assertEqual(len(self.upstream.requests), 20)
+        self.assertEqual(sum(b"daily limit reached, resets in" in r for r in results), 40)
+        self.assertEqual(json.loads(self.request("GET", "/health", proxy=proxies[0])[2])[
+            "quota"]["remaining"], 1000 - 20)  # refused: charged nothing anywhere
+
+    def test_quotas_settle_with_usage_and_the_ledger_is_shared(self):
+        first, second = (self.instance(token_cost_mode="usage", max_tokens=100_000,
+                                       tokens_per_day=100_000) for _ in range(2))
+        self.chat(proxy=first, model="m1")
+        self.chat(proxy=second, model="m2")
+        self.assertTrue(self.log.wait_for(lambda text: text.count(" cost=") == 2))
+        for proxy in (first, second):
+            self.assertTrue(proxy.writer.flush())
+        quotas = json.loads(self.request("GET", "/v1/usage", proxy=second)[2])["quotas"]
+        self.assertEqual(quotas[0]["used"], sum(self.upstream.reported))
+        report = json.loads(self.request("GET", "/admin/usage?by=model", key=None,
+                                         proxy=first)[2])["rows"]
+        self.assertEqual([(r["model"], r["requests"]) for r in report], [("m1", 1), ("m2", 1)])
+        out = subprocess.run([sys.executable, os.path.join(HERE, "llm_proxy.py"), "usage",
+                              "--by", "model", "--format", "json"],
+                             env={**os.environ, "REDIS_URL": self.redis.url},
+                             capture_output=True, text=True, timeout=WAIT)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertEqual(sum(r["tokens_charged"] for r in json.loads(out.stdout)),
+                         sum(self.upstream.reported))
+
     def test_usage_is_settled_across_instances(self):
         first, second = (self.instance(token_cost_mode="usage", max_tokens=1000)
                          for _ in range(2))
