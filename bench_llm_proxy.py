@@ -403,7 +403,7 @@ def bench_redis(up_port: int, requests: int, seconds: int) -> list[tuple[str, st
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     rows = []
     env = {"HOST": "127.0.0.1", "BASE_API_URL": f"http://127.0.0.1:{up_port}/v1",
-           "MAX_TOKENS": "1000000000", "REFILL_TOKENS": "1000000000"}
+           "MAX_TOKENS": "1000000000", "STATE_DB": "off", "REFILL_TOKENS": "1000000000"}
     ports = free_port(), free_port()
     time.sleep(0.5)
     procs = [start([sys.executable, os.path.join(HERE, "llm_proxy.py")],
@@ -429,6 +429,49 @@ def bench_redis(up_port: int, requests: int, seconds: int) -> list[tuple[str, st
         for proc in (*procs, redis_proc):
             proc.terminate()
             proc.wait(30)
+    return rows
+
+
+def bench_state(up_port: int, requests: int, seconds: int) -> list[tuple[str, str, str, str]]:
+    """What keeping the state in a file (STATE_DB) adds to a request, against memory only,
+    both with a daily quota to count: latency at concurrency 1 and 64, and CPU per request
+    (the writer thread's included: it is the same process)."""
+    rows = []
+    folder = tempfile.mkdtemp()
+    env = {"HOST": "127.0.0.1", "BASE_API_URL": f"http://127.0.0.1:{up_port}/v1",
+           "MAX_TOKENS": "1000000000", "REFILL_TOKENS": "1000000000",
+           "TOKENS_PER_DAY": "1000000000"}
+    ports = free_port(), free_port()
+    extras = ({"STATE_DB": "off"}, {"STATE_DB": os.path.join(folder, "state.db")})
+    procs = [start([sys.executable, os.path.join(HERE, "llm_proxy.py")],
+                   {**env, "PORT": str(port), **extra}, "listening on", "stderr")
+             for port, extra in zip(ports, extras)]
+    try:
+        latency_c1(ports[0], 200), latency_c1(ports[1], 200)
+        memory, state, cpu = [], [], [0.0, 0.0]
+        for _ in range(5):
+            for index, (port, found) in enumerate(zip(ports, (memory, state))):
+                before = cpu_seconds(procs[index].pid)
+                found += latency_c1(port, requests // 5)
+                cpu[index] += cpu_seconds(procs[index].pid) - before
+        for q in (50, 99):
+            rows.append((f"c=1, p{q} (ms)", f"{pct(memory, q):.3f}", f"{pct(state, q):.3f}",
+                         f"{pct(state, q) - pct(memory, q):+.3f}"))
+        per = [c / len(found) * 1e6 for c, found in zip(cpu, (memory, state))]
+        rows.append(("c=1, proxy CPU per request (µs)", f"{per[0]:.0f}", f"{per[1]:.0f}",
+                     f"{per[1] - per[0]:+.0f}"))
+        load = load_wrk if shutil.which("wrk") else load_threads
+        m64, s64 = load(ports[0], seconds, 64), load(ports[1], seconds, 64)
+        for q in ("p50", "p99"):
+            rows.append((f"c=64, {q} (ms)", f"{m64[q]:.2f}", f"{s64[q]:.2f}",
+                         f"{float(s64[q]) - float(m64[q]):+.2f}"))
+        rows.append(("c=64, requests/s", f"{m64['rps']:.0f}", f"{s64['rps']:.0f}", ""))
+        rows.append(("c=64, errors", str(m64["errors"]), str(s64["errors"]), ""))
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(30)
+        shutil.rmtree(folder, ignore_errors=True)
     return rows
 
 
@@ -691,7 +734,7 @@ def fanout_target(target: str, mode: str, up_port: int, streams: int
         else:
             proc = start([sys.executable, os.path.join(HERE, "llm_proxy.py")], {
                 "HOST": "127.0.0.1", "PORT": str(port),
-                "BASE_API_URL": f"http://127.0.0.1:{up_port}/v1", "MAX_TOKENS": "1000000000",
+                "BASE_API_URL": f"http://127.0.0.1:{up_port}/v1", "MAX_TOKENS": "1000000000", "STATE_DB": "off",
                 "REFILL_TOKENS": "1000000000", "TOKEN_COST_MODE": mode,
                 "MAX_CONNECTIONS": str(max(1024, 2 * streams))}, "listening on", "stderr")
             pids = [proc.pid]
@@ -792,6 +835,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="only the proxy against direct calls (latency, c=64, streams)")
     parser.add_argument("--keys", action="store_true",
                         help="only the keys-file figures (10,000 keys against 1, reloads)")
+    parser.add_argument("--state", action="store_true",
+                        help="only STATE_DB (a state file) against memory, with a daily quota")
     parser.add_argument("--redis", action="store_true",
                         help="only the Redis store against the in-memory one")
     parser.add_argument("--fanout", action="store_true",
@@ -814,7 +859,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     requests, seconds, firsts = (300, 2, 50) if args.quick else (3000, 10, 300)
-    everything = not (args.core or args.keys or args.redis or args.fanout)
+    everything = not (args.core or args.keys or args.redis or args.fanout or args.state)
     counts = [int(n) for n in (args.fanout_streams or ("50" if args.quick else "200,400")
                                ).split(",")]
     if everything or args.fanout:
@@ -830,6 +875,9 @@ def main(argv: list[str] | None = None) -> int:
         if everything or args.keys:
             print_table("keys file", ("1 key / quiet", "10,000 keys / reloading"),
                         bench_keys(up_port, requests))
+        if everything or args.state:
+            print_table("state", ("memory only", "STATE_DB"),
+                        bench_state(up_port, requests, seconds))
         if everything or args.redis:
             print_table("bucket store", ("memory", "redis"),
                         bench_redis(up_port, requests, seconds))
@@ -877,7 +925,7 @@ def proxy_rows(up_port: int, requests: int, seconds: int, firsts: int, quick: bo
     proxy_port = free_port()
     proxy = start([sys.executable, os.path.join(HERE, "llm_proxy.py")], {
         "HOST": "127.0.0.1", "PORT": str(proxy_port),
-        "BASE_API_URL": f"http://127.0.0.1:{up_port}/v1", "MAX_TOKENS": "1000000000",
+        "BASE_API_URL": f"http://127.0.0.1:{up_port}/v1", "MAX_TOKENS": "1000000000", "STATE_DB": "off",
         "REFILL_TOKENS": "1000000000"}, "listening on", "stderr")
     rows: list[tuple[str, str, str, str]] = []
     try:

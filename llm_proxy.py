@@ -799,10 +799,15 @@ class CalendarLimits:
     tokens_per_day: int | None = None
     tokens_per_month: int | None = None
     requests_per_day: int | None = None
+    any: bool = dataclasses.field(init=False, repr=False, compare=False, default=False)
+
+    def __post_init__(self) -> None:  # (tested on every request: worked out once)
+        object.__setattr__(self, "any", self.tokens_per_day is not None
+                           or self.tokens_per_month is not None
+                           or self.requests_per_day is not None)
 
     def __bool__(self) -> bool:
-        return any(v is not None for v in (self.tokens_per_day, self.tokens_per_month,
-                                            self.requests_per_day))
+        return self.any
 
 
 class Periods(typing.NamedTuple):
@@ -849,9 +854,19 @@ class Calendar:
         self.wall = wall
         self.zone = zone
         self.tz: datetime.tzinfo = time_zone(zone)
+        self._today = (0.0, 0.0, "", "", 0.0)  # (day start, day end, day, month, month end)
 
     def periods(self, now: float | None = None) -> Periods:
         now = self.wall() if now is None else now
+        start, end, day, month, month_end = self._today
+        if start <= now < end:  # (the same day as last time: no time zone arithmetic)
+            return Periods(day, month, end - now, month_end - now)
+        found = self._periods(now)
+        self._today = (self.start_of(found.day), now + found.day_left, found.day, found.month,
+                       now + found.month_left)
+        return found
+
+    def _periods(self, now: float) -> Periods:
         local = datetime.datetime.fromtimestamp(now, self.tz)
         tomorrow = local.date() + datetime.timedelta(days=1)
         next_month = (local.replace(day=1) + datetime.timedelta(days=32)).date().replace(day=1)
@@ -885,8 +900,7 @@ class StoreChanges(typing.NamedTuple):
     periods: dict[tuple[str, str], list[int] | None]
 
 
-@dataclass(frozen=True)
-class Quota:
+class Quota(typing.NamedTuple):
     """What a bucket (and a key's calendar quotas) said about one request: admitted or not, and
     the numbers for the headers. `limited_by` names what refused it ("bucket", or a calendar
     quota's name) and `wait_seconds` is then the real wait."""
@@ -994,33 +1008,42 @@ class MemoryBucketStore:
             if now - self._last_sweep >= SWEEP_EVERY_SECONDS:
                 self._sweep(now, periods)
             bucket = self._load(key, policy, now)
-            day = month = None
-            calendar: tuple[CalendarQuota, ...] = ()
-            if limits and periods is not None:
-                day = self._period(key, "d:" + periods.day)
-                month = self._period(key, "m:" + periods.month)
-                calendar = calendar_quotas(limits, periods, day, month)
-            exhausted = [(q.reset_seconds, q.name) for q in calendar
-                         if q.used + (1 if q.name == "requests_per_day" else cost) > q.limit]
+            if limits is None or not limits.any or periods is None:
+                admitted = bucket.tokens >= cost
+                if admitted:
+                    bucket.tokens -= cost
+                    self._count(key, 1, 0, 0, 0, cost)
+                else:
+                    self._count(key, 1, 1, 0, 0, 0)
+                self._store(key, bucket)
+                return bucket.quota(admitted, cost, now)
+            day = self._period(key, "d:" + periods.day)
+            month = self._period(key, "m:" + periods.month)
+            exhausted = []
+            if limits.tokens_per_day is not None and day[0] + cost > limits.tokens_per_day:
+                exhausted.append((periods.day_left, "tokens_per_day"))
+            if limits.tokens_per_month is not None and month[0] + cost > limits.tokens_per_month:
+                exhausted.append((periods.month_left, "tokens_per_month"))
+            if limits.requests_per_day is not None and day[1] + 1 > limits.requests_per_day:
+                exhausted.append((periods.day_left, "requests_per_day"))
             admitted = bucket.tokens >= cost and not exhausted
             if admitted:
                 bucket.tokens -= cost
                 self._count(key, 1, 0, 0, 0, cost)
-                if day is not None and month is not None and periods is not None:
-                    day[0], day[1], month[0], month[1] = day[0] + cost, day[1] + 1, \
-                        month[0] + cost, month[1] + 1
-                    self._mark_periods(key, periods)
-                    calendar = calendar_quotas(limits, periods, day, month)  # type: ignore[arg-type]
+                day[0], day[1], month[0], month[1] = day[0] + cost, day[1] + 1, \
+                    month[0] + cost, month[1] + 1
+                self._mark_periods(key, periods)
             else:
                 self._count(key, 1, 1, 0, 0, 0)
             self._store(key, bucket)
+            calendar = calendar_quotas(limits, periods, day, month)
             quota = bucket.quota(admitted, cost, now)
+            wait, limited_by = quota.wait_seconds, ""
             if not admitted:
-                waits = exhausted + ([] if bucket.tokens >= cost else
-                                     [(quota.wait_seconds, "bucket")])
-                wait, limited_by = max(waits)
-                quota = dataclasses.replace(quota, wait_seconds=wait, limited_by=limited_by)
-            return dataclasses.replace(quota, calendar=calendar) if calendar else quota
+                wait, limited_by = max(exhausted + ([] if bucket.tokens >= cost else
+                                                    [(quota.wait_seconds, "bucket")]))
+            return Quota(admitted, quota.limit, quota.remaining, quota.reset_seconds, wait,
+                         quota.policy, limited_by, calendar)
 
     def _period(self, key: str, period: str) -> list[int]:
         counts = self._periods.get((key, period))
@@ -1407,14 +1430,13 @@ class RedisBucketStore:
             return quota
         counts = calendar_quotas(limits, periods, [int(day_t), int(day_r)], [int(month_t), 0])
         if quota.admitted:
-            return dataclasses.replace(quota, calendar=counts)
+            return quota._replace(calendar=counts)
         waits = [(q.reset_seconds, q.name) for q in counts
                  if q.used + (1 if q.name == "requests_per_day" else amount) > q.limit]
         if bucket.tokens < amount:
             waits.append((quota.wait_seconds, "bucket"))
         wait, limited_by = max(waits)
-        return dataclasses.replace(quota, wait_seconds=wait, limited_by=limited_by,
-                                   calendar=counts)
+        return quota._replace(wait_seconds=wait, limited_by=limited_by, calendar=counts)
 
     def _either(self, remote: Callable[[], object], local: Callable[[], object]) -> object:
         """Redis when it is up (or due for a probe by this request), else the failure mode."""
