@@ -168,6 +168,7 @@ SHUTDOWN_CUT_SECONDS = 5.0          # after the drain, for cut answers to end
 WAIT_FOR_WRITER = 10.0              # at shutdown, for the state writer's last flush
 SWEEP_EVERY_SECONDS = 60.0
 MAX_TRACKED_KEYS = 65536            # per-key usage counters kept (least recently used dropped)
+MAX_LEDGER_ROWS = 100_000           # usage ledger rows held in memory at most (oldest hour goes)
 MAX_METERED_BODY = 16 * 1024 * 1024  # a longer non-stream body is settled by estimate
 MAX_PENDING_EVENT = 1024 * 1024      # a longer unterminated SSE event is passed on as it is
 
@@ -1519,7 +1520,8 @@ class LedgerKey(typing.NamedTuple):
 class Ledger:
     """Usage per key x model x route kind x hour, added as requests end. Without a state file
     it is all here (the last LEDGER_RETENTION_DAYS); with one, here is what the file has not
-    taken yet (take(), put_back() when the write failed)."""
+    taken yet (take(), put_back() when the write failed). At most MAX_LEDGER_ROWS rows are held
+    (an open proxy flooded with invented keys adds one a key): beyond, the oldest hour goes."""
 
     def __init__(self, retention_days: int) -> None:
         self._lock = threading.Lock()
@@ -1533,6 +1535,8 @@ class Ledger:
                 self._rows[entry] = list(counts)
                 if len(self._rows) % 4096 == 0:  # (only a ledger no file takes grows)
                     cutoff = entry.hour - self.retention
+                    if len(self._rows) >= MAX_LEDGER_ROWS:
+                        cutoff = max(cutoff, min(e.hour for e in self._rows) + 1)
                     for old in [e for e in self._rows if e.hour < cutoff]:
                         del self._rows[old]
             else:

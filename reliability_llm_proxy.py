@@ -51,6 +51,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections import Counter
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -106,7 +107,7 @@ class Stack:
                                "--serve-upstream", str(self.up_port)], {}, "ready", "stdout")
         self.proxy = start([sys.executable, os.path.join(HERE, "llm_proxy.py")], {
             "HOST": "127.0.0.1", "PORT": str(self.port),
-            "BASE_API_URL": f"http://127.0.0.1:{self.up_port}/v1", **env},
+            "BASE_API_URL": f"http://127.0.0.1:{self.up_port}/v1", "STATE_DB": "off", **env},
             "listening on", "stderr")
 
     def close(self) -> None:
@@ -219,16 +220,21 @@ def soak(seconds: int) -> bool:
 # ########################################################################### flood ####
 
 def flood(requests: int) -> bool:
+    """A new random bearer token per request (an open proxy: anyone may invent keys), once
+    with the buckets unbounded and once with MAX_BUCKETS, in memory only: how much memory a
+    key costs, and that MAX_BUCKETS bounds it."""
     print(f"\nflood: {requests:,} requests, each with a new random key")
     if not shutil.which("wrk"):
         return verdict(False, "wrk is not installed (apt-get install wrk)")
-    stack = Stack({})
     script = tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False)
     script.write(f"""
 wrk.method = "POST"
 wrk.body = {json.dumps(json.dumps(CHAT))}
 wrk.headers["Content-Type"] = "application/json"
 local sent = 0
+function init(args)  -- each wrk thread its own random keys (they share a seed otherwise)
+  math.randomseed(tonumber(tostring({{}}):match("0x(%x+)"), 16) % 2147483647)
+end
 request = function()
   sent = sent + 1
   if sent > {requests // 2} then wrk.thread:stop() end
@@ -238,23 +244,44 @@ request = function()
 end
 """)
     script.close()
+    ok = True
+    bound = requests // 10
     try:
-        base = proc_status(stack.proxy.pid)
-        out = subprocess.run(["wrk", "-t2", "-c32", "-d120s", "-s", script.name,
-                              f"http://127.0.0.1:{stack.port}/v1/chat/completions"],
-                             capture_output=True, text=True).stdout
-        done = int(out.split(" requests in")[0].split()[-1])
-        after = proc_status(stack.proxy.pid)
-        print(f"  {done:,} requests; RSS {base['VmRSS'] / 1024:.1f} MB -> "
-              f"{after['VmRSS'] / 1024:.1f} MB, peak {after['VmHWM'] / 1024:.1f} MB")
-        per_key = (after["VmHWM"] - base["VmRSS"]) * 1024 / max(done, 1)
-        print(f"  about {per_key:.0f} bytes per distinct key held (buckets until they refill, "
-              "counters, metric series capped at 1,000)")
-        ok = verdict(after["VmHWM"] / 1024 < 200, "peak RSS under 200 MB")
+        for max_buckets in ("0", str(bound)):
+            stack = Stack({"MAX_BUCKETS": max_buckets, "STATE_DB": "off"})
+            try:
+                base = proc_status(stack.proxy.pid)
+                out = subprocess.run(["wrk", "-t2", "-c32", "-d120s", "-s", script.name,
+                                      f"http://127.0.0.1:{stack.port}/v1/chat/completions"],
+                                     capture_output=True, text=True).stdout
+                done = int(out.split(" requests in")[0].split()[-1])
+                after = proc_status(stack.proxy.pid)
+                held = metric(stack.port, "llm_proxy_buckets")
+                label = "unbounded" if max_buckets == "0" else f"MAX_BUCKETS={int(max_buckets):,}"
+                print(f"  {label}: {done:,} requests; buckets held {held:,.0f}; RSS "
+                      f"{base['VmRSS'] / 1024:.1f} MB -> {after['VmRSS'] / 1024:.1f} MB, "
+                      f"peak {after['VmHWM'] / 1024:.1f} MB")
+                if max_buckets == "0":
+                    per_key = (after["VmHWM"] - base["VmRSS"]) * 1024 / max(done, 1)
+                    print(f"  about {per_key:.0f} bytes per distinct key held (its bucket until "
+                          "it refills, counters, a ledger row, metric series capped at 1,000)")
+                    ok &= verdict(after["VmHWM"] / 1024 < 200, "peak RSS under 200 MB")
+                else:
+                    ok &= verdict(held <= bound, f"buckets held stay at most {bound:,}")
+            finally:
+                stack.close()
         return ok
     finally:
         os.unlink(script.name)
-        stack.close()
+
+
+def metric(port: int, name: str) -> float:
+    """One gauge of the proxy's /metrics (loopback: no admin key needed)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    return float("nan")
 
 
 # ######################################################################## fairness ####
