@@ -462,6 +462,73 @@ def _body_after_204(h, path, request):
                   b"Content-Length: %d\r\n\r\n%s" % (len(leak), leak))
 
 
+#: The flood: 48 MiB, more than the proxy holds for a client (256 KiB) and the kernel's
+#: buffers between it and the upstream (up to tcp_rmem's 32 MiB and tcp_wmem's 4 MiB).
+FLOOD_EVENTS, FLOOD_TEXT = 3072, 16 * 1024
+
+
+def flood_event(index):
+    return b"data: " + json.dumps({"id": "chatcmpl-flood", "object": "chat.completion.chunk",
+                                   "created": 1, "model": "fake-a", "choices": [{
+                                       "index": 0, "delta": {"content": f"{index:08d}".ljust(
+                                           FLOOD_TEXT, "x")}, "finish_reason": None}]}
+                                  ).encode() + b"\n\n"
+
+
+@scenario("flood")
+def _flood(h, path, request):
+    """A stream of FLOOD_EVENTS events of 16 KiB (flood_event), written as fast as the reader
+    takes them; server.flood_sent counts the bytes written so far."""
+    h.send_response(200)
+    h.send_header("Content-Type", "text/event-stream")
+    h.send_header("Transfer-Encoding", "chunked")
+    h.end_headers()
+    try:
+        for index in range(FLOOD_EVENTS):
+            event = flood_event(index)
+            h.chunk(event)
+            h.server.flood_sent += len(event)
+        h.chunk(b"data: [DONE]\n\n")
+        h.wfile.write(b"0\r\n\r\n")
+    except OSError:
+        h.server.disconnected.set()
+        h.close_connection = True
+
+
+@scenario("odd-chunks")
+def _odd_chunks(h, path, request):
+    """The usual stream framed the ways a server may: upper-case sizes with leading zeros and
+    an extension, an event split across two chunks and a chunk split across two writes,
+    several chunks in one write, and a trailer after the last chunk."""
+    events = stream_events(path, request.get("model", ""), request)
+    h.send_response(200)
+    h.send_header("Content-Type", "text/event-stream")
+    h.send_header("Transfer-Encoding", "chunked")
+    h.end_headers()
+    first, second, *rest = events
+    h.wfile.write(b"%04X;note=1\r\n%s\r\n" % (len(first), first))
+    h.wfile.flush()
+    half = len(second) // 2
+    h.wfile.write(b"%X\r\n%s" % (half, second[:half]))
+    h.wfile.flush()
+    h.wfile.write(b"\r\n%x\r\n%s\r\n" % (len(second) - half, second[half:]))
+    h.wfile.flush()
+    h.wfile.write(b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in rest)
+                  + b"0\r\nX-Checksum: none\r\n\r\n")
+
+
+@scenario("after-last-chunk")
+def _after_last_chunk(h, path, request):
+    """The usual stream, then bytes after its last chunk that no request asked for."""
+    events = stream_events(path, request.get("model", ""), request)
+    h.send_response(200)
+    h.send_header("Content-Type", "text/event-stream")
+    h.send_header("Transfer-Encoding", "chunked")
+    h.end_headers()
+    h.wfile.write(b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in events)
+                  + b"0\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nno")
+
+
 @scenario("reject-stream-options")
 def _reject_stream_options(h, path, request):
     """A server that refuses stream_options with a 400 naming them (old LM Studio)."""
@@ -879,6 +946,7 @@ class FakeUpstream(ThreadingHTTPServer):
         self.release = threading.Event()
         self.stop = threading.Event()
         self.disconnected = threading.Event()
+        self.flood_sent = 0  # bytes the flood scenario has written
         self.reported = []  # total_tokens of every usage the fake reported
         self.peers = []  # the address each request came from
 
