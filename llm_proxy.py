@@ -2044,6 +2044,61 @@ def _count(value: object) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
+MAX_TEMPLATES = 8  # event templates a stream may make (servers whose envelope keeps changing)
+
+
+class EventTemplate(typing.NamedTuple):
+    """The bytes of a stream event around its piece of text, as read and as relayed.
+
+    A stream's events are mostly alike: the same envelope (id, model, index...) around one
+    piece of text. An event that is the template's envelope around exactly one JSON string
+    parses to the template's object with that string as its text, so it is read without
+    parsing it: one string scanned instead of a whole object decoded, a fifth of the cost.
+    """
+    before: bytes
+    after: bytes
+    relayed_before: bytes
+    relayed_after: bytes
+
+    @classmethod
+    def of(cls, event: bytes, relayed: bytes, text: str, meter: "Meter") -> "EventTemplate | None":
+        """The template of an event that is nothing but `text`: found where the text's JSON
+        (as Python writes it, or with raw UTF-8) occurs once in the event and once as
+        relayed, and checked by parsing the event with another text in its place."""
+        for literal in (json.dumps(text).encode(), json.dumps(text, ensure_ascii=False).encode()):
+            at, out = event.find(literal), relayed.find(literal)
+            if at < 0 or out < 0 or event.find(literal, at + 1) >= 0 \
+                    or relayed.find(literal, out + 1) >= 0:
+                continue
+            template = cls(event[:at], event[at + len(literal):], relayed[:out],
+                           relayed[out + len(literal):])
+            probe = meter._parse(template.before + b'"\\u2603probe"' + template.after)
+            if probe is not None and meter.text_piece(probe) == "\u2603probe":
+                return template
+        return None
+
+    def fill(self, event: bytes, meter: "Meter") -> bytes | None:
+        """The event as relayed, its text counted, when it fits the template; else None."""
+        before, after = self.before, self.after
+        if not event.startswith(before) or not event.endswith(after):
+            return None
+        literal = event[len(before):len(event) - len(after)]
+        if len(literal) < 2 or literal[0] != 0x22:  # (a JSON string: "...")
+            return None
+        try:
+            raw = literal.decode()
+            text, end = _scan_string(raw, 1)
+        except ValueError:  # (UnicodeDecodeError too)
+            return None
+        if end != len(raw):
+            return None
+        meter.generated += len(text)
+        return self.relayed_before + literal + self.relayed_after
+
+
+_scan_string = json.decoder.scanstring  # (the C scanner: the JSON string from after its quote)
+
+
 class Meter:
     """What an answer really cost, read as it passes through (TOKEN_COST_MODE=usage).
 
@@ -2075,6 +2130,8 @@ class Meter:
         self._pending = b""
         self._body: list[bytes] = []
         self._size = 0
+        self._template: EventTemplate | None = None
+        self._templates = 0
 
     def begin(self, status: int, content_encoding: str | None) -> None:
         """The answer's status and Content-Encoding, before its body: an encoded body passes
@@ -2120,12 +2177,23 @@ class Meter:
         return (self._event(rest) or b"") if rest else b""
 
     def _event(self, event: bytes) -> bytes | None:
+        template = self._template
+        if template is not None:
+            relayed = template.fill(event, self)
+            if relayed is not None:
+                return relayed
         obj = self._parse(event)
         if obj is None:
             return event
         if self.observe(obj):
             return None
-        return self.rewrite(event)
+        relayed = self.rewrite(event)
+        if self._templates < MAX_TEMPLATES:
+            text = self.text_piece(obj)
+            if text is not None:
+                self._templates += 1
+                self._template = EventTemplate.of(event, relayed, text, self)
+        return relayed
 
     @staticmethod
     def one_event(data: bytes) -> bool:
@@ -2147,6 +2215,11 @@ class Meter:
     def rewrite(self, event: bytes) -> bytes:
         """An event as relayed (the OpenAI meter strips what the proxy asked for)."""
         return event
+
+    def text_piece(self, obj: dict) -> str | None:
+        """When an event is nothing but a piece of generated text (what observe() does with
+        it is add its length to `generated`, and nothing else), that text."""
+        return None
 
     # -- one per API ------------------------------------------------------------------------
 
@@ -2288,6 +2361,24 @@ class UsageMeter(Meter):
             return _USAGE_NULL.sub(b"", event)
         return event
 
+    def text_piece(self, obj: dict) -> str | None:
+        if obj.get("usage") is not None or "error" in obj or "type" in obj:
+            return None
+        choices = obj.get("choices")
+        if type(choices) is not list or len(choices) != 1 or type(choices[0]) is not dict:
+            return None
+        choice = choices[0]
+        if "message" in choice:
+            return None
+        delta = choice.get("delta")
+        if delta is None:  # a completion's piece
+            text = choice.get("text")
+        elif type(delta) is dict and delta.keys() == {"content"} and "text" not in choice:
+            text = delta["content"]
+        else:
+            return None
+        return text if type(text) is str else None
+
     def usage(self) -> tuple[int | None, int, int] | None:
         found = self._finals or list(self._by_answer.values())
         if not found:
@@ -2335,6 +2426,14 @@ class AnthropicMeter(Meter):
                 fields[name] = max(fields.get(name, 0), _count(usage.get(name)))
             self._fields = fields
         return False
+
+    def text_piece(self, obj: dict) -> str | None:
+        delta = obj.get("delta")
+        if obj.get("type") != "content_block_delta" or type(delta) is not dict \
+                or not delta.keys() <= {"type", "text"}:
+            return None
+        text = delta.get("text")
+        return text if type(text) is str else None
 
     def usage(self) -> tuple[int | None, int, int] | None:
         if self._fields is None:

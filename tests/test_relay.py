@@ -16,7 +16,7 @@ import threading
 import unittest
 
 import llm_proxy
-from llm_proxy import BodyReader, OllamaMeter, UsageMeter
+from llm_proxy import AnthropicMeter, BodyReader, OllamaMeter, UsageMeter
 
 from tests.support import (
     CLIENT_KEY, FLOOD_EVENTS, ProxyTestCase, WAIT, flood_event, ollama_lines, sse_events,
@@ -85,7 +85,10 @@ class MeterShortcutTests(unittest.TestCase):
     come to what the general way does, byte for byte and token for token."""
 
     def feed_both(self, make, events):
+        """The events fed one by one (by the short ways) and, to compare, all at once to a
+        meter that makes no templates (the general way)."""
         one_by_one, all_at_once = make(), make()
+        all_at_once._templates = llm_proxy.MAX_TEMPLATES
         out_one = b"".join(one_by_one.feed(e) for e in events) + one_by_one.finish()
         out_all = all_at_once.feed(b"".join(events)) + all_at_once.finish()
         self.assertEqual(out_one, out_all)
@@ -118,6 +121,63 @@ class MeterShortcutTests(unittest.TestCase):
         _, meter = self.feed_both(lambda: UsageMeter(True), events)
         self.assertEqual(meter.generated, 3)
         self.assertTrue(meter.failed)
+
+    def test_events_read_by_their_template(self):
+        """Pieces of text in the same envelope are read by the template of the first: texts
+        with escapes, raw UTF-8 or \\u escapes, quotes that look like JSON, a text equal to
+        another field's value; envelopes that change (a finish, a new `created` second)."""
+        texts = ["Hello", " wörld\n", 'say "hi", "usage": null}', "fake-a", "\u2603", "",
+                 "\\", "tab\there", "x" * 300, "\U0001f600 emoji"]
+
+        def chunk(text, created=1, finish=None, usage=True, raw=False):
+            obj = {"id": "chatcmpl-t", "object": "chat.completion.chunk", "created": created,
+                   "model": "fake-a", "choices": [{"index": 0, "delta": {"content": text},
+                                                    "finish_reason": finish}]}
+            if usage:
+                obj["usage"] = None
+            return b"data: " + json.dumps(obj, ensure_ascii=not raw).encode() + b"\n\n"
+        for raw in (False, True):
+            events = [chunk(t, raw=raw) for t in texts]
+            events += [chunk(t, created=2, raw=raw) for t in texts]
+            events += [chunk("", finish="stop", raw=raw), b"data: [DONE]\n\n"]
+            out, meter = self.feed_both(lambda: UsageMeter(True, strip=True), events)
+            self.assertEqual(meter.generated, 2 * sum(len(t) for t in texts))
+            self.assertIsNotNone(meter._template)
+            self.assertEqual(meter._templates, 3)  # the first text, at created=2, the finish
+            self.assertNotIn(b'"usage": null}', out.replace(b'\\"usage\\": null}', b""))
+        completions = [b"data: " + json.dumps({"id": "c", "object": "text_completion",
+                       "choices": [{"text": t, "index": 0, "logprobs": None,
+                                    "finish_reason": None}], "model": "m"}).encode() + b"\n\n"
+                       for t in texts]
+        _, meter = self.feed_both(lambda: UsageMeter(True), completions)
+        self.assertEqual(meter.generated, sum(len(t) for t in texts))
+        self.assertIsNotNone(meter._template)
+
+    def test_a_template_never_reads_what_is_not_a_piece_of_text(self):
+        """Events that fit an envelope only in part, or carry more than text, are parsed."""
+        base = {"id": "c", "object": "chat.completion.chunk", "model": "m"}
+        events = [{**base, "choices": [{"index": 0, "delta": {"content": "one"}}]},
+                  {**base, "choices": [{"index": 0, "delta": {"content": "two"}}]},
+                  {**base, "choices": [{"index": 0, "delta": {"content": None}}]},
+                  {**base, "choices": [{"index": 0, "delta": {"content": "3", "x": "yz"}}]},
+                  {**base, "choices": [{"index": 0, "delta": {"content": ["four"]}}]},
+                  {**base, "choices": [{"index": 0, "delta": {"content": {"a": "bc"}}}]},
+                  {**base, "choices": [{"index": 0, "delta": {"content": "5"}}],
+                   "usage": {"prompt_tokens": 1, "completion_tokens": 6, "total_tokens": 7}}]
+        wire = [b"data: " + json.dumps(e).encode() + b"\n\n" for e in events]
+        wire.insert(2, wire[1].replace(b'"two"', b'"tw" "o"'))  # two strings: not JSON
+        _, meter = self.feed_both(lambda: UsageMeter(True), wire)
+        self.assertEqual(meter.generated, len("onetwo3yz") + len("four") + len("bc") + 1)
+        self.assertEqual(meter.usage(), (1, 6, 7))
+
+    def test_anthropic_text_deltas(self):
+        events = [b"event: content_block_delta\ndata: " + json.dumps(
+            {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta",
+                                                                  "text": t}}).encode() + b"\n\n"
+                  for t in ("Hel", "lo ", "wörld", '"q"')]
+        _, meter = self.feed_both(lambda: AnthropicMeter(True), events)
+        self.assertEqual(meter.generated, len('Hello wörld"q"'))
+        self.assertIsNotNone(meter._template)
 
     def test_ollama_lines(self):
         lines = ollama_lines("/api/chat", "m", {"messages": [{"role": "user", "content": "hi"}]})
