@@ -3701,6 +3701,8 @@ class SocketReader(io.RawIOBase):
         #: Whether peek_buffered() may look without waiting (a TLS socket takes no flags).
         self.can_peek = not isinstance(sock, ssl.SSLSocket)
         self._dont_wait = False
+        #: The peer closed its end (seen by peek_buffered: a read that returned nothing).
+        self.ended = False
 
     def readable(self) -> bool:
         return True
@@ -3708,9 +3710,11 @@ class SocketReader(io.RawIOBase):
     def readinto(self, buffer: object) -> int | None:  # type: ignore[override]
         if self._dont_wait:
             try:
-                return self._recv_into(buffer, 0, socket.MSG_DONTWAIT)
+                count = self._recv_into(buffer, 0, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 return None  # nothing there: the buffered reader's peek returns b""
+            self.ended = count == 0
+            return count
         try:
             return self._recv_into(buffer)
         except BlockingIOError:  # the kernel's receive timeout
@@ -3788,14 +3792,18 @@ class _Connection:
         return _UpstreamResponse(self, method=head.partition(" ")[0])  # type: ignore[arg-type]
 
     def has_unread(self) -> bool:
-        """Whether bytes wait to be read (buffered, or received by the kernel), found out
-        without waiting: an answer that has begun to arrive, or bytes no request asked for."""
+        """Whether bytes wait to be read (buffered, or received by the kernel), or the
+        upstream has closed its end, found out without waiting: an answer that has begun to
+        arrive, bytes no request asked for, or a connection closed while it was idle (a
+        server may close an idle keep-alive connection at any time; llama.cpp's does so
+        after streams when many are open at once)."""
         if self.raw.can_peek:
-            return bool(self.raw.peek_buffered(self.reader))
+            return bool(self.raw.peek_buffered(self.reader)) or self.raw.ended
         timeout = self.sock.gettimeout()  # TLS: its socket is made briefly non-blocking
         self.sock.settimeout(0.0)
         try:
-            return bool(self.reader.peek(1))
+            self.reader.peek(1)  # (b"" only at the end)
+            return True
         except (OSError, ValueError):  # (nothing there: SSLWantReadError)
             return False
         finally:
@@ -3826,11 +3834,12 @@ class UpstreamPool:
         self.authorization_line = f"Authorization: Bearer {api_key}" if api_key else ""
         self.api_key_line = f"x-api-key: {api_key}" if api_key else ""
 
-    def acquire(self) -> tuple[_Connection, bool]:
-        """An idle connection may have been closed by the upstream meanwhile; the caller finds
-        out when the request fails before any answer, and retries once on a new connection.
-        One that has received anything while idle (bytes no request asked for) is closed."""
-        while True:
+    def acquire(self, new: bool = False) -> tuple[_Connection, bool]:
+        """An idle connection that has received anything while idle (bytes no request asked
+        for, or the upstream's closing it) is closed and the next one tried. One may still be
+        closed by the upstream as the request goes out; the caller finds out when the request
+        fails before any answer, and retries once on a `new` connection."""
+        while not new:
             with self._lock:
                 conn = self._idle.pop() if self._idle else None
             if conn is None:
@@ -3838,6 +3847,7 @@ class UpstreamPool:
             if not conn.has_unread():
                 return conn, True
             conn.close()
+        return self._connect(), False
 
     def release(self, conn: _Connection) -> None:
         """Take back a connection whose response was read to its end by its own framing. Any
@@ -4258,7 +4268,7 @@ class Forwarder:
         """Send the request and read the response head. A reused connection that the upstream
         had closed meanwhile fails before any byte comes back; that one is retried on a new one."""
         for attempt in (1, 2):
-            conn, reused = pool.acquire()
+            conn, reused = pool.acquire(new=attempt == 2)
             try:
                 resp = conn.send_request(head, body)
                 if not conn.has_unread():  # (a fast upstream often has: no wait, no poll)

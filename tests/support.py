@@ -529,6 +529,18 @@ def _after_last_chunk(h, path, request):
                   + b"0\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nno")
 
 
+@scenario("then-close")
+def _then_close(h, path, request):
+    """The usual answer, then the connection closed without a word (as a server may close an
+    idle keep-alive connection at any time); server.closed counts them."""
+    h.answer(path, request)
+    h.wfile.flush()
+    h.connection.shutdown(socket.SHUT_WR)
+    h.close_connection = True
+    with h.server.lock:
+        h.server.closed += 1
+
+
 @scenario("reject-stream-options")
 def _reject_stream_options(h, path, request):
     """A server that refuses stream_options with a 400 naming them (old LM Studio)."""
@@ -947,6 +959,7 @@ class FakeUpstream(ThreadingHTTPServer):
         self.stop = threading.Event()
         self.disconnected = threading.Event()
         self.flood_sent = 0  # bytes the flood scenario has written
+        self.closed = 0  # connections the then-close scenario has closed
         self.reported = []  # total_tokens of every usage the fake reported
         self.peers = []  # the address each request came from
 

@@ -9,13 +9,14 @@ import shutil
 import socket
 import ssl
 import tempfile
+import threading
 import unittest
 import unittest.mock
 
 
 from tests.support import (
     CLIENT_KEY, FakeClock, FakeUpstream, LogCapture, ProxyTestCase, TLS_CERT, TLS_KEY,
-    UPSTREAM_KEY, WAIT, completion, sse_events, stream_events)
+    UPSTREAM_KEY, WAIT, completion, sse_events, stream_events, wait_until)
 
 
 class ForwardingTests(ProxyTestCase):
@@ -103,6 +104,25 @@ class ForwardingTests(ProxyTestCase):
             resp.read()
         self.assertEqual(len(self.upstream.requests), 5)
         self.assertEqual(len(set(self.upstream.peers)), 1)  # one upstream connection, reused
+
+    def test_connections_the_upstream_closed_while_idle_are_not_reused(self):
+        """A server may close idle keep-alive connections without a word (llama.cpp's server
+        closes them after streams when many were open at once): the next requests go out on
+        live connections, the pooled ones seen closed before use, never a 502."""
+        statuses = []
+
+        def stream_then_close():
+            statuses.append(self.chat(stream=True, headers={"X-Fake-Scenario": "then-close"})[0])
+        threads = [threading.Thread(target=stream_then_close) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(WAIT)
+        self.assertEqual(statuses, [200] * 4)
+        self.assertTrue(wait_until(lambda: self.upstream.closed == 4))
+        for _ in range(3):
+            self.assertEqual(self.chat()[0], 200)
+            self.assertEqual(self.chat(stream=True)[0], 200)
 
     def test_interim_answers_are_skipped_and_never_reach_another_client(self):
         for name in ("alice", "bob", "carol"):
