@@ -41,13 +41,17 @@ The life of a request (the sections of this file, in order)
        the answer's head.
     6. The relay (relay) sends the head and the body as they arrive, never buffered whole;
        server-sent events reach the client when the upstream writes them, and a client that
-       goes away closes the upstream connection at once (which stops generation). The usage
+       goes away closes the upstream connection at once (which stops generation). A stream's
+       body is handed to the stream relay (StreamRelay), one thread that moves every stream's
+       events with epoll, while the request's thread waits for it to end. The usage
        meter rewrites nothing the client asked for; it reads usage on the way. The relay
        reports how it ended; the charge closes (refund if the model never answered, else
        charged, in usage mode settled with the upstream's numbers) before the bytes that
        complete the answer are written.
     7. The access line and metrics are written from the Exchange (server parts).
-    Local answers (health, metrics, admin) are functions of the server and the exchange.
+    Local answers (health, metrics, admin) are functions of the server and the exchange; so
+    are the two pages (the operator's dashboard at /admin, a key holder's usage at /usage),
+    whose HTML, style and scripts are constants in the last section (page assets).
     ProxyServer (server) is assembled from parts: the access log, the connection cap, the
     client deadlines, the keys-file watcher, metrics, the store, the forwarder.
 
@@ -3259,6 +3263,13 @@ DEFAULT_ROUTES = (
     _row("GET /admin/keys", ADMIN, answer="admin_keys"),
     _row("GET /admin/usage", ADMIN, answer="admin_usage"),
     _row("GET /v1/usage", LOCAL, answer="usage"),
+    _row("GET /admin/overview", ADMIN, answer="overview"),
+    _row("GET /admin", LOCAL, answer="page"),
+    _row("GET /usage", LOCAL, answer="page"),
+    _row("GET /ui/style.css", LOCAL, answer="page"),
+    _row("GET /ui/admin.js", LOCAL, answer="page"),
+    _row("GET /ui/usage.js", LOCAL, answer="page"),
+    _row("GET /favicon.ico", LOCAL, answer="no_icon"),
     _row("OPTIONS /", LOCAL, answer="preflight"),
 )
 
@@ -4017,6 +4028,11 @@ class FairGate:
         with self._lock:
             return sum(len(queue) for queue in self._waiting.values())
 
+    def waiting_by_key(self) -> dict[str, int]:
+        """How many requests of each key wait for a slot now."""
+        with self._lock:
+            return {key: len(queue) for key, queue in self._waiting.items()}
+
     def _grant(self, key: str) -> None:
         self._busy += 1
         self._inflight[key] = self._inflight.get(key, 0) + 1
@@ -4048,7 +4064,8 @@ class FairGate:
 
 
 class KeySlots:
-    """Requests in flight per key, capped at MAX_CONCURRENT_PER_KEY (0: no cap, no cost)."""
+    """Requests in flight per key (forwarded ones, waiting for their turn included), capped at
+    MAX_CONCURRENT_PER_KEY (0: no cap)."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -4056,22 +4073,23 @@ class KeySlots:
         self._counts: dict[str, int] = {}
 
     def enter(self, key: str) -> bool:
-        if not self.limit:
-            return True
         with self._lock:
             count = self._counts.get(key, 0)
-            if count >= self.limit:
+            if self.limit and count >= self.limit:
                 return False
             self._counts[key] = count + 1
             return True
 
     def leave(self, key: str) -> None:
-        if not self.limit:
-            return
         with self._lock:
             self._counts[key] -= 1
             if not self._counts[key]:
                 del self._counts[key]
+
+    def counts(self) -> dict[str, int]:
+        """Requests in flight now, by bucket key (a copy)."""
+        with self._lock:
+            return dict(self._counts)
 
 
 class _BytesReader(io.BytesIO):
@@ -5053,9 +5071,20 @@ def is_admin(server: "ProxyServer", ex: Exchange, headers: Headers) -> bool:
     if admin_key:
         return hmac.compare_digest(key_digest(client_key(headers)), key_digest(admin_key))
     # A request that came through another proxy (nginx on the same host, say) comes from
-    # loopback whoever sent it: it is never "local".
+    # loopback whoever sent it: it is never "local". Nor is one for another host name: a web
+    # page whose name was made to resolve to 127.0.0.1 (DNS rebinding) reaches the proxy from
+    # this machine, but under its own name.
     return is_loopback(ex.client) and "X-Forwarded-For" not in headers \
-        and "Forwarded" not in headers
+        and "Forwarded" not in headers and is_loopback_host(headers.get("Host") or "")
+
+
+_LOOPBACK_HOST = re.compile(r"(localhost|127(\.[0-9]{1,3}){3}|\[::1\])(:[0-9]{1,5})?",
+                            re.IGNORECASE)
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether a Host header names this machine (localhost, 127.x.y.z, [::1], any port)."""
+    return _LOOPBACK_HOST.fullmatch(host.strip()) is not None
 
 
 def check_admin(server: "ProxyServer", ex: Exchange, headers: Headers) -> None:
@@ -5189,7 +5218,7 @@ def answer_usage(server: "ProxyServer", ex: Exchange, headers: Headers) -> Reply
                          "total": {f: sum(m[f] for m in by_model.values())
                                    for f in LEDGER_FIELDS}}
                   for span, by_model in usage.items()},
-        "timezone": calendar.zone})
+        "timezone": calendar.zone, "version": __version__})
 
 
 def _iso(moment: float, tz: datetime.tzinfo) -> str:
@@ -5222,11 +5251,188 @@ def answer_admin_usage(server: "ProxyServer", ex: Exchange, headers: Headers) ->
                                       "rows": report})
 
 
+# -- the pages' answers ---------------------------------------------------------------------
+
+# Two pages: the operator's dashboard (GET /admin) and a key holder's usage page (GET /usage).
+# Their HTML, CSS and scripts are constants (page assets, at the end of this file) served from
+# the proxy's own paths under a policy that lets nothing in from anywhere else; what they show
+# comes from JSON routes: GET /admin/overview (below) and GET /v1/usage (above).
+
+#: Headers of every page and script: nothing from elsewhere, no framing, no guessing types,
+#: nothing cached (the admin page's numbers are live, and the pages change with the proxy).
+PAGE_HEADERS = (
+    ("Content-Security-Policy", "default-src 'self'; frame-ancestors 'none'; base-uri 'none'; "
+                                "form-action 'none'"),
+    ("X-Content-Type-Options", "nosniff"), ("X-Frame-Options", "DENY"),
+    ("Referrer-Policy", "no-referrer"), ("Cache-Control", "no-store"))
+
+
+def answer_page(server: "ProxyServer", ex: Exchange, headers: Headers) -> Reply:
+    """A page or one of its scripts. The dashboard itself is for whoever may see the admin
+    routes: with ADMIN_API_KEY it is a login form anyone may load (the data needs the key);
+    without, it exists only for this machine, as the admin routes do."""
+    if ex.path == "/admin" and not server.config.admin_api_key:
+        check_admin(server, ex, headers)
+    ex.cors = ""  # (for no other site's page)
+    content_type, body = PAGE_ASSETS[ex.path]
+    return Reply(HTTPStatus.OK, (("Content-Type", content_type), *PAGE_HEADERS),
+                 body.encode())
+
+
+def answer_no_icon(server: "ProxyServer", ex: Exchange, headers: Headers) -> Reply:
+    """Browsers ask every site for an icon: there is none (204, not a 404 in their console)."""
+    return Reply(HTTPStatus.NO_CONTENT, (("Cache-Control", "max-age=86400"),), None)
+
+
+def answer_admin_overview(server: "ProxyServer", ex: Exchange, headers: Headers) -> Reply:
+    """GET /admin/overview: what the dashboard shows, in one answer (see overview())."""
+    return Reply(HTTPStatus.OK, (("Content-Type", "application/json"), *PAGE_HEADERS[1:]),
+                 json.dumps(overview(server)).encode())
+
+
+def overview(server: "ProxyServer") -> dict[str, object]:
+    """Every key with its bucket, quotas, today's and this month's use and its requests under
+    way; each model's use today and this month; the upstream's health; requests per minute over the last hour; tokens per day over
+    the last 30 days by key; the store; the version."""
+    calendar, store = server.calendar, server.store
+    now = calendar.wall()
+    periods = calendar.periods(now)
+    day_start, month_start = calendar.start_of(periods.day), calendar.start_of(periods.month)
+    first_day = (datetime.datetime.fromtimestamp(now, calendar.tz).date()
+                 - datetime.timedelta(days=29))
+    days = [(first_day + datetime.timedelta(days=i)).isoformat() for i in range(30)]
+    since = calendar.start_of(days[0])
+    rows = server.usage_rows(min(since, month_start), now + 3600)
+    per_key: dict[str, dict[str, list[int]]] = {}   # bucket key -> span -> tokens, requests, limited
+    names: dict[str, str] = {}
+    per_day: dict[str, dict[str, int]] = {}         # key name -> day -> tokens
+    per_model: dict[str, dict[str, list[int]]] = {}  # model -> span -> tokens, requests
+    for entry, counts in rows:
+        names.setdefault(entry.key, entry.name)
+        requests, limited, tokens = counts[0], counts[1], counts[4]
+        if entry.hour >= month_start - 3599:
+            model = per_model.setdefault(entry.model, {"today": [0, 0], "this_month": [0, 0]})
+            for span in ("today", "this_month") if entry.hour >= day_start - 3599 else (
+                    "this_month",):
+                model[span][0] += tokens
+                model[span][1] += requests
+        spans = per_key.setdefault(entry.key, {"today": [0, 0, 0], "this_month": [0, 0, 0]})
+        for span, start in (("today", day_start), ("this_month", month_start)):
+            if entry.hour >= start - 3599:  # (an hour that began before midnight counts on)
+                totals = spans[span]
+                totals[0] += tokens
+                totals[1] += requests
+                totals[2] += limited
+        if entry.hour >= since - 3599:
+            day = datetime.datetime.fromtimestamp(max(entry.hour, since), calendar.tz)
+            by_day = per_day.setdefault(entry.name, {})
+            by_day[day.date().isoformat()] = by_day.get(day.date().isoformat(), 0) + tokens
+    in_flight = server.key_slots.counts()
+    waiting = server.gate.waiting_by_key() if server.gate is not None else {}
+    listed = [("key:" + digest, policy.name or short_hash(digest), policy)
+              for digest, policy in server.keys.entries]
+    known = {bucket for bucket, _, _ in listed}
+    listed += [(bucket, names.get(bucket, bucket), server.default_policy)
+               for bucket in sorted({*per_key, *in_flight} - known)][:MAX_OVERVIEW_KEYS]
+    keys = []
+    for bucket, name, policy in listed:
+        quota = store.peek(bucket, policy.bucket)
+        quotas = store.calendar(bucket, policy.calendar, periods) if policy.calendar else ()
+        spans = per_key.get(bucket, {"today": [0, 0, 0], "this_month": [0, 0, 0]})
+        keys.append({
+            "name": name, "disabled": policy.disabled, "limit": quota.limit,
+            "balance": quota.remaining, "next_refill_seconds": math.ceil(quota.reset_seconds),
+            "refill_tokens": policy.bucket.refill_tokens,
+            "refill_interval_seconds": policy.bucket.refill_interval,
+            **{span: dict(zip(("tokens", "requests", "limited"), spans[span]))
+               for span in ("today", "this_month")},
+            "quotas": [{"name": q.name, "limit": q.limit, "used": q.used,
+                        "remaining": q.remaining, "resets_in_seconds": math.ceil(q.reset_seconds)}
+                       for q in quotas],
+            "in_flight": in_flight.get(bucket, 0) - waiting.get(bucket, 0),
+            "waiting": waiting.get(bucket, 0)})
+    first_minute, minutes = server.metrics.recent.window()
+    stacked = sorted(per_day.items(), key=lambda item: -sum(item[1].values()))
+    if len(stacked) > MAX_CHART_KEYS:
+        other: dict[str, int] = {}
+        for _, by_day in stacked[MAX_CHART_KEYS - 1:]:
+            for day, tokens in by_day.items():
+                other[day] = other.get(day, 0) + tokens
+        stacked = stacked[:MAX_CHART_KEYS - 1] + [("other", other)]
+    return {
+        "version": __version__, "now": _iso(now, calendar.tz), "timezone": calendar.zone,
+        "uptime_seconds": round(now - server.started),
+        "store": store_report(server), "upstream": upstream_report(server, in_flight, waiting),
+        "keys": keys,
+        "models": [{"name": name, **{span: dict(zip(("tokens", "requests"), spans[span]))
+                                     for span in ("today", "this_month")}}
+                   for name, spans in sorted(per_model.items(),
+                                             key=lambda item: -item[1]["this_month"][0])
+                   ][:MAX_OVERVIEW_MODELS],
+        "requests_per_minute": {
+            "start": _iso(first_minute * 60, calendar.tz),
+            "minutes": [{"requests": m.get("requests", 0), "limited": m.get("limited", 0),
+                         "errors": m.get("errors", 0)} for m in minutes]},
+        "tokens_per_day": {"days": days, "keys": [
+            {"name": name, "tokens": [by_day.get(day, 0) for day in days]}
+            for name, by_day in stacked]}}
+
+
+MAX_OVERVIEW_KEYS = 200   # keys not in the keys file (open mode, by address) the dashboard lists
+MAX_OVERVIEW_MODELS = 50  # models the dashboard lists (the most used this month)
+MAX_CHART_KEYS = 8        # keys the tokens-per-day chart stacks (the rest as "other")
+
+
+def store_report(server: "ProxyServer") -> dict[str, object]:
+    status = server.store.status()
+    redis = None
+    if server.config.redis_url:
+        parts = urllib.parse.urlsplit(server.config.redis_url)
+        where = f"{parts.scheme}://{parts.hostname or ''}" + (f":{parts.port}" if parts.port
+                                                               else "") + parts.path
+        redis = {"url": where, "reachable": bool(status.get("reachable", True))}
+    return {"kind": status.get("backend", "memory"),
+            "state_file": server.state.path if server.state is not None else None,
+            "redis": redis, "ok": bool(status.get("reachable", True))
+            or status.get("failure_mode") == "local", "buckets_held": len(server.store)}
+
+
+def upstream_report(server: "ProxyServer", in_flight: Mapping[str, int],
+                    waiting: Mapping[str, int]) -> dict[str, object]:
+    """Whether the upstream takes a connection now (tried, within a second), its time to
+    first byte and latency (p50, p95: the histograms since start), its errors in the last
+    hour by kind, and the requests at it and waiting for it."""
+    upstream = server.forwarder.upstreams["v1"]
+    connect_ms: float | None = None
+    started = time.perf_counter()
+    try:
+        socket.create_connection((upstream.host, upstream.port),
+                                 timeout=min(1.0, server.config.open_timeout)).close()
+        connect_ms = round((time.perf_counter() - started) * 1000, 2)
+    except OSError:
+        pass
+    report: dict[str, object] = {
+        "url": f"{upstream.scheme}://{upstream.host_header}{upstream.base_path}",
+        "reachable": connect_ms is not None, "connect_ms": connect_ms}
+    for name, field in (("llm_proxy_upstream_ttfb_seconds", "ttfb_ms"),
+                        ("llm_proxy_upstream_latency_seconds", "latency_ms")):
+        (p50, p95), count = server.metrics.quantiles(name, 0.5, 0.95)
+        report[field] = {"p50": None if p50 is None else round(p50 * 1000, 1),
+                         "p95": None if p95 is None else round(p95 * 1000, 1), "count": count}
+    _, minutes = server.metrics.recent.window()
+    report["errors_last_hour"] = {kind: sum(m.get("upstream " + kind, 0) for m in minutes)
+                                  for kind in ("timeout", "refused", "5xx", "broken", "invalid")}
+    queued = sum(waiting.values())
+    report["in_flight"], report["waiting"] = sum(in_flight.values()) - queued, queued
+    return report
+
+
 LOCAL_ANSWERS: dict[str, Callable[["ProxyServer", Exchange, Headers], Reply | None]] = {
     "health": answer_health, "metrics": answer_metrics, "admin_keys": answer_admin_keys,
     "models": answer_models, "model": answer_model, "tags": answer_tags,
     "usage": answer_usage, "admin_usage": answer_admin_usage,
-    "preflight": answer_preflight,
+    "preflight": answer_preflight, "page": answer_page, "overview": answer_admin_overview,
+    "no_icon": answer_no_icon,
 }
 
 
@@ -5473,9 +5679,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
         ex.api = api_of_path(ex.path)
         route = self.server.routes.find(ex.method, ex.path)
         ex.route, ex.api = route, route.api
-        if route.kind in (ADMIN, MANAGE):  # never for a web page: no CORS, no Origin
+        if route.kind in (ADMIN, MANAGE):  # never for another site's page: no CORS, no Origin
             ex.cors = ""
-            if origin is not None:
+            if origin is not None or self.headers.get("Sec-Fetch-Site") in CROSS_SITE:
                 raise ProxyError(HTTPStatus.FORBIDDEN, "Admin routes do not answer web pages.",
                                  type="permission_error", code="origin_not_allowed")
         if route.kind in (LOCAL, ADMIN):
@@ -5694,6 +5900,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
         ex.head_sent = True
 
 
+#: Sec-Fetch-Site values of a request a browser makes for another site's page (the proxy's own
+#: pages' requests say same-origin; a typed address, none).
+CROSS_SITE = frozenset({"cross-site", "same-site"})
 HANDLED_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _HTTP_VERSION = re.compile(r"HTTP/([0-9]{1,2})\.([0-9]{1,2})")  # ASCII digits only
 
@@ -5734,11 +5943,13 @@ class Metrics:
         "llm_proxy_upstream_latency_seconds": ("histogram", "Time from sending a request upstream to the end of its response."),
     }
 
-    def __init__(self) -> None:
+    def __init__(self, wall: Callable[[], float] = time.time) -> None:
         self._lock = threading.Lock()
         self._counters: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
         self._histograms: dict[str, list[float]] = {}
         self._keys: set[str] = set()
+        #: the last hour, minute by minute: requests, limited, errors, upstream errors by kind
+        self.recent = RecentMinutes(wall)
 
     def key(self, label: str) -> str:
         """The key label to use: `label`, or "other" once MAX_KEY_SERIES keys are in use."""
@@ -5754,6 +5965,8 @@ class Metrics:
         with self._lock:
             series = self._counters.setdefault(name, {})
             series[labels] = series.get(labels, 0) + value
+        if name == "llm_proxy_upstream_errors_total":
+            self.recent.add("upstream " + labels[0][1])
 
     def count_request(self, label: str, route: str, status: int, cost: int | None) -> None:
         """A request answered: llm_proxy_requests_total and the tokens charged, in one go."""
@@ -5775,6 +5988,24 @@ class Metrics:
             counts[index] += 1  # (index len(BUCKETS): above every bound)
             counts[-2] += seconds
             counts[-1] += 1
+
+    def quantiles(self, name: str, *qs: float) -> tuple[tuple[float | None, ...], int]:
+        """Quantiles of a histogram (in seconds; None while it is empty), interpolated within
+        their bucket as Prometheus's histogram_quantile does, and how many it counted."""
+        with self._lock:
+            counts = list(self._histograms.get(name, ()))
+        if not counts or not counts[-1]:
+            return tuple(None for _ in qs), 0
+        total, found = counts[-1], []
+        for q in qs:
+            rank, seen, lower = q * total, 0.0, 0.0
+            for bound, count in zip((*self.BUCKETS, math.inf), counts):
+                if count and seen + count >= rank:
+                    upper = bound if bound != math.inf else lower
+                    found.append(lower + (upper - lower) * (rank - seen) / count)
+                    break
+                seen, lower = seen + count, bound
+        return tuple(found), int(total)
 
     def render(self, gauges: Mapping[str, float]) -> str:
         lines: list[str] = []
@@ -5804,6 +6035,38 @@ def _labels(labels: tuple[tuple[str, str], ...]) -> str:
     if not labels:
         return ""
     return "{" + ",".join(f'{k}="{_label_value(v)}"' for k, v in labels) + "}"
+
+
+class RecentMinutes:
+    """Counts per minute of wall-clock time over the last hour (requests, limited requests,
+    errors, upstream errors by kind), for the dashboard's last-hour figures. One lock and a
+    dict per minute; what is older than an hour falls off."""
+
+    MINUTES = 60
+
+    def __init__(self, wall: Callable[[], float] = time.time) -> None:
+        self._wall = wall
+        self._lock = threading.Lock()
+        self._minutes: collections.deque[tuple[int, dict[str, int]]] = collections.deque(
+            maxlen=self.MINUTES)
+
+    def add(self, name: str, count: int = 1) -> None:
+        minute = int(self._wall() // 60)
+        with self._lock:
+            minutes = self._minutes
+            if not minutes or minutes[-1][0] != minute:
+                minutes.append((minute, {}))
+            counts = minutes[-1][1]
+            counts[name] = counts.get(name, 0) + count
+
+    def window(self) -> tuple[int, list[dict[str, int]]]:
+        """(the first minute, as epoch minutes; each of the last 60 minutes' counts, the
+        current one last)."""
+        last = int(self._wall() // 60)
+        first = last - self.MINUTES + 1
+        with self._lock:
+            held = {minute: dict(counts) for minute, counts in self._minutes}
+        return first, [held.get(minute, {}) for minute in range(first, last + 1)]
 
 
 class AccessLog:
@@ -6083,7 +6346,8 @@ class ProxyServer(ThreadingHTTPServer):
         self.config = config
         self.access_log = AccessLog(log_stream if log_stream is not None else sys.stderr,
                                     config.log_format == "json")
-        self.metrics = Metrics()
+        self.metrics = Metrics(wall)
+        self.started = wall()
         self.default_policy = config.default_policy
         self.keys = load_key_ring(config)  # ConfigError for an invalid keys file
         self.store = store if store is not None else make_store(config, self.log, self.metrics,
@@ -6208,6 +6472,13 @@ class ProxyServer(ThreadingHTTPServer):
                             (1, int(charge.state == "declined"), charge.prompt_tokens,
                              charge.completion_tokens, charge.cost))
         self.metrics.count_request(ex.label, ex.route_label, ex.status, cost)
+        if route is not None and route.kind not in (LOCAL, ADMIN):
+            recent = self.metrics.recent
+            recent.add("requests")
+            if charge is not None and charge.state == "declined":
+                recent.add("limited")
+            if ex.status >= HTTPStatus.INTERNAL_SERVER_ERROR:
+                recent.add("errors")
         self.access_log.access(ex, cost, round(elapsed, 1))  # (last: a line says all is done)
 
     def usage_rows(self, since: float, until: float,
@@ -6450,6 +6721,1000 @@ def keygen_main(argv: Sequence[str]) -> int:
         return 2
     print(keygen(args.name), end="")
     return 0
+
+
+# ##################################################################### page assets ####
+
+# The pages' HTML, style and scripts (see "the pages' answers"): plain, no framework, nothing
+# loaded from elsewhere. Whatever came from a client is set as text (textContent), never as
+# markup.
+
+ADMIN_HTML = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="color-scheme" content="light dark">
+<meta name="referrer" content="no-referrer">
+<title>llm_proxy &middot; admin</title>
+<link rel="stylesheet" href="/ui/style.css">
+<script src="/ui/admin.js" defer></script>
+</head>
+<body>
+<header class="top">
+  <h1>llm_proxy <span class="sub">admin</span></h1>
+  <span id="version" class="meta"></span>
+  <span id="uptime" class="meta"></span>
+  <span class="spacer"></span>
+  <span id="updated" class="meta"></span>
+  <button id="signout" type="button" hidden>Sign out</button>
+</header>
+<main>
+  <p id="loading" class="meta">Loading&hellip;</p>
+
+  <section id="login" class="panel login" aria-labelledby="login-title" hidden>
+    <h2 id="login-title">Sign in</h2>
+    <form id="login-form" novalidate>
+      <label for="admin-key">Admin key</label>
+      <div class="row">
+        <input id="admin-key" name="admin-key" type="password" autocomplete="current-password"
+               spellcheck="false" autocapitalize="off" required>
+        <button type="submit" class="primary">Sign in</button>
+      </div>
+      <p id="login-error" class="error" role="alert" aria-live="assertive"></p>
+    </form>
+    <p class="meta">The key is kept in this tab only (session storage) and sent as a bearer
+      token; it is forgotten when the tab closes or you sign out.</p>
+  </section>
+
+  <section id="dashboard" hidden>
+    <p id="local-note" class="note" hidden>Admin by this machine, no key needed.</p>
+    <p id="status" class="status" role="status" aria-live="polite"></p>
+
+    <div id="content" hidden>
+      <h2 class="visually-hidden">Summary</h2>
+      <div id="cards" class="cards"></div>
+
+      <h2 id="keys-title">Keys</h2>
+      <div class="table-wrap">
+        <table id="keys" aria-labelledby="keys-title">
+          <thead>
+            <tr>
+              <th scope="col">Key</th>
+              <th scope="col" class="n">Balance</th>
+              <th scope="col">Next refill</th>
+              <th scope="col" class="n">Tokens today</th>
+              <th scope="col" class="n">Tokens this month</th>
+              <th scope="col" class="n">Requests today</th>
+              <th scope="col" class="n">Limited today</th>
+              <th scope="col" class="n">In flight</th>
+              <th scope="col" class="n">Waiting</th>
+            </tr>
+          </thead>
+          <tbody></tbody>
+        </table>
+      </div>
+      <p class="meta phone-only">Swipe the table sideways for more columns.</p>
+      <p id="no-keys" class="meta" hidden>No keys are configured.</p>
+
+      <h2 id="models-title">Models</h2>
+      <div class="table-wrap">
+        <table id="models" aria-labelledby="models-title">
+          <thead>
+            <tr>
+              <th scope="col">Model</th>
+              <th scope="col" class="n">Tokens today</th>
+              <th scope="col" class="n">Requests today</th>
+              <th scope="col" class="n">Tokens this month</th>
+              <th scope="col" class="n">Requests this month</th>
+            </tr>
+          </thead>
+          <tbody></tbody>
+        </table>
+      </div>
+      <p id="no-models" class="meta" hidden>No requests this month.</p>
+
+      <div class="charts">
+        <section class="panel chart-box" aria-labelledby="tokens-title">
+          <h2 id="tokens-title">Tokens per day, last 30 days</h2>
+          <figure>
+            <svg id="tokens-chart" class="chart" role="img" aria-label="Tokens per day"></svg>
+            <figcaption>
+              <ul id="tokens-legend" class="legend"></ul>
+            </figcaption>
+          </figure>
+        </section>
+        <section class="panel chart-box" aria-labelledby="minutes-title">
+          <h2 id="minutes-title">Requests per minute, last hour</h2>
+          <figure>
+            <svg id="minutes-chart" class="chart" role="img" aria-label="Requests per minute"></svg>
+            <figcaption>
+              <ul id="minutes-legend" class="legend"></ul>
+            </figcaption>
+          </figure>
+        </section>
+      </div>
+    </div>
+  </section>
+</main>
+</body>
+</html>
+"""
+
+USAGE_HTML = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="color-scheme" content="light dark">
+<meta name="referrer" content="no-referrer">
+<title>llm_proxy &middot; your usage</title>
+<link rel="stylesheet" href="/ui/style.css">
+<script src="/ui/usage.js" defer></script>
+</head>
+<body>
+<header class="top">
+  <h1>llm_proxy <span class="sub">usage</span></h1>
+  <span id="version" class="meta"></span>
+  <span class="spacer"></span>
+  <span id="updated" class="meta"></span>
+  <button id="signout" type="button" hidden>Sign out</button>
+</header>
+<main>
+  <p id="loading" class="meta">Loading&hellip;</p>
+
+  <section id="login" class="panel login" aria-labelledby="login-title" hidden>
+    <h2 id="login-title">See your usage</h2>
+    <form id="login-form" novalidate>
+      <label for="api-key">Your API key</label>
+      <div class="row">
+        <input id="api-key" name="api-key" type="password" autocomplete="current-password"
+               spellcheck="false" autocapitalize="off" required>
+        <button type="submit" class="primary">Show usage</button>
+      </div>
+      <p id="login-error" class="error" role="alert" aria-live="assertive"></p>
+    </form>
+    <p class="meta">The key is kept in this tab only (session storage) and sent as a bearer
+      token; it is forgotten when the tab closes or you sign out.</p>
+  </section>
+
+  <section id="dashboard" hidden>
+    <p id="status" class="status" role="status" aria-live="polite"></p>
+
+    <div id="content" hidden>
+      <p class="keyline">Key <strong id="key-name"></strong></p>
+
+      <div class="cards wide">
+        <section class="panel" aria-labelledby="bucket-title">
+          <h2 id="bucket-title">Balance</h2>
+          <div id="bucket"></div>
+        </section>
+        <section class="panel" aria-labelledby="quotas-title">
+          <h2 id="quotas-title">Quotas</h2>
+          <div id="quotas"></div>
+        </section>
+      </div>
+
+      <div class="charts">
+        <section class="panel" aria-labelledby="today-title">
+          <h2 id="today-title">Today by model</h2>
+          <ul id="today-chart" class="hbars" aria-labelledby="today-title"></ul>
+        </section>
+        <section class="panel" aria-labelledby="month-title">
+          <h2 id="month-title">This month by model</h2>
+          <ul id="month-chart" class="hbars" aria-labelledby="month-title"></ul>
+        </section>
+      </div>
+
+      <h2 id="totals-title">Totals</h2>
+      <div class="table-wrap narrow">
+        <table id="totals" class="totals" aria-labelledby="totals-title">
+          <thead>
+            <tr><th scope="col"></th><th scope="col" class="n">Today</th>
+                <th scope="col" class="n">This month</th></tr>
+          </thead>
+          <tbody></tbody>
+        </table>
+      </div>
+      <p id="zone" class="meta"></p>
+    </div>
+  </section>
+</main>
+</body>
+</html>
+"""
+
+PAGE_CSS = r"""/* llm_proxy pages: shared stylesheet (served at /ui/style.css) */
+:root {
+  color-scheme: light dark;
+  --bg: #f4f5f7; --fg: #1b2230; --muted: #5a6677; --card: #ffffff; --line: #dde2e8;
+  --track: #e6e9ee; --accent: #2d6cdf; --ok: #23803a; --warn: #a35a00; --bad: #c0352b;
+  --k0: #4e79a7; --k1: #f28e2b; --k2: #59a14f; --k3: #b07aa1;
+  --k4: #e0b93a; --k5: #76b7b2; --k6: #e15759; --k7: #9c755f; --kother: #a0a8b2;
+  --req: #4e79a7; --limited: #f28e2b; --errors: #d62f2f;
+}
+@media (prefers-color-scheme: dark) {
+  :root {
+    --bg: #111418; --fg: #e2e6ec; --muted: #9aa5b3; --card: #1a1f26; --line: #2d343e;
+    --track: #2b323c; --accent: #6d9cff; --ok: #5cc97a; --warn: #f0a546; --bad: #ff7b6e;
+    --kother: #6c7581; --req: #6b96c9; --errors: #f06262;
+  }
+}
+*, *::before, *::after { box-sizing: border-box; }
+[hidden] { display: none !important; }
+html { -webkit-text-size-adjust: 100%; text-size-adjust: 100%; }
+body {
+  margin: 0; background: var(--bg); color: var(--fg);
+  font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif;
+  overflow-wrap: anywhere;
+}
+.visually-hidden {
+  position: absolute; width: 1px; height: 1px; margin: -1px; padding: 0; border: 0;
+  overflow: hidden; clip: rect(0 0 0 0); white-space: nowrap;
+}
+
+/* header */
+header.top {
+  display: flex; flex-wrap: wrap; align-items: center; gap: 4px 12px;
+  padding: 8px 16px; background: var(--card); border-bottom: 1px solid var(--line);
+}
+header.top h1 { margin: 0; font-size: 17px; font-weight: 700; letter-spacing: -0.01em; }
+header.top h1 .sub { font-weight: 400; color: var(--muted); }
+.spacer { flex: 1 1 0; }
+.meta { color: var(--muted); font-size: 12px; }
+header.top .meta:empty { display: none; }
+.phone-only { display: none; }
+
+main { max-width: 1240px; margin: 0 auto; padding: 12px 16px 40px; }
+h2 { font-size: 14px; font-weight: 650; margin: 18px 0 8px; }
+.panel h2 { margin-top: 0; }
+.panel, .card, .table-wrap {
+  background: var(--card); border: 1px solid var(--line); border-radius: 8px;
+}
+.panel { padding: 12px 14px; }
+
+/* controls */
+button {
+  font: inherit; padding: 5px 12px; border-radius: 6px; cursor: pointer;
+  border: 1px solid var(--line); background: var(--card); color: var(--fg);
+}
+button:hover { border-color: var(--muted); }
+button.primary { background: var(--accent); border-color: var(--accent); color: #fff; }
+button:disabled { opacity: 0.6; cursor: progress; }
+button:focus-visible, input:focus-visible { outline: 2px solid var(--accent); outline-offset: 1px; }
+input[type="password"] {
+  font: inherit; flex: 1 1 12em; min-width: 0; padding: 5px 8px;
+  border: 1px solid var(--line); border-radius: 6px; background: var(--bg); color: var(--fg);
+}
+.login { max-width: 460px; margin: 32px auto; }
+.login label { display: block; font-weight: 600; margin-bottom: 4px; }
+.row { display: flex; flex-wrap: wrap; gap: 8px; }
+.error { color: var(--bad); min-height: 1.45em; margin: 6px 0 0; }
+.error:empty { min-height: 0; }
+
+/* notes and status */
+.note {
+  margin: 0 0 10px; padding: 6px 10px; border-radius: 6px; font-size: 13px;
+  background: var(--card); border: 1px dashed var(--line); color: var(--muted);
+}
+.status { margin: 0 0 10px; font-size: 13px; }
+.status:empty { display: none; }
+.status.warn { color: var(--warn); }
+.status.bad { color: var(--bad); }
+.keyline { margin: 0 0 10px; font-size: 15px; }
+
+/* summary cards */
+.cards { display: grid; gap: 10px; grid-template-columns: repeat(auto-fill, minmax(175px, 1fr)); }
+.cards.wide { grid-template-columns: repeat(auto-fit, minmax(min(100%, 340px), 1fr)); align-items: start; }
+.card { padding: 9px 12px; border-left-width: 4px; }
+.card h3 {
+  margin: 0 0 2px; font-size: 11px; font-weight: 600; color: var(--muted);
+  text-transform: uppercase; letter-spacing: 0.04em;
+}
+.card .big { margin: 0; font-size: 18px; font-weight: 650; font-variant-numeric: tabular-nums; }
+.card .small { margin: 2px 0 0; font-size: 12px; color: var(--muted); }
+.card.ok { border-left-color: var(--ok); }
+.card.warn { border-left-color: var(--warn); }
+.card.bad { border-left-color: var(--bad); }
+.card.bad .big { color: var(--bad); }
+
+/* tables */
+.table-wrap { overflow-x: auto; -webkit-overflow-scrolling: touch; }
+table { width: 100%; border-collapse: collapse; font-variant-numeric: tabular-nums; }
+th, td {
+  padding: 6px 10px; text-align: left; vertical-align: middle; white-space: nowrap;
+  border-bottom: 1px solid var(--line);
+}
+tbody tr:last-child td, tbody tr:last-child th { border-bottom: 0; }
+thead th { font-size: 12px; font-weight: 600; color: var(--muted); white-space: normal; min-width: 4.5em; }
+th.n, td.n { text-align: right; }
+td.name { font-weight: 600; white-space: normal; min-width: 9em; max-width: 18em; }
+tr.disabled td { color: var(--muted); }
+tr.disabled td.name::after {
+  content: "disabled"; display: inline-block; margin-left: 6px; padding: 0 6px;
+  border: 1px solid var(--line); border-radius: 9px; font-size: 11px; font-weight: 400;
+}
+tr.disabled .bar .fill { background: var(--muted); }
+.table-wrap.narrow { max-width: 560px; }
+.sub-line { display: block; font-size: 11px; color: var(--muted); }
+table.totals th[scope="row"] { font-weight: 400; }
+
+/* bars with their numbers */
+.bar {
+  display: inline-block; vertical-align: middle; width: 84px; height: 8px; margin-right: 6px;
+  background: var(--track); border-radius: 4px; overflow: hidden;
+}
+.bar.under { display: block; width: 100%; min-width: 64px; height: 4px; margin: 3px 0 0; }
+.bar.big { display: block; width: 100%; height: 10px; margin: 4px 0; border-radius: 5px; }
+.bar .fill { display: block; height: 100%; background: var(--accent); }
+.bar.low .fill { background: var(--warn); }
+.bar.high .fill { background: var(--bad); }
+
+/* usage page blocks */
+.figure { margin: 0; font-size: 20px; font-weight: 650; font-variant-numeric: tabular-nums; }
+.figure .of { font-size: 14px; font-weight: 400; color: var(--muted); }
+.quota { margin-bottom: 12px; }
+.quota:last-child { margin-bottom: 0; }
+.quota-head { display: flex; flex-wrap: wrap; justify-content: space-between; gap: 0 8px; }
+.quota-head strong { font-weight: 600; }
+.hbars {
+  list-style: none; margin: 0; padding: 0; display: grid; gap: 2px 10px;
+  grid-template-columns: minmax(5em, max-content) minmax(40px, 1fr) max-content;
+}
+.hbars li {
+  display: grid; grid-column: 1 / -1; grid-template-columns: subgrid;
+  align-items: center; padding: 3px 0;
+}
+.hbars .model-name { max-width: 14em; }
+.hbars .model-name { font-weight: 600; }
+.hbars .bar { width: 100%; height: 12px; margin: 0; }
+.hbars .num { font-size: 12px; color: var(--muted); font-variant-numeric: tabular-nums; text-align: right; }
+.hbars li.empty { display: block; color: var(--muted); }
+
+/* charts */
+.charts { display: grid; gap: 12px; grid-template-columns: minmax(0, 1fr); margin-top: 16px; }
+@media (min-width: 980px) { .charts { grid-template-columns: minmax(0, 1fr) minmax(0, 1fr); } }
+figure { margin: 0; }
+svg.chart { display: block; max-width: 100%; height: auto; }
+svg.chart text { fill: var(--muted); font-size: 11px; font-family: inherit; }
+svg.chart .grid { stroke: var(--line); stroke-width: 1; }
+svg.chart .axis { stroke: var(--muted); stroke-width: 1; }
+svg.chart .seg { stroke: var(--card); stroke-width: 0.5; }
+svg.chart .minute { fill: var(--req); }
+svg.chart .limited { fill: var(--limited); }
+svg.chart .errors { fill: var(--errors); }
+svg.chart g:hover rect { opacity: 0.8; }
+.legend {
+  display: flex; flex-wrap: wrap; gap: 2px 14px; list-style: none;
+  margin: 6px 0 0; padding: 0; font-size: 12px;
+}
+.legend li { display: block; }
+.legend .swatch { margin-right: 5px; vertical-align: -1px; }
+.legend .num { margin-left: 5px; color: var(--muted); font-variant-numeric: tabular-nums; }
+.swatch { display: inline-block; flex: none; width: 10px; height: 10px; border-radius: 2px; }
+.k0 { fill: var(--k0); background: var(--k0); }
+.k1 { fill: var(--k1); background: var(--k1); }
+.k2 { fill: var(--k2); background: var(--k2); }
+.k3 { fill: var(--k3); background: var(--k3); }
+.k4 { fill: var(--k4); background: var(--k4); }
+.k5 { fill: var(--k5); background: var(--k5); }
+.k6 { fill: var(--k6); background: var(--k6); }
+.k7 { fill: var(--k7); background: var(--k7); }
+.kother { fill: var(--kother); background: var(--kother); }
+.swatch.minute { background: var(--req); }
+.swatch.limited { background: var(--limited); }
+.swatch.errors { background: var(--errors); }
+
+/* phones */
+@media (max-width: 560px) {
+  header.top { padding: 8px 12px; }
+  header.top h1 { order: -3; }
+  #signout { order: -2; margin-left: auto; padding: 3px 10px; }
+  .spacer { order: -1; flex-basis: 100%; height: 0; }
+  .phone-only { display: block; margin: 4px 0 0; }
+  thead th { white-space: nowrap; }
+  main { padding: 10px 12px 32px; }
+  .cards { grid-template-columns: minmax(0, 1fr) minmax(0, 1fr); gap: 8px; }
+  .card { padding: 8px 10px; }
+  .card .big { font-size: 16px; }
+  .hbars { grid-template-columns: minmax(0, 1fr) max-content; }
+  .hbars .model-name { grid-column: 1 / -1; max-width: none; }
+  .login { margin: 16px auto; }
+}
+"""
+
+ADMIN_JS = r"""// llm_proxy admin dashboard (served at /ui/admin.js). Data: GET /admin/overview.
+'use strict';
+(() => {
+  const STORAGE_KEY = 'llm_proxy_admin_key';
+  const REFRESH_MS = 5000;
+  const SVG_NS = 'http://www.w3.org/2000/svg';
+  const NUM = new Intl.NumberFormat('en-US');
+  const COMPACT = new Intl.NumberFormat('en-US', {notation: 'compact', maximumFractionDigits: 1});
+  const MONTHS = ['Jan', 'Feb', 'Mar', 'Apr', 'May', 'Jun', 'Jul', 'Aug', 'Sep', 'Oct', 'Nov', 'Dec'];
+  const DOT = ' \u00b7 ';
+  const state = {key: null, local: false, data: null, at: null, timer: 0, redraw: 0};
+
+  // ---- DOM helpers: text goes in as text nodes only ----
+  function build(node, attrs, children) {
+    for (const [name, value] of Object.entries(attrs || {})) {
+      if (name === 'style' || name.startsWith('on')) throw new Error('attribute not allowed: ' + name);
+      if (value !== null && value !== undefined && value !== false) node.setAttribute(name, value === true ? '' : String(value));
+    }
+    for (const child of children.flat()) {
+      if (child === null || child === undefined || child === false) continue;
+      node.appendChild(child instanceof Node ? child : document.createTextNode(String(child)));
+    }
+    return node;
+  }
+  const el = (tag, attrs, ...children) => build(document.createElement(tag), attrs, children);
+  const svg = (tag, attrs, ...children) => build(document.createElementNS(SVG_NS, tag), attrs, children);
+  const $ = (id) => document.getElementById(id);
+  const setText = (id, text) => { $(id).textContent = text; };
+  const hide = (hidden, ...ids) => ids.forEach((id) => { $(id).hidden = hidden; });
+  const setStatus = (text, tone) => { $('status').textContent = text; $('status').className = 'status ' + (tone || ''); };
+
+  // ---- formatting ----
+  const num = (n) => (typeof n === 'number' && Number.isFinite(n) ? NUM.format(Math.round(n)) : '\u2014');
+  function duration(seconds) {
+    const s = Math.max(0, Math.floor(seconds || 0));
+    if (s < 60) return s + ' s';
+    if (s < 3600) return Math.floor(s / 60) + ' min';
+    if (s < 86400) return Math.floor(s / 3600) + ' h';
+    return Math.floor(s / 86400) + ' d';
+  }
+  function ms(value) {
+    if (typeof value !== 'number') return '\u2014';
+    if (value < 10) return value.toFixed(1) + ' ms';
+    if (value < 1000) return Math.round(value) + ' ms';
+    return (value / 1000).toFixed(value < 100000 ? 1 : 0) + ' s';
+  }
+  const pad = (n) => String(n).padStart(2, '0');
+  const clock = (d) => `${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}`;
+  function day(iso) {
+    const [, m, d] = String(iso).split('-').map(Number);
+    return MONTHS[m - 1] ? `${MONTHS[m - 1]} ${d}` : String(iso);
+  }
+  function bar(value, limit, tone, size) {
+    const frac = limit > 0 ? Math.min(1, Math.max(0, value / limit)) : 0;
+    const fill = el('span', {class: 'fill'});
+    fill.style.width = (frac * 100).toFixed(1) + '%';
+    return el('span', {class: ['bar', size, tone].filter(Boolean).join(' '), 'aria-hidden': 'true'}, fill);
+  }
+
+  // ---- talking to the proxy ----
+  async function getOverview(key) {
+    const headers = key ? {Authorization: 'Bearer ' + key} : {};
+    const res = await fetch('/admin/overview', {headers, cache: 'no-store', credentials: 'same-origin'});
+    return {status: res.status, body: await res.json().catch(() => null)};
+  }
+  const messageOf = (r) => (r.body && r.body.error && typeof r.body.error.message === 'string'
+    ? r.body.error.message : `The proxy answered ${r.status}.`);
+
+  // ---- views ----
+  function showLogin(message) {
+    clearTimeout(state.timer);
+    Object.assign(state, {key: null, local: false, data: null, at: null});
+    hide(true, 'loading', 'dashboard', 'content', 'signout');
+    setText('updated', '');
+    setText('login-error', message || '');
+    $('login').hidden = false;
+    $('admin-key').focus();
+  }
+
+  function showData(data) {
+    state.data = data;
+    state.at = new Date();
+    hide(true, 'loading', 'login');
+    hide(false, 'dashboard', 'content');
+    $('local-note').hidden = !state.local;
+    $('signout').hidden = state.local;
+    setText('version', data.version ? 'v' + data.version : '');
+    setText('uptime', typeof data.uptime_seconds === 'number' ? 'up ' + duration(data.uptime_seconds) : '');
+    setText('updated', 'updated ' + clock(state.at));
+    setStatus('', '');
+    renderCards(data);
+    renderKeys(data.keys || []);
+    renderModels(data.models || []);
+    drawCharts();
+  }
+
+  function failed(message) {
+    const since = state.at ? ` Showing the data from ${clock(state.at)}.` : '';
+    hide(true, 'loading');
+    hide(false, 'dashboard');
+    $('signout').hidden = state.local;
+    setStatus(`Refresh failed at ${clock(new Date())}: ${message}${since}`, 'warn');
+  }
+
+  // ---- summary cards ----
+  function card(title, big, small, tone) {
+    return el('div', {class: 'card' + (tone ? ' ' + tone : '')},
+      el('h3', {}, title), el('p', {class: 'big'}, big),
+      [].concat(small).filter(Boolean).map((line) => el('p', {class: 'small'}, line)));
+  }
+
+  function renderCards(d) {
+    const up = d.upstream || {};
+    const store = d.store || {};
+    const errs = up.errors_last_hour || {};
+    const errTotal = Object.values(errs).reduce((a, b) => a + (Number(b) || 0), 0);
+    const pair = (t) => (t ? `${ms(t.p50)} / ${ms(t.p95)}` : '\u2014');
+    const count = (t) => (t ? `p50 / p95${DOT}${num(t.count)} requests` : '');
+    const redis = store.redis
+      ? 'Redis ' + (store.redis.reachable ? 'reachable' : 'unreachable') : null;
+    const storeTone = store.ok === false || (store.redis && !store.redis.reachable) ? 'bad' : 'ok';
+    $('cards').replaceChildren(
+      card('Upstream', up.reachable ? 'reachable' : 'unreachable',
+        [up.reachable ? `connect ${ms(up.connect_ms)}` : 'cannot connect', up.url], up.reachable ? 'ok' : 'bad'),
+      card('Time to first byte', pair(up.ttfb_ms), count(up.ttfb_ms)),
+      card('Latency', pair(up.latency_ms), count(up.latency_ms)),
+      card('Errors, last hour', num(errTotal),
+        Object.entries(errs).map(([kind, n]) => `${kind} ${num(n)}`).join(DOT), errTotal > 0 ? 'warn' : 'ok'),
+      card('Requests now', `${num(up.in_flight)} in flight`, `${num(up.waiting)} waiting for their turn`,
+        up.waiting > 0 ? 'warn' : null),
+      card('Store', store.kind || '\u2014', [
+        store.ok === false ? 'refusing requests: store unavailable' : null,
+        store.state_file ? 'state file ' + store.state_file : store.kind === 'redis' ? null : 'memory only',
+        redis, store.redis && store.redis.url ? store.redis.url : null,
+        typeof store.buckets_held === 'number' ? `${num(store.buckets_held)} buckets held` : null,
+      ], storeTone));
+  }
+
+  // ---- key table ----
+  function quotaCell(used, quota) {
+    if (!quota) return el('td', {class: 'n'}, num(used));
+    const frac = quota.limit > 0 ? used / quota.limit : 0;
+    return el('td', {class: 'n'}, `${num(used)} / ${num(quota.limit)}`,
+      bar(used, quota.limit, frac >= 0.9 ? 'high' : null, 'under'));
+  }
+
+  function keyRow(k) {
+    const quotas = Object.fromEntries((k.quotas || []).map((q) => [q.name, q]));
+    const today = k.today || {};
+    const month = k.this_month || {};
+    const full = k.balance >= k.limit;
+    const low = k.limit > 0 && k.balance / k.limit < 0.1;
+    const every = `+${num(k.refill_tokens)} every ${duration(k.refill_interval_seconds)}`;
+    return el('tr', {class: k.disabled ? 'disabled' : null},
+      el('td', {class: 'name'}, k.name),
+      el('td', {class: 'n'}, `${num(k.balance)} / ${num(k.limit)}`, bar(k.balance, k.limit, low ? 'low' : null, 'under')),
+      el('td', {}, full ? 'full' : 'in ' + duration(k.next_refill_seconds), el('span', {class: 'sub-line'}, every)),
+      quotaCell(today.tokens, quotas.tokens_per_day),
+      quotaCell(month.tokens, quotas.tokens_per_month),
+      quotaCell(today.requests, quotas.requests_per_day),
+      el('td', {class: 'n'}, num(today.limited)),
+      el('td', {class: 'n'}, num(k.in_flight)),
+      el('td', {class: 'n'}, num(k.waiting)));
+  }
+
+  function renderKeys(keys) {
+    $('keys').tBodies[0].replaceChildren(...keys.map(keyRow));
+    $('no-keys').hidden = keys.length > 0;
+  }
+
+  // ---- model table ----
+  function renderModels(models) {
+    $('models').tBodies[0].replaceChildren(...models.map((m) => {
+      const today = m.today || {};
+      const month = m.this_month || {};
+      return el('tr', {}, el('td', {class: 'name'}, m.name === '' ? '(no model named)' : m.name),
+        el('td', {class: 'n'}, num(today.tokens)), el('td', {class: 'n'}, num(today.requests)),
+        el('td', {class: 'n'}, num(month.tokens)), el('td', {class: 'n'}, num(month.requests)));
+    }));
+    $('no-models').hidden = models.length > 0;
+  }
+
+  // ---- charts (inline SVG sized to their box) ----
+  function niceMax(value) {
+    if (!(value > 0)) return 1;
+    const step = 10 ** Math.floor(Math.log10(value));
+    for (const m of [1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10]) if (m * step >= value) return m * step;
+    return 10 * step;
+  }
+
+  function frame(node, height, max, xLabels) {
+    const width = Math.max(260, Math.floor(node.parentElement.clientWidth));
+    const box = {left: 40, right: width - 6, top: 8, bottom: height - 20, width, height};
+    node.setAttribute('width', width);
+    node.setAttribute('height', height);
+    node.setAttribute('viewBox', `0 0 ${width} ${height}`);
+    const parts = [];
+    for (const frac of [0, 0.5, 1]) {
+      const y = box.bottom - frac * (box.bottom - box.top);
+      parts.push(svg('line', {class: frac ? 'grid' : 'axis', x1: box.left, x2: box.right, y1: y, y2: y}));
+      if (Number.isInteger(max * frac)) parts.push(svg('text', {x: box.left - 5, y: y + 4, 'text-anchor': 'end'}, COMPACT.format(max * frac)));
+    }
+    for (const [frac, text] of xLabels) {
+      const anchor = frac === 0 ? 'start' : frac === 1 ? 'end' : 'middle';
+      parts.push(svg('text', {x: box.left + frac * (box.right - box.left), y: height - 5, 'text-anchor': anchor}, text));
+    }
+    node.replaceChildren(...parts);
+    return box;
+  }
+
+  function drawTokens(data) {
+    const node = $('tokens-chart');
+    const days = (data && data.days) || [];
+    const keys = ((data && data.keys) || []).map((k) => ({name: String(k.name), tokens: k.tokens || []}));
+    const totals = days.map((_, i) => keys.reduce((sum, k) => sum + (Number(k.tokens[i]) || 0), 0));
+    const max = niceMax(Math.max(0, ...totals));
+    const last = days.length - 1;
+    const box = frame(node, 200, max, days.length ? [[0, day(days[0])], [0.5, day(days[Math.floor(last / 2)])], [1, 'today']] : []);
+    const band = (box.right - box.left) / Math.max(1, days.length);
+    const width = Math.max(1, band * 0.72);
+    const scale = (box.bottom - box.top) / max;
+    const cls = (k, i) => 'seg ' + (k.name === 'other' ? 'kother' : 'k' + (i % 8));
+    days.forEach((date, i) => {
+      let y = box.bottom;
+      const rects = keys.map((k, j) => {
+        const tokens = Number(k.tokens[i]) || 0;
+        const h = tokens * scale;
+        y -= h;
+        return svg('rect', {class: cls(k, j), x: (box.left + i * band + (band - width) / 2).toFixed(2),
+          y: y.toFixed(2), width: width.toFixed(2), height: h.toFixed(2)},
+        svg('title', {}, `${k.name}${DOT}${day(date)}: ${num(tokens)} tokens`));
+      });
+      node.appendChild(svg('g', {class: 'day', 'data-day': date}, rects));
+    });
+    $('tokens-legend').replaceChildren(...keys.map((k, j) => el('li', {},
+      el('span', {class: 'swatch ' + cls(k, j).slice(4), 'aria-hidden': 'true'}), k.name,
+      el('span', {class: 'num'}, `${num(k.tokens.reduce((a, b) => a + (Number(b) || 0), 0))} in 30 d, ${num(k.tokens[last])} today`))));
+    node.setAttribute('aria-label', `Tokens per day over the last 30 days: ${num(totals[last])} today, most in a day ${num(Math.max(0, ...totals))}.`);
+  }
+
+  function drawMinutes(data) {
+    const node = $('minutes-chart');
+    const minutes = (data && data.minutes) || [];
+    const start = Date.parse(data && data.start);
+    const max = niceMax(Math.max(0, ...minutes.map((m) => m.requests || 0)));
+    const box = frame(node, 200, max, [[0, '60 min ago'], [0.5, '30 min ago'], [1, 'now']]);
+    const band = (box.right - box.left) / Math.max(1, minutes.length);
+    const width = Math.max(1, band * 0.72);
+    const scale = (box.bottom - box.top) / max;
+    const sums = {requests: 0, limited: 0, errors: 0};
+    minutes.forEach((m, i) => {
+      const x = (box.left + i * band + (band - width) / 2).toFixed(2);
+      const req = m.requests || 0;
+      const lim = Math.min(req, m.limited || 0);
+      const err = Math.min(req - lim, m.errors || 0);
+      for (const name of Object.keys(sums)) sums[name] += m[name] || 0;
+      const rect = (cls, bottom, value) => svg('rect', {class: cls, x, width: width.toFixed(2),
+        y: (box.bottom - (bottom + value) * scale).toFixed(2), height: (value * scale).toFixed(2)});
+      const when = Number.isFinite(start) ? clock(new Date(start + i * 60000)).slice(0, 5) + ': ' : '';
+      node.appendChild(svg('g', {class: 'minute-group'},
+        svg('title', {}, `${when}${num(req)} requests, ${num(m.limited || 0)} limited, ${num(m.errors || 0)} errors`),
+        rect('minute', 0, req), lim ? rect('limited', 0, lim) : null, err ? rect('errors', lim, err) : null));
+    });
+    $('minutes-legend').replaceChildren(
+      ...[['minute', 'requests', sums.requests], ['limited', 'limited', sums.limited], ['errors', 'errors', sums.errors]]
+        .map(([cls, label, n]) => el('li', {}, el('span', {class: 'swatch ' + cls, 'aria-hidden': 'true'}), label,
+          el('span', {class: 'num'}, num(n)))),
+      el('li', {class: 'meta'}, 'in the last hour'));
+    node.setAttribute('aria-label', `Requests per minute over the last hour: ${num(sums.requests)} requests, ${num(sums.limited)} limited, ${num(sums.errors)} errors.`);
+  }
+
+  function drawCharts() {
+    if (!state.data || $('content').hidden) return;
+    drawTokens(state.data.tokens_per_day);
+    drawMinutes(state.data.requests_per_minute);
+  }
+
+  // ---- flow ----
+  function schedule() {
+    clearTimeout(state.timer);
+    state.timer = setTimeout(refresh, REFRESH_MS);
+  }
+
+  async function refresh() {
+    clearTimeout(state.timer);
+    let r;
+    try {
+      r = await getOverview(state.key);
+    } catch (err) {
+      r = {status: 0, body: {error: {message: 'the proxy could not be reached'}}};
+    }
+    if (r.status === 200 && r.body) {
+      try { showData(r.body); } catch (err) { failed(`the answer could not be shown (${err.message})`); }
+    } else if (r.status === 401 || r.status === 404) {
+      sessionStorage.removeItem(STORAGE_KEY);
+      showLogin(state.local ? '' : messageOf(r));
+      return;
+    } else {
+      failed(messageOf(r));
+    }
+    schedule();
+  }
+
+  async function onLogin(event) {
+    event.preventDefault();
+    const input = $('admin-key');
+    const button = event.target.querySelector('button[type="submit"]');
+    const key = input.value.trim();
+    if (!key) { setText('login-error', 'Enter the admin key.'); return; }
+    setText('login-error', '');
+    button.disabled = true;
+    let r;
+    try {
+      r = await getOverview(key);
+    } catch (err) {
+      r = {status: 0, body: {error: {message: 'The proxy could not be reached (or the key has characters a header cannot carry).'}}};
+    } finally {
+      button.disabled = false;
+    }
+    if (r.status === 200 && r.body) {
+      sessionStorage.setItem(STORAGE_KEY, key);
+      Object.assign(state, {key, local: false});
+      input.value = '';
+      showData(r.body);
+      schedule();
+    } else {
+      setText('login-error', messageOf(r));
+      input.select();
+    }
+  }
+
+  const signOut = () => { sessionStorage.removeItem(STORAGE_KEY); showLogin(''); };
+
+  async function start() {
+    $('login-form').addEventListener('submit', onLogin);
+    $('signout').addEventListener('click', signOut);
+    window.addEventListener('resize', () => {
+      cancelAnimationFrame(state.redraw);
+      state.redraw = requestAnimationFrame(drawCharts);
+    });
+    const saved = sessionStorage.getItem(STORAGE_KEY);
+    if (saved) {
+      state.key = saved;
+      await refresh();
+      return;
+    }
+    try {
+      const r = await getOverview(null);   // no admin key set: this machine is admin without one
+      if (r.status === 200 && r.body) {
+        state.local = true;
+        showData(r.body);
+        schedule();
+        return;
+      }
+    } catch (err) { /* unreachable: ask for a key */ }
+    showLogin('');
+  }
+
+  start();
+})();
+"""
+
+USAGE_JS = r"""// llm_proxy usage page (served at /ui/usage.js). Data: GET /v1/usage with the user's own key.
+'use strict';
+(() => {
+  const STORAGE_KEY = 'llm_proxy_usage_key';
+  const REFRESH_MS = 10000;
+  const NUM = new Intl.NumberFormat('en-US');
+  const MONTHS = ['Jan', 'Feb', 'Mar', 'Apr', 'May', 'Jun', 'Jul', 'Aug', 'Sep', 'Oct', 'Nov', 'Dec'];
+  const QUOTA_NAMES = {tokens_per_day: 'Tokens today', tokens_per_month: 'Tokens this month',
+    requests_per_day: 'Requests today'};
+  const TOTALS = [['requests', 'Requests'], ['limited_requests', 'Limited requests'],
+    ['prompt_tokens', 'Prompt tokens'], ['completion_tokens', 'Completion tokens'],
+    ['tokens_charged', 'Tokens charged']];
+  const state = {key: null, at: null, timer: 0};
+
+  // ---- DOM helpers: text goes in as text nodes only ----
+  function el(tag, attrs, ...children) {
+    const node = document.createElement(tag);
+    for (const [name, value] of Object.entries(attrs || {})) {
+      if (name === 'style' || name.startsWith('on')) throw new Error('attribute not allowed: ' + name);
+      if (value !== null && value !== undefined && value !== false) node.setAttribute(name, value === true ? '' : String(value));
+    }
+    for (const child of children.flat()) {
+      if (child === null || child === undefined || child === false) continue;
+      node.appendChild(child instanceof Node ? child : document.createTextNode(String(child)));
+    }
+    return node;
+  }
+  const $ = (id) => document.getElementById(id);
+  const setText = (id, text) => { $(id).textContent = text; };
+  const hide = (hidden, ...ids) => ids.forEach((id) => { $(id).hidden = hidden; });
+  const setStatus = (text, tone) => { $('status').textContent = text; $('status').className = 'status ' + (tone || ''); };
+
+  // ---- formatting ----
+  const num = (n) => (typeof n === 'number' && Number.isFinite(n) ? NUM.format(Math.round(n)) : '\u2014');
+  function duration(seconds) {
+    const s = Math.max(0, Math.floor(seconds || 0));
+    if (s < 60) return s + ' s';
+    if (s < 3600) return Math.floor(s / 60) + ' min';
+    if (s < 86400) return Math.floor(s / 3600) + ' h';
+    return Math.floor(s / 86400) + ' d';
+  }
+  const pad = (n) => String(n).padStart(2, '0');
+  const clock = (d) => `${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}`;
+  function when(iso) {   // local time: "00:00" today, else "Dec 2, 00:00"
+    const d = new Date(iso);
+    if (Number.isNaN(d.getTime())) return '';
+    const hm = `${pad(d.getHours())}:${pad(d.getMinutes())}`;
+    return d.toDateString() === new Date().toDateString() ? hm : `${MONTHS[d.getMonth()]} ${d.getDate()}, ${hm}`;
+  }
+  function bar(value, limit, tone, size) {
+    const frac = limit > 0 ? Math.min(1, Math.max(0, value / limit)) : 0;
+    const fill = el('span', {class: 'fill'});
+    fill.style.width = (frac * 100).toFixed(1) + '%';
+    return el('span', {class: ['bar', size, tone].filter(Boolean).join(' '), 'aria-hidden': 'true'}, fill);
+  }
+
+  // ---- talking to the proxy ----
+  async function getUsage(key) {
+    const res = await fetch('/v1/usage', {headers: {Authorization: 'Bearer ' + key},
+      cache: 'no-store', credentials: 'same-origin'});
+    return {status: res.status, body: await res.json().catch(() => null)};
+  }
+  const messageOf = (r) => (r.body && r.body.error && typeof r.body.error.message === 'string'
+    ? r.body.error.message : `The proxy answered ${r.status}.`);
+
+  // ---- views ----
+  function showLogin(message) {
+    clearTimeout(state.timer);
+    Object.assign(state, {key: null, at: null});
+    hide(true, 'loading', 'dashboard', 'content', 'signout');
+    setText('updated', '');
+    setText('login-error', message || '');
+    $('login').hidden = false;
+    $('api-key').focus();
+  }
+
+  function failed(message) {
+    const since = state.at ? ` Showing the numbers from ${clock(state.at)}.` : '';
+    $('loading').hidden = true;
+    hide(false, 'dashboard', 'signout');
+    setStatus(`Refresh failed at ${clock(new Date())}: ${message}${since}`, 'warn');
+  }
+
+  function showData(data) {
+    state.at = new Date();
+    hide(true, 'loading', 'login');
+    hide(false, 'dashboard', 'content', 'signout');
+    setText('version', data.version ? 'v' + data.version : '');
+    setText('updated', 'updated ' + clock(state.at));
+    setStatus('', '');
+    setText('key-name', String(data.key));
+    renderBucket(data.bucket || {});
+    renderQuotas(data.quotas || []);
+    const usage = data.usage || {};
+    renderModels($('today-chart'), (usage.today || {}).by_model, 'No requests today yet.');
+    renderModels($('month-chart'), (usage.this_month || {}).by_model, 'No requests this month yet.');
+    renderTotals((usage.today || {}).total || {}, (usage.this_month || {}).total || {});
+    setText('zone', data.timezone ? `Days and months are counted in the proxy's time zone (${data.timezone}); times above are your local time.` : '');
+  }
+
+  function renderBucket(b) {
+    const low = b.limit > 0 && b.balance / b.limit < 0.1;
+    const full = b.balance >= b.limit;
+    $('bucket').replaceChildren(
+      el('p', {class: 'figure'}, num(b.balance), el('span', {class: 'of'}, ` / ${num(b.limit)} tokens`)),
+      bar(b.balance, b.limit, low ? 'low' : null, 'big'),
+      el('p', {class: 'meta'}, full
+        ? `Full. Refills +${num(b.refill_tokens)} every ${duration(b.refill_interval_seconds)}.`
+        : `Next refill: +${num(b.refill_tokens)} in ${duration(b.next_refill_seconds)} (every ${duration(b.refill_interval_seconds)}).`));
+  }
+
+  function renderQuotas(quotas) {
+    if (!quotas.length) {
+      $('quotas').replaceChildren(el('p', {class: 'meta'}, 'No daily or monthly quota.'));
+      return;
+    }
+    $('quotas').replaceChildren(...quotas.map((q) => {
+      const frac = q.limit > 0 ? q.used / q.limit : 0;
+      const resets = [when(q.resets_at), typeof q.resets_in_seconds === 'number' ? `in ${duration(q.resets_in_seconds)}` : '']
+        .filter(Boolean);
+      return el('div', {class: 'quota'},
+        el('div', {class: 'quota-head'}, el('strong', {}, QUOTA_NAMES[q.name] || String(q.name).replace(/_/g, ' ')),
+          el('span', {}, `${num(q.used)} / ${num(q.limit)}`)),
+        bar(q.used, q.limit, frac >= 0.9 ? 'high' : null, 'big'),
+        el('p', {class: 'meta'}, `${num(q.remaining)} left${resets.length ? `; resets ${resets[0]}${resets[1] ? ` (${resets[1]})` : ''}` : ''}`));
+    }));
+  }
+
+  function renderModels(list, byModel, emptyText) {
+    const rows = Object.entries(byModel || {}).map(([name, m]) => [name, m || {}])
+      .sort((a, b) => (b[1].tokens_charged || 0) - (a[1].tokens_charged || 0) || a[0].localeCompare(b[0]));
+    if (!rows.length) {
+      list.replaceChildren(el('li', {class: 'empty'}, emptyText));
+      return;
+    }
+    const max = Math.max(1, ...rows.map(([, m]) => m.tokens_charged || 0));
+    list.replaceChildren(...rows.map(([name, m]) => el('li', {class: 'model'},
+      el('span', {class: 'model-name'}, name),
+      bar(m.tokens_charged || 0, max),
+      el('span', {class: 'num'}, `${num(m.tokens_charged || 0)} tokens, ${num(m.requests || 0)} req`))));
+  }
+
+  function renderTotals(today, month) {
+    $('totals').tBodies[0].replaceChildren(...TOTALS.map(([field, label]) => el('tr', {},
+      el('th', {scope: 'row'}, label), el('td', {class: 'n'}, num(today[field] || 0)),
+      el('td', {class: 'n'}, num(month[field] || 0)))));
+  }
+
+  // ---- flow ----
+  function schedule() {
+    clearTimeout(state.timer);
+    state.timer = setTimeout(refresh, REFRESH_MS);
+  }
+
+  async function refresh() {
+    clearTimeout(state.timer);
+    let r;
+    try {
+      r = await getUsage(state.key);
+    } catch (err) {
+      r = {status: 0, body: {error: {message: 'the proxy could not be reached'}}};
+    }
+    if (r.status === 200 && r.body) {
+      try { showData(r.body); } catch (err) { failed(`the answer could not be shown (${err.message})`); }
+    } else if (r.status === 401) {
+      sessionStorage.removeItem(STORAGE_KEY);
+      showLogin(messageOf(r));
+      return;
+    } else {
+      failed(messageOf(r));
+    }
+    schedule();
+  }
+
+  async function onLogin(event) {
+    event.preventDefault();
+    const input = $('api-key');
+    const button = event.target.querySelector('button[type="submit"]');
+    const key = input.value.trim();
+    if (!key) { setText('login-error', 'Enter your API key.'); return; }
+    setText('login-error', '');
+    button.disabled = true;
+    let r;
+    try {
+      r = await getUsage(key);
+    } catch (err) {
+      r = {status: 0, body: {error: {message: 'The proxy could not be reached (or the key has characters a header cannot carry).'}}};
+    } finally {
+      button.disabled = false;
+    }
+    if (r.status === 200 && r.body) {
+      sessionStorage.setItem(STORAGE_KEY, key);
+      state.key = key;
+      input.value = '';
+      showData(r.body);
+      schedule();
+    } else {
+      setText('login-error', messageOf(r));
+      input.select();
+    }
+  }
+
+  const signOut = () => { sessionStorage.removeItem(STORAGE_KEY); showLogin(''); };
+
+  function start() {
+    $('login-form').addEventListener('submit', onLogin);
+    $('signout').addEventListener('click', signOut);
+    const saved = sessionStorage.getItem(STORAGE_KEY);
+    if (saved) {
+      state.key = saved;
+      refresh();
+    } else {
+      showLogin('');
+    }
+  }
+
+  start();
+})();
+"""
+
+#: path -> (content type, body): what a server hands out for each page path.
+
+#: path -> (Content-Type, body)
+PAGE_ASSETS = {
+    "/admin": ("text/html; charset=utf-8", ADMIN_HTML),
+    "/usage": ("text/html; charset=utf-8", USAGE_HTML),
+    "/ui/style.css": ("text/css; charset=utf-8", PAGE_CSS),
+    "/ui/admin.js": ("text/javascript; charset=utf-8", ADMIN_JS),
+    "/ui/usage.js": ("text/javascript; charset=utf-8", USAGE_JS),
+}
 
 
 if __name__ == "__main__":
