@@ -3663,7 +3663,7 @@ class _UpstreamResponse(http.client.HTTPResponse):
             return
         while True:
             version, status, reason = self._read_status()  # type: ignore[attr-defined]
-            if status == HTTPStatus.SWITCHING_PROTOCOLS:  # never asked for: not HTTP any more
+            if status == 101:  # Switching Protocols, never asked for: not HTTP any more
                 raise http.client.HTTPException("unexpected 101 Switching Protocols")
             if not 100 <= status < 200:
                 break
@@ -4064,8 +4064,7 @@ class FairGate:
 
 
 class KeySlots:
-    """Requests in flight per key (forwarded ones, waiting for their turn included), capped at
-    MAX_CONCURRENT_PER_KEY (0: no cap)."""
+    """Requests in flight per key, capped at MAX_CONCURRENT_PER_KEY (0: no cap, no cost)."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -4073,23 +4072,22 @@ class KeySlots:
         self._counts: dict[str, int] = {}
 
     def enter(self, key: str) -> bool:
+        if not self.limit:
+            return True
         with self._lock:
             count = self._counts.get(key, 0)
-            if self.limit and count >= self.limit:
+            if count >= self.limit:
                 return False
             self._counts[key] = count + 1
             return True
 
     def leave(self, key: str) -> None:
+        if not self.limit:
+            return
         with self._lock:
             self._counts[key] -= 1
             if not self._counts[key]:
                 del self._counts[key]
-
-    def counts(self) -> dict[str, int]:
-        """Requests in flight now, by bucket key (a copy)."""
-        with self._lock:
-            return dict(self._counts)
 
 
 class _BytesReader(io.BytesIO):
@@ -5327,7 +5325,7 @@ def overview(server: "ProxyServer") -> dict[str, object]:
             day = datetime.datetime.fromtimestamp(max(entry.hour, since), calendar.tz)
             by_day = per_day.setdefault(entry.name, {})
             by_day[day.date().isoformat()] = by_day.get(day.date().isoformat(), 0) + tokens
-    in_flight = server.key_slots.counts()
+    in_flight = server.forwarded_in_flight()
     waiting = server.gate.waiting_by_key() if server.gate is not None else {}
     listed = [("key:" + digest, policy.name or short_hash(digest), policy)
               for digest, policy in server.keys.entries]
@@ -5614,7 +5612,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         access line is written."""
         ex = Exchange(self.command, self.path, self.client_address[0])
         server = self.server
-        server.request_started()
+        server.request_started(ex)
         failure: ProxyError | None = None
         try:
             try:
@@ -5645,7 +5643,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             elif ex.tail:
                 self._finish_answer(ex)
         finally:
-            server.request_finished()
+            server.request_finished(ex)
             server.log_access(ex)
 
     def _finish_answer(self, ex: Exchange) -> None:
@@ -5949,7 +5947,7 @@ class Metrics:
         self._histograms: dict[str, list[float]] = {}
         self._keys: set[str] = set()
         #: the last hour, minute by minute: requests, limited, errors, upstream errors by kind
-        self.recent = RecentMinutes(wall)
+        self.recent = RecentMinutes(wall, self._lock)
 
     def key(self, label: str) -> str:
         """The key label to use: `label`, or "other" once MAX_KEY_SERIES keys are in use."""
@@ -5968,16 +5966,24 @@ class Metrics:
         if name == "llm_proxy_upstream_errors_total":
             self.recent.add("upstream " + labels[0][1])
 
-    def count_request(self, label: str, route: str, status: int, cost: int | None) -> None:
-        """A request answered: llm_proxy_requests_total and the tokens charged, in one go."""
+    def count_request(self, label: str, route: str, status: int, cost: int | None,
+                      forwarded: bool = False, limited: bool = False) -> None:
+        """A request answered: llm_proxy_requests_total and the tokens charged, and, for a
+        forwarded route, this minute's requests (limited, errors), in one go."""
         key = self.key(label)
         labels = (("key", key), ("route", route), ("status", f"{status // 100}xx"))
+        minute = self.recent.minute() if forwarded else 0
         with self._lock:
             series = self._counters.setdefault("llm_proxy_requests_total", {})
             series[labels] = series.get(labels, 0) + 1
             if cost:
                 series = self._counters.setdefault("llm_proxy_tokens_charged_total", {})
                 series[labels[:1]] = series.get(labels[:1], 0) + cost
+            if forwarded:
+                counts = self.recent.counts(minute)
+                counts["requests"] += 1
+                counts["limited"] += limited
+                counts["errors"] += status >= 500
 
     def observe(self, name: str, seconds: float) -> None:
         index = bisect.bisect_left(self.BUCKETS, seconds)  # the first bound >= seconds
@@ -6039,30 +6045,39 @@ def _labels(labels: tuple[tuple[str, str], ...]) -> str:
 
 class RecentMinutes:
     """Counts per minute of wall-clock time over the last hour (requests, limited requests,
-    errors, upstream errors by kind), for the dashboard's last-hour figures. One lock and a
-    dict per minute; what is older than an hour falls off."""
+    errors, upstream errors by kind), for the dashboard's last-hour figures: a dict per minute;
+    what is older than an hour falls off. Guarded by the lock it is given (Metrics's: a request
+    is counted there and here under one lock)."""
 
     MINUTES = 60
 
-    def __init__(self, wall: Callable[[], float] = time.time) -> None:
+    def __init__(self, wall: Callable[[], float] = time.time,
+                 lock: threading.Lock | None = None) -> None:
         self._wall = wall
-        self._lock = threading.Lock()
+        self._lock = lock or threading.Lock()
         self._minutes: collections.deque[tuple[int, dict[str, int]]] = collections.deque(
             maxlen=self.MINUTES)
 
+    def minute(self) -> int:
+        return int(self._wall() // 60)
+
+    def counts(self, minute: int) -> dict[str, int]:
+        """The counts of `minute` (the current one), to add to; the caller holds the lock."""
+        minutes = self._minutes
+        if not minutes or minutes[-1][0] != minute:
+            minutes.append((minute, {"requests": 0, "limited": 0, "errors": 0}))
+        return minutes[-1][1]
+
     def add(self, name: str, count: int = 1) -> None:
-        minute = int(self._wall() // 60)
+        minute = self.minute()
         with self._lock:
-            minutes = self._minutes
-            if not minutes or minutes[-1][0] != minute:
-                minutes.append((minute, {}))
-            counts = minutes[-1][1]
+            counts = self.counts(minute)
             counts[name] = counts.get(name, 0) + count
 
     def window(self) -> tuple[int, list[dict[str, int]]]:
         """(the first minute, as epoch minutes; each of the last 60 minutes' counts, the
         current one last)."""
-        last = int(self._wall() // 60)
+        last = self.minute()
         first = last - self.MINUTES + 1
         with self._lock:
             held = {minute: dict(counts) for minute, counts in self._minutes}
@@ -6373,6 +6388,8 @@ class ProxyServer(ThreadingHTTPServer):
         self.key_slots = KeySlots(config.max_concurrent_per_key)
         self._inflight = 0
         self._inflight_lock = threading.Lock()
+        #: the requests being handled now
+        self.exchanges: set[Exchange] = set()
         self._idle = threading.Condition(self._inflight_lock)
         if ":" in config.host:
             self.address_family = socket.AF_INET6
@@ -6440,15 +6457,26 @@ class ProxyServer(ThreadingHTTPServer):
 
     # -- requests in flight, the log --------------------------------------------------------
 
-    def request_started(self) -> None:
+    def request_started(self, ex: Exchange) -> None:
+        self.exchanges.add(ex)  # (one call of a set's: no lock needed)
         with self._inflight_lock:
             self._inflight += 1
 
-    def request_finished(self) -> None:
+    def request_finished(self, ex: Exchange) -> None:
+        self.exchanges.discard(ex)
         with self._inflight_lock:  # (the lock of self._idle)
             self._inflight -= 1
             if self._inflight == 0:
                 self._idle.notify_all()
+
+    def forwarded_in_flight(self) -> dict[str, int]:
+        """Forwarded requests being handled now (waiting for their turn included), by bucket
+        key."""
+        counts: dict[str, int] = {}
+        for ex in list(self.exchanges):
+            if ex.route is not None and ex.route.kind not in (LOCAL, ADMIN) and ex.bucket_key:
+                counts[ex.bucket_key] = counts.get(ex.bucket_key, 0) + 1
+        return counts
 
     @property
     def requests_in_flight(self) -> int:
@@ -6471,14 +6499,9 @@ class ProxyServer(ThreadingHTTPServer):
                                       model[:200] if isinstance(model, str) else "", route.kind),
                             (1, int(charge.state == "declined"), charge.prompt_tokens,
                              charge.completion_tokens, charge.cost))
-        self.metrics.count_request(ex.label, ex.route_label, ex.status, cost)
-        if route is not None and route.kind not in (LOCAL, ADMIN):
-            recent = self.metrics.recent
-            recent.add("requests")
-            if charge is not None and charge.state == "declined":
-                recent.add("limited")
-            if ex.status >= HTTPStatus.INTERNAL_SERVER_ERROR:
-                recent.add("errors")
+        self.metrics.count_request(ex.label, ex.route_label, ex.status, cost,
+                                   route is not None and route.kind not in (LOCAL, ADMIN),
+                                   charge is not None and charge.state == "declined")
         self.access_log.access(ex, cost, round(elapsed, 1))  # (last: a line says all is done)
 
     def usage_rows(self, since: float, until: float,

@@ -187,12 +187,14 @@ class RecentMinutesTests(unittest.TestCase):
         wall.advance(59)
         recent.add("requests", 2)
         wall.advance(1)
-        recent.add("limited")
+        recent.add("upstream timeout")
         first, minutes = recent.window()
         self.assertEqual(first, int(NOON // 60) - 58)
-        self.assertEqual(minutes[-2:], [{"requests": 3}, {"limited": 1}])
+        self.assertEqual(minutes[-2:], [{"requests": 3, "limited": 0, "errors": 0},
+                                        {"requests": 0, "limited": 0, "errors": 0,
+                                         "upstream timeout": 1}])
         wall.advance(59 * 60)
-        self.assertEqual(recent.window()[1][0], {"limited": 1})
+        self.assertEqual(recent.window()[1][0]["upstream timeout"], 1)
         wall.advance(60)
         self.assertEqual(recent.window()[1], [{}] * 60)
 
