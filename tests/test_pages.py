@@ -130,6 +130,7 @@ class OverviewTests(PagesTestCase):
     def test_requests_in_flight_and_waiting_for_their_turn(self):
         self.restart(keys_file=self.keys_path, max_upstream_concurrency=1)
         conn = self.stream_as(ALICE, "gate")
+        self.assertTrue(wait_until(lambda: len(self.upstream.requests) == 1))  # alice's turn
         waiting = threading.Thread(target=self.chat, kwargs={"key": BOB})
         waiting.start()
         self.assertTrue(wait_until(lambda: self.proxy.gate.waiting() == 1))
