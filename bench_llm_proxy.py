@@ -391,6 +391,17 @@ def bench_keys(up_port: int, requests: int) -> list[tuple[str, str, str, str]]:
 
 # ########################################################################### redis ####
 
+def c64_rows(ports: list[int], seconds: int) -> list[tuple[str, str, str, str]]:
+    """Concurrency 64 against two proxies, one after the other: p50, p99, requests/s, errors."""
+    load = load_wrk if shutil.which("wrk") else load_threads
+    first, second = load(ports[0], seconds, 64), load(ports[1], seconds, 64)
+    rows = [(f"c=64, {q} (ms)", f"{first[q]:.2f}", f"{second[q]:.2f}",
+             f"{float(second[q]) - float(first[q]):+.2f}") for q in ("p50", "p99")]
+    rows.append(("c=64, requests/s", f"{first['rps']:.0f}", f"{second['rps']:.0f}", ""))
+    rows.append(("c=64, errors", str(first["errors"]), str(second["errors"]), ""))
+    return rows
+
+
 def bench_redis(up_port: int, requests: int, seconds: int) -> list[tuple[str, str, str, str]]:
     """Added latency of the Redis store against the in-memory one, with a local redis-server,
     at concurrency 1 and 64."""
@@ -418,13 +429,7 @@ def bench_redis(up_port: int, requests: int, seconds: int) -> list[tuple[str, st
         for q in (50, 99):
             rows.append((f"c=1, p{q} (ms)", f"{pct(memory, q):.3f}", f"{pct(redis, q):.3f}",
                          f"{pct(redis, q) - pct(memory, q):+.3f}"))
-        load = load_wrk if shutil.which("wrk") else load_threads
-        m64, r64 = load(ports[0], seconds, 64), load(ports[1], seconds, 64)
-        for q in ("p50", "p99"):
-            rows.append((f"c=64, {q} (ms)", f"{m64[q]:.2f}", f"{r64[q]:.2f}",
-                         f"{float(r64[q]) - float(m64[q]):+.2f}"))
-        rows.append(("c=64, requests/s", f"{m64['rps']:.0f}", f"{r64['rps']:.0f}", ""))
-        rows.append(("c=64, errors", str(m64["errors"]), str(r64["errors"]), ""))
+        rows += c64_rows(ports, seconds)
     finally:
         for proc in (*procs, redis_proc):
             proc.terminate()
@@ -460,13 +465,7 @@ def bench_state(up_port: int, requests: int, seconds: int) -> list[tuple[str, st
         per = [c / len(found) * 1e6 for c, found in zip(cpu, (memory, state))]
         rows.append(("c=1, proxy CPU per request (µs)", f"{per[0]:.0f}", f"{per[1]:.0f}",
                      f"{per[1] - per[0]:+.0f}"))
-        load = load_wrk if shutil.which("wrk") else load_threads
-        m64, s64 = load(ports[0], seconds, 64), load(ports[1], seconds, 64)
-        for q in ("p50", "p99"):
-            rows.append((f"c=64, {q} (ms)", f"{m64[q]:.2f}", f"{s64[q]:.2f}",
-                         f"{float(s64[q]) - float(m64[q]):+.2f}"))
-        rows.append(("c=64, requests/s", f"{m64['rps']:.0f}", f"{s64['rps']:.0f}", ""))
-        rows.append(("c=64, errors", str(m64["errors"]), str(s64["errors"]), ""))
+        rows += c64_rows(ports, seconds)
     finally:
         for proc in procs:
             proc.terminate()

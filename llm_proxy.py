@@ -3267,6 +3267,7 @@ DEFAULT_ROUTES = (
     _row("GET /admin", LOCAL, answer="page"),
     _row("GET /usage", LOCAL, answer="page"),
     _row("GET /ui/style.css", LOCAL, answer="page"),
+    _row("GET /ui/pages.js", LOCAL, answer="page"),
     _row("GET /ui/admin.js", LOCAL, answer="page"),
     _row("GET /ui/usage.js", LOCAL, answer="page"),
     _row("GET /favicon.ico", LOCAL, answer="no_icon"),
@@ -6752,23 +6753,27 @@ def keygen_main(argv: Sequence[str]) -> int:
 # loaded from elsewhere. Whatever came from a client is set as text (textContent), never as
 # markup.
 
-ADMIN_HTML = """<!doctype html>
+def page_html(*, page: str, title: str, header: str, login_title: str, key_id: str,
+              key_label: str, button: str, notes: str, content: str) -> str:
+    """A page's HTML: its head (the proxy's own style and scripts: pages.js, then the page's),
+    the header, the sign-in form, and the dashboard around `content`."""
+    return f"""<!doctype html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <meta name="color-scheme" content="light dark">
 <meta name="referrer" content="no-referrer">
-<title>llm_proxy &middot; admin</title>
+<title>llm_proxy &middot; {title}</title>
 <link rel="stylesheet" href="/ui/style.css">
-<script src="/ui/admin.js" defer></script>
+<script src="/ui/pages.js" defer></script>
+<script src="/ui/{page}.js" defer></script>
 </head>
 <body>
 <header class="top">
-  <h1>llm_proxy <span class="sub">admin</span></h1>
+  <h1>llm_proxy <span class="sub">{page}</span></h1>
   <span id="version" class="meta"></span>
-  <span id="uptime" class="meta"></span>
-  <span class="spacer"></span>
+{header}  <span class="spacer"></span>
   <span id="updated" class="meta"></span>
   <button id="signout" type="button" hidden>Sign out</button>
 </header>
@@ -6776,13 +6781,13 @@ ADMIN_HTML = """<!doctype html>
   <p id="loading" class="meta">Loading&hellip;</p>
 
   <section id="login" class="panel login" aria-labelledby="login-title" hidden>
-    <h2 id="login-title">Sign in</h2>
+    <h2 id="login-title">{login_title}</h2>
     <form id="login-form" novalidate>
-      <label for="admin-key">Admin key</label>
+      <label for="{key_id}">{key_label}</label>
       <div class="row">
-        <input id="admin-key" name="admin-key" type="password" autocomplete="current-password"
+        <input id="{key_id}" name="{key_id}" type="password" autocomplete="current-password"
                spellcheck="false" autocapitalize="off" required>
-        <button type="submit" class="primary">Sign in</button>
+        <button type="submit" class="primary">{button}</button>
       </div>
       <p id="login-error" class="error" role="alert" aria-live="assertive"></p>
     </form>
@@ -6791,10 +6796,22 @@ ADMIN_HTML = """<!doctype html>
   </section>
 
   <section id="dashboard" hidden>
-    <p id="local-note" class="note" hidden>Admin by this machine, no key needed.</p>
-    <p id="status" class="status" role="status" aria-live="polite"></p>
+{notes}    <p id="status" class="status" role="status" aria-live="polite"></p>
 
     <div id="content" hidden>
+{content}    </div>
+  </section>
+</main>
+</body>
+</html>
+"""
+
+
+ADMIN_HTML = page_html(
+    page="admin", title="admin", header='  <span id="uptime" class="meta"></span>\n',
+    login_title="Sign in", key_id="admin-key", key_label="Admin key", button="Sign in",
+    notes='    <p id="local-note" class="note" hidden>Admin by this machine, no key needed.</p>\n',
+    content="""\
       <h2 class="visually-hidden">Summary</h2>
       <div id="cards" class="cards"></div>
 
@@ -6857,54 +6874,12 @@ ADMIN_HTML = """<!doctype html>
           </figure>
         </section>
       </div>
-    </div>
-  </section>
-</main>
-</body>
-</html>
-"""
+""")
 
-USAGE_HTML = """<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<meta name="color-scheme" content="light dark">
-<meta name="referrer" content="no-referrer">
-<title>llm_proxy &middot; your usage</title>
-<link rel="stylesheet" href="/ui/style.css">
-<script src="/ui/usage.js" defer></script>
-</head>
-<body>
-<header class="top">
-  <h1>llm_proxy <span class="sub">usage</span></h1>
-  <span id="version" class="meta"></span>
-  <span class="spacer"></span>
-  <span id="updated" class="meta"></span>
-  <button id="signout" type="button" hidden>Sign out</button>
-</header>
-<main>
-  <p id="loading" class="meta">Loading&hellip;</p>
-
-  <section id="login" class="panel login" aria-labelledby="login-title" hidden>
-    <h2 id="login-title">See your usage</h2>
-    <form id="login-form" novalidate>
-      <label for="api-key">Your API key</label>
-      <div class="row">
-        <input id="api-key" name="api-key" type="password" autocomplete="current-password"
-               spellcheck="false" autocapitalize="off" required>
-        <button type="submit" class="primary">Show usage</button>
-      </div>
-      <p id="login-error" class="error" role="alert" aria-live="assertive"></p>
-    </form>
-    <p class="meta">The key is kept in this tab only (session storage) and sent as a bearer
-      token; it is forgotten when the tab closes or you sign out.</p>
-  </section>
-
-  <section id="dashboard" hidden>
-    <p id="status" class="status" role="status" aria-live="polite"></p>
-
-    <div id="content" hidden>
+USAGE_HTML = page_html(
+    page="usage", title="your usage", header="", login_title="See your usage",
+    key_id="api-key", key_label="Your API key", button="Show usage", notes="",
+    content="""\
       <p class="keyline">Key <strong id="key-name"></strong></p>
 
       <div class="cards wide">
@@ -6940,12 +6915,9 @@ USAGE_HTML = """<!doctype html>
         </table>
       </div>
       <p id="zone" class="meta"></p>
-    </div>
-  </section>
-</main>
-</body>
-</html>
-"""
+""")
+
+
 
 PAGE_CSS = r"""/* llm_proxy pages: shared stylesheet (served at /ui/style.css) */
 :root {
@@ -7146,17 +7118,15 @@ svg.chart g:hover rect { opacity: 0.8; }
 }
 """
 
-ADMIN_JS = r"""// llm_proxy admin dashboard (served at /ui/admin.js). Data: GET /admin/overview.
+PAGES_JS = r"""// llm_proxy pages: what the dashboard and the usage page share (served at /ui/pages.js and
+// loaded before each page's own script): DOM helpers that put text in as text only, number and
+// time formats, bars, and the session (a key kept in sessionStorage, the sign-in form, the
+// refresh every few seconds).
 'use strict';
-(() => {
-  const STORAGE_KEY = 'llm_proxy_admin_key';
-  const REFRESH_MS = 5000;
+const Page = (() => {
   const SVG_NS = 'http://www.w3.org/2000/svg';
   const NUM = new Intl.NumberFormat('en-US');
-  const COMPACT = new Intl.NumberFormat('en-US', {notation: 'compact', maximumFractionDigits: 1});
   const MONTHS = ['Jan', 'Feb', 'Mar', 'Apr', 'May', 'Jun', 'Jul', 'Aug', 'Sep', 'Oct', 'Nov', 'Dec'];
-  const DOT = ' \u00b7 ';
-  const state = {key: null, local: false, data: null, at: null, timer: 0, redraw: 0};
 
   // ---- DOM helpers: text goes in as text nodes only ----
   function build(node, attrs, children) {
@@ -7186,18 +7156,8 @@ ADMIN_JS = r"""// llm_proxy admin dashboard (served at /ui/admin.js). Data: GET 
     if (s < 86400) return Math.floor(s / 3600) + ' h';
     return Math.floor(s / 86400) + ' d';
   }
-  function ms(value) {
-    if (typeof value !== 'number') return '\u2014';
-    if (value < 10) return value.toFixed(1) + ' ms';
-    if (value < 1000) return Math.round(value) + ' ms';
-    return (value / 1000).toFixed(value < 100000 ? 1 : 0) + ' s';
-  }
   const pad = (n) => String(n).padStart(2, '0');
   const clock = (d) => `${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}`;
-  function day(iso) {
-    const [, m, d] = String(iso).split('-').map(Number);
-    return MONTHS[m - 1] ? `${MONTHS[m - 1]} ${d}` : String(iso);
-  }
   function bar(value, limit, tone, size) {
     const frac = limit > 0 ? Math.min(1, Math.max(0, value / limit)) : 0;
     const fill = el('span', {class: 'fill'});
@@ -7205,49 +7165,155 @@ ADMIN_JS = r"""// llm_proxy admin dashboard (served at /ui/admin.js). Data: GET 
     return el('span', {class: ['bar', size, tone].filter(Boolean).join(' '), 'aria-hidden': 'true'}, fill);
   }
 
-  // ---- talking to the proxy ----
-  async function getOverview(key) {
-    const headers = key ? {Authorization: 'Bearer ' + key} : {};
-    const res = await fetch('/admin/overview', {headers, cache: 'no-store', credentials: 'same-origin'});
-    return {status: res.status, body: await res.json().catch(() => null)};
-  }
-  const messageOf = (r) => (r.body && r.body.error && typeof r.body.error.message === 'string'
-    ? r.body.error.message : `The proxy answered ${r.status}.`);
+  // ---- the session ----
+  // opts: storageKey (sessionStorage), input (the key field's id), path (the JSON route), every
+  // (ms between refreshes), emptyKey (said for an empty field), ends (statuses that end the
+  // session), probe (first try without a key: on a proxy without an admin key, this machine
+  // needs none), show(data, local) (draws the page's own parts).
+  function session(opts) {
+    const state = {key: null, local: false, at: null, timer: 0};
 
-  // ---- views ----
-  function showLogin(message) {
-    clearTimeout(state.timer);
-    Object.assign(state, {key: null, local: false, data: null, at: null});
-    hide(true, 'loading', 'dashboard', 'content', 'signout');
-    setText('updated', '');
-    setText('login-error', message || '');
-    $('login').hidden = false;
-    $('admin-key').focus();
+    async function get(key) {
+      const headers = key ? {Authorization: 'Bearer ' + key} : {};
+      const res = await fetch(opts.path, {headers, cache: 'no-store', credentials: 'same-origin'});
+      return {status: res.status, body: await res.json().catch(() => null)};
+    }
+    const messageOf = (r) => (r.body && r.body.error && typeof r.body.error.message === 'string'
+      ? r.body.error.message : `The proxy answered ${r.status}.`);
+
+    function showLogin(message) {
+      clearTimeout(state.timer);
+      Object.assign(state, {key: null, local: false, at: null});
+      hide(true, 'loading', 'dashboard', 'content', 'signout');
+      setText('updated', '');
+      setText('login-error', message || '');
+      $('login').hidden = false;
+      $(opts.input).focus();
+    }
+
+    function shown(data) {
+      state.at = new Date();
+      hide(true, 'loading', 'login');
+      hide(false, 'dashboard', 'content');
+      $('signout').hidden = state.local;
+      setText('version', data.version ? 'v' + data.version : '');
+      setText('updated', 'updated ' + clock(state.at));
+      setStatus('', '');
+      opts.show(data, state.local);
+    }
+
+    function failed(message) {
+      const since = state.at ? ` Showing what came at ${clock(state.at)}.` : '';
+      hide(true, 'loading');
+      hide(false, 'dashboard');
+      $('signout').hidden = state.local;
+      setStatus(`Refresh failed at ${clock(new Date())}: ${message}${since}`, 'warn');
+    }
+
+    function schedule() {
+      clearTimeout(state.timer);
+      state.timer = setTimeout(refresh, opts.every);
+    }
+
+    async function refresh() {
+      clearTimeout(state.timer);
+      let r;
+      try {
+        r = await get(state.key);
+      } catch (err) {
+        r = {status: 0, body: {error: {message: 'the proxy could not be reached'}}};
+      }
+      if (r.status === 200 && r.body) {
+        try { shown(r.body); } catch (err) { failed(`the answer could not be shown (${err.message})`); }
+      } else if (opts.ends.includes(r.status)) {
+        sessionStorage.removeItem(opts.storageKey);
+        showLogin(state.local ? '' : messageOf(r));
+        return;
+      } else {
+        failed(messageOf(r));
+      }
+      schedule();
+    }
+
+    async function onLogin(event) {
+      event.preventDefault();
+      const input = $(opts.input);
+      const button = event.target.querySelector('button[type="submit"]');
+      const key = input.value.trim();
+      if (!key) { setText('login-error', opts.emptyKey); return; }
+      setText('login-error', '');
+      button.disabled = true;
+      let r;
+      try {
+        r = await get(key);
+      } catch (err) {
+        r = {status: 0, body: {error: {message: 'The proxy could not be reached (or the key has characters a header cannot carry).'}}};
+      } finally {
+        button.disabled = false;
+      }
+      if (r.status === 200 && r.body) {
+        sessionStorage.setItem(opts.storageKey, key);
+        Object.assign(state, {key, local: false});
+        input.value = '';
+        shown(r.body);
+        schedule();
+      } else {
+        setText('login-error', messageOf(r));
+        input.select();
+      }
+    }
+
+    const signOut = () => { sessionStorage.removeItem(opts.storageKey); showLogin(''); };
+
+    async function start() {
+      $('login-form').addEventListener('submit', onLogin);
+      $('signout').addEventListener('click', signOut);
+      const saved = sessionStorage.getItem(opts.storageKey);
+      if (saved) {
+        state.key = saved;
+        await refresh();
+        return;
+      }
+      if (opts.probe) {
+        try {
+          const r = await get(null);
+          if (r.status === 200 && r.body) {
+            state.local = true;
+            shown(r.body);
+            schedule();
+            return;
+          }
+        } catch (err) { /* unreachable: ask for a key */ }
+      }
+      showLogin('');
+    }
+
+    return {start};
   }
 
-  function showData(data) {
-    state.data = data;
-    state.at = new Date();
-    hide(true, 'loading', 'login');
-    hide(false, 'dashboard', 'content');
-    $('local-note').hidden = !state.local;
-    $('signout').hidden = state.local;
-    setText('version', data.version ? 'v' + data.version : '');
-    setText('uptime', typeof data.uptime_seconds === 'number' ? 'up ' + duration(data.uptime_seconds) : '');
-    setText('updated', 'updated ' + clock(state.at));
-    setStatus('', '');
-    renderCards(data);
-    renderKeys(data.keys || []);
-    renderModels(data.models || []);
-    drawCharts();
-  }
+  return {el, svg, $, setText, num, duration, pad, clock, MONTHS, bar, session};
+})();
+"""
 
-  function failed(message) {
-    const since = state.at ? ` Showing the data from ${clock(state.at)}.` : '';
-    hide(true, 'loading');
-    hide(false, 'dashboard');
-    $('signout').hidden = state.local;
-    setStatus(`Refresh failed at ${clock(new Date())}: ${message}${since}`, 'warn');
+ADMIN_JS = r"""// llm_proxy admin dashboard (served at /ui/admin.js, after /ui/pages.js). Data: GET
+// /admin/overview.
+'use strict';
+(() => {
+  const {el, svg, $, setText, num, duration, clock, MONTHS, bar} = Page;
+  const COMPACT = new Intl.NumberFormat('en-US', {notation: 'compact', maximumFractionDigits: 1});
+  const DOT = ' \u00b7 ';
+  let latest = null;
+  let redraw = 0;
+
+  function ms(value) {
+    if (typeof value !== 'number') return '\u2014';
+    if (value < 10) return value.toFixed(1) + ' ms';
+    if (value < 1000) return Math.round(value) + ' ms';
+    return (value / 1000).toFixed(value < 100000 ? 1 : 0) + ' s';
+  }
+  function day(iso) {
+    const [, m, d] = String(iso).split('-').map(Number);
+    return MONTHS[m - 1] ? `${MONTHS[m - 1]} ${d}` : String(iso);
   }
 
   // ---- summary cards ----
@@ -7418,186 +7484,49 @@ ADMIN_JS = r"""// llm_proxy admin dashboard (served at /ui/admin.js). Data: GET 
   }
 
   function drawCharts() {
-    if (!state.data || $('content').hidden) return;
-    drawTokens(state.data.tokens_per_day);
-    drawMinutes(state.data.requests_per_minute);
+    if (!latest || $('content').hidden) return;
+    drawTokens(latest.tokens_per_day);
+    drawMinutes(latest.requests_per_minute);
   }
 
-  // ---- flow ----
-  function schedule() {
-    clearTimeout(state.timer);
-    state.timer = setTimeout(refresh, REFRESH_MS);
+  function show(data, local) {
+    latest = data;
+    $('local-note').hidden = !local;
+    setText('uptime', typeof data.uptime_seconds === 'number' ? 'up ' + duration(data.uptime_seconds) : '');
+    renderCards(data);
+    renderKeys(data.keys || []);
+    renderModels(data.models || []);
+    drawCharts();
   }
 
-  async function refresh() {
-    clearTimeout(state.timer);
-    let r;
-    try {
-      r = await getOverview(state.key);
-    } catch (err) {
-      r = {status: 0, body: {error: {message: 'the proxy could not be reached'}}};
-    }
-    if (r.status === 200 && r.body) {
-      try { showData(r.body); } catch (err) { failed(`the answer could not be shown (${err.message})`); }
-    } else if (r.status === 401 || r.status === 404) {
-      sessionStorage.removeItem(STORAGE_KEY);
-      showLogin(state.local ? '' : messageOf(r));
-      return;
-    } else {
-      failed(messageOf(r));
-    }
-    schedule();
-  }
-
-  async function onLogin(event) {
-    event.preventDefault();
-    const input = $('admin-key');
-    const button = event.target.querySelector('button[type="submit"]');
-    const key = input.value.trim();
-    if (!key) { setText('login-error', 'Enter the admin key.'); return; }
-    setText('login-error', '');
-    button.disabled = true;
-    let r;
-    try {
-      r = await getOverview(key);
-    } catch (err) {
-      r = {status: 0, body: {error: {message: 'The proxy could not be reached (or the key has characters a header cannot carry).'}}};
-    } finally {
-      button.disabled = false;
-    }
-    if (r.status === 200 && r.body) {
-      sessionStorage.setItem(STORAGE_KEY, key);
-      Object.assign(state, {key, local: false});
-      input.value = '';
-      showData(r.body);
-      schedule();
-    } else {
-      setText('login-error', messageOf(r));
-      input.select();
-    }
-  }
-
-  const signOut = () => { sessionStorage.removeItem(STORAGE_KEY); showLogin(''); };
-
-  async function start() {
-    $('login-form').addEventListener('submit', onLogin);
-    $('signout').addEventListener('click', signOut);
-    window.addEventListener('resize', () => {
-      cancelAnimationFrame(state.redraw);
-      state.redraw = requestAnimationFrame(drawCharts);
-    });
-    const saved = sessionStorage.getItem(STORAGE_KEY);
-    if (saved) {
-      state.key = saved;
-      await refresh();
-      return;
-    }
-    try {
-      const r = await getOverview(null);   // no admin key set: this machine is admin without one
-      if (r.status === 200 && r.body) {
-        state.local = true;
-        showData(r.body);
-        schedule();
-        return;
-      }
-    } catch (err) { /* unreachable: ask for a key */ }
-    showLogin('');
-  }
-
-  start();
+  window.addEventListener('resize', () => {
+    cancelAnimationFrame(redraw);
+    redraw = requestAnimationFrame(drawCharts);
+  });
+  Page.session({storageKey: 'llm_proxy_admin_key', input: 'admin-key', path: '/admin/overview',
+    every: 5000, emptyKey: 'Enter the admin key.', ends: [401, 404], probe: true, show}).start();
 })();
 """
 
-USAGE_JS = r"""// llm_proxy usage page (served at /ui/usage.js). Data: GET /v1/usage with the user's own key.
+
+USAGE_JS = r"""// llm_proxy usage page (served at /ui/usage.js, after /ui/pages.js). Data: GET /v1/usage
+// with the user's own key.
 'use strict';
 (() => {
-  const STORAGE_KEY = 'llm_proxy_usage_key';
-  const REFRESH_MS = 10000;
-  const NUM = new Intl.NumberFormat('en-US');
-  const MONTHS = ['Jan', 'Feb', 'Mar', 'Apr', 'May', 'Jun', 'Jul', 'Aug', 'Sep', 'Oct', 'Nov', 'Dec'];
+  const {el, $, setText, num, duration, pad, MONTHS, bar} = Page;
   const QUOTA_NAMES = {tokens_per_day: 'Tokens today', tokens_per_month: 'Tokens this month',
     requests_per_day: 'Requests today'};
   const TOTALS = [['requests', 'Requests'], ['limited_requests', 'Limited requests'],
     ['prompt_tokens', 'Prompt tokens'], ['completion_tokens', 'Completion tokens'],
     ['tokens_charged', 'Tokens charged']];
-  const state = {key: null, at: null, timer: 0};
 
-  // ---- DOM helpers: text goes in as text nodes only ----
-  function el(tag, attrs, ...children) {
-    const node = document.createElement(tag);
-    for (const [name, value] of Object.entries(attrs || {})) {
-      if (name === 'style' || name.startsWith('on')) throw new Error('attribute not allowed: ' + name);
-      if (value !== null && value !== undefined && value !== false) node.setAttribute(name, value === true ? '' : String(value));
-    }
-    for (const child of children.flat()) {
-      if (child === null || child === undefined || child === false) continue;
-      node.appendChild(child instanceof Node ? child : document.createTextNode(String(child)));
-    }
-    return node;
-  }
-  const $ = (id) => document.getElementById(id);
-  const setText = (id, text) => { $(id).textContent = text; };
-  const hide = (hidden, ...ids) => ids.forEach((id) => { $(id).hidden = hidden; });
-  const setStatus = (text, tone) => { $('status').textContent = text; $('status').className = 'status ' + (tone || ''); };
-
-  // ---- formatting ----
-  const num = (n) => (typeof n === 'number' && Number.isFinite(n) ? NUM.format(Math.round(n)) : '\u2014');
-  function duration(seconds) {
-    const s = Math.max(0, Math.floor(seconds || 0));
-    if (s < 60) return s + ' s';
-    if (s < 3600) return Math.floor(s / 60) + ' min';
-    if (s < 86400) return Math.floor(s / 3600) + ' h';
-    return Math.floor(s / 86400) + ' d';
-  }
-  const pad = (n) => String(n).padStart(2, '0');
-  const clock = (d) => `${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}`;
   function when(iso) {   // local time: "00:00" today, else "Dec 2, 00:00"
     const d = new Date(iso);
     if (Number.isNaN(d.getTime())) return '';
     const hm = `${pad(d.getHours())}:${pad(d.getMinutes())}`;
     return d.toDateString() === new Date().toDateString() ? hm : `${MONTHS[d.getMonth()]} ${d.getDate()}, ${hm}`;
   }
-  function bar(value, limit, tone, size) {
-    const frac = limit > 0 ? Math.min(1, Math.max(0, value / limit)) : 0;
-    const fill = el('span', {class: 'fill'});
-    fill.style.width = (frac * 100).toFixed(1) + '%';
-    return el('span', {class: ['bar', size, tone].filter(Boolean).join(' '), 'aria-hidden': 'true'}, fill);
-  }
-
-  // ---- talking to the proxy ----
-  async function getUsage(key) {
-    const res = await fetch('/v1/usage', {headers: {Authorization: 'Bearer ' + key},
-      cache: 'no-store', credentials: 'same-origin'});
-    return {status: res.status, body: await res.json().catch(() => null)};
-  }
-  const messageOf = (r) => (r.body && r.body.error && typeof r.body.error.message === 'string'
-    ? r.body.error.message : `The proxy answered ${r.status}.`);
-
-  // ---- views ----
-  function showLogin(message) {
-    clearTimeout(state.timer);
-    Object.assign(state, {key: null, at: null});
-    hide(true, 'loading', 'dashboard', 'content', 'signout');
-    setText('updated', '');
-    setText('login-error', message || '');
-    $('login').hidden = false;
-    $('api-key').focus();
-  }
-
-  function failed(message) {
-    const since = state.at ? ` Showing the numbers from ${clock(state.at)}.` : '';
-    $('loading').hidden = true;
-    hide(false, 'dashboard', 'signout');
-    setStatus(`Refresh failed at ${clock(new Date())}: ${message}${since}`, 'warn');
-  }
-
-  function showData(data) {
-    state.at = new Date();
-    hide(true, 'loading', 'login');
-    hide(false, 'dashboard', 'content', 'signout');
-    setText('version', data.version ? 'v' + data.version : '');
-    setText('updated', 'updated ' + clock(state.at));
-    setStatus('', '');
+  function show(data) {
     setText('key-name', String(data.key));
     renderBucket(data.bucket || {});
     renderQuotas(data.quotas || []);
@@ -7656,85 +7585,18 @@ USAGE_JS = r"""// llm_proxy usage page (served at /ui/usage.js). Data: GET /v1/u
       el('td', {class: 'n'}, num(month[field] || 0)))));
   }
 
-  // ---- flow ----
-  function schedule() {
-    clearTimeout(state.timer);
-    state.timer = setTimeout(refresh, REFRESH_MS);
-  }
-
-  async function refresh() {
-    clearTimeout(state.timer);
-    let r;
-    try {
-      r = await getUsage(state.key);
-    } catch (err) {
-      r = {status: 0, body: {error: {message: 'the proxy could not be reached'}}};
-    }
-    if (r.status === 200 && r.body) {
-      try { showData(r.body); } catch (err) { failed(`the answer could not be shown (${err.message})`); }
-    } else if (r.status === 401) {
-      sessionStorage.removeItem(STORAGE_KEY);
-      showLogin(messageOf(r));
-      return;
-    } else {
-      failed(messageOf(r));
-    }
-    schedule();
-  }
-
-  async function onLogin(event) {
-    event.preventDefault();
-    const input = $('api-key');
-    const button = event.target.querySelector('button[type="submit"]');
-    const key = input.value.trim();
-    if (!key) { setText('login-error', 'Enter your API key.'); return; }
-    setText('login-error', '');
-    button.disabled = true;
-    let r;
-    try {
-      r = await getUsage(key);
-    } catch (err) {
-      r = {status: 0, body: {error: {message: 'The proxy could not be reached (or the key has characters a header cannot carry).'}}};
-    } finally {
-      button.disabled = false;
-    }
-    if (r.status === 200 && r.body) {
-      sessionStorage.setItem(STORAGE_KEY, key);
-      state.key = key;
-      input.value = '';
-      showData(r.body);
-      schedule();
-    } else {
-      setText('login-error', messageOf(r));
-      input.select();
-    }
-  }
-
-  const signOut = () => { sessionStorage.removeItem(STORAGE_KEY); showLogin(''); };
-
-  function start() {
-    $('login-form').addEventListener('submit', onLogin);
-    $('signout').addEventListener('click', signOut);
-    const saved = sessionStorage.getItem(STORAGE_KEY);
-    if (saved) {
-      state.key = saved;
-      refresh();
-    } else {
-      showLogin('');
-    }
-  }
-
-  start();
+  Page.session({storageKey: 'llm_proxy_usage_key', input: 'api-key', path: '/v1/usage',
+    every: 10000, emptyKey: 'Enter your API key.', ends: [401], probe: false, show}).start();
 })();
 """
 
-#: path -> (content type, body): what a server hands out for each page path.
 
 #: path -> (Content-Type, body)
 PAGE_ASSETS = {
     "/admin": ("text/html; charset=utf-8", ADMIN_HTML),
     "/usage": ("text/html; charset=utf-8", USAGE_HTML),
     "/ui/style.css": ("text/css; charset=utf-8", PAGE_CSS),
+    "/ui/pages.js": ("text/javascript; charset=utf-8", PAGES_JS),
     "/ui/admin.js": ("text/javascript; charset=utf-8", ADMIN_JS),
     "/ui/usage.js": ("text/javascript; charset=utf-8", USAGE_JS),
 }

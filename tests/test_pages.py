@@ -216,7 +216,8 @@ class QuantileTests(unittest.TestCase):
 
 class PageServingTests(PagesTestCase):
     PATHS = {"/admin": "text/html", "/usage": "text/html", "/ui/style.css": "text/css",
-             "/ui/admin.js": "text/javascript", "/ui/usage.js": "text/javascript"}
+             "/ui/pages.js": "text/javascript", "/ui/admin.js": "text/javascript",
+             "/ui/usage.js": "text/javascript"}
 
     def test_pages_and_scripts_come_with_a_policy_that_lets_nothing_else_in(self):
         for path, kind in self.PATHS.items():
