@@ -172,6 +172,20 @@ class OverviewTests(PagesTestCase):
         names = [k["name"] for k in self.overview()["keys"]]
         self.assertEqual(names, [llm_proxy.short_hash(llm_proxy.key_digest("sk-anyone-1"))])
 
+    def test_the_store_says_where_the_state_is_kept(self):
+        path = os.path.join(self.tmp, "state.db")
+        self.restart(keys_file=self.keys_path, state_db=path)
+        self.chat(key=ALICE)
+        self.settled(1)
+        self.assertEqual(self.overview()["store"], {"kind": "memory", "state_file": path,
+                                                    "redis": None, "ok": True,
+                                                    "buckets_held": 1})
+        self.proxy.shutdown()
+        self.proxy.server_close()  # (the last write of the state file)
+        self.restart(keys_file=self.keys_path, state_db=path)  # the ledger outlives the process
+        self.assertEqual(self.overview()["keys"][0]["today"],
+                         {"tokens": 1, "requests": 1, "limited": 0})
+
     def test_reading_it_costs_nothing_and_holds_no_bucket(self):
         for _ in range(3):
             self.overview()
