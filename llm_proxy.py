@@ -6197,6 +6197,11 @@ class ConnectionCap:
         chosen = idle or stalled
         return chosen[0] if chosen is not None else None
 
+    def states(self) -> list[str]:
+        """What each connection is doing now (idle, reading, busy, writing)."""
+        with self._lock:
+            return [state for state, _ in self._records.values()]
+
     def mark(self, sock: socket.socket, state: str) -> None:
         record = self._records.get(sock)
         if record is not None:

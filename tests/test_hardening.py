@@ -135,6 +135,8 @@ class HardeningTests(ProxyTestCase):
         the oldest idle connection is closed, as nginx does."""
         self.restart(max_connections=2)
         oldest, newer = self.held(2)
+        # (a connection is idle once its thread is back waiting for the next request)
+        self.assertTrue(wait_until(lambda: self.proxy.cap.states() == ["idle", "idle"]))
         sock = self.connect()
         sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         self.assertIn(b" 200 ", self.read_all(sock).split(b"\r\n")[0])
