@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import http.client
+import http.server
 import json
 import os
 import shutil
@@ -482,6 +483,64 @@ class BrowserTests(PagesTestCase):
             self.assertFalse(any(XSS in m for m in seen["alice"][span]))
             self.assertTrue(any(XSS in m for m in seen["bob"][span]))  # as text
             self.assertFalse(any("llama3" in m for m in seen["bob"][span]))
+
+
+@unittest.skipIf(CHROMIUM is None, "no Chromium to run the pages in (apt-get install chromium, "
+                                    "or set BROWSER_BIN)")
+class CrossSiteTests(ProxyTestCase):
+    """What a web page on another site can do with a proxy on this machine, in a real browser:
+    nothing. (evil.test is made to resolve to 127.0.0.1, as DNS rebinding would.)"""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.browser = Browser(CHROMIUM, extra_args=["--host-resolver-rules=MAP evil.test 127.0.0.1"])
+        cls.addClassCleanup(cls.browser.close)
+
+    def other_site(self):
+        """A page on another port: another origin, as any site the operator opens would be."""
+        class Page(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                body = b"<!doctype html><title>another site</title>"
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+        site = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+        self._serve(site)
+        return f"http://127.0.0.1:{site.server_address[1]}/"
+
+    def test_another_site_s_page_reads_nothing_and_sends_nothing_upstream(self):
+        page = self.browser.new_page()
+        self.addCleanup(page.close)
+        page.goto(self.other_site())
+        proxy = f"http://127.0.0.1:{self.proxy.server_address[1]}"
+        tried = page.evaluate("""(async () => {
+            const attempt = async (path, options) => {
+              try { const r = await fetch('%s' + path, options); return await r.text(); }
+              catch (e) { return 'blocked'; } };
+            return {admin: await attempt('/admin/keys'),
+                    overview: await attempt('/admin/overview'),
+                    chat: await attempt('/v1/chat/completions', {method: 'POST',
+                      headers: {'Content-Type': 'text/plain'},
+                      body: JSON.stringify({model: 'm', messages: [{role: 'user', content: 'hi'}]})})};
+          })()""" % proxy)
+        self.assertEqual(tried, {"admin": "blocked", "overview": "blocked", "chat": "blocked"})
+        self.assertEqual(self.upstream.requests, [])  # the simple POST went nowhere
+        self.assertTrue(self.log.wait_for(lambda text: text.count('" 403 ') >= 3))
+
+    def test_a_name_made_to_resolve_here_is_not_this_machine(self):
+        page = self.browser.new_page()
+        self.addCleanup(page.close)
+        page.goto(f"http://evil.test:{self.proxy.server_address[1]}/usage")
+        statuses = page.evaluate("Promise.all(['/admin/overview', '/admin/keys', '/metrics']"
+                                 ".map(path => fetch(path).then(r => r.status)))")
+        self.assertEqual(statuses, [404, 404, 404])
+        page.goto(f"http://localhost:{self.proxy.server_address[1]}/usage")
+        self.assertEqual(page.evaluate("fetch('/admin/overview').then(r => r.status)"), 200)
 
 
 if __name__ == "__main__":
