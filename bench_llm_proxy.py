@@ -4,6 +4,7 @@
     python3 bench_llm_proxy.py              # the full run (about five minutes), prints the tables
     python3 bench_llm_proxy.py --quick      # a short smoke run
     python3 bench_llm_proxy.py --fanout     # only the fan-out figure (--quick: 50 streams, 3 s)
+    python3 bench_llm_proxy.py --overview   # only the dashboard's data, a month in the ledger
 
 What it measures (every figure for the proxy is compared with the same call made directly):
   * added latency per non-stream request at concurrency 1 (p50, p99), one keep-alive connection:
@@ -17,7 +18,8 @@ What it measures (every figure for the proxy is compared with the same call made
   * fan-out: N streams of 100 events 10 ms apart at once (200 and 400 by default), for 10 s,
     directly, through nginx (when installed) and through the proxy in request and usage mode:
     events/s delivered, the gap between events and the time to the first event (p50, p99), and
-    the CPU time the relaying process spends per event.
+    the CPU time the relaying process spends per event;
+  * the dashboard's data (GET /admin/overview) with 43,200 rows in the state file's ledger.
 
 The fake upstream is a raw asyncio server in its own process, and the proxy runs as its own
 process started with the README's run command, so neither competes with the load generator for
@@ -474,6 +476,47 @@ def bench_state(up_port: int, requests: int, seconds: int) -> list[tuple[str, st
     return rows
 
 
+def bench_overview(requests: int) -> list[tuple[str, str, str, str]]:
+    """What the dashboard's data (GET /admin/overview) costs with a month of use in the state
+    file: 60 keys x 30 days x 24 hours = 43,200 ledger rows. The first call adds every past
+    hour up; the ones after it reuse that sum and read only the current hour."""
+    sys.path.insert(0, HERE)
+    from llm_proxy import StateFile
+    folder = tempfile.mkdtemp()
+    path = os.path.join(folder, "state.db")
+    state = StateFile(path)
+    now_hour = int(time.time()) // 3600 * 3600
+    state.db.execute("BEGIN")
+    state.db.executemany(
+        "INSERT INTO ledger VALUES (?, ?, ?, ?, 'generate', 3, 0, 200, 100, 300)",
+        ((now_hour - 3600 * h, f"key:{k:064x}", f"user{k}", f"model{k % 3}")
+         for h in range(1, 30 * 24 + 1) for k in range(60)))
+    state.db.execute("COMMIT")
+    state.close()
+    port = free_port()
+    proc = start([sys.executable, os.path.join(HERE, "llm_proxy.py")], {
+        "HOST": "127.0.0.1", "PORT": str(port), "BASE_API_URL": "http://127.0.0.1:9/v1",
+        "STATE_DB": path}, "listening on", "stderr")
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        times = []
+        for _ in range(1 + requests):
+            started = time.perf_counter()
+            conn.request("GET", "/admin/overview")
+            answer = conn.getresponse()
+            data = json.loads(answer.read())
+            times.append((time.perf_counter() - started) * 1000)
+            assert answer.status == 200 and len(data["tokens_per_day"]["keys"]) > 1, data
+        conn.close()
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        shutil.rmtree(folder, ignore_errors=True)
+    later = statistics.median(times[1:])
+    return [("GET /admin/overview, 43,200 ledger rows (ms)", f"{times[0]:.1f}", f"{later:.1f}",
+             f"{later - times[0]:+.1f}")]
+
+
 # ######################################################################### fan-out ####
 
 FANOUT_EVENTS, FANOUT_SPACING_MS = 100, 10.0  # a busy model server: 100 tokens/s per stream
@@ -838,6 +881,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="only STATE_DB (a state file) against memory, with a daily quota")
     parser.add_argument("--redis", action="store_true",
                         help="only the Redis store against the in-memory one")
+    parser.add_argument("--overview", action="store_true",
+                        help="only the dashboard's data with a month of use in the state file")
     parser.add_argument("--fanout", action="store_true",
                         help="only the fan-out figure: N streams at once, direct, through nginx "
                              "(when installed) and through the proxy")
@@ -858,7 +903,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     requests, seconds, firsts = (300, 2, 50) if args.quick else (3000, 10, 300)
-    everything = not (args.core or args.keys or args.redis or args.fanout or args.state)
+    everything = not (args.core or args.keys or args.redis or args.fanout or args.state
+                      or args.overview)
     counts = [int(n) for n in (args.fanout_streams or ("50" if args.quick else "200,400")
                                ).split(",")]
     if everything or args.fanout:
@@ -877,6 +923,9 @@ def main(argv: list[str] | None = None) -> int:
         if everything or args.state:
             print_table("state", ("memory only", "STATE_DB"),
                         bench_state(up_port, requests, seconds))
+        if everything or args.overview:
+            print_table("dashboard", ("first call", "later calls"),
+                        bench_overview(5 if args.quick else 20))
         if everything or args.redis:
             print_table("bucket store", ("memory", "redis"),
                         bench_redis(up_port, requests, seconds))

@@ -2069,7 +2069,12 @@ class EventTemplate(typing.NamedTuple):
         """The template of an event that is nothing but `text`: found where the text's JSON
         (as Python writes it, or with raw UTF-8) occurs once in the event and once as
         relayed, and checked by parsing the event with another text in its place."""
-        for literal in (json.dumps(text).encode(), json.dumps(text, ensure_ascii=False).encode()):
+        spellings = [json.dumps(text).encode()]
+        try:
+            spellings.append(json.dumps(text, ensure_ascii=False).encode())
+        except UnicodeEncodeError:  # (a lone surrogate: only its escaped spelling exists)
+            pass
+        for literal in spellings:
             at, out = event.find(literal), relayed.find(literal)
             if at < 0 or out < 0 or event.find(literal, at + 1) >= 0 \
                     or relayed.find(literal, out + 1) >= 0:
@@ -2090,7 +2095,7 @@ class EventTemplate(typing.NamedTuple):
         if len(literal) < 2 or literal[0] != 0x22:  # (a JSON string: "...")
             return None
         try:
-            raw = literal.decode()
+            raw = literal.decode("utf-8", "surrogatepass")  # (as json.loads(bytes))
             text, end = _scan_string(raw, 1)
         except ValueError:  # (UnicodeDecodeError too)
             return None
@@ -2196,7 +2201,10 @@ class Meter:
             text = self.text_piece(obj)
             if text is not None:
                 self._templates += 1
-                self._template = EventTemplate.of(event, relayed, text, self)
+                try:
+                    self._template = EventTemplate.of(event, relayed, text, self)
+                except ValueError:  # (whatever goes wrong, the general way stays right)
+                    self._template = None
         return relayed
 
     @staticmethod
@@ -2207,7 +2215,8 @@ class Meter:
 
     def _parse(self, event: bytes) -> dict | None:
         """The JSON object an event carries (SSE: its data lines), or None."""
-        if event.startswith(b"data:") and event.count(b"\n") == 2:  # one data line, the usual
+        if event.startswith(b"data:") and event.find(b"\n") == len(event) - 2 \
+                and event.endswith(b"\n\n") and b"\r" not in event:  # one data line, the usual
             data = event[5:].lstrip()
             return json_object(data) if data.startswith(b"{") else None
         data = b"".join(line[5:].strip() for line in event.splitlines()
@@ -2285,7 +2294,8 @@ def generated_chars(obj: Mapping[str, object]) -> int:
     its choices (for settling when the upstream reports no usage, or too little)."""
     chars = 0
     choices = obj.get("choices")
-    if type(choices) is list and len(choices) == 1 and "type" not in obj:  # one delta, the usual
+    if type(choices) is list and len(choices) == 1 and "type" not in obj \
+            and "output" not in obj:  # one delta, the usual
         choice = choices[0]
         delta = choice.get("delta") if type(choice) is dict else None
         if type(delta) is dict and "message" not in choice and "text" not in choice:
@@ -2366,7 +2376,7 @@ class UsageMeter(Meter):
         return event
 
     def text_piece(self, obj: dict) -> str | None:
-        if obj.get("usage") is not None or "error" in obj or "type" in obj:
+        if obj.get("usage") is not None or "error" in obj or "type" in obj or "output" in obj:
             return None
         choices = obj.get("choices")
         if type(choices) is not list or len(choices) != 1 or type(choices[0]) is not dict:
@@ -3071,7 +3081,7 @@ def json_object(data: bytes) -> dict | None:
     """The JSON object in UTF-8 `data`, or None. (json.loads less its checks of what it is
     given: a third of the cost of reading a stream's event.)"""
     try:
-        obj = _DECODE_JSON(data.decode())
+        obj = _DECODE_JSON(data.decode("utf-8", "surrogatepass"))  # (as json.loads(bytes))
     except (ValueError, RecursionError):
         return None
     return obj if isinstance(obj, dict) else None
@@ -3810,7 +3820,10 @@ class _Connection:
         server may close an idle keep-alive connection at any time; llama.cpp's does so
         after streams when many are open at once)."""
         if self.raw.can_peek:
-            return bool(self.raw.peek_buffered(self.reader)) or self.raw.ended
+            try:
+                return bool(self.raw.peek_buffered(self.reader)) or self.raw.ended
+            except (OSError, ValueError):  # (reset by the upstream: not usable)
+                return True
         timeout = self.sock.gettimeout()  # TLS: its socket is made briefly non-blocking
         self.sock.settimeout(0.0)
         try:
@@ -4569,7 +4582,7 @@ class StreamJob:
     the bytes waiting for a slow client, its deadlines, and how it ended (`end`, set once)."""
 
     __slots__ = ("upstream", "client", "body", "transform", "chunked", "head", "out",
-                 "paused", "read_timeout", "send_timeout", "read_by", "write_by", "sent",
+                 "paused", "read_timeout", "send_timeout", "read_by", "write_by", "owed", "sent",
                  "end", "error", "done", "up_mask", "client_mask", "mark")
 
     def __init__(self, upstream: socket.socket, client: socket.socket, body: BodyReader,
@@ -4583,7 +4596,8 @@ class StreamJob:
         self.paused = False             # the upstream is not read while `out` is full
         self.read_timeout, self.send_timeout = read_timeout, send_timeout
         self.read_by = now + read_timeout
-        self.write_by = 0.0             # while `out` holds bytes: when the client must have them
+        self.write_by = 0.0             # when the client must have taken `owed` more bytes
+        self.owed = 0                   # what `out` held when write_by was set, less what went
         self.sent = False               # the head has gone (or is waiting in `out`)
         self.end: RelayEnd | None = None
         self.error: BaseException | None = None  # a bug, raised again in the handler's thread
@@ -4621,7 +4635,7 @@ class StreamJob:
         rest = self.transform.finish() if self.transform is not None else b""
         if self.chunked:
             rest = (frame_chunk(rest) if rest else b"") + LAST_CHUNK
-        self.end = RelayEnd(WHOLE, tail=self.head + bytes(self.out) + rest)
+        self.end = RelayEnd(WHOLE, self.sent, tail=self.head + bytes(self.out) + rest)
 
     def stop(self, how: str, detail: str = "") -> None:
         """The stream ends short: what was held for the client goes before the error event."""
@@ -4644,7 +4658,7 @@ class StreamJob:
             if sent == len(data):
                 return
             self.out += memoryview(data)[sent:]
-            self.write_by = now + self.send_timeout
+            self.write_by, self.owed = now + self.send_timeout, len(self.out)
             self.mark(self.client, WRITING)
         if len(self.out) > STREAM_OUT_LIMIT:
             self.paused = True
@@ -4656,8 +4670,11 @@ class StreamJob:
         except (BlockingIOError, InterruptedError):
             return
         del self.out[:sent]
+        self.owed -= sent
         if not self.out:
             self.mark(self.client, BUSY)
+        elif self.owed <= 0:  # what was held has gone in time: the rest gets SEND_TIMEOUT
+            self.write_by, self.owed = now + self.send_timeout, len(self.out)
         if self.paused and len(self.out) <= STREAM_OUT_LIMIT // 2:
             self.paused = False
             self.read_by = now + self.read_timeout  # (it was not silent: it was not read)
@@ -4750,7 +4767,7 @@ class StreamRelay:
                 if self._closing:
                     raise RuntimeError("the stream relay is closed")
                 self._new.append(job)
-            os.write(self._wake_write, b"\0")
+            self._wake()
             job.done.wait()
             if job.error is not None:
                 raise job.error
@@ -4778,8 +4795,14 @@ class StreamRelay:
             if self._closing:
                 return
             self._closing = True
-        os.write(self._wake_write, b"\0")
+        self._wake()
         self._thread.join(5)
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_write, b"\0")
+        except BlockingIOError:
+            pass  # the pipe is full of wake-ups already
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -4825,12 +4848,14 @@ class StreamRelay:
                     self._release(job)
                 else:
                     self._watch(job)
-            if woken and self._admit(now):  # (after the round: its events are all old jobs')
-                return self._shut_down()
+            if woken:  # (after the round: its events are all old jobs')
+                self._admit(now)
             if now >= next_tick:
                 next_tick = now + RELAY_TICK
                 for job in [j for j in self._jobs if j.deadline_passed(now)]:
                     self._release(job)
+            if self._closing and not self._jobs and not self._new:
+                return self._shut_down()
 
     @staticmethod
     def _from_upstream(job: StreamJob, now: float) -> None:
@@ -4849,15 +4874,14 @@ class StreamRelay:
         except OSError:
             job.stop(CLIENT_GONE)
 
-    def _admit(self, now: float) -> bool:
-        """New jobs into the epoll set; whether the relay is to stop."""
+    def _admit(self, now: float) -> None:
+        """New jobs into the epoll set."""
         try:
             os.read(self._wake_read, 4096)
         except BlockingIOError:
             pass
         with self._lock:
             new, self._new = self._new, []
-            closing = self._closing
         for job in new:
             job.read_by = now + job.read_timeout
             with self._lock:
@@ -4865,7 +4889,6 @@ class StreamRelay:
             self._fds[job.upstream.fileno()] = (job, True)
             self._fds[job.client.fileno()] = (job, False)
             self._watch(job)
-        return closing and not self._jobs
 
     def _watch(self, job: StreamJob) -> None:
         """Tell epoll what the job waits for now: the upstream's bytes unless paused, the
@@ -4990,7 +5013,7 @@ def relay_answer(ex: Exchange, answer: Answer, client: ClientSide, read_timeout:
         stream = is_stream(resp)
         if stream and streams is not None and streams.takes(answer, client.connection):
             end = streams.relay(answer, client.connection, head, framing, meter, read_timeout)
-            ex.head_sent = ex.head_sent or (end.sent and end.how != WHOLE)
+            ex.head_sent = ex.head_sent or end.sent
         else:
             end = relay(resp, answer.conn.sock, lambda data: client.write(ex, data), head,
                         framing, meter, client.connection if stream else None, read_timeout)
@@ -5015,10 +5038,13 @@ def relay_answer(ex: Exchange, answer: Answer, client: ClientSide, read_timeout:
     _ended(ex, BROKEN)
     ex.note = "cut short: the proxy is stopping" if answer.cut else \
         f"upstream broke off: {end.detail}"
-    if framing.kind == CHUNKED and stream:
-        try:  # (what the stream relay held for the client goes first)
-            client.write(ex, end.tail + frame_chunk(ex.api.broken_stream_event(message))
-                         + LAST_CHUNK)
+    # What the stream relay held for the client goes first; a chunked stream then ends with its
+    # API's last error event, any other body with the closed connection.
+    last = frame_chunk(ex.api.broken_stream_event(message)) + LAST_CHUNK \
+        if framing.kind == CHUNKED and stream else b""
+    if end.tail or last:
+        try:
+            client.write(ex, end.tail + last)
         except ClientGone:
             pass  # the client is gone too; the connection closes either way
     return False
@@ -5077,12 +5103,13 @@ def is_admin(server: "ProxyServer", ex: Exchange, headers: Headers) -> bool:
         and "Forwarded" not in headers and is_loopback_host(headers.get("Host") or "")
 
 
-_LOOPBACK_HOST = re.compile(r"(localhost|127(\.[0-9]{1,3}){3}|\[::1\])(:[0-9]{1,5})?",
+_LOOPBACK_HOST = re.compile(r"(localhost|127(\.[0-9]{1,3}){3}|0\.0\.0\.0|\[::1\])(:[0-9]{1,5})?",
                             re.IGNORECASE)
 
 
 def is_loopback_host(host: str) -> bool:
-    """Whether a Host header names this machine (localhost, 127.x.y.z, [::1], any port)."""
+    """Whether a Host header names this machine (localhost, 127.x.y.z, 0.0.0.0 (which Linux
+    connects to this machine), [::1], any port)."""
     return _LOOPBACK_HOST.fullmatch(host.strip()) is not None
 
 
@@ -5301,46 +5328,34 @@ def overview(server: "ProxyServer") -> dict[str, object]:
                  - datetime.timedelta(days=29))
     days = [(first_day + datetime.timedelta(days=i)).isoformat() for i in range(30)]
     since = calendar.start_of(days[0])
-    rows = server.usage_rows(min(since, month_start), now + 3600)
-    per_key: dict[str, dict[str, list[int]]] = {}   # bucket key -> span -> tokens, requests, limited
-    names: dict[str, str] = {}
-    per_day: dict[str, dict[str, int]] = {}         # key name -> day -> tokens
-    per_model: dict[str, dict[str, list[int]]] = {}  # model -> span -> tokens, requests
-    for entry, counts in rows:
-        names.setdefault(entry.key, entry.name)
-        requests, limited, tokens = counts[0], counts[1], counts[4]
-        if entry.hour >= month_start - 3599:
-            model = per_model.setdefault(entry.model, {"today": [0, 0], "this_month": [0, 0]})
-            for span in ("today", "this_month") if entry.hour >= day_start - 3599 else (
-                    "this_month",):
-                model[span][0] += tokens
-                model[span][1] += requests
-        spans = per_key.setdefault(entry.key, {"today": [0, 0, 0], "this_month": [0, 0, 0]})
-        for span, start in (("today", day_start), ("this_month", month_start)):
-            if entry.hour >= start - 3599:  # (an hour that began before midnight counts on)
-                totals = spans[span]
-                totals[0] += tokens
-                totals[1] += requests
-                totals[2] += limited
-        if entry.hour >= since - 3599:
-            day = datetime.datetime.fromtimestamp(max(entry.hour, since), calendar.tz)
-            by_day = per_day.setdefault(entry.name, {})
-            by_day[day.date().isoformat()] = by_day.get(day.date().isoformat(), 0) + tokens
+    # The hours that are over do not change: their tally is kept, and only the last two hours
+    # are read from the ledger at each look (a month of 20 keys and 3 models is 43,000 rows).
+    recent = int(now // 3600 * 3600) - 3600
+    tally = server.tally(recent, day_start, lambda: LedgerTally(
+        day_start, month_start, since, calendar.tz).add(
+            server.usage_rows(min(since, month_start), recent)))
+    tally.add(server.usage_rows(recent, now + 3600))
+    per_key, names, per_day, per_model = tally.per_key, tally.names, tally.per_day, tally.per_model
     in_flight = server.forwarded_in_flight()
     waiting = server.gate.waiting_by_key() if server.gate is not None else {}
     listed = [("key:" + digest, policy.name or short_hash(digest), policy)
               for digest, policy in server.keys.entries]
     known = {bucket for bucket, _, _ in listed}
-    listed += [(bucket, names.get(bucket, bucket), server.default_policy)
+    listed += [(bucket, names.get(bucket) or bucket_name(bucket), server.default_policy)
                for bucket in sorted({*per_key, *in_flight} - known)][:MAX_OVERVIEW_KEYS]
     keys = []
     for bucket, name, policy in listed:
-        quota = store.peek(bucket, policy.bucket)
-        quotas = store.calendar(bucket, policy.calendar, periods) if policy.calendar else ()
+        try:
+            quota: Quota | None = store.peek(bucket, policy.bucket)
+            quotas = store.calendar(bucket, policy.calendar, periods) if policy.calendar else ()
+        except StoreUnavailable:  # (the store's card says so; the rest is still worth seeing)
+            quota, quotas = None, ()
         spans = per_key.get(bucket, {"today": [0, 0, 0], "this_month": [0, 0, 0]})
         keys.append({
-            "name": name, "disabled": policy.disabled, "limit": quota.limit,
-            "balance": quota.remaining, "next_refill_seconds": math.ceil(quota.reset_seconds),
+            "name": name, "disabled": policy.disabled,
+            "limit": policy.bucket.capacity if quota is None else quota.limit,
+            "balance": None if quota is None else quota.remaining,
+            "next_refill_seconds": None if quota is None else math.ceil(quota.reset_seconds),
             "refill_tokens": policy.bucket.refill_tokens,
             "refill_interval_seconds": policy.bucket.refill_interval,
             **{span: dict(zip(("tokens", "requests", "limited"), spans[span]))
@@ -5348,7 +5363,7 @@ def overview(server: "ProxyServer") -> dict[str, object]:
             "quotas": [{"name": q.name, "limit": q.limit, "used": q.used,
                         "remaining": q.remaining, "resets_in_seconds": math.ceil(q.reset_seconds)}
                        for q in quotas],
-            "in_flight": in_flight.get(bucket, 0) - waiting.get(bucket, 0),
+            "in_flight": max(0, in_flight.get(bucket, 0) - waiting.get(bucket, 0)),
             "waiting": waiting.get(bucket, 0)})
     first_minute, minutes = server.metrics.recent.window()
     stacked = sorted(per_day.items(), key=lambda item: -sum(item[1].values()))
@@ -5375,6 +5390,65 @@ def overview(server: "ProxyServer") -> dict[str, object]:
         "tokens_per_day": {"days": days, "keys": [
             {"name": name, "tokens": [by_day.get(day, 0) for day in days]}
             for name, by_day in stacked]}}
+
+
+class LedgerTally:
+    """What the dashboard adds up from the usage ledger: per bucket key and per model, tokens,
+    requests (and limited requests) today and this month; per key name, tokens per day over
+    the last 30 days. An hour row counts towards the day its last second is in."""
+
+    def __init__(self, day_start: float, month_start: float, since: float,
+                 tz: datetime.tzinfo) -> None:
+        self.day_start, self.month_start, self.since, self.tz = day_start, month_start, since, tz
+        self.per_key: dict[str, dict[str, list[int]]] = {}    # bucket key -> span -> [t, r, l]
+        self.names: dict[str, str] = {}                       # bucket key -> its name
+        self.per_day: dict[str, dict[str, int]] = {}          # key name -> day -> tokens
+        self.per_model: dict[str, dict[str, list[int]]] = {}  # model -> span -> [t, r]
+        self._days: dict[int, str] = {}                       # hour -> its day
+
+    def add(self, rows: Iterable[tuple[LedgerKey, Sequence[int]]]) -> "LedgerTally":
+        day_start, month_start = self.day_start - 3599, self.month_start - 3599
+        for entry, counts in rows:
+            self.names.setdefault(entry.key, entry.name)
+            requests, limited, tokens = counts[0], counts[1], counts[4]
+            today = entry.hour >= day_start
+            if entry.hour >= month_start:
+                model = self.per_model.setdefault(entry.model, {"today": [0, 0],
+                                                                "this_month": [0, 0]})
+                spans = self.per_key.setdefault(entry.key, {"today": [0, 0, 0],
+                                                            "this_month": [0, 0, 0]})
+                for span in ("today", "this_month") if today else ("this_month",):
+                    model[span][0] += tokens
+                    model[span][1] += requests
+                    totals = spans[span]
+                    totals[0] += tokens
+                    totals[1] += requests
+                    totals[2] += limited
+            if entry.hour >= self.since - 3599:
+                day = self._days.get(entry.hour)
+                if day is None:
+                    day = self._days[entry.hour] = datetime.datetime.fromtimestamp(
+                        entry.hour + 3599, self.tz).date().isoformat()
+                by_day = self.per_day.setdefault(entry.name, {})
+                by_day[day] = by_day.get(day, 0) + tokens
+        return self
+
+    def copy(self) -> "LedgerTally":
+        other = LedgerTally(self.day_start, self.month_start, self.since, self.tz)
+        other.per_key = {k: {s: list(v) for s, v in spans.items()}
+                         for k, spans in self.per_key.items()}
+        other.names = dict(self.names)
+        other.per_day = {k: dict(v) for k, v in self.per_day.items()}
+        other.per_model = {k: {s: list(v) for s, v in spans.items()}
+                           for k, spans in self.per_model.items()}
+        other._days = self._days
+        return other
+
+
+def bucket_name(bucket: str) -> str:
+    """How a bucket key is shown: a key's short hash, an address as it is."""
+    kind, _, rest = bucket.partition(":")
+    return short_hash(rest) if kind == "key" else rest
 
 
 MAX_OVERVIEW_KEYS = 200   # keys not in the keys file (open mode, by address) the dashboard lists
@@ -5422,7 +5496,7 @@ def upstream_report(server: "ProxyServer", in_flight: Mapping[str, int],
     report["errors_last_hour"] = {kind: sum(m.get("upstream " + kind, 0) for m in minutes)
                                   for kind in ("timeout", "refused", "5xx", "broken", "invalid")}
     queued = sum(waiting.values())
-    report["in_flight"], report["waiting"] = sum(in_flight.values()) - queued, queued
+    report["in_flight"], report["waiting"] = max(0, sum(in_flight.values()) - queued), queued
     return report
 
 
@@ -5973,15 +6047,14 @@ class Metrics:
         forwarded route, this minute's requests (limited, errors), in one go."""
         key = self.key(label)
         labels = (("key", key), ("route", route), ("status", f"{status // 100}xx"))
-        minute = self.recent.minute() if forwarded else 0
         with self._lock:
             series = self._counters.setdefault("llm_proxy_requests_total", {})
             series[labels] = series.get(labels, 0) + 1
             if cost:
                 series = self._counters.setdefault("llm_proxy_tokens_charged_total", {})
                 series[labels[:1]] = series.get(labels[:1], 0) + cost
-            if forwarded:
-                counts = self.recent.counts(minute)
+            if forwarded:  # (the minute read under the lock: minutes are appended in order)
+                counts = self.recent.counts(self.recent.minute())
                 counts["requests"] += 1
                 counts["limited"] += limited
                 counts["errors"] += status >= 500
@@ -6070,9 +6143,8 @@ class RecentMinutes:
         return minutes[-1][1]
 
     def add(self, name: str, count: int = 1) -> None:
-        minute = self.minute()
         with self._lock:
-            counts = self.counts(minute)
+            counts = self.counts(self.minute())
             counts[name] = counts.get(name, 0) + count
 
     def window(self) -> tuple[int, list[dict[str, int]]]:
@@ -6396,6 +6468,8 @@ class ProxyServer(ThreadingHTTPServer):
         self._inflight_lock = threading.Lock()
         #: the requests being handled now
         self.exchanges: set[Exchange] = set()
+        self._tally: tuple[float, float, LedgerTally] | None = None  # (see tally())
+        self._tally_lock = threading.Lock()
         self._idle = threading.Condition(self._inflight_lock)
         if ":" in config.host:
             self.address_family = socket.AF_INET6
@@ -6474,6 +6548,15 @@ class ProxyServer(ThreadingHTTPServer):
             self._inflight -= 1
             if self._inflight == 0:
                 self._idle.notify_all()
+
+    def tally(self, until: float, day_start: float,
+              make: Callable[[], LedgerTally]) -> LedgerTally:
+        """A copy of the ledger's tally of the hours before `until` (made again when `until`
+        or the day moves on), for the dashboard to add the last hours to."""
+        with self._tally_lock:
+            if self._tally is None or self._tally[:2] != (until, day_start):
+                self._tally = (until, day_start, make())
+            return self._tally[2].copy()
 
     def forwarded_in_flight(self) -> dict[str, int]:
         """Forwarded requests being handled now (waiting for their turn included), by bucket

@@ -20,7 +20,6 @@ import os
 import re
 import shutil
 import socket
-import ssl
 import struct
 import subprocess
 import sys
@@ -38,7 +37,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # test of the state gives them (this also reaches the proxies tests start as processes).
 os.environ["STATE_DB"] = "off"
 
-import llm_proxy  # noqa: E402
 from llm_proxy import Config, ProxyServer  # noqa: E402
 
 try:
@@ -477,22 +475,53 @@ def flood_event(index):
 
 @scenario("flood")
 def _flood(h, path, request):
-    """A stream of FLOOD_EVENTS events of 16 KiB (flood_event), written as fast as the reader
-    takes them; server.flood_sent counts the bytes written so far."""
+    """A stream of flood_event events of 16 KiB, written as fast as the reader takes them;
+    server.flood_sent counts the bytes written so far. X-Fake-Events: N sends N events instead
+    of FLOOD_EVENTS, and X-Fake-Then: stall goes silent after them, reset resets the
+    connection (else the stream ends as usual)."""
+    count = int(h.headers.get("X-Fake-Events") or FLOOD_EVENTS)
+    then = h.headers.get("X-Fake-Then", "")
     h.send_response(200)
     h.send_header("Content-Type", "text/event-stream")
     h.send_header("Transfer-Encoding", "chunked")
     h.end_headers()
     try:
-        for index in range(FLOOD_EVENTS):
+        for index in range(count):
             event = flood_event(index)
             h.chunk(event)
             h.server.flood_sent += len(event)
+        h.wfile.flush()
+        if then == "stall":
+            h.server.stop.wait(WAIT * 3)
+            h.close_connection = True
+            return
+        if then == "reset":
+            return _reset(h)
         h.chunk(b"data: [DONE]\n\n")
         h.wfile.write(b"0\r\n\r\n")
     except OSError:
         h.server.disconnected.set()
         h.close_connection = True
+
+
+def _reset(h):
+    """Close the connection with a reset (RST), not the usual FIN."""
+    h.wfile.flush()
+    h.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    h.rfile.close()
+    h.connection.close()
+    h.close_connection = True
+    with h.server.lock:
+        h.server.closed += 1
+
+
+@scenario("then-reset")
+def _then_reset(h, path, request):
+    """The usual answer (streamed when asked), then the connection reset (RST) at once, as a
+    load balancer's idle timeout or a server closing with bytes unread does;
+    server.closed counts them."""
+    h.answer(path, request)
+    _reset(h)
 
 
 @scenario("odd-chunks")

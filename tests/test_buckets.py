@@ -338,6 +338,27 @@ class RedisProxyTests(WithRedis, ProxyTestCase):
         self.assertTrue(wait_until(lambda: self.chat(proxy=proxy)[0] == 200, timeout=3 * WAIT))
         self.assertEqual(len(self.upstream.requests), 2)
 
+    def test_the_dashboard_with_redis_and_with_redis_gone(self):
+        """The overview names Redis and stays up when the store is down in closed mode:
+        balances unknown, the rest as it was."""
+        proxy = self.instance(redis_failure_mode="closed")
+        self.assertEqual(self.chat(proxy=proxy)[0], 200)
+        status, _, body = self.request("GET", "/admin/overview", proxy=proxy)
+        store = json.loads(body)["store"]
+        self.assertEqual((status, store["kind"], store["redis"]["reachable"], store["ok"]),
+                         (200, "redis", True, True))
+        self.redis.stop()
+        try:
+            self.assertEqual(self.chat(proxy=proxy)[0], 503)  # (the store is seen down)
+            status, _, body = self.request("GET", "/admin/overview", proxy=proxy)
+            report = json.loads(body)
+            self.assertEqual(status, 200)
+            self.assertEqual((report["store"]["redis"]["reachable"], report["store"]["ok"]),
+                             (False, False))
+            self.assertEqual([k["balance"] for k in report["keys"]], [None])
+        finally:
+            self.redis.start()
+
     def test_start_up_with_redis_down(self):
         port = free_port()
         for mode, expected in (("local", 200), ("closed", 503)):

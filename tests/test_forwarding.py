@@ -124,6 +124,33 @@ class ForwardingTests(ProxyTestCase):
             self.assertEqual(self.chat()[0], 200)
             self.assertEqual(self.chat(stream=True)[0], 200)
 
+    def test_a_connection_the_upstream_reset_while_idle_is_not_reused(self):
+        """A reset pooled connection (a load balancer's idle timeout, an upstream that closed
+        with bytes unread) is dropped before use: the next request goes out on a new one."""
+        for stream in (False, True):
+            with self.subTest(stream=stream):
+                closed = self.upstream.closed
+                status, _, _ = self.chat(stream=stream,
+                                         headers={"X-Fake-Scenario": "then-reset"})
+                self.assertEqual(status, 200)
+                self.assertTrue(wait_until(lambda: self.upstream.closed == closed + 1))
+                self.assertEqual(self.chat()[0], 200)
+
+    def test_a_reset_right_after_a_stream_leaves_the_client_its_whole_answer(self):
+        conn = http.client.HTTPConnection("127.0.0.1", self.proxy.server_address[1],
+                                          timeout=WAIT)
+        self.addCleanup(conn.close)
+        body = json.dumps({"model": "m", "stream": True, "messages": []})
+        conn.request("POST", "/v1/chat/completions", body,
+                     {"Authorization": f"Bearer {CLIENT_KEY}", "X-Fake-Scenario": "then-reset"})
+        resp = conn.getresponse()
+        self.assertEqual((resp.status, sse_events(resp.read())[-1]), (200, b"[DONE]"))
+        conn.request("POST", "/v1/chat/completions", json.dumps({"model": "m", "messages": []}),
+                     {"Authorization": f"Bearer {CLIENT_KEY}"})
+        resp = conn.getresponse()  # the next answer on this connection is the next request's
+        self.assertEqual(resp.status, 200)
+        self.assertEqual(json.loads(resp.read())["object"], "chat.completion")
+
     def test_interim_answers_are_skipped_and_never_reach_another_client(self):
         for name in ("alice", "bob", "carol"):
             status, _, body = self.chat(model=name, headers={"X-Fake-Scenario": "early-hints"})

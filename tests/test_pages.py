@@ -16,12 +16,13 @@ import os
 import shutil
 import tempfile
 import threading
+import types
 import unittest
 
 import llm_proxy
 from llm_proxy import Config, Metrics, ProxyServer, RecentMinutes
 
-from tests.support import CLIENT_KEY, FakeClock, ProxyTestCase, WAIT, free_port, wait_until
+from tests.support import FakeClock, ProxyTestCase, WAIT, free_port, wait_until
 
 ALICE, BOB, ADMIN = "sk-alice-SECRET-1111", "sk-bob-SECRET-2222", "sk-admin-SECRET-3333"
 XSS = "<img src=x onerror=alert(1)>"
@@ -187,12 +188,58 @@ class OverviewTests(PagesTestCase):
         self.assertEqual(self.overview()["keys"][0]["today"],
                          {"tokens": 1, "requests": 1, "limited": 0})
 
+    def test_a_key_seen_only_in_flight_is_named_by_its_short_hash(self):
+        self.restart()
+        conn = self.stream_as("sk-anyone-2", "gate")
+        self.assertTrue(wait_until(lambda: len(self.upstream.requests) == 1))
+        body = json.dumps(self.overview())
+        digest = llm_proxy.key_digest("sk-anyone-2")
+        self.assertIn(llm_proxy.short_hash(digest), body)
+        self.assertNotIn(digest, body)
+        self.upstream.release.set()
+        conn.getresponse().read()
+
+    def test_a_half_hour_time_zone_counts_an_hour_on_one_day_everywhere(self):
+        """In Asia/Kolkata (UTC+5:30) the UTC hour from 23:30 to 00:30 local ends today: the
+        key's today and the chart's today bar agree on it."""
+        self.wall.now = datetime.datetime(2026, 12, 1, 18, 40,  # 00:10 on Dec 2 in Kolkata
+                                          tzinfo=datetime.timezone.utc).timestamp()
+        self.restart(keys_file=self.keys_path, quota_timezone="Asia/Kolkata")
+        self.chat(key=ALICE)
+        self.settled(1)
+        report = self.overview()
+        chart = {k["name"]: k["tokens"] for k in report["tokens_per_day"]["keys"]}
+        self.assertEqual(report["tokens_per_day"]["days"][-1], "2026-12-02")
+        self.assertEqual((report["keys"][0]["today"]["tokens"], chart["alice"][-1]), (1, 1))
+
     def test_reading_it_costs_nothing_and_holds_no_bucket(self):
         for _ in range(3):
             self.overview()
             self.assertEqual(self.request("GET", "/v1/usage", key=ALICE)[0], 200)
         self.assertEqual(len(self.proxy.store), 0)
         self.assertEqual(self.upstream.requests, [])
+
+
+class ReportTests(unittest.TestCase):
+    def test_the_store_report_names_redis_without_its_password(self):
+        class Store:  # (a Redis store that cannot reach Redis, in local failure mode)
+            def status(self):
+                return {"backend": "redis", "reachable": False, "failure_mode": "local"}
+
+            def __len__(self):
+                return 0
+        server = types.SimpleNamespace(
+            config=Config(redis_url="redis://user:pw-SECRET@db.lan:6380/2"), state=None,
+            store=Store())
+        report = llm_proxy.store_report(server)
+        self.assertEqual(report["redis"], {"url": "redis://db.lan:6380/2", "reachable": False})
+        self.assertTrue(report["ok"])  # local failure mode: requests still served
+        self.assertNotIn("SECRET", json.dumps(report))
+
+    def test_a_bucket_is_named_by_its_short_hash_or_its_address(self):
+        digest = llm_proxy.key_digest("sk-x")
+        self.assertEqual(llm_proxy.bucket_name("key:" + digest), llm_proxy.short_hash(digest))
+        self.assertEqual(llm_proxy.bucket_name("ip:203.0.113.9"), "203.0.113.9")
 
 
 class RecentMinutesTests(unittest.TestCase):
@@ -278,7 +325,7 @@ class PageServingTests(PagesTestCase):
                 with self.subTest(host=host, path=path):
                     self.assertEqual(self.request("GET", path, key=None,
                                                   headers={"Host": host})[0], 404)
-        for host in ("localhost:8899", "127.0.0.1", "[::1]:8899", "LOCALHOST"):
+        for host in ("localhost:8899", "127.0.0.1", "[::1]:8899", "LOCALHOST", "0.0.0.0:8899"):
             self.assertEqual(self.request("GET", "/admin/overview", key=None,
                                           headers={"Host": host})[0], 200, host)
 

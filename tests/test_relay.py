@@ -16,7 +16,7 @@ import threading
 import unittest
 
 import llm_proxy
-from llm_proxy import AnthropicMeter, BodyReader, OllamaMeter, UsageMeter
+from llm_proxy import AnthropicMeter, BodyReader, Config, OllamaMeter, ProxyServer, UsageMeter
 
 from tests.support import (
     CLIENT_KEY, FLOOD_EVENTS, ProxyTestCase, WAIT, flood_event, ollama_lines, sse_events,
@@ -127,7 +127,8 @@ class MeterShortcutTests(unittest.TestCase):
         with escapes, raw UTF-8 or \\u escapes, quotes that look like JSON, a text equal to
         another field's value; envelopes that change (a finish, a new `created` second)."""
         texts = ["Hello", " wörld\n", 'say "hi", "usage": null}', "fake-a", "\u2603", "",
-                 "\\", "tab\there", "x" * 300, "\U0001f600 emoji"]
+                 "\\", "tab\there", "x" * 300, "\U0001f600 emoji",
+                 "\ud83d"]  # half an emoji: a JavaScript server splits them across events
 
         def chunk(text, created=1, finish=None, usage=True, raw=False):
             obj = {"id": "chatcmpl-t", "object": "chat.completion.chunk", "created": created,
@@ -135,7 +136,8 @@ class MeterShortcutTests(unittest.TestCase):
                                                     "finish_reason": finish}]}
             if usage:
                 obj["usage"] = None
-            return b"data: " + json.dumps(obj, ensure_ascii=not raw).encode() + b"\n\n"
+            return b"data: " + json.dumps(obj, ensure_ascii=not raw).encode(
+                "utf-8", "surrogatepass") + b"\n\n"
         for raw in (False, True):
             events = [chunk(t, raw=raw) for t in texts]
             events += [chunk(t, created=2, raw=raw) for t in texts]
@@ -333,6 +335,82 @@ class StreamRelayTests(ProxyTestCase):
         self.assertEqual(self.chat()[0], 200)
         self.assertEqual(len({port for _, port in self.upstream.peers}), 2)  # not reused
         self.assertEqual(self.upstream.paths().count("/v1/chat/completions"), 4)
+
+
+class SlowClientTests(ProxyTestCase):
+    """Clients on a slow link: the proxy's socket to them gets a small send buffer (32 KiB), so
+    what they have not read waits in the relay, as it does for a client across a real network
+    (on loopback the kernel would take it all)."""
+
+    def start_proxy(self, **settings):
+        class SmallSendBuffer(llm_proxy.ProxyHandler):
+            def setup(self):
+                super().setup()
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32 * 1024)
+        config = Config(host="127.0.0.1", port=0, base_api_url=self.upstream.url,
+                        state_db="off", **settings)
+        proxy = ProxyServer(config, log_stream=self.log, handler=SmallSendBuffer)
+        self._serve(proxy)
+        return proxy
+
+    def flood(self, events, then="", version="1.1"):
+        sock = socket.create_connection(("127.0.0.1", self.proxy.server_address[1]),
+                                        timeout=WAIT)
+        self.addCleanup(sock.close)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)
+        body = json.dumps({"model": "m", "stream": True, "messages": []}).encode()
+        sock.sendall(b"POST /v1/chat/completions HTTP/%s\r\nHost: proxy\r\nAuthorization: "
+                     b"Bearer %s\r\nX-Fake-Scenario: flood\r\nX-Fake-Events: %d\r\n"
+                     b"X-Fake-Then: %s\r\nContent-Length: %d\r\n\r\n%s"
+                     % (version.encode(), CLIENT_KEY.encode(), events, then.encode(),
+                        len(body), body))
+        return sock
+
+    @staticmethod
+    def events_in(received):
+        head, _, body = bytes(received).partition(b"\r\n\r\n")
+        if b"Transfer-Encoding: chunked" in head:
+            body = BodyReader(True, None).feed(body)
+        return sse_events(body)
+
+    def test_a_steady_slow_reader_is_not_given_up(self):
+        """SEND_TIMEOUT bounds each piece held for a client, as it bounds each write of a
+        relay by threads: a client that keeps taking what it is sent, slowly, gets the whole
+        stream (1.6 MB at about 0.5 MB a second against a SEND_TIMEOUT of 2 s)."""
+        self.proxy = self.start_proxy(send_timeout=2)
+        sock = self.flood(100)
+        received = bytearray()
+        while not received.endswith(b"0\r\n\r\n"):
+            data = sock.recv(16 * 1024)
+            self.assertTrue(data, f"cut after {len(received):,} bytes")
+            received += data
+            self.upstream.stop.wait(0.03)  # (the pace of a slow link, not a wait for anything)
+        events = self.events_in(received)
+        self.assertEqual(len(events), 101)
+        self.assertEqual(events[-1], b"[DONE]")
+
+    def test_what_was_held_reaches_an_http_1_0_client_when_the_upstream_stalls(self):
+        """A body framed by the connection's end (HTTP/1.0) has no error event to end with, but
+        what the upstream did send still goes out before the connection closes."""
+        self.proxy = self.start_proxy(read_timeout=1)
+        sock = self.flood(12, then="stall", version="1.0")
+        self.assertTrue(wait_until(lambda: any(self.proxy.streams.held())))
+        self.assertTrue(wait_until(lambda: not self.proxy.streams.held()))  # stalled: ended
+        received = bytearray()
+        while data := sock.recv(65536):
+            received += data
+        self.assertEqual([b"data: " + e + b"\n\n" for e in self.events_in(received)],
+                         [flood_event(i) for i in range(12)])
+
+    def test_the_relay_thread_ends_when_closed_with_streams_running(self):
+        sock = self.flood(10 ** 6)
+        self.assertTrue(wait_until(lambda: any(self.proxy.streams.held())))
+        relay = self.proxy.streams
+        closing = threading.Thread(target=relay.close)
+        closing.start()
+        sock.close()  # the last stream ends
+        closing.join(WAIT)
+        self.assertFalse(relay._thread.is_alive())
 
 
 class ThreadedRelayTests(ForwardingTests):
