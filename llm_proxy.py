@@ -497,7 +497,8 @@ SETTINGS: tuple[Setting, ...] = (
             "open mode: buckets held at most, the least recently used forgotten beyond it "
             "(0: no limit)"),
     Setting("ADMIN_API_KEY", "", _key,
-            "bearer token for /metrics and /admin/keys (unset: loopback clients only)"),
+            "bearer token for /metrics, the /admin routes and page and Ollama's model "
+            "management (unset: loopback clients only)"),
     Setting("LOG_FORMAT", "text", _choice("text", "json"),
             "text, or json for one JSON object per line"),
     Setting("NATIVE_API_URL", "", _optional_url,
