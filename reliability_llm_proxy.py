@@ -56,7 +56,7 @@ from collections import Counter
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from bench_llm_proxy import ANSWER, free_port, pct, start  # noqa: E402  (the benchmark's helpers)
+from bench_llm_proxy import ANSWER, child_pids, free_port, pct, start  # noqa: E402  (the benchmark's helpers)
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
 
@@ -569,14 +569,6 @@ http {{
 """
 
 
-def proc_children(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(child) for child in f.read().split()]
-    except OSError:
-        return []
-
-
 class Sampler:
     """Peak RSS and threads of a process (and, for nginx, of its worker) every 0.25 s."""
 
@@ -590,7 +582,7 @@ class Sampler:
 
     def _read(self) -> dict[str, int]:
         total = {"VmRSS": 0, "Threads": 0}
-        for pid in [self.pid, *proc_children(self.pid)]:
+        for pid in [self.pid, *child_pids(self.pid)]:
             try:
                 status = proc_status(pid)
             except OSError:

@@ -1055,6 +1055,21 @@ class FakeClock:
         self.now += seconds
 
 
+def at_once(count: int, target: Callable[[int], object], timeout: float = 0) -> None:
+    """Run target(0) ... target(count - 1) in `count` threads released together by a barrier,
+    and wait for them all (each for `timeout`, WAIT by default)."""
+    barrier = threading.Barrier(count)
+
+    def run(index: int) -> None:
+        barrier.wait()
+        target(index)
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout or WAIT)
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

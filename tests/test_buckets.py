@@ -18,7 +18,7 @@ import llm_proxy
 
 from tests.support import (
     Config, FakeClock, HERE, LogCapture, NO_REDIS, ProxyTestCase, WAIT, WithRedis, free_port,
-    wait_until)
+    at_once, wait_until)
 
 
 class BucketContract:
@@ -114,16 +114,7 @@ class BucketContract:
 
     def test_concurrent_takes_admit_exactly_the_balance(self):
         admitted = []
-        barrier = threading.Barrier(40)
-
-        def worker():
-            barrier.wait()
-            admitted.append(self.store.take("k", 1, self.policy).admitted)
-        threads = [threading.Thread(target=worker) for _ in range(40)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(WAIT)
+        at_once(40, lambda _: admitted.append(self.store.take("k", 1, self.policy).admitted))
         self.assertEqual(admitted.count(True), 10)
 
 
@@ -234,17 +225,11 @@ class RedisProxyTests(WithRedis, ProxyTestCase):
     def test_three_instances_admit_exactly_the_shared_balance(self):
         proxies = [self.instance(max_tokens=100) for _ in range(3)]
         results = []
-        barrier = threading.Barrier(60)
 
         def worker(index):
-            barrier.wait()
             for _ in range(5):
                 results.append(self.chat(proxy=proxies[index % 3])[2])
-        threads = [threading.Thread(target=worker, args=(i,)) for i in range(60)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(WAIT * 3)
+        at_once(60, worker, WAIT * 3)
         self.assertEqual(len(results), 300)
         self.assertEqual(len(self.upstream.requests), 100)
         self.assertEqual(sum(b"limit reached" in r for r in results), 200)
@@ -254,17 +239,11 @@ class RedisProxyTests(WithRedis, ProxyTestCase):
         upstream however they are spread, and the others are told what ran out."""
         proxies = [self.instance(max_tokens=1000, tokens_per_day=20) for _ in range(3)]
         results = []
-        barrier = threading.Barrier(30)
 
         def worker(index):
-            barrier.wait()
             for _ in range(2):
                 results.append(self.chat(proxy=proxies[index % 3])[2])
-        threads = [threading.Thread(target=worker, args=(i,)) for i in range(30)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(WAIT * 3)
+        at_once(30, worker, WAIT * 3)
         self.assertEqual(len(self.upstream.requests), 20)
         self.assertEqual(sum(b"daily limit reached, resets in" in r for r in results), 40)
         self.assertEqual(json.loads(self.request("GET", "/health", proxy=proxies[0])[2])[

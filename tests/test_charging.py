@@ -5,11 +5,11 @@ from __future__ import annotations
 import http.client
 import json
 import socket
-import threading
 import llm_proxy
 
 from tests.support import (
-    CLIENT_KEY, ProxyTestCase, WAIT, free_port, sse_events, usage_of)
+    CLIENT_KEY, ProxyTestCase, WAIT, at_once, free_port, sse_events,
+    usage_of)
 
 
 class LimitTests(ProxyTestCase):
@@ -115,16 +115,7 @@ class LimitTests(ProxyTestCase):
 
     def test_concurrent_requests_admit_exactly_the_balance(self):
         results = []
-        barrier = threading.Barrier(30)
-
-        def worker():
-            barrier.wait()
-            results.append(self.chat()[2])
-        threads = [threading.Thread(target=worker) for _ in range(30)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(WAIT)
+        at_once(30, lambda _: results.append(self.chat()[2]))
         limited = [b for b in results if b"limit reached" in b]
         self.assertEqual(len(results), 30)
         self.assertEqual(len(limited), 20)
