@@ -192,7 +192,8 @@ class ProxyError(Exception):
 
     def __init__(self, status: HTTPStatus, message: str, *, type: str = "invalid_request_error",
                  code: str | None = None, param: str | None = None,
-                 headers: Sequence[tuple[str, str]] = (), close: bool = False) -> None:
+                 headers: Sequence[tuple[str, str]] = (), close: bool = False,
+                 wait: float | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -201,9 +202,23 @@ class ProxyError(Exception):
         self.param = param
         self.headers = tuple(headers)
         self.close = close
+        self.wait = wait  # a limit's 429: seconds until the request could be admitted
 
     def body(self) -> bytes:
         return error_body(self.message, self.type, self.code, self.param)
+
+
+class NeverAdmitted(ProxyError):
+    """A request that costs more than its key's bucket (or a token quota) can ever hold: a 400
+    naming the figures, or in message mode the limit said as an answer (`text`)."""
+
+    def __init__(self, cost: int, ceiling: int, holder: str) -> None:
+        super().__init__(HTTPStatus.BAD_REQUEST,
+                         f"This request would cost {cost} tokens, but {holder} at most "
+                         f"{ceiling}, so it can never be admitted. Send a shorter request or a "
+                         "smaller max_tokens.", code="request_exceeds_bucket")
+        self.text = (f"limit reached: this request needs {cost} tokens but {holder} at most "
+                     f"{ceiling}; start a new conversation or ask for a shorter answer")
 
 
 class UpstreamUnreachable(ProxyError):
@@ -2520,9 +2535,19 @@ def json_reply(status: int, value: object, headers: Sequence[tuple[str, str]] = 
 
 
 def wait_text(seconds: float) -> str:
-    """'N s' under a minute, else 'N min', both rounded up."""
+    """How long a wait is, in words a person reads, rounded up: '45 s', '5 min', '3 h 20 min',
+    '2 days 4 h'."""
     whole = max(1, math.ceil(seconds))
-    return f"{whole} s" if whole < 60 else f"{math.ceil(whole / 60)} min"
+    if whole < 60:
+        return f"{whole} s"
+    minutes = math.ceil(whole / 60)
+    if minutes < 60:
+        return f"{minutes} min"
+    if minutes < 48 * 60:
+        hours, rest = divmod(minutes, 60)
+        return f"{hours} h {rest} min" if rest else f"{hours} h"
+    days, rest = divmod(math.ceil(minutes / 60), 24)
+    return f"{days} days {rest} h" if rest else f"{days} days"
 
 
 def limit_message(seconds: float) -> str:
@@ -2557,12 +2582,14 @@ LIMIT_TEXTS = {"tokens_per_day": "daily limit reached, resets in {}",
                "requests_per_day": "daily request limit reached, resets in {}"}
 
 
-def reset_text(seconds: float) -> str:
-    """'N s', 'N min', 'N h' or 'N days', rounded up: how far away a reset is."""
-    if seconds < 3600:
-        return wait_text(seconds)
-    hours = math.ceil(seconds / 3600)
-    return f"{hours} h" if hours < 48 else f"{math.ceil(seconds / 86400)} days"
+def reset_text(seconds: float, calendar: Calendar | None = None) -> str:
+    """How far away a calendar reset is (wait_text), and, past a few hours, when it comes on
+    the calendar's clock: '3 days 4 h (on Thu 1 Jan 00:00 UTC)'."""
+    text = wait_text(seconds)
+    if calendar is None or seconds < 6 * 3600:
+        return text
+    moment = datetime.datetime.fromtimestamp(calendar.wall() + seconds, calendar.tz)
+    return f"{text} (on {moment:%a} {moment.day} {moment:%b %H:%M} {calendar.zone})"
 
 
 def retry_headers(wait: float, honoured: float = SDK_MAX_RETRY_AFTER) -> list[tuple[str, str]]:
@@ -2723,6 +2750,11 @@ def _sse(events: Iterable[object]) -> bytes:
         b"data: [DONE]\n\n"
 
 
+def _named_event(name: str, data: object) -> bytes:
+    """One server-sent event with an `event:` line (the Anthropic and Responses streams)."""
+    return b"event: %s\ndata: %s\n\n" % (name.encode(), json.dumps(data).encode())
+
+
 ZERO_USAGE = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
 
 
@@ -2762,6 +2794,97 @@ def limit_completion(route: str, model: str, text: str, *, stream: bool, include
     return "text/event-stream; charset=utf-8", _sse(events)
 
 
+def _response_id(prefix: str) -> str:
+    return prefix + uuid.uuid4().hex[:24]
+
+
+#: A Responses API usage object with nothing counted (the limit answer generated nothing).
+ZERO_RESPONSE_USAGE = {"input_tokens": 0, "input_tokens_details": {"cached_tokens": 0},
+                       "output_tokens": 0, "output_tokens_details": {"reasoning_tokens": 0},
+                       "total_tokens": 0}
+
+
+def limit_response_events(model: str, text: str, created: int) -> list[tuple[str, dict]]:
+    """The Responses API's events for an answer of one message holding `text`, named and
+    numbered as a server sends them (response.created ... response.completed); the last one's
+    `response` is the whole answer."""
+    message_id = _response_id("msg_")
+    part = {"type": "output_text", "text": text, "annotations": []}
+    item = {"id": message_id, "type": "message", "status": "completed", "role": "assistant",
+            "content": [part]}
+    response: dict[str, object] = {
+        "id": _response_id("resp_"), "object": "response", "created_at": created,
+        "status": "in_progress", "error": None, "incomplete_details": None,
+        "instructions": None, "max_output_tokens": None, "model": model, "output": [],
+        "parallel_tool_calls": True, "previous_response_id": None, "store": False,
+        "temperature": None, "text": {"format": {"type": "text"}}, "tool_choice": "auto",
+        "tools": [], "top_p": None, "truncation": "disabled", "usage": None, "metadata": {}}
+    done = {**response, "status": "completed", "output": [item],
+            "usage": dict(ZERO_RESPONSE_USAGE)}
+    at = {"item_id": message_id, "output_index": 0, "content_index": 0}
+    events: list[tuple[str, dict]] = [
+        ("response.created", {"response": response}),
+        ("response.in_progress", {"response": response}),
+        ("response.output_item.added", {"output_index": 0, "item": {
+            **item, "status": "in_progress", "content": []}}),
+        ("response.content_part.added", {**at, "part": {**part, "text": ""}}),
+        ("response.output_text.delta", {**at, "delta": text, "logprobs": []}),
+        ("response.output_text.done", {**at, "text": text, "logprobs": []}),
+        ("response.content_part.done", {**at, "part": part}),
+        ("response.output_item.done", {"output_index": 0, "item": item}),
+        ("response.completed", {"response": done})]
+    return [(name, {"type": name, "sequence_number": number, **data})
+            for number, (name, data) in enumerate(events)]
+
+
+class ResponsesShape(OpenAIShape):
+    """OpenAI's Responses API (/v1/responses), the one Codex speaks: the limit as a `response`
+    whose one message holds the text (or the event stream of such an answer). Its clients wait
+    out a Retry-After silently (Codex printed "Reconnecting... 1/5" and waited an hour), so a
+    429 whose wait is over a minute says `usage_limit_reached` with `resets_at`: Codex then
+    stops at once and prints when to come back, and the openai SDK gets x-should-retry: false."""
+
+    honoured_retry_after = ANTHROPIC_MAX_RETRY_AFTER
+
+    def limited(self, err: ProxyError, text: str, path: str, payload: dict | None, *,
+                as_message: bool, created: int) -> Reply:
+        if not as_message or payload is None:
+            return self.error(self.give_up(err, created))
+        model = payload.get("model") if isinstance(payload.get("model"), str) else ""
+        events = limit_response_events(model, text, created)
+        if payload.get("stream") is not True:
+            return Reply(HTTPStatus.OK, (("Content-Type", "application/json"), *err.headers),
+                         json.dumps(events[-1][1]["response"]).encode())
+        body = b"".join(_named_event(name, data) for name, data in events)
+        return Reply(HTTPStatus.OK, (("Content-Type", "text/event-stream; charset=utf-8"),
+                                     *err.headers), body)
+
+    def give_up(self, err: ProxyError, created: int) -> ProxyError:
+        """A limit's 429 whose wait is longer than clients should sit through, said as
+        usage_limit_reached (Codex's word for a limit it must not retry) with when it resets;
+        any other error as it is."""
+        if err.wait is None or err.wait <= self.honoured_retry_after:
+            return err
+        resets = created + math.ceil(err.wait)
+        return _ResetError(err, resets)
+
+
+class _ResetError(ProxyError):
+    """A 429 that names when the limit resets (resets_at, Unix seconds; resets_in_seconds)."""
+
+    def __init__(self, err: ProxyError, resets: int) -> None:
+        super().__init__(err.status, err.message, type="usage_limit_reached", code=err.code,
+                         headers=err.headers, wait=err.wait)
+        self.resets = resets
+
+    def body(self) -> bytes:
+        assert self.wait is not None
+        return json.dumps({"error": {"message": self.message, "type": self.type,
+                                     "param": None, "code": self.code,
+                                     "resets_at": self.resets,
+                                     "resets_in_seconds": math.ceil(self.wait)}}).encode()
+
+
 #: The Anthropic error type of each status the proxy answers with (docs.claude.com/en/api/errors).
 ANTHROPIC_ERROR_TYPES = {
     400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -2771,8 +2894,6 @@ ANTHROPIC_ERROR_TYPES = {
 }
 
 
-def _anthropic_event(name: str, data: object) -> bytes:
-    return b"event: %s\ndata: %s\n\n" % (name.encode(), json.dumps(data).encode())
 
 
 class AnthropicShape(OpenAIShape):
@@ -2826,24 +2947,24 @@ class AnthropicShape(OpenAIShape):
                          json.dumps(message).encode())
         start = {**message, "content": [], "stop_reason": None}
         body = b"".join((
-            _anthropic_event("message_start", {"type": "message_start", "message": start}),
-            _anthropic_event("content_block_start", {"type": "content_block_start", "index": 0,
+            _named_event("message_start", {"type": "message_start", "message": start}),
+            _named_event("content_block_start", {"type": "content_block_start", "index": 0,
                                                      "content_block": {"type": "text",
                                                                        "text": ""}}),
-            _anthropic_event("content_block_delta", {"type": "content_block_delta", "index": 0,
+            _named_event("content_block_delta", {"type": "content_block_delta", "index": 0,
                                                      "delta": {"type": "text_delta",
                                                                "text": text}}),
-            _anthropic_event("content_block_stop", {"type": "content_block_stop", "index": 0}),
-            _anthropic_event("message_delta", {"type": "message_delta",
+            _named_event("content_block_stop", {"type": "content_block_stop", "index": 0}),
+            _named_event("message_delta", {"type": "message_delta",
                                                "delta": {"stop_reason": "end_turn",
                                                          "stop_sequence": None},
                                                "usage": {"output_tokens": 0}}),
-            _anthropic_event("message_stop", {"type": "message_stop"})))
+            _named_event("message_stop", {"type": "message_stop"})))
         return Reply(HTTPStatus.OK, (("Content-Type", "text/event-stream; charset=utf-8"),
                                      *err.headers), body)
 
     def broken_stream_event(self, message: str) -> bytes:
-        return _anthropic_event("error", {"type": "error", "error": {"type": "api_error",
+        return _named_event("error", {"type": "error", "error": {"type": "api_error",
                                                                      "message": message}})
 
 
@@ -2911,7 +3032,8 @@ class OllamaShape(OpenAIShape):
         return json.dumps({"error": message}).encode() + b"\n"
 
 
-OPENAI, ANTHROPIC, OLLAMA = OpenAIShape(), AnthropicShape(), OllamaShape()
+OPENAI, RESPONSES = OpenAIShape(), ResponsesShape()
+ANTHROPIC, OLLAMA = AnthropicShape(), OllamaShape()
 
 
 def api_of_path(path: str) -> OpenAIShape:
@@ -3245,7 +3367,7 @@ DEFAULT_ROUTES = (
     # OpenAI
     _row("POST /v1/chat/completions", GENERATE, message_limit=True),
     _row("POST /v1/completions", GENERATE, message_limit=True),
-    _row("POST /v1/responses", GENERATE),
+    _row("POST /v1/responses", GENERATE, RESPONSES, message_limit=True),
     _row("POST /v1/embeddings", EMBED),
     _row("POST /v1/rerank", EMBED),
     _row("GET /v1/models", FREE, answer="models"),
@@ -3582,12 +3704,8 @@ def admit(ex: Exchange, store: "BucketStore", metrics: "Metrics",
     ceiling = min((v for v in (bucket.capacity, limits.tokens_per_day, limits.tokens_per_month)
                    if v is not None))
     if cost > ceiling:
-        holder = "a bucket holds" if ceiling == bucket.capacity else "this key's quota allows"
-        raise ProxyError(
-            HTTPStatus.BAD_REQUEST,
-            f"This request would cost {cost} tokens, but {holder} at most {ceiling}, so it "
-            "can never be admitted. Send a shorter request or a smaller max_tokens.",
-            code="request_exceeds_bucket")
+        raise NeverAdmitted(cost, ceiling, "a bucket holds" if ceiling == bucket.capacity
+                            else "this key's quota allows")
     periods = calendar.periods() if limits and calendar is not None else None
     quota = store.take(ex.bucket_key, cost, bucket, limits if periods else None, periods)
     if not quota.admitted:
@@ -5522,19 +5640,32 @@ def busy_reply(route: Route, payload: dict | None, limit: int, as_message: bool)
                              created=int(time.time()))
 
 
-def limited_reply(route: Route, payload: dict, quota: Quota, as_message: bool) -> Reply:
+def limited_reply(route: Route, payload: dict, quota: Quota, as_message: bool,
+                  calendar: Calendar | None = None) -> Reply:
     """An empty bucket or a spent calendar quota: the limit text (naming what ran out and
-    when it comes back) as an assistant message, or the 429."""
-    text = (LIMIT_TEXTS[quota.limited_by].format(reset_text(quota.wait_seconds))
+    when it comes back, in words) as an assistant message, or the 429."""
+    text = (LIMIT_TEXTS[quota.limited_by].format(reset_text(quota.wait_seconds, calendar))
             if quota.limited_by in LIMIT_TEXTS else limit_message(quota.wait_seconds))
     err = ProxyError(HTTPStatus.TOO_MANY_REQUESTS,
                      f"Rate limit reached for this key: {text}. Please try again in "
                      f"{math.ceil(quota.wait_seconds)}s.", type="requests",
                      code="rate_limit_exceeded",
                      headers=rate_limit_headers(quota) + retry_headers(
-                         quota.wait_seconds, route.api.honoured_retry_after))
+                         quota.wait_seconds, route.api.honoured_retry_after),
+                     wait=quota.wait_seconds)
     return route.api.limited(err, text, route.path, payload,
                              as_message=as_message and route.message_limit,
+                             created=int(time.time()))
+
+
+def never_admitted_reply(route: Route, payload: dict, err: "NeverAdmitted",
+                         as_message: bool) -> Reply:
+    """A request that costs more than its key can ever pay: in message mode, on a route whose
+    limit can be a message, said as the limit (a chat UI or an agent shows it as the answer);
+    otherwise the 400 that names the figures."""
+    if not (as_message and route.message_limit):
+        return route.api.error(err)
+    return route.api.limited(err, err.text, route.path, payload, as_message=True,
                              created=int(time.time()))
 
 
@@ -5802,11 +5933,16 @@ class ProxyHandler(BaseHTTPRequestHandler):
             return self._reply(ex, busy_reply(route, ex.payload, slots.limit, as_message))
         try:
             if charged:
-                ex.charge = admit(ex, server.store, server.metrics, server.calendar)
+                assert ex.payload is not None
+                try:
+                    ex.charge = admit(ex, server.store, server.metrics, server.calendar)
+                except NeverAdmitted as err:
+                    return self._reply(ex, never_admitted_reply(route, ex.payload, err,
+                                                                as_message))
                 if ex.charge.state == "declined":
-                    assert ex.charge.quota is not None and ex.payload is not None
+                    assert ex.charge.quota is not None
                     return self._reply(ex, limited_reply(route, ex.payload, ex.charge.quota,
-                                                         as_message))
+                                                         as_message, server.calendar))
                 body, fallback = upstream_body(ex, config.base_model)
             else:
                 body, fallback = ex.body, None

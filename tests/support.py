@@ -681,6 +681,37 @@ def completion(path, model, request=None):
             "usage": usage}
 
 
+def responses_events(model, usage):
+    """A Responses API stream of the answer "Hello world" as a server sends it (llama.cpp,
+    vLLM, OpenAI): every event named and numbered, the response object at the start and, whole
+    with its usage (unless None), in response.completed."""
+    item_id = "msg_fake"
+    response = {"id": "resp_fake", "object": "response", "created_at": 1, "status": "in_progress",
+                "model": model, "output": [], "usage": None}
+    part = {"type": "output_text", "text": "Hello world", "annotations": []}
+    item = {"id": item_id, "type": "message", "status": "completed", "role": "assistant",
+            "content": [part]}
+    at = {"item_id": item_id, "output_index": 0, "content_index": 0}
+    done = {**response, "status": "completed", "output": [item]}
+    if usage is not None:
+        done["usage"] = usage
+    events = [("response.created", {"response": response}),
+              ("response.in_progress", {"response": response}),
+              ("response.output_item.added", {"output_index": 0,
+                                              "item": {**item, "status": "in_progress",
+                                                       "content": []}}),
+              ("response.content_part.added", {**at, "part": {**part, "text": ""}}),
+              ("response.output_text.delta", {**at, "delta": "Hello"}),
+              ("response.output_text.delta", {**at, "delta": " world"}),
+              ("response.output_text.done", {**at, "text": "Hello world"}),
+              ("response.content_part.done", {**at, "part": part}),
+              ("response.output_item.done", {"output_index": 0, "item": item}),
+              ("response.completed", {"response": done})]
+    return [b"event: %s\ndata: %s\n\n" % (name.encode(), json.dumps(
+                {"type": name, "sequence_number": number, **data}).encode())
+            for number, (name, data) in enumerate(events)]
+
+
 def stream_events(path, model, request=None, scenario=""):
     """The SSE events of a streamed answer ("Hello world"), with usage as real servers send it:
     OpenAI/vLLM style by default (with include_usage: "usage": null on every chunk and a final
@@ -691,16 +722,7 @@ def stream_events(path, model, request=None, scenario=""):
     asked = options.get("include_usage") is True and scenario != "no-usage"
     usage = usage_of(path, request, completion_tokens=3)
     if path == "/v1/responses":
-        events = [("response.created", {"type": "response.created"}),
-                  ("response.output_text.delta", {"type": "response.output_text.delta",
-                                                  "delta": "Hello"}),
-                  ("response.output_text.delta", {"type": "response.output_text.delta",
-                                                  "delta": " world"}),
-                  ("response.completed", {"type": "response.completed", "response": {
-                      "id": "resp_fake", "status": "completed",
-                      **({} if scenario == "no-usage" else {"usage": usage})}})]
-        return [b"event: %s\ndata: %s\n\n" % (name.encode(), json.dumps(e).encode())
-                for name, e in events]
+        return responses_events(model, usage if scenario != "no-usage" else None)
     if scenario == "llamacpp-n":
         return llamacpp_n_events(request, asked)
     if path == "/v1/chat/completions":

@@ -127,10 +127,18 @@ class LimitTests(ProxyTestCase):
         self.assertEqual(headers["x-ratelimit-remaining"], str(100 - 18))
         status, _, body = self.chat()  # 2 + 50 = 52 > 82? no: admitted
         self.assertEqual(status, 200)
+        status, _, body = self.chat(max_tokens=500)  # message mode: said as the limit
+        self.assertEqual(status, 200)
+        self.assertEqual(json.loads(body)["choices"][0]["message"]["content"],
+                         "limit reached: this request needs 502 tokens but a bucket holds at "
+                         "most 100; start a new conversation or ask for a shorter answer")
+        self.assertEqual(self.remaining(), 100 - 18 - 52)  # nothing taken for it
+        self.restart(token_cost_mode="estimate", max_tokens=100, response_token_reserve=50,
+                     limit_response="429")
         status, _, body = self.chat(max_tokens=500)
         self.assert_openai_error(status, body, 400, "request_exceeds_bucket")
         self.assertIn("can never be admitted", json.loads(body)["error"]["message"])
-        self.assertEqual(self.remaining(), 100 - 18 - 52)
+        self.assertEqual(self.remaining(), 100)
         self.assertEqual(len(self.upstream.requests), 2)
 
 
@@ -406,12 +414,13 @@ class UsageModeTests(ProxyTestCase):
         self.settled(2)
         self.assertIn(b"event: response.completed", body)
         self.assertEqual(self.charged() - before, self.upstream.reported[-1])
-        # limited: the 429 error, whatever LIMIT_RESPONSE says
+        # limited: a response holding the limit text (tests/test_responses.py has the rest)
         self.restart(token_cost_mode="usage", max_tokens=40, response_token_reserve=50)
         status, _, body = self.request("POST", "/v1/responses", request)
         self.assertEqual(status, 200)
         status, _, body = self.request("POST", "/v1/responses", request)
-        self.assert_openai_error(status, body, 429, "rate_limit_exceeded")
+        self.assertEqual(status, 200)
+        self.assertIn("limit reached, wait", json.loads(body)["output"][0]["content"][0]["text"])
 
     def test_debt_shows_in_the_limit_message(self):
         self.restart(token_cost_mode="usage", max_tokens=60, response_token_reserve=1)
