@@ -443,6 +443,14 @@ SETTINGS: tuple[Setting, ...] = (
             "(reserve the estimate, then settle with the upstream's reported usage)"),
     Setting("RESPONSE_TOKEN_RESERVE", "256", _integer(0),
             "estimate mode: tokens reserved for the answer when the request sets no max_tokens"),
+    Setting("MAX_OUTPUT_TOKENS", "4096", _integer(1),
+            "usage mode: a request that sets no output limit is forwarded with one, at most "
+            "this, and never more than its key's bucket and token quotas still hold (held "
+            "with its reservation, so a burst cannot overshoot them)"),
+    Setting("MAX_RESERVE_TOKENS", "0", _integer(0),
+            "usage mode: the most one request reserves at admission (0: all it may cost); "
+            "what it costs beyond is settled as debt when it ends (for agents that ask for "
+            "large max_tokens)"),
     Setting("PROXY_API_KEYS", "", _keys,
             "comma-separated client keys; when set, any other or missing key gets 401"),
     Setting("LIMIT_RESPONSE", "message", _choice("message", "429"),
@@ -564,7 +572,9 @@ class _ConfigRules:
         return KeyPolicy(None, c.bucket_policy, c.request_token_cost, c.token_cost_mode,
                          c.limit_response, c.response_token_reserve,
                          calendar=CalendarLimits(c.tokens_per_day, c.tokens_per_month,
-                                                 c.requests_per_day))
+                                                 c.requests_per_day),
+                         max_output_tokens=c.max_output_tokens,
+                         max_reserve_tokens=c.max_reserve_tokens)
 
     def warnings(self) -> list[str]:
         """Settings that are valid but almost certainly not what the operator meant."""
@@ -623,6 +633,8 @@ class KeyPolicy:
     models: frozenset[str] | None = None
     disabled: bool = False
     calendar: "CalendarLimits" = None  # type: ignore[assignment]  (set by __post_init__)
+    max_output_tokens: int = 4096   # usage mode: the most an answer without a limit may run to
+    max_reserve_tokens: int = 0     # usage mode: the most a request reserves (0: all it may cost)
 
     def __post_init__(self) -> None:
         if self.calendar is None:
@@ -642,6 +654,8 @@ _ENTRY_FIELDS: dict[str, Callable[[object], bool]] = {
     "limit_response": lambda v: v in ("message", "429"),
     "models": lambda v: isinstance(v, list) and all(isinstance(m, str) and m for m in v),
     "disabled": lambda v: isinstance(v, bool),
+    "max_output_tokens": lambda v: type(v) is int and v >= 1,
+    "max_reserve_tokens": lambda v: type(v) is int and v >= 0,
     "tokens_per_day": lambda v: v is None or type(v) is int and v >= 1,
     "tokens_per_month": lambda v: v is None or type(v) is int and v >= 1,
     "requests_per_day": lambda v: v is None or type(v) is int and v >= 1,
@@ -656,6 +670,8 @@ _FIELD_RULES = {
     "disabled": "true or false", "tokens_per_day": "a whole number of at least 1, or null",
     "tokens_per_month": "a whole number of at least 1, or null",
     "requests_per_day": "a whole number of at least 1, or null",
+    "max_output_tokens": "a whole number of at least 1",
+    "max_reserve_tokens": "a whole number (0: reserve all a request may cost)",
 }
 
 
@@ -729,7 +745,9 @@ def key_policies(entries: Sequence[object], config: Config, path: str = "KEYS_FI
             entry["name"], bucket, entry.get("request_token_cost", base.request_token_cost),
             entry.get("token_cost_mode", base.token_cost_mode),
             entry.get("limit_response", base.limit_response), base.response_token_reserve,
-            models, entry.get("disabled", False), calendar)))
+            models, entry.get("disabled", False), calendar,
+            entry.get("max_output_tokens", base.max_output_tokens),
+            entry.get("max_reserve_tokens", base.max_reserve_tokens))))
     return found
 
 
@@ -2037,14 +2055,21 @@ def request_cost(body: Mapping[str, object], policy: KeyPolicy, kind: str = "gen
                  ask: Ask | None = None) -> int:
     """What a charged request takes from its bucket at admission (in usage mode: reserves).
     `kind` is its route's kind: "generate" (its prompt plus the reserve for every answer it
-    asks for), or "embed" (its input is its whole cost)."""
+    asks for), or "embed" (its input is its whole cost). In usage mode a key's
+    max_reserve_tokens (when set) caps it: an agent that asks for 32,000 output tokens and uses
+    a few thousand is not refused for what it will not use; what it really costs is settled
+    when it ends, as debt if need be, never more than its own limits allow."""
     if policy.token_cost_mode == "request":
         return policy.request_token_cost
     if kind == EMBED:  # an embedding generates nothing: its input is its cost
         return max(1, prompt_estimate(body))
     if ask is None:
-        return estimate_cost(body, policy.response_token_reserve)
-    return max(1, prompt_estimate(body) + ask.reserve * ask.answers)
+        cost = estimate_cost(body, policy.response_token_reserve)
+    else:
+        cost = max(1, prompt_estimate(body) + ask.reserve * ask.answers)
+    if policy.token_cost_mode == "usage" and policy.max_reserve_tokens:
+        return min(cost, policy.max_reserve_tokens)  # the rest is settled as debt
+    return cost
 
 
 # ######################################################################## metering ####
@@ -3575,6 +3600,9 @@ def upstream_body(ex: Exchange, base_model: str) -> tuple[bytes, bytes | None]:
         changed = True
     if ask is not None and ex.policy.token_cost_mode == "estimate":
         changed = route.api.cap(payload, route.path, ask) or changed
+    elif ask is not None and ex.charge is not None and ex.charge.output_limit is not None:
+        written = ask._replace(reserve=ex.charge.output_limit)
+        changed = route.api.cap(payload, route.path, written) or changed
     meter = ex.charge.meter if ex.charge is not None else None
     if meter is not None and meter.stream:
         plain = json.dumps(payload).encode() if changed else ex.body
@@ -3619,7 +3647,7 @@ class Charge:
     """
 
     __slots__ = ("store", "key", "bucket", "held", "state", "quota", "meter", "prompt_estimate",
-                 "periods", "cost", "prompt_tokens", "completion_tokens", "note")
+                 "periods", "cost", "prompt_tokens", "completion_tokens", "note", "output_limit")
 
     def __init__(self, store: "BucketStore | None", key: str, bucket: BucketPolicy | None,
                  quota: Quota | None, held: int, *, meter: Meter | None = None,
@@ -3636,6 +3664,7 @@ class Charge:
         self.cost = held                      # what the request costs so far
         self.prompt_tokens = self.completion_tokens = 0  # usage mode: what it settled with
         self.note = ""
+        self.output_limit: int | None = None  # written into the forwarded body (usage mode)
 
     @classmethod
     def declined(cls, quota: Quota | None) -> "Charge":
@@ -3645,6 +3674,19 @@ class Charge:
     @property
     def remaining(self) -> int | None:
         return None if self.quota is None else self.quota.remaining
+
+    def hold_more(self, tokens: int) -> None:
+        """At admission, before anything is sent: take `tokens` more into the held amount (the
+        output room of a request that set no limit of its own); close() settles them with the
+        rest."""
+        assert self.state == "held" and self.store is not None and self.bucket is not None
+        settled = self.store.settle(self.key, tokens, self.bucket, periods=self.periods)
+        assert self.quota is not None
+        self.quota = self.quota._replace(remaining=settled.remaining, calendar=tuple(
+            q if q.name == "requests_per_day" else q._replace(used=q.used + tokens)
+            for q in self.quota.calendar))
+        self.held += tokens
+        self.cost = self.held
 
     def settlement(self, ending: str) -> tuple[int, int, int]:
         """What the request costs in the end, given how it ended: (tokens, prompt tokens,
@@ -3717,8 +3759,27 @@ def admit(ex: Exchange, store: "BucketStore", metrics: "Metrics",
     estimate = prompt_estimate(payload)
     if ex.ask is not None and ex.ask.prompts > 1:
         meter.prompt_floor = estimate
-    return Charge(store, ex.bucket_key, bucket, quota, cost, meter=meter,
-                  prompt_estimate=estimate, periods=periods)
+    charge = Charge(store, ex.bucket_key, bucket, quota, cost, meter=meter,
+                    prompt_estimate=estimate, periods=periods)
+    if ex.ask is not None and not ex.ask.limits and route.kind == GENERATE:
+        bound_output(charge, ex.ask, policy, quota)
+    return charge
+
+
+def bound_output(charge: Charge, ask: Ask, policy: KeyPolicy, quota: Quota) -> None:
+    """Usage mode, a request that set no output limit: it is forwarded with one, so that what
+    it can cost is bounded. The limit is the reserve plus half the room the bucket and the
+    token quotas still had after its reservation, at most max_output_tokens an answer; that
+    room is held with the reservation (and settled with it), so a burst of such requests
+    cannot spend together more than the key has (each admitted one sees what the earlier ones
+    hold), and, taking half, leaves room for the next."""
+    room = max(0, policy.max_output_tokens - ask.reserve) * ask.answers
+    left = [quota.remaining] + [q.remaining for q in quota.calendar
+                                if q.name != "requests_per_day"]
+    extra = max(0, min(room, min(left) // 2)) // ask.answers * ask.answers
+    if extra:
+        charge.hold_more(extra)
+    charge.output_limit = min(policy.max_output_tokens, ask.reserve + extra // ask.answers)
 
 
 # ####################################################################### forwarder ####

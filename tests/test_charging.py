@@ -316,7 +316,7 @@ class UsageModeTests(ProxyTestCase):
 
     def test_stream_with_include_usage_is_forwarded_untouched(self):
         request = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}],
-                   "stream_options": {"include_usage": True}}
+                   "stream_options": {"include_usage": True}, "max_tokens": 40}
         _, _, body = self.request("POST", "/v1/chat/completions", request)
         self.settled()
         self.assertEqual(body, self.direct("/v1/chat/completions", request))
@@ -343,7 +343,8 @@ class UsageModeTests(ProxyTestCase):
         for stream in (False, True):
             with self.subTest(stream=stream):
                 before, seen = self.charged(), len(self.upstream.requests)
-                _, headers, _ = self.chat(stream=stream, headers={"X-Fake-Scenario": "no-usage"})
+                _, headers, _ = self.chat(stream=stream, headers={"X-Fake-Scenario": "no-usage"},
+                                          max_tokens=50)
                 self.settled(seen + 1)
                 reserved = self.CAPACITY - int(headers["x-ratelimit-remaining"]) - before
                 self.assertEqual(self.charged() - before, reserved)

@@ -307,8 +307,9 @@ class OllamaUsageTests(OllamaCase):
 
     def setUp(self):
         super().setUp()
+        # (an answer without a limit of its own runs to the reserve: what is held is exact)
         self.restart(token_cost_mode="usage", max_tokens=self.CAPACITY,
-                     response_token_reserve=50)
+                     response_token_reserve=50, max_output_tokens=50)
 
     def charged(self):
         return self.CAPACITY - self.remaining()
