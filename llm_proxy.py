@@ -170,6 +170,7 @@ LISTEN_BACKLOG = 1024
 DEADLINE_CHECK_SECONDS = 0.25       # how often slow clients are looked for
 SHUTDOWN_CUT_SECONDS = 5.0          # after the drain, for cut answers to end
 WAIT_FOR_WRITER = 10.0              # at shutdown, for the state writer's last flush
+MAX_FLUSH_SECONDS = 86400.0         # STATE_FLUSH_SECONDS at most (a timer takes no more)
 SWEEP_EVERY_SECONDS = 60.0
 MAX_TRACKED_KEYS = 65536            # per-key usage counters kept (least recently used dropped)
 MAX_LEDGER_ROWS = 100_000           # usage ledger rows held in memory at most (oldest hour goes)
@@ -264,6 +265,14 @@ def _seconds(name: str, raw: str) -> float:
         raise ConfigError(f"{name} must be a number of seconds, got {raw!r}") from None
     if not math.isfinite(value) or value <= 0:
         raise ConfigError(f"{name} must be a positive number of seconds, got {raw!r}")
+    return value
+
+
+def _flush_seconds(name: str, raw: str) -> float:
+    value = _seconds(name, raw)
+    if value > MAX_FLUSH_SECONDS:
+        raise ConfigError(f"{name} must be at most {_number(MAX_FLUSH_SECONDS)} seconds, got "
+                          f"{raw!r}")
     return value
 
 
@@ -481,7 +490,7 @@ SETTINGS: tuple[Setting, ...] = (
             "SQLite file keeping balances, counters, quotas and the usage ledger across restarts "
             "(empty: $XDG_STATE_HOME/llm_proxy/state-PORT.db, else ~/.local/state/...; off: "
             "memory only)"),
-    Setting("STATE_FLUSH_SECONDS", "1", _seconds,
+    Setting("STATE_FLUSH_SECONDS", "1", _flush_seconds,
             "seconds between two writes of what changed to STATE_DB (at most this much is lost "
             "if the process is killed)"),
     Setting("LEDGER_RETENTION_DAYS", "400", _integer(1), "days of usage the ledger keeps"),
@@ -1182,6 +1191,12 @@ class MemoryBucketStore:
                        for e in periods_changed}
         return StoreChanges(buckets, counters, periods)
 
+    def pending(self) -> tuple[int, int, int]:
+        """How many buckets, counters and quota counters changed since changes() last took
+        them."""
+        with self._lock:
+            return tuple(len(changed) for changed in self._changed)  # type: ignore[return-value]
+
     def mark_changed(self, changes: "StoreChanges") -> None:
         """Changes that could not be written: to be taken again by the next changes()."""
         with self._lock:
@@ -1551,6 +1566,9 @@ class Ledger:
                 for i, value in enumerate(counts):
                     row[i] += value
 
+    def __len__(self) -> int:
+        return len(self._rows)
+
     def take(self) -> dict[LedgerKey, list[int]]:
         with self._lock:
             rows, self._rows = self._rows, {}
@@ -1720,7 +1738,11 @@ class StateFile:
             db.execute("DELETE FROM ledger WHERE hour < ?", (int(prune_before),))
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            # SQLite may have rolled back already (SQLITE_FULL, SQLITE_IOERR): the error to
+            # report is the first one, not "cannot rollback - no transaction is active"
+            if db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
             raise
 
     def close(self) -> None:
@@ -1886,8 +1908,11 @@ def report_window(calendar: Calendar, since: str | None, until: str | None) -> t
 
 class StateWriter:
     """The one thread that writes the state file: what changed, every STATE_FLUSH_SECONDS and
-    at stop(). A write that fails (disk full) is logged once per outage; requests go on from
-    memory, nothing is dropped, and the next flush tries again."""
+    at stop(). It never dies: a write that fails for any reason (a full disk, a deleted file,
+    a value SQLite refuses, a bug) keeps what it could not write for the next flush, is logged
+    once per outage, and shows in status() (/health, /admin/overview, the
+    llm_proxy_state_written metric) until a write succeeds. Requests go on from memory; a
+    state that stops being written never stops silently."""
 
     def __init__(self, state: "StateFile | RedisLedger", store: "MemoryBucketStore | None",
                  ledger: Ledger, interval: float, log: Callable[[str], None],
@@ -1896,18 +1921,22 @@ class StateWriter:
         self.interval = interval
         self._log = log
         self._wall = wall
-        self.failing = False
+        #: why the last write failed, in words (None: it succeeded)
+        self.problem: str | None = None
         self.flushing = threading.Lock()
         self._stop = threading.Event()
-        self._errors = getattr(state, "errors", (sqlite3.Error,))
         if store is not None:  # (with Redis only the ledger is written here)
             store.persistent = True
         self._thread = threading.Thread(target=self._run, name="llm_proxy-state", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.flush()
+        # (a timer longer than the platform's time_t takes raises OverflowError)
+        while not self._stop.wait(min(self.interval, MAX_FLUSH_SECONDS)):
+            try:
+                self.flush()
+            except Exception as err:  # (outside the write itself: the thread still goes on)
+                self._failed(err)
 
     def flush(self) -> bool:
         """Write what changed now; whether it could be written."""
@@ -1918,27 +1947,48 @@ class StateWriter:
             rows = self.ledger.take()
             try:
                 self.state.write(changes, rows, now - self.ledger.retention)
-            except self._errors as err:
+            except Exception as err:  # whatever it is: nothing is dropped, the next flush retries
                 if self.store is not None:
                     self.store.mark_changed(changes)
                 self.ledger.put_back(rows)
-                if not self.failing:
-                    self.failing = True
-                    self._log(f"warning: {self.state.path} cannot be written ({err}): "
-                              "requests go on from memory; trying again every "
-                              f"{_number(self.interval)} s")
+                self._failed(err)
                 return False
-            if self.failing:
-                self.failing = False
+            if self.problem is not None:
+                self.problem = None
                 self._log(f"{self.state.path} is written again")
             return True
 
-    def stop(self) -> None:
-        """The last write (shutdown): what changed since the last flush."""
+    def _failed(self, err: Exception) -> None:
+        """Log the first failure of an outage (the later ones only replace the problem)."""
+        problem = str(err) if isinstance(err, (sqlite3.Error, OSError)) else \
+            f"{type(err).__name__}: {err}"
+        if self.problem is None:
+            self._log(f"warning: {self.state.path} cannot be written ({problem}): requests go on "
+                      f"from memory; trying again every {_number(self.interval)} s")
+        self.problem = problem
+
+    def status(self) -> dict[str, object]:
+        """Whether the state is being written, and if not, why."""
+        return {"written": self.problem is None, "problem": self.problem}
+
+    def unwritten(self) -> str:
+        """What is held in memory that the state has not taken, in words."""
+        held = self.store.pending() if self.store is not None else (0, 0, 0)
+        parts = [f"{count} {what}" for count, what in zip(
+            (*held, len(self.ledger)),
+            ("balances", "usage counters", "quota counters", "usage ledger rows")) if count]
+        return ", ".join(parts) or "nothing"
+
+    def stop(self) -> str:
+        """The last write (shutdown): what changed since the last flush. Returns what could
+        not be written, with why ("" when all was): the caller says so and exits non-zero."""
         self._stop.set()
         self._thread.join(WAIT_FOR_WRITER)
-        self.flush()
+        written = self.flush()
+        lost = "" if written else (f"{self.unwritten()} could not be written to "
+                                   f"{self.state.path} ({self.problem})")
         self.state.close()
+        return lost
 
 
 # ######################################################################### pricing ####
@@ -5065,9 +5115,11 @@ def _ended(ex: Exchange, ending: str) -> None:
 # and the request's headers that returns the Reply; None lets a forwarded route go upstream.
 
 def answer_health(server: "ProxyServer", ex: Exchange, headers: Headers) -> Reply:
-    """{"ok": true, "quota": …, "usage": …, "store": …} for the caller's bucket, without
-    creating one. A caller without a key gets no quota when keys are required (a liveness
-    probe). "ok" is false while requests are refused for want of the store (closed mode)."""
+    """{"ok": true, "quota": …, "usage": …, "store": …, "state": …} for the caller's bucket,
+    without creating one. A caller without a key gets no quota when keys are required (a
+    liveness probe). "ok" is false while requests are refused for want of the store (closed
+    mode); "state" (when the state is kept: STATE_DB, or the ledger in Redis) says whether it
+    is being written, and if not, why: requests go on, but a restart would not see them."""
     answer: dict[str, object] = {"ok": True}
     store = server.store
     try:
@@ -5087,6 +5139,8 @@ def answer_health(server: "ProxyServer", ex: Exchange, headers: Headers) -> Repl
     except StoreUnavailable:
         answer["ok"] = False
     answer["store"] = store.status()
+    if server.writer is not None:
+        answer["state"] = server.writer.status()
     return json_reply(HTTPStatus.OK, answer)
 
 
@@ -5465,10 +5519,13 @@ def store_report(server: "ProxyServer") -> dict[str, object]:
         where = f"{parts.scheme}://{parts.hostname or ''}" + (f":{parts.port}" if parts.port
                                                                else "") + parts.path
         redis = {"url": where, "reachable": bool(status.get("reachable", True))}
-    return {"kind": status.get("backend", "memory"),
-            "state_file": server.state.path if server.state is not None else None,
-            "redis": redis, "ok": bool(status.get("reachable", True))
-            or status.get("failure_mode") == "local", "buckets_held": len(server.store)}
+    report = {"kind": status.get("backend", "memory"),
+              "state_file": server.state.path if server.state is not None else None,
+              "redis": redis, "ok": bool(status.get("reachable", True))
+              or status.get("failure_mode") == "local", "buckets_held": len(server.store)}
+    if server.writer is not None:
+        report["state"] = server.writer.status()
+    return report
 
 
 def upstream_report(server: "ProxyServer", in_flight: Mapping[str, int],
@@ -6010,6 +6067,7 @@ class Metrics:
         "llm_proxy_key_reloads_total": ("counter", "Keys file reloads by result."),
         "llm_proxy_store_outages_total": ("counter", "Times the shared Redis store became unreachable."),
         "llm_proxy_store_up": ("gauge", "1 while the bucket store is reachable (always 1 in memory)."),
+        "llm_proxy_state_written": ("gauge", "0 while the state (STATE_DB, or the ledger in Redis) cannot be written; else 1."),
         "llm_proxy_requests_in_flight": ("gauge", "Requests being handled now."),
         "llm_proxy_buckets": ("gauge", "Buckets held in memory (keys that are not full)."),
         "llm_proxy_keys": ("gauge", "Keys accepted (keys file and PROXY_API_KEYS)."),
@@ -6450,6 +6508,8 @@ class ProxyServer(ThreadingHTTPServer):
         self.ledger = Ledger(config.ledger_retention_days)
         self.state: StateFile | None = None
         self.writer: StateWriter | None = None
+        #: at exit, what the state could not take, in words ("": everything was written)
+        self.unwritten = ""
         if state_path(config) and isinstance(self.store, MemoryBucketStore):
             self.state = StateFile(state_path(config))  # ConfigError: it cannot be used
             try:
@@ -6617,7 +6677,9 @@ class ProxyServer(ThreadingHTTPServer):
                                     "llm_proxy_buckets": len(self.store),
                                     "llm_proxy_keys": len(self.keys),
                                     "llm_proxy_store_up": 1 if self.store.status().get(
-                                        "reachable", True) else 0})
+                                        "reachable", True) else 0,
+                                    "llm_proxy_state_written": 0 if self.writer is not None
+                                    and self.writer.problem is not None else 1})
 
     # -- keys -------------------------------------------------------------------------------
 
@@ -6677,7 +6739,9 @@ class ProxyServer(ThreadingHTTPServer):
         self.deadlines.close()
         self.cap.close()
         if self.writer is not None:
-            self.writer.stop()  # the last write: what changed since the last flush
+            self.unwritten = self.writer.stop()  # the last write: what changed since the last
+            if self.unwritten:
+                self.log(f"error: at exit, {self.unwritten}")
         if self.keys_watcher is not None:
             self.keys_watcher.close()
         super().server_close()
@@ -6786,6 +6850,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             status = 1
     finally:
         server.server_close()
+    if server.unwritten:
+        status = 1  # (server_close logged what a restart will not see)
     print("llm_proxy: stopped", file=sys.stderr)
     return status
 
@@ -7421,7 +7487,8 @@ ADMIN_JS = r"""// llm_proxy admin dashboard (served at /ui/admin.js, after /ui/p
     const count = (t) => (t ? `p50 / p95${DOT}${num(t.count)} requests` : '');
     const redis = store.redis
       ? 'Redis ' + (store.redis.reachable ? 'reachable' : 'unreachable') : null;
-    const storeTone = store.ok === false || (store.redis && !store.redis.reachable) ? 'bad' : 'ok';
+    const unwritten = store.state && !store.state.written;
+    const storeTone = store.ok === false || unwritten || (store.redis && !store.redis.reachable) ? 'bad' : 'ok';
     $('cards').replaceChildren(
       card('Upstream', up.reachable ? 'reachable' : 'unreachable',
         [up.reachable ? `connect ${ms(up.connect_ms)}` : 'cannot connect', up.url], up.reachable ? 'ok' : 'bad'),
@@ -7433,6 +7500,7 @@ ADMIN_JS = r"""// llm_proxy admin dashboard (served at /ui/admin.js, after /ui/p
         up.waiting > 0 ? 'warn' : null),
       card('Store', store.kind || '\u2014', [
         store.ok === false ? 'refusing requests: store unavailable' : null,
+        unwritten ? 'state not written: ' + store.state.problem : null,
         store.state_file ? 'state file ' + store.state_file : store.kind === 'redis' ? null : 'memory only',
         redis, store.redis && store.redis.url ? store.redis.url : null,
         typeof store.buckets_held === 'number' ? `${num(store.buckets_held)} buckets held` : null,

@@ -181,7 +181,9 @@ class OverviewTests(PagesTestCase):
         self.settled(1)
         self.assertEqual(self.overview()["store"], {"kind": "memory", "state_file": path,
                                                     "redis": None, "ok": True,
-                                                    "buckets_held": 1})
+                                                    "buckets_held": 1,
+                                                    "state": {"written": True,
+                                                              "problem": None}})
         self.proxy.shutdown()
         self.proxy.server_close()  # (the last write of the state file)
         self.restart(keys_file=self.keys_path, state_db=path)  # the ledger outlives the process
@@ -230,7 +232,7 @@ class ReportTests(unittest.TestCase):
                 return 0
         server = types.SimpleNamespace(
             config=Config(redis_url="redis://user:pw-SECRET@db.lan:6380/2"), state=None,
-            store=Store())
+            writer=None, store=Store())
         report = llm_proxy.store_report(server)
         self.assertEqual(report["redis"], {"url": "redis://db.lan:6380/2", "reachable": False})
         self.assertTrue(report["ok"])  # local failure mode: requests still served
