@@ -171,6 +171,9 @@ DEADLINE_CHECK_SECONDS = 0.25       # how often slow clients are looked for
 SHUTDOWN_CUT_SECONDS = 5.0          # after the drain, for cut answers to end
 WAIT_FOR_WRITER = 10.0              # at shutdown, for the state writer's last flush
 MAX_FLUSH_SECONDS = 86400.0         # STATE_FLUSH_SECONDS at most (a timer takes no more)
+#: The largest token or request count a setting may name: exact in the pages' JavaScript, and
+#: far inside SQLite's 64-bit integers, so that counters summing many stay storable.
+MAX_COUNT = 2 ** 53 - 1
 SWEEP_EVERY_SECONDS = 60.0
 MAX_TRACKED_KEYS = 65536            # per-key usage counters kept (least recently used dropped)
 MAX_LEDGER_ROWS = 100_000           # usage ledger rows held in memory at most (oldest hour goes)
@@ -327,7 +330,7 @@ def _state_db(name: str, raw: str) -> str:
 
 
 def _optional_count(name: str, raw: str) -> int | None:
-    return _integer(1)(name, raw) if raw.strip() else None
+    return _integer(1, MAX_COUNT)(name, raw) if raw.strip() else None
 
 
 def _zone(name: str, raw: str) -> str:
@@ -427,15 +430,15 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("BASE_MODEL", "", _text,
             "when set, the model of every charged request is rewritten to it and /v1/models "
             "lists only it", ("UPSTREAM_MODEL",)),
-    Setting("MAX_TOKENS", "10", _integer(), "bucket size (tokens)"),
-    Setting("REFILL_TOKENS", "2", _integer(), "tokens added at each refill"),
+    Setting("MAX_TOKENS", "10", _integer(1, MAX_COUNT), "bucket size (tokens)"),
+    Setting("REFILL_TOKENS", "2", _integer(1, MAX_COUNT), "tokens added at each refill"),
     Setting("REFILL_INTERVAL_SECONDS", "300", _seconds, "seconds between refills"),
-    Setting("REQUEST_TOKEN_COST", "1", _integer(),
+    Setting("REQUEST_TOKEN_COST", "1", _integer(1, MAX_COUNT),
             "cost of one completion request in request mode"),
     Setting("TOKEN_COST_MODE", "request", _choice(*COST_MODES),
             "request (flat cost), estimate (characters/4 plus the response reserve) or usage "
             "(reserve the estimate, then settle with the upstream's reported usage)"),
-    Setting("RESPONSE_TOKEN_RESERVE", "256", _integer(0),
+    Setting("RESPONSE_TOKEN_RESERVE", "256", _integer(0, MAX_COUNT),
             "estimate mode: tokens reserved for the answer when the request sets no max_tokens"),
     Setting("PROXY_API_KEYS", "", _keys,
             "comma-separated client keys; when set, any other or missing key gets 401"),
@@ -628,28 +631,27 @@ _ENTRY_FIELDS: dict[str, Callable[[object], bool]] = {
     "name": lambda v: isinstance(v, str) and bool(v.strip()),
     "key": lambda v: isinstance(v, str) and bool(v) and all("!" <= c <= "~" for c in v),
     "key_sha256": lambda v: isinstance(v, str) and re.fullmatch(r"[0-9a-fA-F]{64}", v) is not None,
-    "max_tokens": lambda v: type(v) is int and v >= 1,
-    "refill_tokens": lambda v: type(v) is int and v >= 1,
+    "max_tokens": lambda v: type(v) is int and 1 <= v <= MAX_COUNT,
+    "refill_tokens": lambda v: type(v) is int and 1 <= v <= MAX_COUNT,
     "refill_interval_seconds": lambda v: type(v) in (int, float) and math.isfinite(v) and v > 0,
-    "request_token_cost": lambda v: type(v) is int and v >= 1,
+    "request_token_cost": lambda v: type(v) is int and 1 <= v <= MAX_COUNT,
     "token_cost_mode": lambda v: v in COST_MODES,
     "limit_response": lambda v: v in ("message", "429"),
     "models": lambda v: isinstance(v, list) and all(isinstance(m, str) and m for m in v),
     "disabled": lambda v: isinstance(v, bool),
-    "tokens_per_day": lambda v: v is None or type(v) is int and v >= 1,
-    "tokens_per_month": lambda v: v is None or type(v) is int and v >= 1,
-    "requests_per_day": lambda v: v is None or type(v) is int and v >= 1,
+    "tokens_per_day": lambda v: v is None or type(v) is int and 1 <= v <= MAX_COUNT,
+    "tokens_per_month": lambda v: v is None or type(v) is int and 1 <= v <= MAX_COUNT,
+    "requests_per_day": lambda v: v is None or type(v) is int and 1 <= v <= MAX_COUNT,
 }
+_COUNT_RULE = f"a whole number from 1 to {MAX_COUNT}"
 _FIELD_RULES = {
     "name": "a non-empty string", "key": "printable ASCII without spaces",
-    "key_sha256": "64 hex digits", "max_tokens": "a whole number of at least 1",
-    "refill_tokens": "a whole number of at least 1",
-    "refill_interval_seconds": "a positive number", "request_token_cost":
-    "a whole number of at least 1", "token_cost_mode": "one of " + ", ".join(COST_MODES),
+    "key_sha256": "64 hex digits", "max_tokens": _COUNT_RULE, "refill_tokens": _COUNT_RULE,
+    "refill_interval_seconds": "a positive number", "request_token_cost": _COUNT_RULE,
+    "token_cost_mode": "one of " + ", ".join(COST_MODES),
     "limit_response": "message or 429", "models": "a list of model names",
-    "disabled": "true or false", "tokens_per_day": "a whole number of at least 1, or null",
-    "tokens_per_month": "a whole number of at least 1, or null",
-    "requests_per_day": "a whole number of at least 1, or null",
+    "disabled": "true or false", "tokens_per_day": _COUNT_RULE + ", or null",
+    "tokens_per_month": _COUNT_RULE + ", or null", "requests_per_day": _COUNT_RULE + ", or null",
 }
 
 
@@ -1540,16 +1542,72 @@ class LedgerKey(typing.NamedTuple):
     kind: str               # the route's kind: generate or embed
 
 
+#: The model every refused (limited) request of a key and hour counts under: refusals add one
+#: row per key and hour, whatever model names the client sends.
+LIMITED_MODELS = "(limited)"
+#: Distinct models a key's rows may name in one hour; its requests for more count under
+#: OTHER_MODELS. A client inventing names cannot grow the state by more than this.
+MAX_MODELS_PER_KEY_HOUR = 20
+OTHER_MODELS = "(other models)"
+MAX_STORED_TEXT = 200  # characters of a model name (or key name) the ledger keeps
+#: What no stored text holds: lone surrogates (JSON allows them, UTF-8 cannot encode them),
+#: NUL (SQLite's text functions stop at it) and the Redis ledger's field separator.
+_UNSTORABLE = re.compile("[\x00\x1f\ud800-\udfff]")
+#: SQLite's integers are 64-bit; a count beyond (an upstream reporting absurd usage) is kept at
+#: the bound rather than making every write fail.
+SQLITE_MAX_INTEGER = 2 ** 63 - 1
+
+
+def stored_text(text: str) -> str:
+    """A client's string as the state stores and every report shows it, whatever it holds:
+    at most MAX_STORED_TEXT characters, each unstorable one replaced with U+FFFD."""
+    return _UNSTORABLE.sub("\ufffd", text[:MAX_STORED_TEXT])
+
+
+def storable(values: Iterable[object]) -> tuple[object, ...]:
+    """A row's numbers within SQLite's (and Redis's) 64-bit integers."""
+    return tuple(max(-SQLITE_MAX_INTEGER - 1, min(SQLITE_MAX_INTEGER, v))
+                 if isinstance(v, int) else v for v in values)
+
+
 class Ledger:
     """Usage per key x model x route kind x hour, added as requests end. Without a state file
     it is all here (the last LEDGER_RETENTION_DAYS); with one, here is what the file has not
     taken yet (take(), put_back() when the write failed). At most MAX_LEDGER_ROWS rows are held
-    (an open proxy flooded with invented keys adds one a key): beyond, the oldest hour goes."""
+    (an open proxy flooded with invented keys adds one a key): beyond, the oldest hour goes.
+
+    Everything that decides what a request's row is lives in record(): the client's strings
+    made storable, refusals under LIMITED_MODELS, and at most MAX_MODELS_PER_KEY_HOUR models
+    a key and hour (the rest under OTHER_MODELS): what a client chooses cannot grow the state
+    faster than the keys it holds."""
 
     def __init__(self, retention_days: int) -> None:
         self._lock = threading.Lock()
         self._rows: dict[LedgerKey, list[int]] = {}
         self.retention = retention_days * 86400
+        #: the models each key's rows named in the hour `_models_hour` (this process's count)
+        self._models_hour = 0
+        self._models: dict[str, set[str]] = {}
+
+    def record(self, hour: int, key: str, name: str, model: str, kind: str,
+               counts: Sequence[int]) -> None:
+        """A request's row, as it ended (`counts` in LEDGER_FIELDS order)."""
+        limited = counts[1]
+        model = LIMITED_MODELS if limited else self._model_of(hour, key, stored_text(model))
+        self.add(LedgerKey(hour, stored_text(key), stored_text(name), model, kind), counts)
+
+    def _model_of(self, hour: int, key: str, model: str) -> str:
+        """`model`, or OTHER_MODELS once the key has named MAX_MODELS_PER_KEY_HOUR others this
+        hour."""
+        with self._lock:
+            if hour != self._models_hour or len(self._models) > MAX_TRACKED_KEYS:
+                self._models_hour, self._models = hour, {}  # (a new hour counts anew)
+            seen = self._models.setdefault(key, set())
+            if model not in seen:
+                if len(seen) >= MAX_MODELS_PER_KEY_HOUR:
+                    return OTHER_MODELS
+                seen.add(model)
+            return model
 
     def add(self, entry: LedgerKey, counts: Sequence[int]) -> None:
         with self._lock:
@@ -1722,19 +1780,19 @@ class StateFile:
                     db.execute("DELETE FROM buckets WHERE key = ?", (key,))
                 else:
                     db.execute("INSERT OR REPLACE INTO buckets VALUES (?, ?, ?, ?, ?, ?)",
-                               (key, *bucket))
+                               (key, *storable(bucket)))
             db.executemany("INSERT OR REPLACE INTO counters VALUES (?, ?, ?, ?, ?, ?)",
-                           [(key, *values) for key, values in changes.counters.items()])
+                           [(key, *storable(values)) for key, values in changes.counters.items()])
             for (key, period), counts in changes.periods.items():
                 if counts is None:
                     db.execute("DELETE FROM periods WHERE key = ? AND period = ?", (key, period))
                 else:
                     db.execute("INSERT OR REPLACE INTO periods VALUES (?, ?, ?, ?)",
-                               (key, period, *counts))
+                               (key, period, *storable(counts)))
             db.executemany(
                 "INSERT INTO ledger VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO UPDATE "
                 "SET " + ", ".join(f"{f} = {f} + excluded.{f}" for f in LEDGER_FIELDS),
-                [(*entry, *counts) for entry, counts in ledger.items()])
+                [(*entry, *storable(counts)) for entry, counts in ledger.items()])
             db.execute("DELETE FROM ledger WHERE hour < ?", (int(prune_before),))
             db.execute("COMMIT")
         except BaseException:
@@ -1810,7 +1868,7 @@ class RedisLedger:
         for entry, counts in ledger.items():
             name = f"{self.prefix}l:{entry.hour}"
             row = self.SEPARATOR.join(entry[1:])
-            for field, value in zip(LEDGER_FIELDS, counts):
+            for field, value in zip(LEDGER_FIELDS, storable(counts)):
                 if value:
                     pipe.hincrby(name, row + self.SEPARATOR + field, value)
             pipe.expireat(name, int(entry.hour + self.retention + 3600))
@@ -6645,10 +6703,10 @@ class ProxyServer(ThreadingHTTPServer):
         if charge is not None and route is not None and route.kind in (GENERATE, EMBED):
             model = ex.payload.get("model") if ex.payload is not None else None
             hour = int(self.calendar.wall() // 3600 * 3600)
-            self.ledger.add(LedgerKey(hour, ex.bucket_key, ex.label,
-                                      model[:200] if isinstance(model, str) else "", route.kind),
-                            (1, int(charge.state == "declined"), charge.prompt_tokens,
-                             charge.completion_tokens, charge.cost))
+            self.ledger.record(hour, ex.bucket_key, ex.label,
+                               model if isinstance(model, str) else "", route.kind,
+                               (1, int(charge.state == "declined"), charge.prompt_tokens,
+                                charge.completion_tokens, charge.cost))
         self.metrics.count_request(ex.label, ex.route_label, ex.status, cost,
                                    route is not None and route.kind not in (LOCAL, ADMIN),
                                    charge is not None and charge.state == "declined")

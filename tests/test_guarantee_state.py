@@ -84,6 +84,10 @@ class ClientStringTests(StateTestCase):
             with self.subTest(name=name), self.assertRaises(ConfigError) as caught:
                 Config.from_env({name: str(2 ** 63)}, [])
             self.assertIn(f"{name} must be at most", str(caught.exception))
+        with self.assertRaises(ConfigError) as caught:  # and the same in a keys file
+            llm_proxy.key_policies([{"name": "a", "key": "sk-a", "max_tokens": 2 ** 63}],
+                                   Config())
+        self.assertIn("max_tokens must be a whole number from 1 to", str(caught.exception))
         self.restart(max_tokens=100)
         self.proxy.store.record("key:huge", requests=1, completion=10 ** 30)
         self.assertTrue(self.proxy.writer.flush())

@@ -102,9 +102,11 @@ class OverviewTests(PagesTestCase):
                          (30, "2026-11-02", "2026-12-01"))
         self.assertEqual({k["name"]: k["tokens"][-1] for k in days["keys"]},
                          {"alice": 3, XSS: 1})
-        self.assertEqual(report["models"], [
-            {"name": "fake-a", "today": {"tokens": 4, "requests": 5},
-             "this_month": {"tokens": 4, "requests": 5}},
+        self.assertEqual(report["models"], [  # (refusals count under one name: issue 20)
+            {"name": "fake-a", "today": {"tokens": 4, "requests": 4},
+             "this_month": {"tokens": 4, "requests": 4}},
+            {"name": llm_proxy.LIMITED_MODELS, "today": {"tokens": 0, "requests": 1},
+             "this_month": {"tokens": 0, "requests": 1}},
             {"name": XSS, "today": {"tokens": 0, "requests": 1},
              "this_month": {"tokens": 0, "requests": 1}}])
         self.assertEqual(report["store"], {"kind": "memory", "state_file": None, "redis": None,
