@@ -1682,6 +1682,10 @@ MIGRATIONS: dict[int, str] = {0: _SCHEMA_V1}
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
+class StateFileGone(OSError):
+    """The state file's path no longer names the file the proxy holds open."""
+
+
 class StateFile:
     """The proxy's state in one SQLite file, held by one process at a time.
 
@@ -1691,12 +1695,15 @@ class StateFile:
     written: anything wrong is a ConfigError naming the path. load() hands the buckets (their
     balances, debts and refill grids), counters and calendar counters back to a store; write()
     takes what changed, in one transaction. read_ledger() is for reports, which may run while
-    the proxy does (another process reading the same file: WAL allows it).
+    the proxy does (another process reading the same file: WAL allows it). The lock is on the
+    file itself (any name for it, link or not, is the same file), and each write first checks
+    that the path still names that file (check_named): a file deleted or replaced while the
+    proxy runs is said, not written into unseen.
     """
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._lock_file = None
+        self._held: int | None = None  # the file's descriptor that holds its lock
         folder = os.path.dirname(os.path.abspath(path))
         try:
             os.makedirs(folder, exist_ok=True)
@@ -1712,33 +1719,75 @@ class StateFile:
             self._migrate()
             self.db.execute("BEGIN IMMEDIATE")  # can it be written?
             self.db.execute("COMMIT")
+            opened = os.fstat(self._held) if self._held is not None else os.stat(path)
+            self._identity: tuple[int, int] | None = (opened.st_dev, opened.st_ino)
         except sqlite3.Error as err:
             self.close()
             raise ConfigError(f"STATE_DB {path}: {_state_problem(err)}") from None
+        except OSError as err:
+            self.close()
+            raise ConfigError(f"STATE_DB {path}: cannot be used ({err.strerror or err})"
+                              ) from None
+
+    def _named(self) -> tuple[int, int]:
+        """(device, inode) of the file the path names now (OSError when none)."""
+        st = os.stat(self.path)
+        return st.st_dev, st.st_ino
+
+    def check_named(self) -> None:
+        """StateFileGone when the path no longer names the file this process writes (deleted,
+        or replaced by another): what is written would not be seen at the next start."""
+        try:
+            named = self._named()
+        except FileNotFoundError:
+            named = None
+        if named != self._identity:
+            raise StateFileGone(f"{self.path} is no longer the state file this proxy writes "
+                                "(deleted or replaced): a restart would not see what it holds")
 
     def _take_lock(self) -> None:
+        """Hold the file itself, not its name: an exclusive flock on the database file (made
+        here when new), so that a symlink or a hard link to a file another proxy holds is
+        refused as the same file. The holder's pid is written beside the real file
+        (PATH.lock), opened without following a link: a link planted there cannot make the
+        proxy overwrite another file."""
         try:
             import fcntl  # POSIX; elsewhere one process per file is the operator's care
         except ImportError:
             return
+        real = os.path.realpath(self.path)
+        flags = (os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+                 | getattr(os, "O_CLOEXEC", 0))
         try:
-            self._lock_file = open(self.path + ".lock", "a+")
+            self._held = os.open(real, flags, 0o644)
         except OSError as err:
             raise ConfigError(f"STATE_DB {self.path}: cannot be used ({err.strerror or err})"
                               ) from None
         try:
-            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(self._held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            self._lock_file.seek(0)
-            holder = self._lock_file.read().strip() or "?"
-            self._lock_file.close()
-            self._lock_file = None
+            self.close()
             raise ConfigError(f"STATE_DB {self.path} is in use by another llm_proxy (pid "
-                              f"{holder}); give each proxy its own STATE_DB or PORT") from None
-        self._lock_file.seek(0)
-        self._lock_file.truncate()
-        self._lock_file.write(str(os.getpid()))
-        self._lock_file.flush()
+                              f"{self._holder(real)}); give each proxy its own STATE_DB or PORT"
+                              ) from None
+        try:
+            pid_file = os.open(real + ".lock", flags | os.O_TRUNC, 0o644)
+            with os.fdopen(pid_file, "w") as f:
+                f.write(str(os.getpid()))
+        except OSError as err:
+            self.close()
+            raise ConfigError(f"STATE_DB {self.path}: {real}.lock cannot be written "
+                              f"({err.strerror or err})") from None
+
+    @staticmethod
+    def _holder(real: str) -> str:
+        """The pid written by the proxy that holds the file, or "?"."""
+        try:
+            pid_file = os.open(real + ".lock", os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            with os.fdopen(pid_file) as f:
+                return f.read(32).strip() or "?"
+        except (OSError, ValueError):
+            return "?"
 
     def _migrate(self) -> None:
         version = self.db.execute("PRAGMA user_version").fetchone()[0]
@@ -1771,7 +1820,9 @@ class StateFile:
 
     def write(self, changes: StoreChanges, ledger: Mapping[LedgerKey, Sequence[int]],
               prune_before: float) -> None:
-        """Write what changed in one transaction (sqlite3.Error if it cannot be written)."""
+        """Write what changed in one transaction (sqlite3.Error if it cannot be written,
+        StateFileGone if it would be written to a file the path no longer names)."""
+        self.check_named()
         db = self.db
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -1807,9 +1858,9 @@ class StateFile:
         db = getattr(self, "db", None)
         if db is not None:
             db.close()
-        if self._lock_file is not None:
-            self._lock_file.close()
-            self._lock_file = None
+        if self._held is not None:  # (after SQLite's own: closing it drops this process's locks)
+            os.close(self._held)
+            self._held = None
 
 
 def _state_problem(err: sqlite3.Error) -> str:
