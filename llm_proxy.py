@@ -1742,8 +1742,8 @@ class StateFile:
         except FileNotFoundError:
             named = None
         if named != self._identity:
-            raise StateFileGone(f"{self.path} is no longer the state file this proxy writes "
-                                "(deleted or replaced): a restart would not see what it holds")
+            raise StateFileGone("the path no longer names the file this proxy writes (deleted "
+                                "or replaced): a restart would not see what it holds")
 
     def _take_lock(self) -> None:
         """Hold the file itself, not its name: an exclusive flock on the database file (made
@@ -2030,8 +2030,9 @@ class StateWriter:
         self.interval = interval
         self._log = log
         self._wall = wall
-        #: why the last write failed, in words (None: it succeeded)
+        #: why the last write failed, in words (None: it succeeded), and since when (wall)
         self.problem: str | None = None
+        self.failing_since = 0.0
         self.flushing = threading.Lock()
         self._stop = threading.Event()
         if store is not None:  # (with Redis only the ledger is written here)
@@ -2063,7 +2064,7 @@ class StateWriter:
                 self._failed(err)
                 return False
             if self.problem is not None:
-                self.problem = None
+                self.problem, self.failing_since = None, 0.0
                 self._log(f"{self.state.path} is written again")
             return True
 
@@ -2072,13 +2073,21 @@ class StateWriter:
         problem = str(err) if isinstance(err, (sqlite3.Error, OSError)) else \
             f"{type(err).__name__}: {err}"
         if self.problem is None:
+            self.failing_since = self._wall()
             self._log(f"warning: {self.state.path} cannot be written ({problem}): requests go on "
                       f"from memory; trying again every {_number(self.interval)} s")
         self.problem = problem
 
-    def status(self) -> dict[str, object]:
-        """Whether the state is being written, and if not, why."""
-        return {"written": self.problem is None, "problem": self.problem}
+    def status(self, why: bool = False) -> dict[str, object]:
+        """Whether the state is being written, and for how long it has not been; `why` adds
+        the problem (for the admin: it may name paths and addresses)."""
+        failing = self.problem is not None
+        status: dict[str, object] = {
+            "written": not failing,
+            "failing_seconds": math.ceil(self._wall() - self.failing_since) if failing else 0}
+        if why:
+            status["problem"] = self.problem
+        return status
 
     def unwritten(self) -> str:
         """What is held in memory that the state has not taken, in words."""
@@ -2090,7 +2099,10 @@ class StateWriter:
 
     def stop(self) -> str:
         """The last write (shutdown): what changed since the last flush. Returns what could
-        not be written, with why ("" when all was): the caller says so and exits non-zero."""
+        not be written, with why ("" when all was): the caller says so and exits non-zero.
+        A second call does nothing."""
+        if self._stop.is_set():
+            return ""
         self._stop.set()
         self._thread.join(WAIT_FOR_WRITER)
         written = self.flush()
@@ -5228,7 +5240,8 @@ def answer_health(server: "ProxyServer", ex: Exchange, headers: Headers) -> Repl
     without creating one. A caller without a key gets no quota when keys are required (a
     liveness probe). "ok" is false while requests are refused for want of the store (closed
     mode); "state" (when the state is kept: STATE_DB, or the ledger in Redis) says whether it
-    is being written, and if not, why: requests go on, but a restart would not see them."""
+    is being written, and if not, for how long (why is for the admin: /admin/overview):
+    requests go on, but a restart would not see what they changed."""
     answer: dict[str, object] = {"ok": True}
     store = server.store
     try:
@@ -5633,7 +5646,7 @@ def store_report(server: "ProxyServer") -> dict[str, object]:
               "redis": redis, "ok": bool(status.get("reachable", True))
               or status.get("failure_mode") == "local", "buckets_held": len(server.store)}
     if server.writer is not None:
-        report["state"] = server.writer.status()
+        report["state"] = server.writer.status(why=True)
     return report
 
 
@@ -6848,9 +6861,10 @@ class ProxyServer(ThreadingHTTPServer):
         self.deadlines.close()
         self.cap.close()
         if self.writer is not None:
-            self.unwritten = self.writer.stop()  # the last write: what changed since the last
-            if self.unwritten:
-                self.log(f"error: at exit, {self.unwritten}")
+            lost = self.writer.stop()  # the last write: what changed since the last flush
+            if lost:
+                self.unwritten = lost
+                self.log(f"error: at exit, {lost}")
         if self.keys_watcher is not None:
             self.keys_watcher.close()
         super().server_close()

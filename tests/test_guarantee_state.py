@@ -127,16 +127,17 @@ class StateStatusTests(StateTestCase):
         with unittest.mock.patch.object(self.proxy.state, "write", full):
             self.chat()
             self.assertFalse(self.proxy.writer.flush())
+            self.wall.advance(30)
             health = json.loads(self.request("GET", "/health")[2])
-            self.assertEqual(health["state"]["written"], False)
-            self.assertIn("database or disk is full", health["state"]["problem"])
+            self.assertEqual(health["state"], {"written": False, "failing_seconds": 30})
             store = json.loads(self.request("GET", "/admin/overview", key=None)[2])["store"]
-            self.assertEqual(store["state"], health["state"])
+            self.assertEqual(store["state"], {"written": False, "failing_seconds": 30,
+                                              "problem": "database or disk is full"})
             metrics = parse_metrics(self.request("GET", "/metrics", key=None)[2].decode())
             self.assertEqual(metrics[("llm_proxy_state_written", ())], 0)
         self.assertTrue(self.proxy.writer.flush())
         self.assertEqual(json.loads(self.request("GET", "/health")[2])["state"],
-                         {"written": True, "problem": None})
+                         {"written": True, "failing_seconds": 0})
         metrics = parse_metrics(self.request("GET", "/metrics", key=None)[2].decode())
         self.assertEqual(metrics[("llm_proxy_state_written", ())], 1)
 
@@ -259,7 +260,10 @@ class DeletedStateTests(StateTestCase):
         self.chat()
         self.assertTrue(self.log.wait_for(lambda text: text.count(" cost=") == 2))
         self.assertFalse(self.proxy.writer.flush())
-        self.assertIn(f"{self.path} is no longer the state file", self.log.getvalue())
-        state = json.loads(self.request("GET", "/health")[2])["state"]
-        self.assertEqual(state["written"], False)
-        self.assertIn("deleted or replaced", state["problem"])
+        self.assertIn(f"warning: {self.path} cannot be written (the path no longer names the "
+                      "file this proxy writes (deleted or replaced)", self.log.getvalue())
+        self.assertEqual(json.loads(self.request("GET", "/health")[2])["state"],
+                         {"written": False, "failing_seconds": 0})
+        self.assertFalse(self.proxy.writer.flush())  # (and so on, until the proxy stops)
+        self.stop()
+        self.assertIn("could not be written", self.log.getvalue())

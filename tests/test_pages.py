@@ -185,6 +185,7 @@ class OverviewTests(PagesTestCase):
                                                     "redis": None, "ok": True,
                                                     "buckets_held": 1,
                                                     "state": {"written": True,
+                                                              "failing_seconds": 0,
                                                               "problem": None}})
         self.proxy.shutdown()
         self.proxy.server_close()  # (the last write of the state file)
