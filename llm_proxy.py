@@ -1883,17 +1883,24 @@ def read_ledger(path: str, since: float, until: float,
     try:
         db = sqlite3.connect(f"file:{urllib.parse.quote(path)}?mode=ro", uri=True, timeout=5)
         try:
-            query = ("SELECT hour, key, name, model, kind, " + ", ".join(LEDGER_FIELDS) +
-                     " FROM ledger WHERE hour >= ? AND hour < ?")
-            arguments: tuple = (int(since), int(math.ceil(until)))
-            if key is not None:
-                query += " AND key = ?"
-                arguments += (key,)
-            return [(LedgerKey(*row[:5]), list(row[5:])) for row in db.execute(query, arguments)]
+            return ledger_rows(db, since, until, key)
         finally:
             db.close()
     except sqlite3.Error as err:
         raise ConfigError(f"STATE_DB {path}: {_state_problem(err)}") from None
+
+
+def ledger_rows(db: sqlite3.Connection, since: float, until: float,
+                key: str | None = None) -> list[tuple[LedgerKey, list[int]]]:
+    """The ledger rows of hours from `since` to before `until` (of one bucket key) in an open
+    state file (sqlite3.Error when they cannot be read)."""
+    query = ("SELECT hour, key, name, model, kind, " + ", ".join(LEDGER_FIELDS) +
+             " FROM ledger WHERE hour >= ? AND hour < ?")
+    arguments: tuple = (int(since), int(math.ceil(until)))
+    if key is not None:
+        query += " AND key = ?"
+        arguments += (key,)
+    return [(LedgerKey(*row[:5]), list(row[5:])) for row in db.execute(query, arguments)]
 
 
 class RedisLedger:
@@ -2108,7 +2115,8 @@ class StateWriter:
         written = self.flush()
         lost = "" if written else (f"{self.unwritten()} could not be written to "
                                    f"{self.state.path} ({self.problem})")
-        self.state.close()
+        with self.flushing:  # (a report may be reading through it)
+            self.state.close()
         return lost
 
 
@@ -6784,7 +6792,9 @@ class ProxyServer(ThreadingHTTPServer):
             return self.ledger.rows(since, until, key)
         with self.writer.flushing:  # (not while a flush moves rows from here to there)
             if self.state is not None:
-                kept = read_ledger(self.state.path, since, until, key)
+                # (through the writer's own connection, which the lock keeps to one thread: a
+                # file deleted under the proxy is still the one it wrote)
+                kept = ledger_rows(self.state.db, since, until, key)
             else:
                 try:
                     kept = self.redis_ledger.rows(since, until, key)

@@ -264,6 +264,11 @@ class DeletedStateTests(StateTestCase):
                       "file this proxy writes (deleted or replaced)", self.log.getvalue())
         self.assertEqual(json.loads(self.request("GET", "/health")[2])["state"],
                          {"written": False, "failing_seconds": 0})
+        status, _, body = self.request("GET", "/admin/overview", key=None)
+        self.assertEqual(status, 200, body)  # the dashboard says so, and still counts both
+        self.assertEqual(json.loads(body)["store"]["state"]["written"], False)
+        usage = json.loads(self.request("GET", "/v1/usage")[2])["usage"]["today"]["total"]
+        self.assertEqual(usage["requests"], 2)
         self.assertFalse(self.proxy.writer.flush())  # (and so on, until the proxy stops)
         self.stop()
         self.assertIn("could not be written", self.log.getvalue())
