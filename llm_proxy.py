@@ -1549,7 +1549,7 @@ LIMITED_MODELS = "(limited)"
 #: OTHER_MODELS. A client inventing names cannot grow the state by more than this.
 MAX_MODELS_PER_KEY_HOUR = 20
 OTHER_MODELS = "(other models)"
-MAX_STORED_TEXT = 200  # characters of a model name (or key name) the ledger keeps
+MAX_MODEL_NAME = 200  # characters of a model name the ledger keeps
 #: What no stored text holds: lone surrogates (JSON allows them, UTF-8 cannot encode them),
 #: NUL (SQLite's text functions stop at it) and the Redis ledger's field separator.
 _UNSTORABLE = re.compile("[\x00\x1f\ud800-\udfff]")
@@ -1560,8 +1560,8 @@ SQLITE_MAX_INTEGER = 2 ** 63 - 1
 
 def stored_text(text: str) -> str:
     """A client's string as the state stores and every report shows it, whatever it holds:
-    at most MAX_STORED_TEXT characters, each unstorable one replaced with U+FFFD."""
-    return _UNSTORABLE.sub("\ufffd", text[:MAX_STORED_TEXT])
+    each unstorable character replaced with U+FFFD."""
+    return _UNSTORABLE.sub("\ufffd", text)
 
 
 def storable(values: Iterable[object]) -> tuple[object, ...]:
@@ -1593,7 +1593,8 @@ class Ledger:
                counts: Sequence[int]) -> None:
         """A request's row, as it ended (`counts` in LEDGER_FIELDS order)."""
         limited = counts[1]
-        model = LIMITED_MODELS if limited else self._model_of(hour, key, stored_text(model))
+        model = LIMITED_MODELS if limited else self._model_of(
+            hour, key, stored_text(model[:MAX_MODEL_NAME]))
         self.add(LedgerKey(hour, stored_text(key), stored_text(name), model, kind), counts)
 
     def _model_of(self, hour: int, key: str, model: str) -> str:
@@ -1720,7 +1721,7 @@ class StateFile:
             self.db.execute("BEGIN IMMEDIATE")  # can it be written?
             self.db.execute("COMMIT")
             opened = os.fstat(self._held) if self._held is not None else os.stat(path)
-            self._identity: tuple[int, int] | None = (opened.st_dev, opened.st_ino)
+            self._identity = (opened.st_dev, opened.st_ino)
         except sqlite3.Error as err:
             self.close()
             raise ConfigError(f"STATE_DB {path}: {_state_problem(err)}") from None
