@@ -495,7 +495,7 @@ SETTINGS: tuple[Setting, ...] = (
             "memory only)"),
     Setting("STATE_FLUSH_SECONDS", "1", _flush_seconds,
             "seconds between two writes of what changed to STATE_DB (at most this much is lost "
-            "if the process is killed)"),
+            "if the process is killed; at most 86400)"),
     Setting("LEDGER_RETENTION_DAYS", "400", _integer(1), "days of usage the ledger keeps"),
     Setting("TOKENS_PER_DAY", "", _optional_count,
             "tokens each key may be charged per day (empty: no such quota)"),
