@@ -170,6 +170,10 @@ LISTEN_BACKLOG = 1024
 DEADLINE_CHECK_SECONDS = 0.25       # how often slow clients are looked for
 SHUTDOWN_CUT_SECONDS = 5.0          # after the drain, for cut answers to end
 WAIT_FOR_WRITER = 10.0              # at shutdown, for the state writer's last flush
+MAX_FLUSH_SECONDS = 86400.0         # STATE_FLUSH_SECONDS at most (a timer takes no more)
+#: The largest token or request count a setting may name: exact in the pages' JavaScript, and
+#: far inside SQLite's 64-bit integers, so that counters summing many stay storable.
+MAX_COUNT = 2 ** 53 - 1
 SWEEP_EVERY_SECONDS = 60.0
 MAX_TRACKED_KEYS = 65536            # per-key usage counters kept (least recently used dropped)
 MAX_LEDGER_ROWS = 100_000           # usage ledger rows held in memory at most (oldest hour goes)
@@ -282,6 +286,14 @@ def _seconds(name: str, raw: str) -> float:
     return value
 
 
+def _flush_seconds(name: str, raw: str) -> float:
+    value = _seconds(name, raw)
+    if value > MAX_FLUSH_SECONDS:
+        raise ConfigError(f"{name} must be at most {_number(MAX_FLUSH_SECONDS)} seconds, got "
+                          f"{raw!r}")
+    return value
+
+
 def _choice(*choices: str) -> Callable[[str, str], str]:
     def parse(name: str, raw: str) -> str:
         value = raw.strip().lower()
@@ -333,7 +345,7 @@ def _state_db(name: str, raw: str) -> str:
 
 
 def _optional_count(name: str, raw: str) -> int | None:
-    return _integer(1)(name, raw) if raw.strip() else None
+    return _integer(1, MAX_COUNT)(name, raw) if raw.strip() else None
 
 
 def _zone(name: str, raw: str) -> str:
@@ -433,21 +445,21 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("BASE_MODEL", "", _text,
             "when set, the model of every charged request is rewritten to it and /v1/models "
             "lists only it", ("UPSTREAM_MODEL",)),
-    Setting("MAX_TOKENS", "10", _integer(), "bucket size (tokens)"),
-    Setting("REFILL_TOKENS", "2", _integer(), "tokens added at each refill"),
+    Setting("MAX_TOKENS", "10", _integer(1, MAX_COUNT), "bucket size (tokens)"),
+    Setting("REFILL_TOKENS", "2", _integer(1, MAX_COUNT), "tokens added at each refill"),
     Setting("REFILL_INTERVAL_SECONDS", "300", _seconds, "seconds between refills"),
-    Setting("REQUEST_TOKEN_COST", "1", _integer(),
+    Setting("REQUEST_TOKEN_COST", "1", _integer(1, MAX_COUNT),
             "cost of one completion request in request mode"),
     Setting("TOKEN_COST_MODE", "request", _choice(*COST_MODES),
             "request (flat cost), estimate (characters/4 plus the response reserve) or usage "
             "(reserve the estimate, then settle with the upstream's reported usage)"),
-    Setting("RESPONSE_TOKEN_RESERVE", "256", _integer(0),
+    Setting("RESPONSE_TOKEN_RESERVE", "256", _integer(0, MAX_COUNT),
             "estimate mode: tokens reserved for the answer when the request sets no max_tokens"),
-    Setting("MAX_OUTPUT_TOKENS", "4096", _integer(1),
+    Setting("MAX_OUTPUT_TOKENS", "4096", _integer(1, MAX_COUNT),
             "usage mode: a request that sets no output limit is forwarded with one, at most "
             "this, and never more than its key's bucket and token quotas still hold (held "
             "with its reservation, so a burst cannot overshoot them)"),
-    Setting("MAX_RESERVE_TOKENS", "0", _integer(0),
+    Setting("MAX_RESERVE_TOKENS", "0", _integer(0, MAX_COUNT),
             "usage mode: the most one request reserves at admission (0: all it may cost); "
             "what it costs beyond is settled as debt when it ends (for agents that ask for "
             "large max_tokens)"),
@@ -504,9 +516,9 @@ SETTINGS: tuple[Setting, ...] = (
             "SQLite file keeping balances, counters, quotas and the usage ledger across restarts "
             "(empty: $XDG_STATE_HOME/llm_proxy/state-PORT.db, else ~/.local/state/...; off: "
             "memory only)"),
-    Setting("STATE_FLUSH_SECONDS", "1", _seconds,
+    Setting("STATE_FLUSH_SECONDS", "1", _flush_seconds,
             "seconds between two writes of what changed to STATE_DB (at most this much is lost "
-            "if the process is killed)"),
+            "if the process is killed; at most 86400)"),
     Setting("LEDGER_RETENTION_DAYS", "400", _integer(1), "days of usage the ledger keeps"),
     Setting("TOKENS_PER_DAY", "", _optional_count,
             "tokens each key may be charged per day (empty: no such quota)"),
@@ -646,32 +658,31 @@ _ENTRY_FIELDS: dict[str, Callable[[object], bool]] = {
     "name": lambda v: isinstance(v, str) and bool(v.strip()),
     "key": lambda v: isinstance(v, str) and bool(v) and all("!" <= c <= "~" for c in v),
     "key_sha256": lambda v: isinstance(v, str) and re.fullmatch(r"[0-9a-fA-F]{64}", v) is not None,
-    "max_tokens": lambda v: type(v) is int and v >= 1,
-    "refill_tokens": lambda v: type(v) is int and v >= 1,
+    "max_tokens": lambda v: type(v) is int and 1 <= v <= MAX_COUNT,
+    "refill_tokens": lambda v: type(v) is int and 1 <= v <= MAX_COUNT,
     "refill_interval_seconds": lambda v: type(v) in (int, float) and math.isfinite(v) and v > 0,
-    "request_token_cost": lambda v: type(v) is int and v >= 1,
+    "request_token_cost": lambda v: type(v) is int and 1 <= v <= MAX_COUNT,
     "token_cost_mode": lambda v: v in COST_MODES,
     "limit_response": lambda v: v in ("message", "429"),
     "models": lambda v: isinstance(v, list) and all(isinstance(m, str) and m for m in v),
     "disabled": lambda v: isinstance(v, bool),
-    "max_output_tokens": lambda v: type(v) is int and v >= 1,
-    "max_reserve_tokens": lambda v: type(v) is int and v >= 0,
-    "tokens_per_day": lambda v: v is None or type(v) is int and v >= 1,
-    "tokens_per_month": lambda v: v is None or type(v) is int and v >= 1,
-    "requests_per_day": lambda v: v is None or type(v) is int and v >= 1,
+    "max_output_tokens": lambda v: type(v) is int and 1 <= v <= MAX_COUNT,
+    "max_reserve_tokens": lambda v: type(v) is int and 0 <= v <= MAX_COUNT,
+    "tokens_per_day": lambda v: v is None or type(v) is int and 1 <= v <= MAX_COUNT,
+    "tokens_per_month": lambda v: v is None or type(v) is int and 1 <= v <= MAX_COUNT,
+    "requests_per_day": lambda v: v is None or type(v) is int and 1 <= v <= MAX_COUNT,
 }
+_COUNT_RULE = f"a whole number from 1 to {MAX_COUNT}"
 _FIELD_RULES = {
     "name": "a non-empty string", "key": "printable ASCII without spaces",
-    "key_sha256": "64 hex digits", "max_tokens": "a whole number of at least 1",
-    "refill_tokens": "a whole number of at least 1",
-    "refill_interval_seconds": "a positive number", "request_token_cost":
-    "a whole number of at least 1", "token_cost_mode": "one of " + ", ".join(COST_MODES),
+    "key_sha256": "64 hex digits", "max_tokens": _COUNT_RULE, "refill_tokens": _COUNT_RULE,
+    "refill_interval_seconds": "a positive number", "request_token_cost": _COUNT_RULE,
+    "token_cost_mode": "one of " + ", ".join(COST_MODES),
     "limit_response": "message or 429", "models": "a list of model names",
-    "disabled": "true or false", "tokens_per_day": "a whole number of at least 1, or null",
-    "tokens_per_month": "a whole number of at least 1, or null",
-    "requests_per_day": "a whole number of at least 1, or null",
-    "max_output_tokens": "a whole number of at least 1",
-    "max_reserve_tokens": "a whole number (0: reserve all a request may cost)",
+    "disabled": "true or false", "tokens_per_day": _COUNT_RULE + ", or null",
+    "tokens_per_month": _COUNT_RULE + ", or null", "requests_per_day": _COUNT_RULE + ", or null",
+    "max_output_tokens": _COUNT_RULE,
+    "max_reserve_tokens": f"a whole number from 0 (reserve all a request may cost) to {MAX_COUNT}",
 }
 
 
@@ -1215,6 +1226,12 @@ class MemoryBucketStore:
                        for e in periods_changed}
         return StoreChanges(buckets, counters, periods)
 
+    def pending(self) -> tuple[int, int, int]:
+        """How many buckets, counters and quota counters changed since changes() last took
+        them."""
+        with self._lock:
+            return tuple(len(changed) for changed in self._changed)  # type: ignore[return-value]
+
     def mark_changed(self, changes: "StoreChanges") -> None:
         """Changes that could not be written: to be taken again by the next changes()."""
         with self._lock:
@@ -1558,16 +1575,73 @@ class LedgerKey(typing.NamedTuple):
     kind: str               # the route's kind: generate or embed
 
 
+#: The model every refused (limited) request of a key and hour counts under: refusals add one
+#: row per key and hour, whatever model names the client sends.
+LIMITED_MODELS = "(limited)"
+#: Distinct models a key's rows may name in one hour; its requests for more count under
+#: OTHER_MODELS. A client inventing names cannot grow the state by more than this.
+MAX_MODELS_PER_KEY_HOUR = 20
+OTHER_MODELS = "(other models)"
+MAX_MODEL_NAME = 200  # characters of a model name the ledger keeps
+#: What no stored text holds: lone surrogates (JSON allows them, UTF-8 cannot encode them),
+#: NUL (SQLite's text functions stop at it) and the Redis ledger's field separator.
+_UNSTORABLE = re.compile("[\x00\x1f\ud800-\udfff]")
+#: SQLite's integers are 64-bit; a count beyond (an upstream reporting absurd usage) is kept at
+#: the bound rather than making every write fail.
+SQLITE_MAX_INTEGER = 2 ** 63 - 1
+
+
+def stored_text(text: str) -> str:
+    """A client's string as the state stores and every report shows it, whatever it holds:
+    each unstorable character replaced with U+FFFD."""
+    return _UNSTORABLE.sub("\ufffd", text)
+
+
+def storable(values: Iterable[object]) -> tuple[object, ...]:
+    """A row's numbers within SQLite's (and Redis's) 64-bit integers."""
+    return tuple(max(-SQLITE_MAX_INTEGER - 1, min(SQLITE_MAX_INTEGER, v))
+                 if isinstance(v, int) else v for v in values)
+
+
 class Ledger:
     """Usage per key x model x route kind x hour, added as requests end. Without a state file
     it is all here (the last LEDGER_RETENTION_DAYS); with one, here is what the file has not
     taken yet (take(), put_back() when the write failed). At most MAX_LEDGER_ROWS rows are held
-    (an open proxy flooded with invented keys adds one a key): beyond, the oldest hour goes."""
+    (an open proxy flooded with invented keys adds one a key): beyond, the oldest hour goes.
+
+    Everything that decides what a request's row is lives in record(): the client's strings
+    made storable, refusals under LIMITED_MODELS, and at most MAX_MODELS_PER_KEY_HOUR models
+    a key and hour (the rest under OTHER_MODELS): what a client chooses cannot grow the state
+    faster than the keys it holds."""
 
     def __init__(self, retention_days: int) -> None:
         self._lock = threading.Lock()
         self._rows: dict[LedgerKey, list[int]] = {}
         self.retention = retention_days * 86400
+        #: the models each key's rows named in the hour `_models_hour` (this process's count)
+        self._models_hour = 0
+        self._models: dict[str, set[str]] = {}
+
+    def record(self, hour: int, key: str, name: str, model: str, kind: str,
+               counts: Sequence[int]) -> None:
+        """A request's row, as it ended (`counts` in LEDGER_FIELDS order)."""
+        limited = counts[1]
+        model = LIMITED_MODELS if limited else self._model_of(
+            hour, key, stored_text(model[:MAX_MODEL_NAME]))
+        self.add(LedgerKey(hour, stored_text(key), stored_text(name), model, kind), counts)
+
+    def _model_of(self, hour: int, key: str, model: str) -> str:
+        """`model`, or OTHER_MODELS once the key has named MAX_MODELS_PER_KEY_HOUR others this
+        hour."""
+        with self._lock:
+            if hour != self._models_hour or len(self._models) > MAX_TRACKED_KEYS:
+                self._models_hour, self._models = hour, {}  # (a new hour counts anew)
+            seen = self._models.setdefault(key, set())
+            if model not in seen:
+                if len(seen) >= MAX_MODELS_PER_KEY_HOUR:
+                    return OTHER_MODELS
+                seen.add(model)
+            return model
 
     def add(self, entry: LedgerKey, counts: Sequence[int]) -> None:
         with self._lock:
@@ -1583,6 +1657,9 @@ class Ledger:
             else:
                 for i, value in enumerate(counts):
                     row[i] += value
+
+    def __len__(self) -> int:
+        return len(self._rows)
 
     def take(self) -> dict[LedgerKey, list[int]]:
         with self._lock:
@@ -1639,6 +1716,10 @@ MIGRATIONS: dict[int, str] = {0: _SCHEMA_V1}
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
+class StateFileGone(OSError):
+    """The state file's path no longer names the file the proxy holds open."""
+
+
 class StateFile:
     """The proxy's state in one SQLite file, held by one process at a time.
 
@@ -1648,12 +1729,15 @@ class StateFile:
     written: anything wrong is a ConfigError naming the path. load() hands the buckets (their
     balances, debts and refill grids), counters and calendar counters back to a store; write()
     takes what changed, in one transaction. read_ledger() is for reports, which may run while
-    the proxy does (another process reading the same file: WAL allows it).
+    the proxy does (another process reading the same file: WAL allows it). The lock is on the
+    file itself (any name for it, link or not, is the same file), and each write first checks
+    that the path still names that file (check_named): a file deleted or replaced while the
+    proxy runs is said, not written into unseen.
     """
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._lock_file = None
+        self._held: int | None = None  # the file's descriptor that holds its lock
         folder = os.path.dirname(os.path.abspath(path))
         try:
             os.makedirs(folder, exist_ok=True)
@@ -1669,33 +1753,75 @@ class StateFile:
             self._migrate()
             self.db.execute("BEGIN IMMEDIATE")  # can it be written?
             self.db.execute("COMMIT")
+            opened = os.fstat(self._held) if self._held is not None else os.stat(path)
+            self._identity = (opened.st_dev, opened.st_ino)
         except sqlite3.Error as err:
             self.close()
             raise ConfigError(f"STATE_DB {path}: {_state_problem(err)}") from None
+        except OSError as err:
+            self.close()
+            raise ConfigError(f"STATE_DB {path}: cannot be used ({err.strerror or err})"
+                              ) from None
+
+    def _named(self) -> tuple[int, int]:
+        """(device, inode) of the file the path names now (OSError when none)."""
+        st = os.stat(self.path)
+        return st.st_dev, st.st_ino
+
+    def check_named(self) -> None:
+        """StateFileGone when the path no longer names the file this process writes (deleted,
+        or replaced by another): what is written would not be seen at the next start."""
+        try:
+            named = self._named()
+        except FileNotFoundError:
+            named = None
+        if named != self._identity:
+            raise StateFileGone("the path no longer names the file this proxy writes (deleted "
+                                "or replaced): a restart would not see what it holds")
 
     def _take_lock(self) -> None:
+        """Hold the file itself, not its name: an exclusive flock on the database file (made
+        here when new), so that a symlink or a hard link to a file another proxy holds is
+        refused as the same file. The holder's pid is written beside the real file
+        (PATH.lock), opened without following a link: a link planted there cannot make the
+        proxy overwrite another file."""
         try:
             import fcntl  # POSIX; elsewhere one process per file is the operator's care
         except ImportError:
             return
+        real = os.path.realpath(self.path)
+        flags = (os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+                 | getattr(os, "O_CLOEXEC", 0))
         try:
-            self._lock_file = open(self.path + ".lock", "a+")
+            self._held = os.open(real, flags, 0o644)
         except OSError as err:
             raise ConfigError(f"STATE_DB {self.path}: cannot be used ({err.strerror or err})"
                               ) from None
         try:
-            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(self._held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            self._lock_file.seek(0)
-            holder = self._lock_file.read().strip() or "?"
-            self._lock_file.close()
-            self._lock_file = None
+            self.close()
             raise ConfigError(f"STATE_DB {self.path} is in use by another llm_proxy (pid "
-                              f"{holder}); give each proxy its own STATE_DB or PORT") from None
-        self._lock_file.seek(0)
-        self._lock_file.truncate()
-        self._lock_file.write(str(os.getpid()))
-        self._lock_file.flush()
+                              f"{self._holder(real)}); give each proxy its own STATE_DB or PORT"
+                              ) from None
+        try:
+            pid_file = os.open(real + ".lock", flags | os.O_TRUNC, 0o644)
+            with os.fdopen(pid_file, "w") as f:
+                f.write(str(os.getpid()))
+        except OSError as err:
+            self.close()
+            raise ConfigError(f"STATE_DB {self.path}: {real}.lock cannot be written "
+                              f"({err.strerror or err})") from None
+
+    @staticmethod
+    def _holder(real: str) -> str:
+        """The pid written by the proxy that holds the file, or "?"."""
+        try:
+            pid_file = os.open(real + ".lock", os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            with os.fdopen(pid_file) as f:
+                return f.read(32).strip() or "?"
+        except (OSError, ValueError):
+            return "?"
 
     def _migrate(self) -> None:
         version = self.db.execute("PRAGMA user_version").fetchone()[0]
@@ -1728,7 +1854,9 @@ class StateFile:
 
     def write(self, changes: StoreChanges, ledger: Mapping[LedgerKey, Sequence[int]],
               prune_before: float) -> None:
-        """Write what changed in one transaction (sqlite3.Error if it cannot be written)."""
+        """Write what changed in one transaction (sqlite3.Error if it cannot be written,
+        StateFileGone if it would be written to a file the path no longer names)."""
+        self.check_named()
         db = self.db
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -1737,32 +1865,36 @@ class StateFile:
                     db.execute("DELETE FROM buckets WHERE key = ?", (key,))
                 else:
                     db.execute("INSERT OR REPLACE INTO buckets VALUES (?, ?, ?, ?, ?, ?)",
-                               (key, *bucket))
+                               (key, *storable(bucket)))
             db.executemany("INSERT OR REPLACE INTO counters VALUES (?, ?, ?, ?, ?, ?)",
-                           [(key, *values) for key, values in changes.counters.items()])
+                           [(key, *storable(values)) for key, values in changes.counters.items()])
             for (key, period), counts in changes.periods.items():
                 if counts is None:
                     db.execute("DELETE FROM periods WHERE key = ? AND period = ?", (key, period))
                 else:
                     db.execute("INSERT OR REPLACE INTO periods VALUES (?, ?, ?, ?)",
-                               (key, period, *counts))
+                               (key, period, *storable(counts)))
             db.executemany(
                 "INSERT INTO ledger VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO UPDATE "
                 "SET " + ", ".join(f"{f} = {f} + excluded.{f}" for f in LEDGER_FIELDS),
-                [(*entry, *counts) for entry, counts in ledger.items()])
+                [(*entry, *storable(counts)) for entry, counts in ledger.items()])
             db.execute("DELETE FROM ledger WHERE hour < ?", (int(prune_before),))
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            # SQLite may have rolled back already (SQLITE_FULL, SQLITE_IOERR): the error to
+            # report is the first one, not "cannot rollback - no transaction is active"
+            if db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
             raise
 
     def close(self) -> None:
         db = getattr(self, "db", None)
         if db is not None:
             db.close()
-        if self._lock_file is not None:
-            self._lock_file.close()
-            self._lock_file = None
+        if self._held is not None:  # (after SQLite's own: closing it drops this process's locks)
+            os.close(self._held)
+            self._held = None
 
 
 def _state_problem(err: sqlite3.Error) -> str:
@@ -1785,17 +1917,24 @@ def read_ledger(path: str, since: float, until: float,
     try:
         db = sqlite3.connect(f"file:{urllib.parse.quote(path)}?mode=ro", uri=True, timeout=5)
         try:
-            query = ("SELECT hour, key, name, model, kind, " + ", ".join(LEDGER_FIELDS) +
-                     " FROM ledger WHERE hour >= ? AND hour < ?")
-            arguments: tuple = (int(since), int(math.ceil(until)))
-            if key is not None:
-                query += " AND key = ?"
-                arguments += (key,)
-            return [(LedgerKey(*row[:5]), list(row[5:])) for row in db.execute(query, arguments)]
+            return ledger_rows(db, since, until, key)
         finally:
             db.close()
     except sqlite3.Error as err:
         raise ConfigError(f"STATE_DB {path}: {_state_problem(err)}") from None
+
+
+def ledger_rows(db: sqlite3.Connection, since: float, until: float,
+                key: str | None = None) -> list[tuple[LedgerKey, list[int]]]:
+    """The ledger rows of hours from `since` to before `until` (of one bucket key) in an open
+    state file (sqlite3.Error when they cannot be read)."""
+    query = ("SELECT hour, key, name, model, kind, " + ", ".join(LEDGER_FIELDS) +
+             " FROM ledger WHERE hour >= ? AND hour < ?")
+    arguments: tuple = (int(since), int(math.ceil(until)))
+    if key is not None:
+        query += " AND key = ?"
+        arguments += (key,)
+    return [(LedgerKey(*row[:5]), list(row[5:])) for row in db.execute(query, arguments)]
 
 
 class RedisLedger:
@@ -1821,7 +1960,7 @@ class RedisLedger:
         for entry, counts in ledger.items():
             name = f"{self.prefix}l:{entry.hour}"
             row = self.SEPARATOR.join(entry[1:])
-            for field, value in zip(LEDGER_FIELDS, counts):
+            for field, value in zip(LEDGER_FIELDS, storable(counts)):
                 if value:
                     pipe.hincrby(name, row + self.SEPARATOR + field, value)
             pipe.expireat(name, int(entry.hour + self.retention + 3600))
@@ -1919,8 +2058,11 @@ def report_window(calendar: Calendar, since: str | None, until: str | None) -> t
 
 class StateWriter:
     """The one thread that writes the state file: what changed, every STATE_FLUSH_SECONDS and
-    at stop(). A write that fails (disk full) is logged once per outage; requests go on from
-    memory, nothing is dropped, and the next flush tries again."""
+    at stop(). It never dies: a write that fails for any reason (a full disk, a deleted file,
+    a value SQLite refuses, a bug) keeps what it could not write for the next flush, is logged
+    once per outage, and shows in status() (/health, /admin/overview, the
+    llm_proxy_state_written metric) until a write succeeds. Requests go on from memory; a
+    state that stops being written never stops silently."""
 
     def __init__(self, state: "StateFile | RedisLedger", store: "MemoryBucketStore | None",
                  ledger: Ledger, interval: float, log: Callable[[str], None],
@@ -1929,18 +2071,23 @@ class StateWriter:
         self.interval = interval
         self._log = log
         self._wall = wall
-        self.failing = False
+        #: why the last write failed, in words (None: it succeeded), and since when (wall)
+        self.problem: str | None = None
+        self.failing_since = 0.0
         self.flushing = threading.Lock()
         self._stop = threading.Event()
-        self._errors = getattr(state, "errors", (sqlite3.Error,))
         if store is not None:  # (with Redis only the ledger is written here)
             store.persistent = True
         self._thread = threading.Thread(target=self._run, name="llm_proxy-state", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.flush()
+        # (a timer longer than the platform's time_t takes raises OverflowError)
+        while not self._stop.wait(min(self.interval, MAX_FLUSH_SECONDS)):
+            try:
+                self.flush()
+            except Exception as err:  # (outside the write itself: the thread still goes on)
+                self._failed(err)
 
     def flush(self) -> bool:
         """Write what changed now; whether it could be written."""
@@ -1951,27 +2098,60 @@ class StateWriter:
             rows = self.ledger.take()
             try:
                 self.state.write(changes, rows, now - self.ledger.retention)
-            except self._errors as err:
+            except Exception as err:  # whatever it is: nothing is dropped, the next flush retries
                 if self.store is not None:
                     self.store.mark_changed(changes)
                 self.ledger.put_back(rows)
-                if not self.failing:
-                    self.failing = True
-                    self._log(f"warning: {self.state.path} cannot be written ({err}): "
-                              "requests go on from memory; trying again every "
-                              f"{_number(self.interval)} s")
+                self._failed(err)
                 return False
-            if self.failing:
-                self.failing = False
+            if self.problem is not None:
+                self.problem, self.failing_since = None, 0.0
                 self._log(f"{self.state.path} is written again")
             return True
 
-    def stop(self) -> None:
-        """The last write (shutdown): what changed since the last flush."""
+    def _failed(self, err: Exception) -> None:
+        """Log the first failure of an outage (the later ones only replace the problem)."""
+        problem = str(err) if isinstance(err, (sqlite3.Error, OSError)) else \
+            f"{type(err).__name__}: {err}"
+        if self.problem is None:
+            self.failing_since = self._wall()
+            self._log(f"warning: {self.state.path} cannot be written ({problem}): requests go on "
+                      f"from memory; trying again every {_number(self.interval)} s")
+        self.problem = problem
+
+    def status(self, why: bool = False) -> dict[str, object]:
+        """Whether the state is being written, and for how long it has not been; `why` adds
+        the problem (for the admin: it may name paths and addresses)."""
+        failing = self.problem is not None
+        status: dict[str, object] = {
+            "written": not failing,
+            "failing_seconds": math.ceil(self._wall() - self.failing_since) if failing else 0}
+        if why:
+            status["problem"] = self.problem
+        return status
+
+    def unwritten(self) -> str:
+        """What is held in memory that the state has not taken, in words."""
+        held = self.store.pending() if self.store is not None else (0, 0, 0)
+        parts = [f"{count} {what}" for count, what in zip(
+            (*held, len(self.ledger)),
+            ("balances", "usage counters", "quota counters", "usage ledger rows")) if count]
+        return ", ".join(parts) or "nothing"
+
+    def stop(self) -> str:
+        """The last write (shutdown): what changed since the last flush. Returns what could
+        not be written, with why ("" when all was): the caller says so and exits non-zero.
+        A second call does nothing."""
+        if self._stop.is_set():
+            return ""
         self._stop.set()
         self._thread.join(WAIT_FOR_WRITER)
-        self.flush()
-        self.state.close()
+        written = self.flush()
+        lost = "" if written else (f"{self.unwritten()} could not be written to "
+                                   f"{self.state.path} ({self.problem})")
+        with self.flushing:  # (a report may be reading through it)
+            self.state.close()
+        return lost
 
 
 # ######################################################################### pricing ####
@@ -5244,9 +5424,12 @@ def _ended(ex: Exchange, ending: str) -> None:
 # and the request's headers that returns the Reply; None lets a forwarded route go upstream.
 
 def answer_health(server: "ProxyServer", ex: Exchange, headers: Headers) -> Reply:
-    """{"ok": true, "quota": …, "usage": …, "store": …} for the caller's bucket, without
-    creating one. A caller without a key gets no quota when keys are required (a liveness
-    probe). "ok" is false while requests are refused for want of the store (closed mode)."""
+    """{"ok": true, "quota": …, "usage": …, "store": …, "state": …} for the caller's bucket,
+    without creating one. A caller without a key gets no quota when keys are required (a
+    liveness probe). "ok" is false while requests are refused for want of the store (closed
+    mode); "state" (when the state is kept: STATE_DB, or the ledger in Redis) says whether it
+    is being written, and if not, for how long (why is for the admin: /admin/overview):
+    requests go on, but a restart would not see what they changed."""
     answer: dict[str, object] = {"ok": True}
     store = server.store
     try:
@@ -5266,6 +5449,8 @@ def answer_health(server: "ProxyServer", ex: Exchange, headers: Headers) -> Repl
     except StoreUnavailable:
         answer["ok"] = False
     answer["store"] = store.status()
+    if server.writer is not None:
+        answer["state"] = server.writer.status()
     return json_reply(HTTPStatus.OK, answer)
 
 
@@ -5644,10 +5829,13 @@ def store_report(server: "ProxyServer") -> dict[str, object]:
         where = f"{parts.scheme}://{parts.hostname or ''}" + (f":{parts.port}" if parts.port
                                                                else "") + parts.path
         redis = {"url": where, "reachable": bool(status.get("reachable", True))}
-    return {"kind": status.get("backend", "memory"),
-            "state_file": server.state.path if server.state is not None else None,
-            "redis": redis, "ok": bool(status.get("reachable", True))
-            or status.get("failure_mode") == "local", "buckets_held": len(server.store)}
+    report = {"kind": status.get("backend", "memory"),
+              "state_file": server.state.path if server.state is not None else None,
+              "redis": redis, "ok": bool(status.get("reachable", True))
+              or status.get("failure_mode") == "local", "buckets_held": len(server.store)}
+    if server.writer is not None:
+        report["state"] = server.writer.status(why=True)
+    return report
 
 
 def upstream_report(server: "ProxyServer", in_flight: Mapping[str, int],
@@ -6207,6 +6395,7 @@ class Metrics:
         "llm_proxy_key_reloads_total": ("counter", "Keys file reloads by result."),
         "llm_proxy_store_outages_total": ("counter", "Times the shared Redis store became unreachable."),
         "llm_proxy_store_up": ("gauge", "1 while the bucket store is reachable (always 1 in memory)."),
+        "llm_proxy_state_written": ("gauge", "0 while the state (STATE_DB, or the ledger in Redis) cannot be written; else 1."),
         "llm_proxy_requests_in_flight": ("gauge", "Requests being handled now."),
         "llm_proxy_buckets": ("gauge", "Buckets held in memory (keys that are not full)."),
         "llm_proxy_keys": ("gauge", "Keys accepted (keys file and PROXY_API_KEYS)."),
@@ -6647,6 +6836,8 @@ class ProxyServer(ThreadingHTTPServer):
         self.ledger = Ledger(config.ledger_retention_days)
         self.state: StateFile | None = None
         self.writer: StateWriter | None = None
+        #: at exit, what the state could not take, in words ("": everything was written)
+        self.unwritten = ""
         if state_path(config) and isinstance(self.store, MemoryBucketStore):
             self.state = StateFile(state_path(config))  # ConfigError: it cannot be used
             try:
@@ -6782,10 +6973,10 @@ class ProxyServer(ThreadingHTTPServer):
         if charge is not None and route is not None and route.kind in (GENERATE, EMBED):
             model = ex.payload.get("model") if ex.payload is not None else None
             hour = int(self.calendar.wall() // 3600 * 3600)
-            self.ledger.add(LedgerKey(hour, ex.bucket_key, ex.label,
-                                      model[:200] if isinstance(model, str) else "", route.kind),
-                            (1, int(charge.state == "declined"), charge.prompt_tokens,
-                             charge.completion_tokens, charge.cost))
+            self.ledger.record(hour, ex.bucket_key, ex.label,
+                               model if isinstance(model, str) else "", route.kind,
+                               (1, int(charge.state == "declined"), charge.prompt_tokens,
+                                charge.completion_tokens, charge.cost))
         self.metrics.count_request(ex.label, ex.route_label, ex.status, cost,
                                    route is not None and route.kind not in (LOCAL, ADMIN),
                                    charge is not None and charge.state == "declined")
@@ -6799,7 +6990,9 @@ class ProxyServer(ThreadingHTTPServer):
             return self.ledger.rows(since, until, key)
         with self.writer.flushing:  # (not while a flush moves rows from here to there)
             if self.state is not None:
-                kept = read_ledger(self.state.path, since, until, key)
+                # (through the writer's own connection, which the lock keeps to one thread: a
+                # file deleted under the proxy is still the one it wrote)
+                kept = ledger_rows(self.state.db, since, until, key)
             else:
                 try:
                     kept = self.redis_ledger.rows(since, until, key)
@@ -6814,7 +7007,9 @@ class ProxyServer(ThreadingHTTPServer):
                                     "llm_proxy_buckets": len(self.store),
                                     "llm_proxy_keys": len(self.keys),
                                     "llm_proxy_store_up": 1 if self.store.status().get(
-                                        "reachable", True) else 0})
+                                        "reachable", True) else 0,
+                                    "llm_proxy_state_written": 0 if self.writer is not None
+                                    and self.writer.problem is not None else 1})
 
     # -- keys -------------------------------------------------------------------------------
 
@@ -6874,7 +7069,10 @@ class ProxyServer(ThreadingHTTPServer):
         self.deadlines.close()
         self.cap.close()
         if self.writer is not None:
-            self.writer.stop()  # the last write: what changed since the last flush
+            lost = self.writer.stop()  # the last write: what changed since the last flush
+            if lost:
+                self.unwritten = lost
+                self.log(f"error: at exit, {lost}")
         if self.keys_watcher is not None:
             self.keys_watcher.close()
         super().server_close()
@@ -6983,6 +7181,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             status = 1
     finally:
         server.server_close()
+    if server.unwritten:
+        status = 1  # (server_close logged what a restart will not see)
     print("llm_proxy: stopped", file=sys.stderr)
     return status
 
@@ -7618,7 +7818,8 @@ ADMIN_JS = r"""// llm_proxy admin dashboard (served at /ui/admin.js, after /ui/p
     const count = (t) => (t ? `p50 / p95${DOT}${num(t.count)} requests` : '');
     const redis = store.redis
       ? 'Redis ' + (store.redis.reachable ? 'reachable' : 'unreachable') : null;
-    const storeTone = store.ok === false || (store.redis && !store.redis.reachable) ? 'bad' : 'ok';
+    const unwritten = store.state && !store.state.written;
+    const storeTone = store.ok === false || unwritten || (store.redis && !store.redis.reachable) ? 'bad' : 'ok';
     $('cards').replaceChildren(
       card('Upstream', up.reachable ? 'reachable' : 'unreachable',
         [up.reachable ? `connect ${ms(up.connect_ms)}` : 'cannot connect', up.url], up.reachable ? 'ok' : 'bad'),
@@ -7630,6 +7831,7 @@ ADMIN_JS = r"""// llm_proxy admin dashboard (served at /ui/admin.js, after /ui/p
         up.waiting > 0 ? 'warn' : null),
       card('Store', store.kind || '\u2014', [
         store.ok === false ? 'refusing requests: store unavailable' : null,
+        unwritten ? 'state not written: ' + store.state.problem : null,
         store.state_file ? 'state file ' + store.state_file : store.kind === 'redis' ? null : 'memory only',
         redis, store.redis && store.redis.url ? store.redis.url : null,
         typeof store.buckets_held === 'number' ? `${num(store.buckets_held)} buckets held` : null,

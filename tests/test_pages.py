@@ -102,9 +102,11 @@ class OverviewTests(PagesTestCase):
                          (30, "2026-11-02", "2026-12-01"))
         self.assertEqual({k["name"]: k["tokens"][-1] for k in days["keys"]},
                          {"alice": 3, XSS: 1})
-        self.assertEqual(report["models"], [
-            {"name": "fake-a", "today": {"tokens": 4, "requests": 5},
-             "this_month": {"tokens": 4, "requests": 5}},
+        self.assertEqual(report["models"], [  # (refusals count under one name: issue 20)
+            {"name": "fake-a", "today": {"tokens": 4, "requests": 4},
+             "this_month": {"tokens": 4, "requests": 4}},
+            {"name": llm_proxy.LIMITED_MODELS, "today": {"tokens": 0, "requests": 1},
+             "this_month": {"tokens": 0, "requests": 1}},
             {"name": XSS, "today": {"tokens": 0, "requests": 1},
              "this_month": {"tokens": 0, "requests": 1}}])
         self.assertEqual(report["store"], {"kind": "memory", "state_file": None, "redis": None,
@@ -181,7 +183,10 @@ class OverviewTests(PagesTestCase):
         self.settled(1)
         self.assertEqual(self.overview()["store"], {"kind": "memory", "state_file": path,
                                                     "redis": None, "ok": True,
-                                                    "buckets_held": 1})
+                                                    "buckets_held": 1,
+                                                    "state": {"written": True,
+                                                              "failing_seconds": 0,
+                                                              "problem": None}})
         self.proxy.shutdown()
         self.proxy.server_close()  # (the last write of the state file)
         self.restart(keys_file=self.keys_path, state_db=path)  # the ledger outlives the process
@@ -230,7 +235,7 @@ class ReportTests(unittest.TestCase):
                 return 0
         server = types.SimpleNamespace(
             config=Config(redis_url="redis://user:pw-SECRET@db.lan:6380/2"), state=None,
-            store=Store())
+            writer=None, store=Store())
         report = llm_proxy.store_report(server)
         self.assertEqual(report["redis"], {"url": "redis://db.lan:6380/2", "reachable": False})
         self.assertTrue(report["ok"])  # local failure mode: requests still served
