@@ -3548,24 +3548,27 @@ class Charge:
         return total, prompt, completion
 
     def close(self, ending: str) -> None:
-        """Refund or settle the held tokens, once; then nothing more moves."""
+        """Refund or settle the held tokens, once; then nothing more moves.
+
+        The state moves only once the store has taken the settlement: if the store call
+        raises, the charge is still held (its tokens stay taken) and says so in its state,
+        rather than claiming a settlement that never happened."""
         if self.state != "held":
             return
-        self.state = "refunded" if ending in REFUNDED_ENDINGS else "settled"
+        state = "refunded" if ending in REFUNDED_ENDINGS else "settled"
         total, prompt, completion = self.settlement(ending)
         self.prompt_tokens, self.completion_tokens = prompt, completion
-        if total == self.held and not (prompt or completion):
-            return
-        assert self.store is not None and self.bucket is not None
-        try:
-            self.quota = self.store.settle(self.key, total - self.held, self.bucket,
-                                           prompt=prompt, completion=completion,
-                                           periods=self.periods,
-                                           refund=self.state == "refunded")
-        except StoreUnavailable:
-            self.note = "not settled: the store is unreachable"
-            return
-        self.cost = total
+        if total != self.held or prompt or completion:
+            assert self.store is not None and self.bucket is not None
+            try:
+                self.quota = self.store.settle(self.key, total - self.held, self.bucket,
+                                               prompt=prompt, completion=completion,
+                                               periods=self.periods,
+                                               refund=state == "refunded")
+            except StoreUnavailable:
+                self.note = "not settled: the store is unreachable"
+                return
+        self.state, self.cost = state, total
 
 
 def admit(ex: Exchange, store: "BucketStore", metrics: "Metrics",
@@ -5706,14 +5709,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
             except (KeyboardInterrupt, SystemExit, MemoryError):
                 raise
             except Exception as exc:  # a bug: answer 500, log one line, keep serving
-                server.log(f"error: {type(exc).__name__} while handling "
-                           f"{loggable(ex.method)} {loggable(ex.path or '?')}")
-                failure = ProxyError(HTTPStatus.INTERNAL_SERVER_ERROR, "The proxy failed to "
-                                     "handle the request.", type="server_error", close=True)
+                failure = self._bug(ex, exc, "handling")
             finally:
-                if ex.charge is not None:
-                    ex.charge.close(ex.ending)
-                    ex.note = ex.note or ex.charge.note
+                failure = self._close_charge(ex) or failure
             if failure is not None:
                 self._fail(ex, failure)
             elif ex.tail:
@@ -5722,12 +5720,40 @@ class ProxyHandler(BaseHTTPRequestHandler):
             server.request_finished(ex)
             server.log_access(ex)
 
+    def _close_charge(self, ex: Exchange) -> ProxyError | None:
+        """Close the request's charge (Charge.close), inside the error boundary: a failure
+        there is answered like any other bug (None: closed, or nothing to close). The charge
+        then stays held, its tokens taken, and the access line says so."""
+        charge = ex.charge
+        if charge is None:
+            return None
+        try:
+            charge.close(ex.ending)
+        except (KeyboardInterrupt, SystemExit, MemoryError):
+            raise
+        except Exception as exc:
+            ex.note = f"charge not closed: {type(exc).__name__}; its tokens stay held"
+            return self._bug(ex, exc, "closing the charge of")
+        ex.note = ex.note or charge.note
+        return None
+
+    def _bug(self, ex: Exchange, exc: Exception, doing: str) -> ProxyError:
+        """An exception that is not the client's doing nor the upstream's: one log line, and
+        the 500 to answer with (once the answer's head is out, a closed connection)."""
+        self.server.log(f"error: {type(exc).__name__} while {doing} "
+                        f"{loggable(ex.method)} {loggable(ex.path or '?')}")
+        return ProxyError(HTTPStatus.INTERNAL_SERVER_ERROR, "The proxy failed to handle the "
+                          "request.", type="server_error", close=True)
+
     def _finish_answer(self, ex: Exchange) -> None:
-        """Write the bytes that complete a relayed answer (its charge is closed by now)."""
+        """Write the bytes that complete a relayed answer (its charge is closed by now). If
+        the client has gone before any of it went out, the log says 499, not the status it
+        never got."""
         try:
             self.write(ex, ex.tail)
         except ClientGone:
             self.close_connection = True
+            ex.status = ex.status if ex.head_sent else 499
             ex.note = "client closed"
 
     def _fail(self, ex: Exchange, err: ProxyError) -> None:
