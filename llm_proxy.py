@@ -146,6 +146,9 @@ RATE_LIMIT_HEADERS = (
     "X-RateLimit-Refill-Tokens", "X-RateLimit-Refill-Seconds", "X-RateLimit-Reset-Seconds",
 )
 LIMIT_HEADERS = ("Retry-After", "retry-after-ms", "x-should-retry")
+#: On every answer that depends on the caller's key (a private route's): no shared cache, no
+#: browser's back button, shows one caller's balance to another (RFC 9111 section 5.2.2.5).
+NO_STORE = ("Cache-Control", "no-store")
 #: Upstream headers the proxy always replaces with its own.
 NOT_FORWARDED_DOWN = HOP_BY_HOP | {"content-length"} | {
     "access-control-allow-origin", "access-control-expose-headers",
@@ -736,13 +739,6 @@ def keygen(name: str) -> str:
     return (f"key (give it to {name}; it is not stored anywhere): {key}\n\n"
             f"JSON entry:\n  {json.dumps({'name': name, 'key_sha256': digest})}\n\n"
             f"TOML entry:\n  [[keys]]\n  name = {json.dumps(name)}\n  key_sha256 = \"{digest}\"\n")
-
-
-def bearer_token(authorization: str | None) -> str:
-    if not authorization:
-        return ""
-    scheme, _, token = authorization.strip().partition(" ")
-    return token.strip() if scheme.lower() == "bearer" else ""
 
 
 def key_digest(key: str) -> str:
@@ -3208,8 +3204,10 @@ class Route:
     limit answer, its meter), `answer` which local answer serves it (for a forwarded route: one
     that may answer instead, such as the BASE_MODEL model list). `message_limit`: its limit can
     be an assistant message. `upstream`: forwarded under BASE_API_URL in place of /v1 ("v1"),
-    or under the upstream's root (NATIVE_API_URL, "root"). A `path` ending in "/" covers
-    everything below it.
+    or under the upstream's root (NATIVE_API_URL, "root"). `private`: its local answer depends
+    on the caller's key (every ADMIN row, and the caller's own usage), so no cache may keep
+    it for someone else (Cache-Control: no-store). A `path` ending in "/" covers everything
+    below it.
     """
     path: str
     methods: frozenset[str]
@@ -3218,6 +3216,7 @@ class Route:
     answer: str = ""
     message_limit: bool = False
     upstream: str = "v1"
+    private: bool = False
 
     @property
     def label(self) -> str:
@@ -3231,12 +3230,12 @@ class Route:
 
 
 def _row(spec: str, kind: str, api: OpenAIShape = OPENAI, answer: str = "",
-         message_limit: bool = False) -> Route:
+         message_limit: bool = False, private: bool = False) -> Route:
     """A row from 'METHOD[,METHOD] /path'."""
     methods, path = spec.split()
     upstream = "v1" if path == "/v1" or path.startswith("/v1/") else "root"
     return Route(path, frozenset(methods.split(",")), kind, api, answer, message_limit,
-                 upstream)
+                 upstream, private or kind == ADMIN)
 
 
 #: What each route is. Anything not found here is answered 404 and never forwarded, and a
@@ -3269,11 +3268,11 @@ DEFAULT_ROUTES = (
     _row("DELETE /api/delete", MANAGE, OLLAMA),
     _row("HEAD,POST /api/blobs/", MANAGE, OLLAMA),
     # answered by the proxy
-    _row("GET /health", LOCAL, answer="health"),
+    _row("GET /health", LOCAL, answer="health", private=True),
     _row("GET /metrics", ADMIN, answer="metrics"),
     _row("GET /admin/keys", ADMIN, answer="admin_keys"),
     _row("GET /admin/usage", ADMIN, answer="admin_usage"),
-    _row("GET /v1/usage", LOCAL, answer="usage"),
+    _row("GET /v1/usage", LOCAL, answer="usage", private=True),
     _row("GET /admin/overview", ADMIN, answer="overview"),
     _row("GET /admin", LOCAL, answer="page"),
     _row("GET /usage", LOCAL, answer="page"),
@@ -3393,8 +3392,11 @@ class Identity(typing.NamedTuple):
 
 
 def client_key(headers: Headers) -> str:
-    """The key a client presents: a bearer token, or (as Anthropic's clients send it) x-api-key."""
-    return bearer_token(headers.get("Authorization")) or (headers.get("x-api-key") or "").strip()
+    """The key a client presents: a bearer token, or (as Anthropic's clients send it) x-api-key.
+    The one reader of a client's key: every route that asks who is calling reads it here."""
+    scheme, _, token = (headers.get("Authorization") or "").strip().partition(" ")
+    return (token.strip() if scheme.lower() == "bearer" else "") \
+        or (headers.get("x-api-key") or "").strip()
 
 
 def identify(headers: Headers, keys: KeyRing, default_policy: KeyPolicy, peer: str,
@@ -5074,7 +5076,7 @@ def answer_health(server: "ProxyServer", ex: Exchange, headers: Headers) -> Repl
     answer: dict[str, object] = {"ok": True}
     store = server.store
     try:
-        if bearer_token(headers.get("Authorization")) or not server.keys:
+        if client_key(headers) or not server.keys:
             who = identify(headers, server.keys, server.default_policy, ex.client,
                            server.config.trust_forwarded_for)
             ex.label, ex.bucket_key = who.label, who.bucket_key
@@ -5290,11 +5292,11 @@ def answer_admin_usage(server: "ProxyServer", ex: Exchange, headers: Headers) ->
 
 #: Headers of every page and script: nothing from elsewhere, no framing, no guessing types,
 #: nothing cached (the admin page's numbers are live, and the pages change with the proxy).
+NOT_FRAMED = (("X-Content-Type-Options", "nosniff"), ("X-Frame-Options", "DENY"),
+              ("Referrer-Policy", "no-referrer"))
 PAGE_HEADERS = (
     ("Content-Security-Policy", "default-src 'self'; frame-ancestors 'none'; base-uri 'none'; "
-                                "form-action 'none'"),
-    ("X-Content-Type-Options", "nosniff"), ("X-Frame-Options", "DENY"),
-    ("Referrer-Policy", "no-referrer"), ("Cache-Control", "no-store"))
+                                "form-action 'none'"), *NOT_FRAMED, NO_STORE)
 
 
 def answer_page(server: "ProxyServer", ex: Exchange, headers: Headers) -> Reply:
@@ -5316,8 +5318,8 @@ def answer_no_icon(server: "ProxyServer", ex: Exchange, headers: Headers) -> Rep
 
 def answer_admin_overview(server: "ProxyServer", ex: Exchange, headers: Headers) -> Reply:
     """GET /admin/overview: what the dashboard shows, in one answer (see overview())."""
-    return Reply(HTTPStatus.OK, (("Content-Type", "application/json"), *PAGE_HEADERS[1:]),
-                 json.dumps(overview(server)).encode())
+    return Reply(HTTPStatus.OK, (("Content-Type", "application/json"), *NOT_FRAMED),
+                 json.dumps(overview(server)).encode())  # (no-store: a private route's)
 
 
 def overview(server: "ProxyServer") -> dict[str, object]:
@@ -5789,6 +5791,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 check_admin(self.server, ex, self.headers)  # type: ignore[arg-type]
             reply = LOCAL_ANSWERS[route.answer](self.server, ex, self.headers)  # type: ignore[arg-type]
             assert reply is not None
+            if route.private:
+                reply = dataclasses.replace(reply, headers=(*reply.headers, NO_STORE))
             return self._reply(ex, reply)
         self._forward(ex)
 
