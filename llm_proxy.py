@@ -77,6 +77,7 @@ import hashlib
 import hmac
 import http.client
 import io
+import ipaddress
 import json
 import math
 import os
@@ -87,6 +88,7 @@ import sqlite3
 import signal
 import socket
 import ssl
+import stat
 import struct
 import sys
 import threading
@@ -178,6 +180,7 @@ MAX_TRACKED_KEYS = 65536            # per-key usage counters kept (least recentl
 MAX_LEDGER_ROWS = 100_000           # usage ledger rows held in memory at most (oldest hour goes)
 MAX_METERED_BODY = 16 * 1024 * 1024  # a longer non-stream body is settled by estimate
 MAX_PENDING_EVENT = 1024 * 1024      # a longer unterminated SSE event is passed on as it is
+MAX_KEYS_FILE_BYTES = 32 * 1024 * 1024  # about 200,000 keys
 
 
 # ########################################################################## errors ####
@@ -246,12 +249,17 @@ def error_body(message: str, type: str, code: str | None = None, param: str | No
 # it, the parser that checks it, the help line, and any older names. Config's fields, their
 # defaults, the --flags, --help and from_env are all made from these rows.
 
+#: Numbers in settings are written in ASCII digits: int() and float() also read other
+#: scripts' digits (PORT=\u0668\u0668\u0669\u0669 is 8899 to them), which no one types on purpose.
+_WHOLE_NUMBER = re.compile(r"[+-]?[0-9]+")
+_DECIMAL_NUMBER = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
+
+
 def _integer(minimum: int = 1, maximum: int | None = None) -> Callable[[str, str], int]:
     def parse(name: str, raw: str) -> int:
-        try:
-            value = int(raw.strip())
-        except ValueError:
-            raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
+        if not _WHOLE_NUMBER.fullmatch(raw.strip()):
+            raise ConfigError(f"{name} must be a whole number, got {raw!r}")
+        value = int(raw.strip())
         if value < minimum:
             raise ConfigError(f"{name} must be at least {minimum}, got {value}")
         if maximum is not None and value > maximum:
@@ -261,10 +269,9 @@ def _integer(minimum: int = 1, maximum: int | None = None) -> Callable[[str, str
 
 
 def _seconds(name: str, raw: str) -> float:
-    try:
-        value = float(raw.strip())
-    except ValueError:
-        raise ConfigError(f"{name} must be a number of seconds, got {raw!r}") from None
+    if not _DECIMAL_NUMBER.fullmatch(raw.strip()):
+        raise ConfigError(f"{name} must be a number of seconds, got {raw!r}")
+    value = float(raw.strip())
     if not math.isfinite(value) or value <= 0:
         raise ConfigError(f"{name} must be a positive number of seconds, got {raw!r}")
     return value
@@ -290,6 +297,10 @@ def _flag(name: str, raw: str) -> bool:
 
 def _url(name: str, raw: str) -> str:
     url = raw.strip()
+    # urlsplit() drops tabs, CR and LF without a word (bpo-43882), but the URL's path goes
+    # into every upstream request line as written: a line break there would split the request
+    if any(ch.isspace() or not ch.isprintable() for ch in url):
+        raise ConfigError(f"{name} must not contain spaces or control characters, got {raw!r}")
     try:
         parts = urllib.parse.urlsplit(url)
         parts.port  # noqa: B018 -- raises ValueError on a bad port
@@ -359,6 +370,11 @@ def _extra_routes(name: str, raw: str) -> tuple[tuple[str, str, str], ...]:
         if kind not in _ROUTE_KINDS:
             raise ConfigError(f"{name}: {item!r}: the kind must be one of "
                               f"{', '.join(_ROUTE_KINDS)}")
+        taken = BUILT_IN_ROUTES.overlap(method, path.rstrip("*"))
+        if taken is not None:  # (or a row could make chat free, or forward /metrics)
+            shown = taken.path + ("*" if taken.path.endswith("/") else "")
+            raise ConfigError(f"{name}: {item!r}: {method} {shown} is the proxy's own route; "
+                              "a row adds routes and never replaces one")
         rows.append((method, path, kind))
     return tuple(rows)
 
@@ -387,8 +403,21 @@ def _verbatim(name: str, raw: str) -> str:
     return raw
 
 
+_HOST_NAME = re.compile(r"(?=.{1,253}\.?$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*"
+                        r"[A-Za-z]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?")
+
+
 def _host(name: str, raw: str) -> str:
-    return raw.strip() or "0.0.0.0"
+    """An IPv4 or IPv6 address, or a host name (whose last label is not all digits, so that
+    999.1.1.1 is a bad address rather than a name to look up)."""
+    host = raw.strip() or "0.0.0.0"
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not _HOST_NAME.fullmatch(host):
+            raise ConfigError(f"{name} must be an IP address or a host name, got {raw!r}") \
+                from None
+    return host
 
 
 @dataclass(frozen=True)
@@ -649,12 +678,19 @@ _FIELD_RULES = {
 
 def read_keys_file(path: str) -> list[dict]:
     """The entries of a keys file: JSON {"keys": [...]}, or TOML ([[keys]] tables) when the
-    name ends in .toml. Raises ConfigError naming the file."""
+    name ends in .toml. Raises ConfigError naming the file. Only a regular file of at most
+    MAX_KEYS_FILE_BYTES is read: /dev/zero would fill the memory, and opening a FIFO would
+    wait for a writer (hence O_NONBLOCK, which does nothing to a regular file)."""
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with open(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ConfigError(f"KEYS_FILE {path}: not a regular file")
+            data = f.read(MAX_KEYS_FILE_BYTES + 1)
     except OSError as err:
         raise ConfigError(f"KEYS_FILE {path}: cannot be read ({err.strerror or err})") from None
+    if len(data) > MAX_KEYS_FILE_BYTES:
+        raise ConfigError(f"KEYS_FILE {path}: larger than {MAX_KEYS_FILE_BYTES} bytes")
     try:
         if path.endswith(".toml"):
             import tomllib  # Python 3.11+; only needed for TOML keys files
@@ -3330,6 +3366,25 @@ class RouteTable:
                              headers=[("Allow", ", ".join(sorted(allowed | {"OPTIONS"})))])
         raise ProxyError(HTTPStatus.NOT_FOUND, f"Invalid URL ({method} {path}).",
                          code="unknown_url")
+
+    def overlap(self, method: str, path: str) -> Route | None:
+        """The row that a new row for (method, path) would take requests from (a path ending
+        in "/" covering what is below it), or None when it adds only what no row serves. A new
+        exact row replaces a row of the same path or one covering it; a new covering row wins
+        over the shorter covering rows for what is below it. (Exact rows are found before any
+        covering row, so a covering row never takes from them.)"""
+        covering = path.endswith("/")
+        if not covering and (method, path) in self._exact:
+            return self._exact[(method, path)]
+        for row in self._covering:
+            if method in row.methods and path.startswith(row.path) \
+                    and (covering or len(path) > len(row.path)):
+                return row
+        return None
+
+
+#: The built-in routes alone: a row of EXTRA_ROUTES may not take requests from any of them.
+BUILT_IN_ROUTES = RouteTable(DEFAULT_ROUTES)
 
 
 # ######################################################################## exchange ####
@@ -6504,7 +6559,6 @@ class ProxyServer(ThreadingHTTPServer):
         self._idle = threading.Condition(self._inflight_lock)
         if ":" in config.host:
             self.address_family = socket.AF_INET6
-        super().__init__((config.host, config.port), handler)
         self.cap = ConnectionCap(config.max_connections, clock)
         self.streams = (StreamRelay(config.send_timeout, mark=self.cap.mark)
                         if config.stream_relay == "loop" and StreamRelay.available else None)
@@ -6522,6 +6576,9 @@ class ProxyServer(ThreadingHTTPServer):
             self.redis_ledger = self.store.ledger(config.ledger_retention_days)
             self.writer = StateWriter(self.redis_ledger, None, self.ledger,
                                       config.state_flush_seconds, self.log, wall)
+        # Last: when binding fails, socketserver calls server_close(), which closes every
+        # part above (OSError: the address cannot be used; the caller says so in one line).
+        super().__init__((config.host, config.port), handler)
 
     @property
     def pool(self) -> UpstreamPool:
@@ -6784,6 +6841,10 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         server = ProxyServer(config)
     except ConfigError as err:
         print(f"llm_proxy: {err}", file=sys.stderr)
+        return 2
+    except socket.gaierror as err:  # a well-formed name that names no address
+        print(f"llm_proxy: HOST {config.host} is not an address of this machine "
+              f"({err.strerror or err})", file=sys.stderr)
         return 2
     except OSError as err:
         print(f"llm_proxy: cannot listen on {config.host}:{config.port}: {err.strerror or err}",
