@@ -181,6 +181,7 @@ MAX_LEDGER_ROWS = 100_000           # usage ledger rows held in memory at most (
 MAX_METERED_BODY = 16 * 1024 * 1024  # a longer non-stream body is settled by estimate
 MAX_PENDING_EVENT = 1024 * 1024      # a longer unterminated SSE event is passed on as it is
 MAX_KEYS_FILE_BYTES = 32 * 1024 * 1024  # about 200,000 keys
+KEYS_SETTLE_SECONDS = 2.0           # a changed keys file is loaded once unchanged this long
 
 
 # ########################################################################## errors ####
@@ -6464,12 +6465,26 @@ class ClientDeadlines:
 
 class KeysWatcher:
     """Reloads the keys file when it changes (checked every `interval` seconds) and when asked
-    (request(), safe from a signal handler), in its own thread, off the request path."""
+    (request(), safe from a signal handler), in its own thread, off the request path; in
+    either case only once the file has stayed unchanged for `settle` seconds of `clock`. A
+    file rewritten in place is empty or half-written while its writer works: loaded then, a
+    disabled key missing its `disabled = true` would be let in with the default limits.
 
-    def __init__(self, path: str, reload: Callable[[], bool], interval: float) -> None:
+    Methods for the caller: request(), close(); check() makes one look at once (what the
+    thread does every `interval` seconds).
+    """
+
+    def __init__(self, path: str, reload: Callable[[], bool], interval: float,
+                 clock: Callable[[], float] = time.monotonic,
+                 settle: float = KEYS_SETTLE_SECONDS) -> None:
         self._path = path
         self._reload = reload
         self._interval = interval
+        self._clock = clock
+        self._settle = settle
+        self._loaded = self._looked = _file_signature(path)  # (what start-up read)
+        self._changed_at = clock() - settle   # when the file last looked different
+        self._wanted = False                   # a reload is due once the file has settled
         self._asked = threading.Event()
         self._closing = threading.Event()
         threading.Thread(target=self._watch, name="llm_proxy-keys", daemon=True).start()
@@ -6481,17 +6496,26 @@ class KeysWatcher:
         self._closing.set()
         self._asked.set()
 
+    def check(self, asked: bool = False) -> bool:
+        """One look at the file: reload it if it changed since it was loaded (or a reload was
+        asked) and it has looked the same for `settle` seconds. Whether it was read."""
+        now, current = self._clock(), _file_signature(self._path)
+        if current != self._looked:
+            self._looked, self._changed_at = current, now
+        self._wanted = self._wanted or asked or current != self._loaded
+        if not self._wanted or now - self._changed_at < self._settle:
+            return False
+        self._loaded, self._wanted = current, False
+        self._reload()
+        return True
+
     def _watch(self) -> None:
-        seen = _file_signature(self._path)
         while not self._closing.is_set():
             asked = self._asked.wait(self._interval)
             self._asked.clear()
             if self._closing.is_set():
                 return
-            current = _file_signature(self._path)
-            if asked or current != seen:
-                seen = current
-                self._reload()
+            self.check(asked)
 
 
 def _file_signature(path: str) -> tuple[int, int, int] | None:
@@ -6511,7 +6535,8 @@ class ProxyServer(ThreadingHTTPServer):
     Methods for the caller: serve_forever(), stop() (from any thread, e.g. a signal handler),
     drain(timeout), server_close(), reload_keys(), request_key_reload(). Tunables:
     request_queue_size (the listen backlog; the default of 5 drops handshakes under bursts),
-    daemon_threads.
+    daemon_threads; and, for tests, the clocks and the keys watcher's key_check_interval and
+    keys_settle_seconds (KeysWatcher).
     """
 
     daemon_threads = True
@@ -6521,7 +6546,8 @@ class ProxyServer(ThreadingHTTPServer):
     def __init__(self, config: Config, *, store: "BucketStore | None" = None,
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
                  log_stream: object = None, handler: type = ProxyHandler,
-                 key_check_interval: float = 1.0) -> None:
+                 key_check_interval: float = 1.0,
+                 keys_settle_seconds: float = KEYS_SETTLE_SECONDS) -> None:
         self.config = config
         self.access_log = AccessLog(log_stream if log_stream is not None else sys.stderr,
                                     config.log_format == "json")
@@ -6567,7 +6593,8 @@ class ProxyServer(ThreadingHTTPServer):
         #: carries it has come round in a loop
         self.via = "llm_proxy-" + secrets.token_hex(4)
         self.deadlines = ClientDeadlines()
-        self.keys_watcher = (KeysWatcher(config.keys_file, self.reload_keys, key_check_interval)
+        self.keys_watcher = (KeysWatcher(config.keys_file, self.reload_keys, key_check_interval,
+                                         clock, keys_settle_seconds)
                              if config.keys_file else None)
         if self.state is not None:
             self.writer = StateWriter(self.state, self.store, self.ledger,  # type: ignore[arg-type]

@@ -124,7 +124,7 @@ class KeysFileSettleTests(ProxyTestCase):
         self.assertFalse(watcher.check())
         self.assertEqual(self.chat(key="sk-gone")[0], 401)  # the old keys stay in force
         self.clock.advance(llm_proxy.KEYS_SETTLE_SECONDS - 0.1)
-        self.rewrite(self.WHOLE.replace("alice", "alicia"))  # the write goes on
+        self.rewrite(self.WHOLE.replace('name = "alice"', 'name = "alicia"'))  # the write goes on
         self.assertFalse(watcher.check())
         self.clock.advance(llm_proxy.KEYS_SETTLE_SECONDS - 0.1)
         self.assertFalse(watcher.check())
