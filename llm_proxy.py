@@ -404,13 +404,15 @@ def _verbatim(name: str, raw: str) -> str:
     return raw
 
 
-_HOST_NAME = re.compile(r"(?=.{1,253}\.?$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*"
-                        r"[A-Za-z]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?")
+#: A DNS name (underscores allowed: container names have them) whose last label starts with a
+#: letter (RFC 3696 section 2), so that 999.1.1.1 is a bad address rather than a name.
+_HOST_NAME = re.compile(r"(?=.{1,253}\.?$)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\.)*"
+                        r"[A-Za-z]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\.?")
 
 
 def _host(name: str, raw: str) -> str:
-    """An IPv4 or IPv6 address, or a host name (whose last label is not all digits, so that
-    999.1.1.1 is a bad address rather than a name to look up)."""
+    """An IPv4 or IPv6 address, or a host name (_HOST_NAME). Whether the name resolves to an
+    address of this machine is known only when binding (main says so in one line)."""
     host = raw.strip() or "0.0.0.0"
     try:
         ipaddress.ip_address(host)
