@@ -148,8 +148,9 @@ RATE_LIMIT_HEADERS = (
     "X-RateLimit-Refill-Tokens", "X-RateLimit-Refill-Seconds", "X-RateLimit-Reset-Seconds",
 )
 LIMIT_HEADERS = ("Retry-After", "retry-after-ms", "x-should-retry")
-#: On every answer that depends on the caller's key (a private route's): no shared cache, no
-#: browser's back button, shows one caller's balance to another (RFC 9111 section 5.2.2.5).
+#: On every answer that depends on the caller's key (a private route's): nothing that keeps
+#: answers (a shared cache, a browser's history) may show one caller's data to another
+#: (RFC 9111 section 5.2.2.5).
 NO_STORE = ("Cache-Control", "no-store")
 #: Upstream headers the proxy always replaces with its own.
 NOT_FORWARDED_DOWN = HOP_BY_HOP | {"content-length"} | {
@@ -3552,8 +3553,9 @@ class Charge:
     States: `declined` (not admitted: nothing was taken), or `held` from admission until
     close() moves it, exactly once, to `refunded` (the tokens go back) or `settled` (the tokens
     stay; in usage mode the reservation is replaced with what the upstream reports). close() is
-    the only place money moves after admission, and a second close() does nothing. The
-    balance shown in headers and logs is the charge's own `quota`.
+    the only place money moves after admission, and a close after it moved the charge does
+    nothing; one whose store call failed left it `held`, its tokens taken. The balance shown in
+    headers and logs is the charge's own `quota`.
     """
 
     __slots__ = ("store", "key", "bucket", "held", "state", "quota", "meter", "prompt_estimate",
@@ -5769,7 +5771,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             except (KeyboardInterrupt, SystemExit, MemoryError):
                 raise
             except Exception as exc:  # a bug: answer 500, log one line, keep serving
-                failure = self._bug(ex, exc, "handling")
+                failure = self._internal_error(ex, exc, "handling")
             finally:
                 failure = self._close_charge(ex) or failure
             if failure is not None:
@@ -5793,11 +5795,11 @@ class ProxyHandler(BaseHTTPRequestHandler):
             raise
         except Exception as exc:
             ex.note = f"charge not closed: {type(exc).__name__}; its tokens stay held"
-            return self._bug(ex, exc, "closing the charge of")
+            return self._internal_error(ex, exc, "closing the charge of")
         ex.note = ex.note or charge.note
         return None
 
-    def _bug(self, ex: Exchange, exc: Exception, doing: str) -> ProxyError:
+    def _internal_error(self, ex: Exchange, exc: Exception, doing: str) -> ProxyError:
         """An exception that is not the client's doing nor the upstream's: one log line, and
         the 500 to answer with (once the answer's head is out, a closed connection)."""
         self.server.log(f"error: {type(exc).__name__} while {doing} "
