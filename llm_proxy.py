@@ -509,7 +509,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("REDIS_FAILURE_MODE", "local", _choice("local", "closed"),
             "while Redis is unreachable: local (per-instance buckets) or closed (503)"),
     Setting("KEYS_FILE", "", _text,
-            "JSON or TOML file of named keys with their own limits; reloaded on change and SIGHUP"),
+            "JSON or TOML file of named keys with their own limits; reloaded on change and SIGHUP "
+            f"once unchanged for {KEYS_SETTLE_SECONDS:g} s"),
     Setting("CORS_ORIGINS", "", _origins,
             "web origins whose pages may call the API routes: comma-separated, * for any, none "
             "(empty: * when keys are required, none in open mode); admin routes: never"),
