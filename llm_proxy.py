@@ -77,6 +77,7 @@ import hashlib
 import hmac
 import http.client
 import io
+import ipaddress
 import json
 import math
 import os
@@ -87,6 +88,7 @@ import sqlite3
 import signal
 import socket
 import ssl
+import stat
 import struct
 import sys
 import threading
@@ -146,6 +148,10 @@ RATE_LIMIT_HEADERS = (
     "X-RateLimit-Refill-Tokens", "X-RateLimit-Refill-Seconds", "X-RateLimit-Reset-Seconds",
 )
 LIMIT_HEADERS = ("Retry-After", "retry-after-ms", "x-should-retry")
+#: On every answer that depends on the caller's key (a private route's): nothing that keeps
+#: answers (a shared cache, a browser's history) may show one caller's data to another
+#: (RFC 9111 section 5.2.2.5).
+NO_STORE = ("Cache-Control", "no-store")
 #: Upstream headers the proxy always replaces with its own.
 NOT_FORWARDED_DOWN = HOP_BY_HOP | {"content-length"} | {
     "access-control-allow-origin", "access-control-expose-headers",
@@ -179,6 +185,8 @@ MAX_TRACKED_KEYS = 65536            # per-key usage counters kept (least recentl
 MAX_LEDGER_ROWS = 100_000           # usage ledger rows held in memory at most (oldest hour goes)
 MAX_METERED_BODY = 16 * 1024 * 1024  # a longer non-stream body is settled by estimate
 MAX_PENDING_EVENT = 1024 * 1024      # a longer unterminated SSE event is passed on as it is
+MAX_KEYS_FILE_BYTES = 32 * 1024 * 1024  # about 200,000 keys
+KEYS_SETTLE_SECONDS = 2.0           # a changed keys file is loaded once unchanged this long
 
 
 # ########################################################################## errors ####
@@ -262,12 +270,17 @@ def error_body(message: str, type: str, code: str | None = None, param: str | No
 # it, the parser that checks it, the help line, and any older names. Config's fields, their
 # defaults, the --flags, --help and from_env are all made from these rows.
 
+#: Numbers in settings are written in ASCII digits: int() and float() also read other
+#: scripts' digits (PORT=\u0668\u0668\u0669\u0669 is 8899 to them), which no one types on purpose.
+_WHOLE_NUMBER = re.compile(r"[+-]?[0-9]+")
+_DECIMAL_NUMBER = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
+
+
 def _integer(minimum: int = 1, maximum: int | None = None) -> Callable[[str, str], int]:
     def parse(name: str, raw: str) -> int:
-        try:
-            value = int(raw.strip())
-        except ValueError:
-            raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
+        if not _WHOLE_NUMBER.fullmatch(raw.strip()):
+            raise ConfigError(f"{name} must be a whole number, got {raw!r}")
+        value = int(raw.strip())
         if value < minimum:
             raise ConfigError(f"{name} must be at least {minimum}, got {value}")
         if maximum is not None and value > maximum:
@@ -277,10 +290,9 @@ def _integer(minimum: int = 1, maximum: int | None = None) -> Callable[[str, str
 
 
 def _seconds(name: str, raw: str) -> float:
-    try:
-        value = float(raw.strip())
-    except ValueError:
-        raise ConfigError(f"{name} must be a number of seconds, got {raw!r}") from None
+    if not _DECIMAL_NUMBER.fullmatch(raw.strip()):
+        raise ConfigError(f"{name} must be a number of seconds, got {raw!r}")
+    value = float(raw.strip())
     if not math.isfinite(value) or value <= 0:
         raise ConfigError(f"{name} must be a positive number of seconds, got {raw!r}")
     return value
@@ -314,6 +326,10 @@ def _flag(name: str, raw: str) -> bool:
 
 def _url(name: str, raw: str) -> str:
     url = raw.strip()
+    # urlsplit() drops tabs, CR and LF without a word (bpo-43882), but the URL's path goes
+    # into every upstream request line as written: a line break there would split the request
+    if any(ch.isspace() or not ch.isprintable() for ch in url):
+        raise ConfigError(f"{name} must not contain spaces or control characters, got {raw!r}")
     try:
         parts = urllib.parse.urlsplit(url)
         parts.port  # noqa: B018 -- raises ValueError on a bad port
@@ -383,6 +399,11 @@ def _extra_routes(name: str, raw: str) -> tuple[tuple[str, str, str], ...]:
         if kind not in _ROUTE_KINDS:
             raise ConfigError(f"{name}: {item!r}: the kind must be one of "
                               f"{', '.join(_ROUTE_KINDS)}")
+        taken = BUILT_IN_ROUTES.overlap(method, path.rstrip("*"))
+        if taken is not None:  # (or a row could make chat free, or forward /metrics)
+            shown = taken.path + ("*" if taken.path.endswith("/") else "")
+            raise ConfigError(f"{name}: {item!r}: {method} {shown} is the proxy's own route; "
+                              "a row adds routes and never replaces one")
         rows.append((method, path, kind))
     return tuple(rows)
 
@@ -411,8 +432,23 @@ def _verbatim(name: str, raw: str) -> str:
     return raw
 
 
+#: A DNS name (underscores allowed: container names have them) whose last label starts with a
+#: letter (RFC 3696 section 2), so that 999.1.1.1 is a bad address rather than a name.
+_HOST_NAME = re.compile(r"(?=.{1,253}\.?$)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\.)*"
+                        r"[A-Za-z]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\.?")
+
+
 def _host(name: str, raw: str) -> str:
-    return raw.strip() or "0.0.0.0"
+    """An IPv4 or IPv6 address, or a host name (_HOST_NAME). Whether the name resolves to an
+    address of this machine is known only when binding (main says so in one line)."""
+    host = raw.strip() or "0.0.0.0"
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not _HOST_NAME.fullmatch(host):
+            raise ConfigError(f"{name} must be an IP address or a host name, got {raw!r}") \
+                from None
+    return host
 
 
 @dataclass(frozen=True)
@@ -508,7 +544,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("REDIS_FAILURE_MODE", "local", _choice("local", "closed"),
             "while Redis is unreachable: local (per-instance buckets) or closed (503)"),
     Setting("KEYS_FILE", "", _text,
-            "JSON or TOML file of named keys with their own limits; reloaded on change and SIGHUP"),
+            "JSON or TOML file of named keys with their own limits; reloaded on change and SIGHUP "
+            f"once unchanged for {KEYS_SETTLE_SECONDS:g} s"),
     Setting("CORS_ORIGINS", "", _origins,
             "web origins whose pages may call the API routes: comma-separated, * for any, none "
             "(empty: * when keys are required, none in open mode); admin routes: never"),
@@ -688,12 +725,19 @@ _FIELD_RULES = {
 
 def read_keys_file(path: str) -> list[dict]:
     """The entries of a keys file: JSON {"keys": [...]}, or TOML ([[keys]] tables) when the
-    name ends in .toml. Raises ConfigError naming the file."""
+    name ends in .toml. Raises ConfigError naming the file. Only a regular file of at most
+    MAX_KEYS_FILE_BYTES is read: /dev/zero would fill the memory, and opening a FIFO would
+    wait for a writer (hence O_NONBLOCK, which does nothing to a regular file)."""
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with open(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ConfigError(f"KEYS_FILE {path}: not a regular file")
+            data = f.read(MAX_KEYS_FILE_BYTES + 1)
     except OSError as err:
         raise ConfigError(f"KEYS_FILE {path}: cannot be read ({err.strerror or err})") from None
+    if len(data) > MAX_KEYS_FILE_BYTES:
+        raise ConfigError(f"KEYS_FILE {path}: larger than {MAX_KEYS_FILE_BYTES} bytes")
     try:
         if path.endswith(".toml"):
             import tomllib  # Python 3.11+; only needed for TOML keys files
@@ -780,13 +824,6 @@ def keygen(name: str) -> str:
     return (f"key (give it to {name}; it is not stored anywhere): {key}\n\n"
             f"JSON entry:\n  {json.dumps({'name': name, 'key_sha256': digest})}\n\n"
             f"TOML entry:\n  [[keys]]\n  name = {json.dumps(name)}\n  key_sha256 = \"{digest}\"\n")
-
-
-def bearer_token(authorization: str | None) -> str:
-    if not authorization:
-        return ""
-    scheme, _, token = authorization.strip().partition(" ")
-    return token.strip() if scheme.lower() == "bearer" else ""
 
 
 def key_digest(key: str) -> str:
@@ -3535,8 +3572,10 @@ class Route:
     limit answer, its meter), `answer` which local answer serves it (for a forwarded route: one
     that may answer instead, such as the BASE_MODEL model list). `message_limit`: its limit can
     be an assistant message. `upstream`: forwarded under BASE_API_URL in place of /v1 ("v1"),
-    or under the upstream's root (NATIVE_API_URL, "root"). A `path` ending in "/" covers
-    everything below it.
+    or under the upstream's root (NATIVE_API_URL, "root"). `private`: its local answer depends
+    on the caller's key (every ADMIN row, and the caller's own usage), so no cache may keep
+    it for someone else (Cache-Control: no-store). A `path` ending in "/" covers everything
+    below it.
     """
     path: str
     methods: frozenset[str]
@@ -3545,6 +3584,7 @@ class Route:
     answer: str = ""
     message_limit: bool = False
     upstream: str = "v1"
+    private: bool = False
 
     @property
     def label(self) -> str:
@@ -3558,12 +3598,12 @@ class Route:
 
 
 def _row(spec: str, kind: str, api: OpenAIShape = OPENAI, answer: str = "",
-         message_limit: bool = False) -> Route:
+         message_limit: bool = False, private: bool = False) -> Route:
     """A row from 'METHOD[,METHOD] /path'."""
     methods, path = spec.split()
     upstream = "v1" if path == "/v1" or path.startswith("/v1/") else "root"
     return Route(path, frozenset(methods.split(",")), kind, api, answer, message_limit,
-                 upstream)
+                 upstream, private or kind == ADMIN)
 
 
 #: What each route is. Anything not found here is answered 404 and never forwarded, and a
@@ -3596,11 +3636,11 @@ DEFAULT_ROUTES = (
     _row("DELETE /api/delete", MANAGE, OLLAMA),
     _row("HEAD,POST /api/blobs/", MANAGE, OLLAMA),
     # answered by the proxy
-    _row("GET /health", LOCAL, answer="health"),
+    _row("GET /health", LOCAL, answer="health", private=True),
     _row("GET /metrics", ADMIN, answer="metrics"),
     _row("GET /admin/keys", ADMIN, answer="admin_keys"),
     _row("GET /admin/usage", ADMIN, answer="admin_usage"),
-    _row("GET /v1/usage", LOCAL, answer="usage"),
+    _row("GET /v1/usage", LOCAL, answer="usage", private=True),
     _row("GET /admin/overview", ADMIN, answer="overview"),
     _row("GET /admin", LOCAL, answer="page"),
     _row("GET /usage", LOCAL, answer="page"),
@@ -3658,6 +3698,25 @@ class RouteTable:
                              headers=[("Allow", ", ".join(sorted(allowed | {"OPTIONS"})))])
         raise ProxyError(HTTPStatus.NOT_FOUND, f"Invalid URL ({method} {path}).",
                          code="unknown_url")
+
+    def overlap(self, method: str, path: str) -> Route | None:
+        """The row that a new row for (method, path) would take requests from (a path ending
+        in "/" covering what is below it), or None when it adds only what no row serves. A new
+        exact row replaces a row of the same path or one covering it; a new covering row wins
+        over the shorter covering rows for what is below it. (Exact rows are found before any
+        covering row, so a covering row never takes from them.)"""
+        covering = path.endswith("/")
+        if not covering and (method, path) in self._exact:
+            return self._exact[(method, path)]
+        for row in self._covering:
+            if method in row.methods and path.startswith(row.path) \
+                    and (covering or len(path) > len(row.path)):
+                return row
+        return None
+
+
+#: The built-in routes alone: a row of EXTRA_ROUTES may not take requests from any of them.
+BUILT_IN_ROUTES = RouteTable(DEFAULT_ROUTES)
 
 
 # ######################################################################## exchange ####
@@ -3720,8 +3779,11 @@ class Identity(typing.NamedTuple):
 
 
 def client_key(headers: Headers) -> str:
-    """The key a client presents: a bearer token, or (as Anthropic's clients send it) x-api-key."""
-    return bearer_token(headers.get("Authorization")) or (headers.get("x-api-key") or "").strip()
+    """The key a client presents: a bearer token, or (as Anthropic's clients send it) x-api-key.
+    The one reader of a client's key: every route that asks who is calling reads it here."""
+    scheme, _, token = (headers.get("Authorization") or "").strip().partition(" ")
+    return (token.strip() if scheme.lower() == "bearer" else "") \
+        or (headers.get("x-api-key") or "").strip()
 
 
 def identify(headers: Headers, keys: KeyRing, default_policy: KeyPolicy, peer: str,
@@ -3822,8 +3884,9 @@ class Charge:
     States: `declined` (not admitted: nothing was taken), or `held` from admission until
     close() moves it, exactly once, to `refunded` (the tokens go back) or `settled` (the tokens
     stay; in usage mode the reservation is replaced with what the upstream reports). close() is
-    the only place money moves after admission, and a second close() does nothing. The
-    balance shown in headers and logs is the charge's own `quota`.
+    the only place money moves after admission, and a close after it moved the charge does
+    nothing; one whose store call failed left it `held`, its tokens taken. The balance shown in
+    headers and logs is the charge's own `quota`.
     """
 
     __slots__ = ("store", "key", "bucket", "held", "state", "quota", "meter", "prompt_estimate",
@@ -3892,24 +3955,27 @@ class Charge:
         return total, prompt, completion
 
     def close(self, ending: str) -> None:
-        """Refund or settle the held tokens, once; then nothing more moves."""
+        """Refund or settle the held tokens, once; then nothing more moves.
+
+        The state moves only once the store has taken the settlement: if the store call
+        raises, the charge is still held (its tokens stay taken) and says so in its state,
+        rather than claiming a settlement that never happened."""
         if self.state != "held":
             return
-        self.state = "refunded" if ending in REFUNDED_ENDINGS else "settled"
+        state = "refunded" if ending in REFUNDED_ENDINGS else "settled"
         total, prompt, completion = self.settlement(ending)
         self.prompt_tokens, self.completion_tokens = prompt, completion
-        if total == self.held and not (prompt or completion):
-            return
-        assert self.store is not None and self.bucket is not None
-        try:
-            self.quota = self.store.settle(self.key, total - self.held, self.bucket,
-                                           prompt=prompt, completion=completion,
-                                           periods=self.periods,
-                                           refund=self.state == "refunded")
-        except StoreUnavailable:
-            self.note = "not settled: the store is unreachable"
-            return
-        self.cost = total
+        if total != self.held or prompt or completion:
+            assert self.store is not None and self.bucket is not None
+            try:
+                self.quota = self.store.settle(self.key, total - self.held, self.bucket,
+                                               prompt=prompt, completion=completion,
+                                               periods=self.periods,
+                                               refund=state == "refunded")
+            except StoreUnavailable:
+                self.note = "not settled: the store is unreachable"
+                return
+        self.state, self.cost = state, total
 
 
 def admit(ex: Exchange, store: "BucketStore", metrics: "Metrics",
@@ -5433,7 +5499,7 @@ def answer_health(server: "ProxyServer", ex: Exchange, headers: Headers) -> Repl
     answer: dict[str, object] = {"ok": True}
     store = server.store
     try:
-        if bearer_token(headers.get("Authorization")) or not server.keys:
+        if client_key(headers) or not server.keys:
             who = identify(headers, server.keys, server.default_policy, ex.client,
                            server.config.trust_forwarded_for)
             ex.label, ex.bucket_key = who.label, who.bucket_key
@@ -5651,11 +5717,11 @@ def answer_admin_usage(server: "ProxyServer", ex: Exchange, headers: Headers) ->
 
 #: Headers of every page and script: nothing from elsewhere, no framing, no guessing types,
 #: nothing cached (the admin page's numbers are live, and the pages change with the proxy).
+NOT_FRAMED = (("X-Content-Type-Options", "nosniff"), ("X-Frame-Options", "DENY"),
+              ("Referrer-Policy", "no-referrer"))
 PAGE_HEADERS = (
     ("Content-Security-Policy", "default-src 'self'; frame-ancestors 'none'; base-uri 'none'; "
-                                "form-action 'none'"),
-    ("X-Content-Type-Options", "nosniff"), ("X-Frame-Options", "DENY"),
-    ("Referrer-Policy", "no-referrer"), ("Cache-Control", "no-store"))
+                                "form-action 'none'"), *NOT_FRAMED, NO_STORE)
 
 
 def answer_page(server: "ProxyServer", ex: Exchange, headers: Headers) -> Reply:
@@ -5677,8 +5743,8 @@ def answer_no_icon(server: "ProxyServer", ex: Exchange, headers: Headers) -> Rep
 
 def answer_admin_overview(server: "ProxyServer", ex: Exchange, headers: Headers) -> Reply:
     """GET /admin/overview: what the dashboard shows, in one answer (see overview())."""
-    return Reply(HTTPStatus.OK, (("Content-Type", "application/json"), *PAGE_HEADERS[1:]),
-                 json.dumps(overview(server)).encode())
+    return Reply(HTTPStatus.OK, (("Content-Type", "application/json"), *NOT_FRAMED),
+                 json.dumps(overview(server)).encode())  # (no-store: a private route's)
 
 
 def overview(server: "ProxyServer") -> dict[str, object]:
@@ -6086,14 +6152,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
             except (KeyboardInterrupt, SystemExit, MemoryError):
                 raise
             except Exception as exc:  # a bug: answer 500, log one line, keep serving
-                server.log(f"error: {type(exc).__name__} while handling "
-                           f"{loggable(ex.method)} {loggable(ex.path or '?')}")
-                failure = ProxyError(HTTPStatus.INTERNAL_SERVER_ERROR, "The proxy failed to "
-                                     "handle the request.", type="server_error", close=True)
+                failure = self._internal_error(ex, exc, "handling")
             finally:
-                if ex.charge is not None:
-                    ex.charge.close(ex.ending)
-                    ex.note = ex.note or ex.charge.note
+                failure = self._close_charge(ex) or failure
             if failure is not None:
                 self._fail(ex, failure)
             elif ex.tail:
@@ -6102,12 +6163,40 @@ class ProxyHandler(BaseHTTPRequestHandler):
             server.request_finished(ex)
             server.log_access(ex)
 
+    def _close_charge(self, ex: Exchange) -> ProxyError | None:
+        """Close the request's charge (Charge.close), inside the error boundary: a failure
+        there is answered like any other bug (None: closed, or nothing to close). The charge
+        then stays held, its tokens taken, and the access line says so."""
+        charge = ex.charge
+        if charge is None:
+            return None
+        try:
+            charge.close(ex.ending)
+        except (KeyboardInterrupt, SystemExit, MemoryError):
+            raise
+        except Exception as exc:
+            ex.note = f"charge not closed: {type(exc).__name__}; its tokens stay held"
+            return self._internal_error(ex, exc, "closing the charge of")
+        ex.note = ex.note or charge.note
+        return None
+
+    def _internal_error(self, ex: Exchange, exc: Exception, doing: str) -> ProxyError:
+        """An exception that is not the client's doing nor the upstream's: one log line, and
+        the 500 to answer with (once the answer's head is out, a closed connection)."""
+        self.server.log(f"error: {type(exc).__name__} while {doing} "
+                        f"{loggable(ex.method)} {loggable(ex.path or '?')}")
+        return ProxyError(HTTPStatus.INTERNAL_SERVER_ERROR, "The proxy failed to handle the "
+                          "request.", type="server_error", close=True)
+
     def _finish_answer(self, ex: Exchange) -> None:
-        """Write the bytes that complete a relayed answer (its charge is closed by now)."""
+        """Write the bytes that complete a relayed answer (its charge is closed by now). If
+        the client has gone before any of it went out, the log says 499, not the status it
+        never got."""
         try:
             self.write(ex, ex.tail)
         except ClientGone:
             self.close_connection = True
+            ex.status = ex.status if ex.head_sent else 499
             ex.note = "client closed"
 
     def _fail(self, ex: Exchange, err: ProxyError) -> None:
@@ -6143,6 +6232,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 check_admin(self.server, ex, self.headers)  # type: ignore[arg-type]
             reply = LOCAL_ANSWERS[route.answer](self.server, ex, self.headers)  # type: ignore[arg-type]
             assert reply is not None
+            if route.private:
+                reply = dataclasses.replace(reply, headers=(*reply.headers, NO_STORE))
             return self._reply(ex, reply)
         self._forward(ex)
 
@@ -6765,12 +6856,26 @@ class ClientDeadlines:
 
 class KeysWatcher:
     """Reloads the keys file when it changes (checked every `interval` seconds) and when asked
-    (request(), safe from a signal handler), in its own thread, off the request path."""
+    (request(), safe from a signal handler), in its own thread, off the request path; in
+    either case only once the file has stayed unchanged for `settle` seconds of `clock`. A
+    file rewritten in place is empty or half-written while its writer works: loaded then, a
+    disabled key missing its `disabled = true` would be let in with the default limits.
 
-    def __init__(self, path: str, reload: Callable[[], bool], interval: float) -> None:
+    Methods for the caller: request(), close(); check() makes one look at once (what the
+    thread does every `interval` seconds).
+    """
+
+    def __init__(self, path: str, reload: Callable[[], bool], interval: float,
+                 clock: Callable[[], float] = time.monotonic,
+                 settle: float = KEYS_SETTLE_SECONDS) -> None:
         self._path = path
         self._reload = reload
         self._interval = interval
+        self._clock = clock
+        self._settle = settle
+        self._loaded = self._looked = _file_signature(path)  # (what start-up read)
+        self._changed_at = clock() - settle   # when the file last looked different
+        self._wanted = False                   # a reload is due once the file has settled
         self._asked = threading.Event()
         self._closing = threading.Event()
         threading.Thread(target=self._watch, name="llm_proxy-keys", daemon=True).start()
@@ -6782,17 +6887,26 @@ class KeysWatcher:
         self._closing.set()
         self._asked.set()
 
+    def check(self, asked: bool = False) -> bool:
+        """One look at the file: reload it if it changed since it was loaded (or a reload was
+        asked) and it has looked the same for `settle` seconds. Whether it was read."""
+        now, current = self._clock(), _file_signature(self._path)
+        if current != self._looked:
+            self._looked, self._changed_at = current, now
+        self._wanted = self._wanted or asked or current != self._loaded
+        if not self._wanted or now - self._changed_at < self._settle:
+            return False
+        self._loaded, self._wanted = current, False
+        self._reload()
+        return True
+
     def _watch(self) -> None:
-        seen = _file_signature(self._path)
         while not self._closing.is_set():
             asked = self._asked.wait(self._interval)
             self._asked.clear()
             if self._closing.is_set():
                 return
-            current = _file_signature(self._path)
-            if asked or current != seen:
-                seen = current
-                self._reload()
+            self.check(asked)
 
 
 def _file_signature(path: str) -> tuple[int, int, int] | None:
@@ -6812,7 +6926,8 @@ class ProxyServer(ThreadingHTTPServer):
     Methods for the caller: serve_forever(), stop() (from any thread, e.g. a signal handler),
     drain(timeout), server_close(), reload_keys(), request_key_reload(). Tunables:
     request_queue_size (the listen backlog; the default of 5 drops handshakes under bursts),
-    daemon_threads.
+    daemon_threads; and, for tests, the clocks and the keys watcher's key_check_interval and
+    keys_settle_seconds (KeysWatcher).
     """
 
     daemon_threads = True
@@ -6822,7 +6937,8 @@ class ProxyServer(ThreadingHTTPServer):
     def __init__(self, config: Config, *, store: "BucketStore | None" = None,
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
                  log_stream: object = None, handler: type = ProxyHandler,
-                 key_check_interval: float = 1.0) -> None:
+                 key_check_interval: float = 1.0,
+                 keys_settle_seconds: float = KEYS_SETTLE_SECONDS) -> None:
         self.config = config
         self.access_log = AccessLog(log_stream if log_stream is not None else sys.stderr,
                                     config.log_format == "json")
@@ -6862,7 +6978,6 @@ class ProxyServer(ThreadingHTTPServer):
         self._idle = threading.Condition(self._inflight_lock)
         if ":" in config.host:
             self.address_family = socket.AF_INET6
-        super().__init__((config.host, config.port), handler)
         self.cap = ConnectionCap(config.max_connections, clock)
         self.streams = (StreamRelay(config.send_timeout, mark=self.cap.mark)
                         if config.stream_relay == "loop" and StreamRelay.available else None)
@@ -6871,7 +6986,8 @@ class ProxyServer(ThreadingHTTPServer):
         #: carries it has come round in a loop
         self.via = "llm_proxy-" + secrets.token_hex(4)
         self.deadlines = ClientDeadlines()
-        self.keys_watcher = (KeysWatcher(config.keys_file, self.reload_keys, key_check_interval)
+        self.keys_watcher = (KeysWatcher(config.keys_file, self.reload_keys, key_check_interval,
+                                         clock, keys_settle_seconds)
                              if config.keys_file else None)
         if self.state is not None:
             self.writer = StateWriter(self.state, self.store, self.ledger,  # type: ignore[arg-type]
@@ -6880,6 +6996,9 @@ class ProxyServer(ThreadingHTTPServer):
             self.redis_ledger = self.store.ledger(config.ledger_retention_days)
             self.writer = StateWriter(self.redis_ledger, None, self.ledger,
                                       config.state_flush_seconds, self.log, wall)
+        # Last: when binding fails, socketserver calls server_close(), which closes every
+        # part above (OSError: the address cannot be used; the caller says so in one line).
+        super().__init__((config.host, config.port), handler)
 
     @property
     def pool(self) -> UpstreamPool:
@@ -7149,6 +7268,10 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         server = ProxyServer(config)
     except ConfigError as err:
         print(f"llm_proxy: {err}", file=sys.stderr)
+        return 2
+    except socket.gaierror as err:  # a well-formed name that names no address
+        print(f"llm_proxy: HOST {config.host} is not an address of this machine "
+              f"({err.strerror or err})", file=sys.stderr)
         return 2
     except OSError as err:
         print(f"llm_proxy: cannot listen on {config.host}:{config.port}: {err.strerror or err}",

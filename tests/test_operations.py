@@ -290,8 +290,11 @@ class KeysFileTests(ProxyTestCase):
     def start_proxy(self, key_check_interval=1.0, **settings):
         settings.setdefault("base_api_url", self.upstream.url)
         settings.setdefault("state_db", "off")
+        # (loaded as soon as seen changed: these files are replaced whole; the wait for a file
+        # being written is KeysFileSettleTests')
         proxy = ProxyServer(Config(host="127.0.0.1", port=0, **settings), clock=self.clock,
-                            log_stream=self.log, key_check_interval=key_check_interval)
+                            log_stream=self.log, key_check_interval=key_check_interval,
+                            keys_settle_seconds=0)
         self._serve(proxy)
         return proxy
 
