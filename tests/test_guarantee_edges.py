@@ -26,7 +26,8 @@ class ChargeCloseTests(ProxyTestCase):
     answer, the access log says what was really sent, and the tokens stay held."""
 
     def settle_fails(self):
-        self.restart(token_cost_mode="usage", max_tokens=1000)
+        # (max_output_tokens at the reserve: nothing more is held at admission, through settle)
+        self.restart(token_cost_mode="usage", max_tokens=1000, max_output_tokens=256)
         patch = unittest.mock.patch.object(self.proxy.store, "settle",
                                            side_effect=RuntimeError("the store broke"))
         patch.start()
