@@ -3095,10 +3095,80 @@ def json_or_none(body: bytes) -> object:
         return None
 
 
+# The upstream must read the body the proxy read. Everything that keeps them from reading it
+# differently lives here: the proxy forwards the client's bytes (or its own re-encoding of what
+# it read), and Go's encoding/json (Ollama) matches an object's keys to a struct's fields
+# without regard to case, with Unicode simple folding (U+212A KELVIN SIGN is "k", U+017F LONG S
+# is "s"), the last match winning and two maps merging. So a key that appears twice in an
+# object, or that only such matching takes for a field the proxy reads, is refused: what the
+# proxy priced, limited and routed on is then the only reading there is.
+
+#: Every field the proxy reads from a request body, by the object it is in ("" the body
+#: itself, else the member of that name): what it prices (the prompt, the output limits, the
+#: answers), meters (stream, stream_options), routes and polices (model), for every API. The
+#: fields and their case variants are the same for all: one table for every door.
+READ_FIELDS: dict[str, frozenset[str]] = {
+    "": frozenset({"model", "stream", "stream_options", "options", "max_tokens",
+                   "max_completion_tokens", "max_output_tokens", "n_predict", "n", "best_of",
+                   "prompt", "input", "messages", "system", "instructions"}),
+    "options": frozenset({"num_predict"}),
+    "stream_options": frozenset({"include_usage"}),
+}
+#: The non-ASCII letters whose Unicode simple case folding is an ASCII letter (CaseFolding.txt,
+#: status C and S); the dotted and dotless i fold only to themselves in Go.
+_SIMPLE_FOLDS_TO_ASCII = str.maketrans({"\u212a": "k", "\u017f": "s"})
+
+
+def folded_key(key: str) -> str:
+    """What Go's encoding/json compares when it matches `key` with an (ASCII) field name."""
+    return key.lower() if key.isascii() else key.translate(_SIMPLE_FOLDS_TO_ASCII).lower()
+
+
+def _ambiguous_key(message: str, key: str) -> ProxyError:
+    return ProxyError(HTTPStatus.BAD_REQUEST, message, param=key[:60], code="ambiguous_key")
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """An object of the body (json's object_pairs_hook): a key sent twice is refused."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        key = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise _ambiguous_key(f"The key {json.dumps(key)[:60]} appears twice in an object of "
+                             "the request body; send it once.", key)
+    return obj
+
+
+def check_read_keys(payload: dict) -> None:
+    """ProxyError(400) for a key that is not a field the proxy reads but that a server
+    matching keys case-insensitively (Ollama) would take for one ("MAX_TOKENS", "Model",
+    "max_to\u212aens"): it would then read a value the proxy never saw."""
+    for where, fields in READ_FIELDS.items():
+        obj = payload.get(where) if where else payload
+        if type(obj) is not dict:
+            continue
+        for key in obj:
+            if key not in fields and folded_key(key) in fields:
+                name = f"{where}.{folded_key(key)}" if where else folded_key(key)
+                raise _ambiguous_key(
+                    f"The key {json.dumps(key)[:60]} differs from '{name}' only by case; "
+                    f"servers that match keys without regard to case read it as '{name}'. "
+                    f"Send '{name}' once.", key)
+
+
+_DECODE_UNIQUE = json.JSONDecoder(object_pairs_hook=_unique_keys).decode
+
+
+def _read_unique(body: bytes) -> object:
+    """json.loads(body), every object's keys unique (else ProxyError(400))."""
+    return _DECODE_UNIQUE(body.decode(json.detect_encoding(body), "surrogatepass"))
+
+
 def parse_json_object(body: bytes) -> dict:
-    """The body of a charged request: a JSON object, or ProxyError(400)."""
+    """The body of a charged request: a JSON object whose every reading is the proxy's (no
+    key twice, no case variant of a field it reads), or ProxyError(400)."""
     try:
-        value = json.loads(body)
+        value = _read_unique(body)
     except RecursionError:
         raise ProxyError(HTTPStatus.BAD_REQUEST, "Request body is nested too deeply.") from None
     except (UnicodeDecodeError, ValueError):
@@ -3107,6 +3177,20 @@ def parse_json_object(body: bytes) -> dict:
                          "valid JSON (UTF-8).") from None
     if not isinstance(value, dict):
         raise ProxyError(HTTPStatus.BAD_REQUEST, "The request body must be a JSON object.")
+    check_read_keys(value)
+    return value
+
+
+def policed_json(body: bytes) -> object:
+    """The body of an uncharged request whose model a key may not choose freely, read as a
+    charged one is (ProxyError(400) for an ambiguous key), or None when it is not JSON (then
+    it names no allowed model)."""
+    try:
+        value = _read_unique(body)
+    except (ValueError, RecursionError):
+        return None
+    if isinstance(value, dict):
+        check_read_keys(value)
     return value
 
 
@@ -5790,7 +5874,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             if route.kind == GENERATE:
                 ex.ask = route.api.read(ex.payload, route.path, policy.response_token_reserve)
         if policy.models is not None and ex.method == "POST":
-            check_model(ex.payload if charged else json_or_none(ex.body), policy.models)
+            check_model(ex.payload if charged else policed_json(ex.body), policy.models)
         if route.answer:
             reply = LOCAL_ANSWERS[route.answer](server, ex, self.headers)  # type: ignore[arg-type]
             if reply is not None:
