@@ -2143,10 +2143,13 @@ class Meter:
         self._template: EventTemplate | None = None
         self._templates = 0
 
-    def begin(self, status: int, content_encoding: str | None) -> None:
-        """The answer's status and Content-Encoding, before its body: an encoded body passes
-        through unread (and unstripped)."""
+    def begin(self, status: int, content_encoding: str | None, stream: bool) -> None:
+        """The answer's status, Content-Encoding and whether it is a stream (its Content-Type),
+        before its body: an encoded body passes through unread (and unstripped), and an answer
+        is metered as what it is, a stream or a plain body, whatever the request asked for (a
+        server may read a request differently, or stream by default)."""
         self.ok = 200 <= status < 300
+        self.stream = stream
         if content_encoding and content_encoding.strip().lower() != "identity":
             self.encoded, self.strip = True, False
 
@@ -5078,7 +5081,7 @@ def relay_answer(ex: Exchange, answer: Answer, client: ClientSide, read_timeout:
     charge = ex.charge
     meter = charge.meter if charge is not None else None
     if meter is not None:
-        meter.begin(resp.status, resp.getheader("Content-Encoding"))
+        meter.begin(resp.status, resp.getheader("Content-Encoding"), is_stream(resp))
     headers = response_headers(resp, charge.quota if charge is not None else None)
     framing = choose_framing(status=resp.status, method=ex.method,
                              http11=client.request_version == "HTTP/1.1",

@@ -13,7 +13,7 @@ import unittest
 
 import llm_proxy
 from tests.support import (
-    CLIENT_KEY, ProxyTestCase)
+    CLIENT_KEY, ProxyTestCase, fake_prompt_tokens, scenario)
 
 CHAT = {"model": "fake-a", "messages": [{"role": "user", "content": "hello there"}]}
 MESSAGE = {"model": "claude-x", "max_tokens": 20,
@@ -21,6 +21,19 @@ MESSAGE = {"model": "claude-x", "max_tokens": 20,
 OLLAMA_CHAT = {"model": "fake-a", "messages": [{"role": "user", "content": "hello there"}],
                "stream": False}
 SMALL_ONLY = "sk-small-only"
+
+
+@scenario("stream-anyway")
+def _stream_anyway(h, path, request):
+    """A server that streams whatever the request says (one that read "stream" differently,
+    or streams by default), with its usage (OpenAI: the include_usage chunk)."""
+    h.stream(path, {**request, "stream": True, "stream_options": {"include_usage": True}})
+
+
+@scenario("plain-anyway")
+def _plain_anyway(h, path, request):
+    """A server that answers with one plain body whatever the request says."""
+    h.answer(path, {**request, "stream": False})
 
 
 def raw_json(*pairs):
@@ -170,6 +183,39 @@ class ModelPolicyTests(GuaranteeCase):
         self.assertEqual(self.upstream.requests, [])
         status, _, _ = self.post("/api/show", {"model": "small"}, key=SMALL_ONLY)
         self.assertEqual(status, 200)
+
+
+class MeteredAsItCameTests(GuaranteeCase):
+    """Usage mode: an answer is metered as what it is (an event stream, lines of JSON, or one
+    body), whatever the request asked for, and settled by the usage it carries."""
+
+    def setUp(self):
+        super().setUp()
+        self.restart(token_cost_mode="usage", max_tokens=100_000, response_token_reserve=500)
+
+    def test_a_stream_answering_a_plain_request_is_settled_by_its_usage(self):
+        for path, body in (("/v1/chat/completions", {**CHAT, "stream": False}),
+                           ("/v1/completions", {"model": "m", "prompt": "hi"}),
+                           ("/v1/messages", {**MESSAGE, "max_tokens": 500}),
+                           ("/api/chat", OLLAMA_CHAT),
+                           ("/api/generate", {"model": "fake-a", "prompt": "hi",
+                                              "stream": False})):
+            with self.subTest(path=path):
+                charged, status, answer = self.charged(path, body, "stream-anyway")
+                self.assertEqual(status, 200, answer)
+                self.assertEqual(charged, self.upstream.reported[-1])
+                self.assertEqual(charged, fake_prompt_tokens(body) + 3)
+
+    def test_a_plain_body_answering_a_stream_is_settled_by_its_usage(self):
+        for path, body in (("/v1/chat/completions", {**CHAT, "stream": True}),
+                           ("/v1/responses", {"model": "m", "input": "hi", "stream": True}),
+                           ("/v1/messages", {**MESSAGE, "max_tokens": 500, "stream": True}),
+                           ("/api/chat", {**OLLAMA_CHAT, "stream": True})):
+            with self.subTest(path=path):
+                charged, status, answer = self.charged(path, body, "plain-anyway")
+                self.assertEqual(status, 200, answer)
+                self.assertEqual(charged, self.upstream.reported[-1])
+                self.assertEqual(charged, fake_prompt_tokens(body) + 2)
 
 
 if __name__ == "__main__":
