@@ -2637,20 +2637,28 @@ class OpenAIShape:
     #: output limits a request may set (llama.cpp's n_predict too: it wins over max_tokens)
     LIMITS: tuple[tuple[str, ...], ...] = (("max_tokens",), ("max_completion_tokens",),
                                            ("max_output_tokens",), ("n_predict",))
+    #: the output limits some server of the API reads, by route (capped in estimate mode):
+    #: Ollama reads only max_tokens on chat and completions and only max_output_tokens on
+    #: /v1/responses, vLLM max_tokens and max_completion_tokens, llama.cpp n_predict too
+    CAPPED: tuple[tuple[str, ...], ...] = (("max_tokens",), ("max_completion_tokens",),
+                                           ("n_predict",))
+    CAPPED_BY_ROUTE: dict[str, tuple[tuple[str, ...], ...]] = {
+        RESPONSES_ROUTE: CAPPED + (("max_output_tokens",),)}
 
     # -- what a request asks for ------------------------------------------------------------
 
     def read(self, payload: dict, path: str, default_reserve: int) -> Ask:
         """Validate what the request asks for and the reserve it comes to: the largest output
         limit any field sets (else `default_reserve`), for each of its answers (n, or best_of,
-        times the prompts of a prompt array)."""
+        times the prompts of a prompt array). A limit of 0 (or n_predict's -1) sets none:
+        Ollama's runner stops early only for a positive one."""
         stream = _read_stream(payload, self.stream_default)
         limits, largest = [], None
         for field in self.LIMITS:
             value = _read_integer(payload, field, -1 if field == ("n_predict",) else 0)
             if value is not None:
                 limits.append(field)
-                if value >= 0:  # (n_predict -1: no limit of its own)
+                if value > 0:
                     largest = value if largest is None else max(largest, value)
         answers = max(_read_integer(payload, ("n",), 1, 128) or 1,
                       _read_integer(payload, ("best_of",), 1, 128) or 1)
@@ -2660,15 +2668,19 @@ class OpenAIShape:
         reserve = default_reserve if largest is None else largest
         return Ask(stream, reserve, answers * prompts, tuple(limits), prompts)
 
+    def capped(self, path: str) -> tuple[tuple[str, ...], ...]:
+        """Every output limit a server of this API may read on `path`."""
+        return self.CAPPED_BY_ROUTE.get(path, self.CAPPED)
+
     def cap(self, payload: dict, path: str, ask: Ask) -> bool:
-        """Estimate mode: write the reserve charged for into every output limit the request
-        set (or the route's own when it set none), so generation cannot exceed what was paid
-        for. Whether the body changed."""
-        fields = ask.limits or (("max_output_tokens",) if path == RESPONSES_ROUTE
-                                else ("max_tokens",),)
+        """Estimate mode: write the reserve charged for into every output limit a server of
+        the route's API may read, and every one the request set, whichever the request used:
+        whatever the upstream reads, generation cannot exceed what was paid for. Whether the
+        body changed."""
         changed = False
-        for field in fields:
-            if _field(payload, field) != ask.reserve:
+        for field in dict.fromkeys(self.capped(path) + ask.limits):
+            value = _field(payload, field)
+            if type(value) is not int or value != ask.reserve:
                 _set_limit(payload, field, ask.reserve)
                 changed = True
         return changed
@@ -2786,20 +2798,16 @@ class AnthropicShape(OpenAIShape):
 
     name = "anthropic"
     honoured_retry_after = ANTHROPIC_MAX_RETRY_AFTER
-    LIMITS = (("max_tokens",),)
+    LIMITS = CAPPED = (("max_tokens",),)
+    CAPPED_BY_ROUTE = {}
 
     def read(self, payload: dict, path: str, default_reserve: int) -> Ask:
         stream = _read_stream(payload, False)
         value = _read_integer(payload, ("max_tokens",), 0)
         if value is None:  # (the API requires it; local servers do not insist)
             return Ask(stream, default_reserve)
-        return Ask(stream, value, 1, (("max_tokens",),))
-
-    def cap(self, payload: dict, path: str, ask: Ask) -> bool:
-        if payload.get("max_tokens") == ask.reserve:
-            return False
-        payload["max_tokens"] = ask.reserve
-        return True
+        # 0 sets no limit to Ollama, whose Anthropic layer passes it on as num_predict
+        return Ask(stream, value or default_reserve, 1, (("max_tokens",),))
 
     def ask_for_usage(self, payload: dict, path: str) -> bool:
         return False  # its answers always carry usage
@@ -2857,7 +2865,8 @@ class OllamaShape(OpenAIShape):
 
     name = "ollama"
     stream_default = True
-    LIMITS = (("options", "num_predict"),)
+    LIMITS = CAPPED = (("options", "num_predict"),)
+    CAPPED_BY_ROUTE = {}
 
     def read(self, payload: dict, path: str, default_reserve: int) -> Ask:
         stream = _read_stream(payload, True)
@@ -2872,12 +2881,6 @@ class OllamaShape(OpenAIShape):
         # Ollama's runner stops early only for a positive num_predict
         return Ask(stream, value if value > 0 else default_reserve, 1,
                    (("options", "num_predict"),))
-
-    def cap(self, payload: dict, path: str, ask: Ask) -> bool:
-        if _field(payload, ("options", "num_predict")) == ask.reserve:
-            return False
-        _set_limit(payload, ("options", "num_predict"), ask.reserve)
-        return True
 
     def ask_for_usage(self, payload: dict, path: str) -> bool:
         return False  # the last line always carries the counts

@@ -218,5 +218,47 @@ class MeteredAsItCameTests(GuaranteeCase):
                 self.assertEqual(charged, fake_prompt_tokens(body) + 2)
 
 
+class EstimateCapTests(GuaranteeCase):
+    """Estimate mode writes the limit charged for into every output limit a server of the
+    route's API may read; 0 sets no limit (the default is reserved and written)."""
+
+    RESERVE = 100
+
+    def setUp(self):
+        super().setUp()
+        self.restart(token_cost_mode="estimate", max_tokens=100_000,
+                     response_token_reserve=self.RESERVE)
+
+    def test_every_limit_a_server_may_read_is_the_one_charged_for(self):
+        openai = ("max_tokens", "max_completion_tokens", "n_predict")
+        completion = {"model": "m", "prompt": "hello there"}
+        responses = {"model": "m", "input": "hello there"}
+        for path, body, reserve, fields in (
+                ("/v1/chat/completions", {**CHAT, "max_tokens": 0}, 100, openai),
+                ("/v1/chat/completions", {**CHAT, "max_completion_tokens": 1}, 1, openai),
+                ("/v1/chat/completions", {**CHAT, "n_predict": 1}, 1, openai),
+                ("/v1/chat/completions", {**CHAT, "n_predict": -1}, 100, openai),
+                ("/v1/chat/completions", {**CHAT, "max_tokens": 0, "n_predict": 7}, 7, openai),
+                ("/v1/chat/completions", {**CHAT, "max_output_tokens": 3}, 3,
+                 openai + ("max_output_tokens",)),
+                ("/v1/completions", {**completion, "max_tokens": 0}, 100, openai),
+                ("/v1/completions", {**completion, "n_predict": 2}, 2, openai),
+                ("/v1/responses", {**responses, "max_tokens": 1}, 1,
+                 openai + ("max_output_tokens",)),
+                ("/v1/responses", {**responses, "max_output_tokens": 0}, 100,
+                 openai + ("max_output_tokens",)),
+                ("/v1/messages", {**MESSAGE, "max_tokens": 0}, 100, ("max_tokens",)),
+                ("/api/chat", {**OLLAMA_CHAT, "options": {"num_predict": 0}}, 100, ())):
+            with self.subTest(path=path, body=body):
+                charged, status, answer = self.charged(path, body)
+                self.assertEqual(status, 200, answer)
+                self.assertEqual(charged, llm_proxy.prompt_estimate(body) + reserve)
+                sent = self.sent()
+                self.assertEqual({f: sent.get(f) for f in fields},
+                                 {f: reserve for f in fields})
+                if path.startswith("/api/"):
+                    self.assertEqual(sent["options"]["num_predict"], reserve)
+
+
 if __name__ == "__main__":
     unittest.main()
