@@ -3138,11 +3138,19 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
     """An object of the body (json's object_pairs_hook): a key sent twice is refused."""
     obj = dict(pairs)
     if len(obj) != len(pairs):
-        seen: set[str] = set()
-        key = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        key = _first_repeated(k for k, _ in pairs)
         raise _ambiguous_key(f"The key {json.dumps(key)[:60]} appears twice in an object of "
                              "the request body; send it once.", key)
     return obj
+
+
+def _first_repeated(keys: Iterable[str]) -> str:
+    seen: set[str] = set()
+    for key in keys:
+        if key in seen:
+            return key
+        seen.add(key)
+    raise ValueError("no key is repeated")
 
 
 def check_read_keys(payload: dict) -> None:
