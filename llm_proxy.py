@@ -2400,10 +2400,13 @@ class Meter:
         self._template: EventTemplate | None = None
         self._templates = 0
 
-    def begin(self, status: int, content_encoding: str | None) -> None:
-        """The answer's status and Content-Encoding, before its body: an encoded body passes
-        through unread (and unstripped)."""
+    def begin(self, status: int, content_encoding: str | None, stream: bool) -> None:
+        """The answer's status, Content-Encoding and whether it is a stream (its Content-Type),
+        before its body: an encoded body passes through unread (and unstripped), and an answer
+        is metered as what it is, a stream or a plain body, whatever the request asked for (a
+        server may read a request differently, or stream by default)."""
         self.ok = 200 <= status < 300
+        self.stream = stream
         if content_encoding and content_encoding.strip().lower() != "identity":
             self.encoded, self.strip = True, False
 
@@ -2903,20 +2906,28 @@ class OpenAIShape:
     #: output limits a request may set (llama.cpp's n_predict too: it wins over max_tokens)
     LIMITS: tuple[tuple[str, ...], ...] = (("max_tokens",), ("max_completion_tokens",),
                                            ("max_output_tokens",), ("n_predict",))
+    #: the output limits some server of the API reads, by route (capped in estimate mode):
+    #: Ollama reads only max_tokens on chat and completions and only max_output_tokens on
+    #: /v1/responses, vLLM max_tokens and max_completion_tokens, llama.cpp n_predict too
+    CAPPED: tuple[tuple[str, ...], ...] = (("max_tokens",), ("max_completion_tokens",),
+                                           ("n_predict",))
+    CAPPED_BY_ROUTE: dict[str, tuple[tuple[str, ...], ...]] = {
+        RESPONSES_ROUTE: CAPPED + (("max_output_tokens",),)}
 
     # -- what a request asks for ------------------------------------------------------------
 
     def read(self, payload: dict, path: str, default_reserve: int) -> Ask:
         """Validate what the request asks for and the reserve it comes to: the largest output
         limit any field sets (else `default_reserve`), for each of its answers (n, or best_of,
-        times the prompts of a prompt array)."""
+        times the prompts of a prompt array). A limit of 0 (or n_predict's -1) sets none:
+        Ollama's runner stops early only for a positive one."""
         stream = _read_stream(payload, self.stream_default)
         limits, largest = [], None
         for field in self.LIMITS:
             value = _read_integer(payload, field, -1 if field == ("n_predict",) else 0)
             if value is not None:
                 limits.append(field)
-                if value >= 0:  # (n_predict -1: no limit of its own)
+                if value > 0:
                     largest = value if largest is None else max(largest, value)
         answers = max(_read_integer(payload, ("n",), 1, 128) or 1,
                       _read_integer(payload, ("best_of",), 1, 128) or 1)
@@ -2926,15 +2937,19 @@ class OpenAIShape:
         reserve = default_reserve if largest is None else largest
         return Ask(stream, reserve, answers * prompts, tuple(limits), prompts)
 
+    def capped(self, path: str) -> tuple[tuple[str, ...], ...]:
+        """Every output limit a server of this API may read on `path`."""
+        return self.CAPPED_BY_ROUTE.get(path, self.CAPPED)
+
     def cap(self, payload: dict, path: str, ask: Ask) -> bool:
-        """Estimate mode: write the reserve charged for into every output limit the request
-        set (or the route's own when it set none), so generation cannot exceed what was paid
-        for. Whether the body changed."""
-        fields = ask.limits or (("max_output_tokens",) if path == RESPONSES_ROUTE
-                                else ("max_tokens",),)
+        """Estimate mode: write the reserve charged for into every output limit a server of
+        the route's API may read, and every one the request set, whichever the request used:
+        whatever the upstream reads, generation cannot exceed what was paid for. Whether the
+        body changed."""
         changed = False
-        for field in fields:
-            if _field(payload, field) != ask.reserve:
+        for field in dict.fromkeys(self.capped(path) + ask.limits):
+            value = _field(payload, field)
+            if type(value) is not int or value != ask.reserve:
                 _set_limit(payload, field, ask.reserve)
                 changed = True
         return changed
@@ -3146,20 +3161,16 @@ class AnthropicShape(OpenAIShape):
 
     name = "anthropic"
     honoured_retry_after = ANTHROPIC_MAX_RETRY_AFTER
-    LIMITS = (("max_tokens",),)
+    LIMITS = CAPPED = (("max_tokens",),)
+    CAPPED_BY_ROUTE = {}
 
     def read(self, payload: dict, path: str, default_reserve: int) -> Ask:
         stream = _read_stream(payload, False)
         value = _read_integer(payload, ("max_tokens",), 0)
         if value is None:  # (the API requires it; local servers do not insist)
             return Ask(stream, default_reserve)
-        return Ask(stream, value, 1, (("max_tokens",),))
-
-    def cap(self, payload: dict, path: str, ask: Ask) -> bool:
-        if payload.get("max_tokens") == ask.reserve:
-            return False
-        payload["max_tokens"] = ask.reserve
-        return True
+        # 0 sets no limit to Ollama, whose Anthropic layer passes it on as num_predict
+        return Ask(stream, value or default_reserve, 1, (("max_tokens",),))
 
     def ask_for_usage(self, payload: dict, path: str) -> bool:
         return False  # its answers always carry usage
@@ -3217,7 +3228,8 @@ class OllamaShape(OpenAIShape):
 
     name = "ollama"
     stream_default = True
-    LIMITS = (("options", "num_predict"),)
+    LIMITS = CAPPED = (("options", "num_predict"),)
+    CAPPED_BY_ROUTE = {}
 
     def read(self, payload: dict, path: str, default_reserve: int) -> Ask:
         stream = _read_stream(payload, True)
@@ -3232,12 +3244,6 @@ class OllamaShape(OpenAIShape):
         # Ollama's runner stops early only for a positive num_predict
         return Ask(stream, value if value > 0 else default_reserve, 1,
                    (("options", "num_predict"),))
-
-    def cap(self, payload: dict, path: str, ask: Ask) -> bool:
-        if _field(payload, ("options", "num_predict")) == ask.reserve:
-            return False
-        _set_limit(payload, ("options", "num_predict"), ask.reserve)
-        return True
 
     def ask_for_usage(self, payload: dict, path: str) -> bool:
         return False  # the last line always carries the counts
@@ -3459,10 +3465,88 @@ def json_or_none(body: bytes) -> object:
         return None
 
 
+# The upstream must read the body the proxy read. Everything that keeps them from reading it
+# differently lives here: the proxy forwards the client's bytes (or its own re-encoding of what
+# it read), and Go's encoding/json (Ollama) matches an object's keys to a struct's fields
+# without regard to case, with Unicode simple folding (U+212A KELVIN SIGN is "k", U+017F LONG S
+# is "s"), the last match winning and two maps merging. So a key that appears twice in an
+# object, or that only such matching takes for a field the proxy reads, is refused: what the
+# proxy priced, limited and routed on is then the only reading there is.
+
+#: Every field the proxy reads from a request body, by the object it is in ("" the body
+#: itself, else the member of that name): what it prices (the prompt, the output limits, the
+#: answers), meters (stream, stream_options), routes and polices (model), for every API. The
+#: fields and their case variants are the same for all: one table for every door.
+READ_FIELDS: dict[str, frozenset[str]] = {
+    "": frozenset({"model", "stream", "stream_options", "options", "max_tokens",
+                   "max_completion_tokens", "max_output_tokens", "n_predict", "n", "best_of",
+                   "prompt", "input", "messages", "system", "instructions"}),
+    "options": frozenset({"num_predict"}),
+    "stream_options": frozenset({"include_usage"}),
+}
+#: The non-ASCII letters whose Unicode simple case folding is an ASCII letter (CaseFolding.txt,
+#: status C and S); the dotted and dotless i fold only to themselves in Go.
+_SIMPLE_FOLDS_TO_ASCII = str.maketrans({"\u212a": "k", "\u017f": "s"})
+
+
+def folded_key(key: str) -> str:
+    """What Go's encoding/json compares when it matches `key` with an (ASCII) field name."""
+    return key.lower() if key.isascii() else key.translate(_SIMPLE_FOLDS_TO_ASCII).lower()
+
+
+def _ambiguous_key(message: str, key: str) -> ProxyError:
+    return ProxyError(HTTPStatus.BAD_REQUEST, message, param=key[:60], code="ambiguous_key")
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """An object of the body (json's object_pairs_hook): a key sent twice is refused."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        key = _first_repeated(k for k, _ in pairs)
+        raise _ambiguous_key(f"The key {json.dumps(key)[:60]} appears twice in an object of "
+                             "the request body; send it once.", key)
+    return obj
+
+
+def _first_repeated(keys: Iterable[str]) -> str:
+    seen: set[str] = set()
+    for key in keys:
+        if key in seen:
+            return key
+        seen.add(key)
+    raise ValueError("no key is repeated")
+
+
+def check_read_keys(payload: dict) -> None:
+    """ProxyError(400) for a key that is not a field the proxy reads but that a server
+    matching keys case-insensitively (Ollama) would take for one ("MAX_TOKENS", "Model",
+    "max_to\u212aens"): it would then read a value the proxy never saw."""
+    for where, fields in READ_FIELDS.items():
+        obj = payload.get(where) if where else payload
+        if type(obj) is not dict:
+            continue
+        for key in obj:
+            if key not in fields and folded_key(key) in fields:
+                name = f"{where}.{folded_key(key)}" if where else folded_key(key)
+                raise _ambiguous_key(
+                    f"The key {json.dumps(key)[:60]} differs from '{name}' only by case; "
+                    f"servers that match keys without regard to case read it as '{name}'. "
+                    f"Send '{name}' once.", key)
+
+
+_DECODE_UNIQUE = json.JSONDecoder(object_pairs_hook=_unique_keys).decode
+
+
+def _read_unique(body: bytes) -> object:
+    """json.loads(body), every object's keys unique (else ProxyError(400))."""
+    return _DECODE_UNIQUE(body.decode(json.detect_encoding(body), "surrogatepass"))
+
+
 def parse_json_object(body: bytes) -> dict:
-    """The body of a charged request: a JSON object, or ProxyError(400)."""
+    """The body of a charged request: a JSON object whose every reading is the proxy's (no
+    key twice, no case variant of a field it reads), or ProxyError(400)."""
     try:
-        value = json.loads(body)
+        value = _read_unique(body)
     except RecursionError:
         raise ProxyError(HTTPStatus.BAD_REQUEST, "Request body is nested too deeply.") from None
     except (UnicodeDecodeError, ValueError):
@@ -3471,6 +3555,20 @@ def parse_json_object(body: bytes) -> dict:
                          "valid JSON (UTF-8).") from None
     if not isinstance(value, dict):
         raise ProxyError(HTTPStatus.BAD_REQUEST, "The request body must be a JSON object.")
+    check_read_keys(value)
+    return value
+
+
+def policed_json(body: bytes) -> object:
+    """The body of an uncharged request whose model a key may not choose freely, read as a
+    charged one is (ProxyError(400) for an ambiguous key), or None when it is not JSON (then
+    it names no allowed model)."""
+    try:
+        value = _read_unique(body)
+    except (ValueError, RecursionError):
+        return None
+    if isinstance(value, dict):
+        check_read_keys(value)
     return value
 
 
@@ -5419,7 +5517,7 @@ def relay_answer(ex: Exchange, answer: Answer, client: ClientSide, read_timeout:
     charge = ex.charge
     meter = charge.meter if charge is not None else None
     if meter is not None:
-        meter.begin(resp.status, resp.getheader("Content-Encoding"))
+        meter.begin(resp.status, resp.getheader("Content-Encoding"), is_stream(resp))
     headers = response_headers(resp, charge.quota if charge is not None else None)
     framing = choose_framing(status=resp.status, method=ex.method,
                              http11=client.request_version == "HTTP/1.1",
@@ -6261,7 +6359,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             if route.kind == GENERATE:
                 ex.ask = route.api.read(ex.payload, route.path, policy.response_token_reserve)
         if policy.models is not None and ex.method == "POST":
-            check_model(ex.payload if charged else json_or_none(ex.body), policy.models)
+            check_model(ex.payload if charged else policed_json(ex.body), policy.models)
         if route.answer:
             reply = LOCAL_ANSWERS[route.answer](server, ex, self.headers)  # type: ignore[arg-type]
             if reply is not None:

@@ -173,7 +173,7 @@ class AskTests(ProxyTestCase):
                                 ({"max_tokens": 1, "n_predict": 200}, 200),
                                 ({"max_completion_tokens": 30, "max_tokens": 10}, 30),
                                 ({"n_predict": -1}, 100), ({"max_tokens": 5, "n": 3}, 15),
-                                ({"max_tokens": 0}, 0)):
+                                ({"max_tokens": 0}, 100)):  # 0 sets no limit (Ollama)
             with self.subTest(fields=fields):
                 self.assertEqual(self.cost(**fields)[0], prompt + reserve)
         completion = {"model": "m", "prompt": "hello there"}
@@ -196,7 +196,8 @@ class AskTests(ProxyTestCase):
         self.assertEqual(sent["max_tokens"], 100)  # no limit of its own: the one charged for
         _, sent = self.cost(max_tokens=9)
         self.assertEqual(sent["max_tokens"], 9)
-        raw = json.dumps({**CHAT, "max_tokens": 9}).encode()
+        raw = json.dumps({**CHAT, "max_tokens": 9, "max_completion_tokens": 9,
+                          "n_predict": 9}).encode()  # every limit a server may read, set
         self.request("POST", "/v1/chat/completions", raw)
         self.assertEqual(self.upstream.requests[-1][3], raw)  # nothing to change: same bytes
 
