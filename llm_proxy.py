@@ -2266,6 +2266,7 @@ class Ask(typing.NamedTuple):
     answers: int = 1                     # answers generated: n (or best_of) times the prompts
     limits: tuple[tuple[str, ...], ...] = ()  # where the request set an output limit
     prompts: int = 1                     # prompts sent (a /v1/completions prompt array)
+    bounded: bool = False                # a limit above 0 was set (else `reserve` is a default)
 
 
 def request_cost(body: Mapping[str, object], policy: KeyPolicy, kind: str = "generate",
@@ -2935,7 +2936,8 @@ class OpenAIShape:
         if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
             prompts = len(prompt)  # several prompts (strings or token lists): answers for each
         reserve = default_reserve if largest is None else largest
-        return Ask(stream, reserve, answers * prompts, tuple(limits), prompts)
+        return Ask(stream, reserve, answers * prompts, tuple(limits), prompts,
+                   largest is not None)
 
     def capped(self, path: str) -> tuple[tuple[str, ...], ...]:
         """Every output limit a server of this API may read on `path`."""
@@ -3170,7 +3172,7 @@ class AnthropicShape(OpenAIShape):
         if value is None:  # (the API requires it; local servers do not insist)
             return Ask(stream, default_reserve)
         # 0 sets no limit to Ollama, whose Anthropic layer passes it on as num_predict
-        return Ask(stream, value or default_reserve, 1, (("max_tokens",),))
+        return Ask(stream, value or default_reserve, 1, (("max_tokens",),), 1, value > 0)
 
     def ask_for_usage(self, payload: dict, path: str) -> bool:
         return False  # its answers always carry usage
@@ -3243,7 +3245,7 @@ class OllamaShape(OpenAIShape):
         # 0 and -1 (until it stops) and -2 (fill the context) set no limit of their own:
         # Ollama's runner stops early only for a positive num_predict
         return Ask(stream, value if value > 0 else default_reserve, 1,
-                   (("options", "num_predict"),))
+                   (("options", "num_predict"),), 1, value > 0)
 
     def ask_for_usage(self, payload: dict, path: str) -> bool:
         return False  # the last line always carries the counts
@@ -4105,14 +4107,17 @@ def admit(ex: Exchange, store: "BucketStore", metrics: "Metrics",
         meter.prompt_floor = estimate
     charge = Charge(store, ex.bucket_key, bucket, quota, cost, meter=meter,
                     prompt_estimate=estimate, periods=periods)
-    if ex.ask is not None and not ex.ask.limits and route.kind == GENERATE:
-        bound_output(charge, ex.ask, policy, quota)
+    if ex.ask is not None and route.kind == GENERATE:
+        if ex.ask.bounded:  # its own limit, written where every server reads one
+            charge.output_limit = ex.ask.reserve
+        else:
+            bound_output(charge, ex.ask, policy, quota)
     return charge
 
 
 def bound_output(charge: Charge, ask: Ask, policy: KeyPolicy, quota: Quota) -> None:
-    """Usage mode, a request that set no output limit: it is forwarded with one, so that what
-    it can cost is bounded. The limit is the reserve plus half the room the bucket and the
+    """Usage mode, a request that set no output limit (or 0, which sets none): it is forwarded
+    with one, so that what it can cost is bounded. The limit is the reserve plus half the room the bucket and the
     token quotas still had after its reservation, at most max_output_tokens an answer; that
     room is held with the reservation (and settled with it), so a burst of such requests
     cannot spend together more than the key has (each admitted one sees what the earlier ones

@@ -316,7 +316,8 @@ class UsageModeTests(ProxyTestCase):
 
     def test_stream_with_include_usage_is_forwarded_untouched(self):
         request = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}],
-                   "stream_options": {"include_usage": True}, "max_tokens": 40}
+                   "stream_options": {"include_usage": True}, "max_tokens": 40,
+                   "max_completion_tokens": 40, "n_predict": 40}  # (every limit a server reads)
         _, _, body = self.request("POST", "/v1/chat/completions", request)
         self.settled()
         self.assertEqual(body, self.direct("/v1/chat/completions", request))

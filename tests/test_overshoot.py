@@ -73,11 +73,14 @@ class BoundedOvershootTests(ProxyTestCase):
         self.assertTrue(self.log.wait_for(lambda text: " cost=1010" in text))
         self.assertEqual(100_000 - self.remaining(), 1010)  # settled exactly
 
-    def test_a_request_with_its_own_limit_is_forwarded_as_it_came(self):
+    def test_a_request_with_its_own_limit_keeps_it_in_every_field_a_server_reads(self):
         self.restart(token_cost_mode="usage", max_tokens=100_000)
-        self.chat(max_tokens=7)
-        self.assertEqual(json.loads(self.upstream.requests[0][3])["max_tokens"], 7)
-        self.assertNotIn(b"max_completion_tokens", self.upstream.requests[0][3])
+        self.chat(max_completion_tokens=7)  # (Ollama reads only max_tokens)
+        sent = json.loads(self.upstream.requests[0][3])
+        self.assertEqual((sent["max_tokens"], sent["max_completion_tokens"], sent["n_predict"]),
+                         (7, 7, 7))
+        self.chat(max_tokens=0, headers={"X-Fake-Scenario": "to-the-limit"})  # 0: none
+        self.assertEqual(json.loads(self.upstream.requests[1][3])["max_tokens"], 4096)
 
     def test_the_last_admitted_gets_only_what_is_left(self):
         self.restart(token_cost_mode="usage", max_tokens=1000, response_token_reserve=100)
