@@ -2164,6 +2164,7 @@ class Meter:
         self.expects_usage = expects_usage
         self.generated = 0                  # text_bound of the generated text seen
         self.answers = 1                    # answers the request asked for (n times prompts)
+        self.output_limit: int | None = None  # the most all its answers may generate (if set)
         self.prompt_sizes: tuple[int, ...] = ()  # prompt_estimate of each prompt (several)
         self.failed = False                 # the upstream ended its stream with an error
         self.encoded = False
@@ -2336,8 +2337,8 @@ class Meter:
         cover the whole request; an estimate (an upper bound) only of what they leave out."""
         numbers = self.usage()
         if numbers is None:
-            return (prompt_tokens_estimate, self.generated,
-                    prompt_tokens_estimate + self.generated)
+            generated = self.generated_estimate()
+            return prompt_tokens_estimate, generated, prompt_tokens_estimate + generated
         prompt, completion, total = numbers
         if prompt is None:  # (Ollama leaves out a cached prompt)
             prompt = prompt_tokens_estimate
@@ -2354,7 +2355,14 @@ class Meter:
         """(prompt, completion) when the report leaves the completion out (a stream cut after
         the prompt's count, as Anthropic's message_start gives it): the completion never less
         than the estimate of the delivered text."""
-        return prompt, max(completion, self.generated)
+        return prompt, max(completion, self.generated_estimate())
+
+    def generated_estimate(self) -> int:
+        """What the delivered text may have cost: its text_bound, and never more than the
+        output limit the request set (the server stops there)."""
+        if self.output_limit is None:
+            return self.generated
+        return min(self.generated, self.output_limit)
 
 
 _DECODER = json.JSONDecoder()
@@ -2516,7 +2524,8 @@ class UsageMeter(Meter):
     def with_unreported(self, prompt: int, completion: int,
                         prompt_tokens_estimate: int) -> tuple[int, int]:
         if self.stream:  # cut before the usage of its last answers: the whole estimated
-            return max(prompt, prompt_tokens_estimate), max(completion, self.generated)
+            return (max(prompt, prompt_tokens_estimate),
+                    max(completion, self.generated_estimate()))
         if len(self._choice_sizes) < 2:
             return super().with_unreported(prompt, completion, prompt_tokens_estimate)
         first, *others = self._choice_sizes
@@ -3855,6 +3864,8 @@ def admit(ex: Exchange, store: "BucketStore", metrics: "Metrics",
     estimate = prompt_estimate(payload)
     if ex.ask is not None:
         meter.answers = ex.ask.answers
+        if ex.ask.limits and all(_whole(_field(payload, f)) for f in ex.ask.limits):
+            meter.output_limit = ex.ask.reserve * ex.ask.answers  # (0 or -1 anywhere: none)
         if ex.ask.prompts > 1:
             meter.prompt_sizes = prompt_sizes(payload)
     return Charge(store, ex.bucket_key, bucket, quota, cost, meter=meter,

@@ -237,12 +237,9 @@ class SettleExactlyTests(ProxyTestCase):
         self.assertEqual(charged, self.upstream.reported[-1])
         self.assertNotIn(b'"usage"', answer)
 
-    def test_a_stream_cut_before_its_usage_is_charged_an_upper_bound_in_every_script(self):
-        """The client has the whole Chinese answer and leaves before its usage: the estimate
-        counts at least a token a character, the prompt too."""
-        question = "请用中文详细解释统一码的历史" * 10
-        body = {"model": "m", "stream": True, "messages": [{"role": "user",
-                                                           "content": question}]}
+    def cut_before_usage(self, body):
+        """Stream `body` ("chinese-gate"), read the whole answer, leave before its usage:
+        what was charged."""
         before = self.remaining()
         conn = http.client.HTTPConnection("127.0.0.1", self.proxy.server_address[1],
                                           timeout=WAIT)
@@ -260,11 +257,25 @@ class SettleExactlyTests(ProxyTestCase):
         conn.close()
         self.assertTrue(self.log.wait_for(lambda text: "client closed" in text))
         self.upstream.release.set()
-        charged = before - self.remaining()
+        return before - self.remaining()
+
+    def test_a_stream_cut_before_its_usage_is_charged_an_upper_bound_in_every_script(self):
+        """The client has the whole Chinese answer and leaves before its usage: the estimate
+        counts at least a token a character, the prompt too."""
+        question = "请用中文详细解释统一码的历史" * 10
+        body = {"model": "m", "stream": True, "messages": [{"role": "user",
+                                                           "content": question}]}
+        charged = self.cut_before_usage(body)
         self.assertGreaterEqual(charged, self.upstream.reported[-1])
         self.assertGreaterEqual(charged, len(question) + 5 * len(CHINESE))
         self.assertEqual(charged, llm_proxy.prompt_estimate(body)
                          + 5 * len(CHINESE.encode()))
+
+    def test_the_estimate_of_a_cut_stream_never_passes_its_output_limit(self):
+        """The server stops at max_tokens: the text's bound is capped there."""
+        body = {"model": "m", "stream": True, "max_tokens": 40,
+                "messages": [{"role": "user", "content": "统一码"}]}
+        self.assertEqual(self.cut_before_usage(body), llm_proxy.prompt_estimate(body) + 40)
 
     def test_a_plain_request_whose_client_leaves_keeps_its_reservation(self):
         """llama.cpp's server runs a plain request to its end after its client has gone:
