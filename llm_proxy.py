@@ -2226,6 +2226,10 @@ class Meter:
             return rest
         return (self._event(rest) or b"") if rest else b""
 
+    def held(self) -> bytes:
+        """Whole events held back (none here; see UsageMeter)."""
+        return b""
+
     def _event(self, event: bytes) -> bytes | None:
         template = self._template
         if template is not None:
@@ -2570,8 +2574,11 @@ class UsageMeter(Meter):
 
     def finish(self) -> bytes:
         out = super().finish()
+        return out + self.held()
+
+    def held(self) -> bytes:
         held, self._held = self._held, None
-        return out + held if held is not None else out
+        return held or b""
 
     def rewrite(self, event: bytes) -> bytes:
         if self.strip and b'"usage"' in event:
@@ -4648,11 +4655,20 @@ LAST_CHUNK = b"0\r\n\r\n"
 
 class BodyTransform(Protocol):
     """What the relay asks of a body transform: feed() takes each piece read from the upstream
-    and returns what to relay now; finish() returns what is left at the end."""
+    and returns what to relay now; finish() returns what is left at the end; held() what whole
+    events it holds back, to go out before the error event of a body that broke off."""
 
     def feed(self, data: bytes) -> bytes: ...
 
     def finish(self) -> bytes: ...
+
+    def held(self) -> bytes: ...
+
+
+def held_back(transform: BodyTransform | None, chunked: bool) -> bytes:
+    """The whole events a transform holds, framed, for a body that ends short."""
+    data = transform.held() if transform is not None else b""
+    return frame_chunk(data) if data and chunked else data
 
 
 #: How a relay ended.
@@ -4705,9 +4721,10 @@ def relay(resp: http.client.HTTPResponse, upstream: socket.socket, write: Callab
     except ClientGone:
         return RelayEnd(CLIENT_GONE)
     except (UpstreamTimeout, socket.timeout, TimeoutError):
-        return RelayEnd(UPSTREAM_SILENT, not head, "timeout")
+        return RelayEnd(UPSTREAM_SILENT, not head, "timeout", held_back(transform, chunked))
     except (OSError, ValueError, http.client.HTTPException) as exc:
-        return RelayEnd(UPSTREAM_BROKE, not head, type(exc).__name__)
+        return RelayEnd(UPSTREAM_BROKE, not head, type(exc).__name__,
+                        held_back(transform, chunked))
     return RelayEnd(WHOLE, tail=tail)
 
 
@@ -4909,7 +4926,8 @@ class StreamJob:
 
     def stop(self, how: str, detail: str = "") -> None:
         """The stream ends short: what was held for the client goes before the error event."""
-        self.end = RelayEnd(how, self.sent, detail, bytes(self.out))
+        held = held_back(self.transform, self.chunked) if how != CLIENT_GONE else b""
+        self.end = RelayEnd(how, self.sent, detail, bytes(self.out) + held)
 
     # -- to the client ----------------------------------------------------------------------
 

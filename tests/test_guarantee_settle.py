@@ -11,6 +11,7 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+import struct
 import unittest
 import unittest.mock
 
@@ -148,6 +149,24 @@ def _wordy(h, path, request):
     h.json(200, {"id": "w", "created": 1, "model": "m", **answer, "usage": {
         "prompt_tokens": prompt, "completion_tokens": WORDY_TOKENS, "total_tokens": total},
         "timings": TIMINGS})
+
+
+@scenario("wordy-reset")
+def _wordy_reset(h, path, request):
+    """A wordy chat stream whose connection is reset after the answer's last chunk, before
+    its usage chunk."""
+    chunks, _ = _openai_chunks(path, request, WORDY, WORDY_TOKENS)
+    h.send_response(200)
+    h.send_header("Content-Type", "text/event-stream")
+    h.send_header("Transfer-Encoding", "chunked")
+    h.end_headers()
+    for chunk in chunks[:3]:  # the role, the text, the last chunk
+        h.chunk(b"data: " + _compact(chunk) + b"\n\n")
+    h.wfile.flush()
+    h.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    h.rfile.close()
+    h.connection.close()
+    h.close_connection = True
 
 
 @scenario("slow-plain")
@@ -343,6 +362,17 @@ class SameBytesTests(ProxyTestCase):
                 self.assertIn(b'"timings"', alone)
                 self.assertEqual(through, alone)
                 self.assertEqual(charged, reported)
+
+
+    def test_an_answers_last_chunk_held_back_reaches_the_client_when_the_stream_breaks(self):
+        """The last chunk waits for the usage chunk that may carry its timings; when the
+        stream breaks instead, it still goes out, before the error event."""
+        body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+        _, _, answer = self.request("POST", "/v1/chat/completions", body,
+                                    headers={"X-Fake-Scenario": "wordy-reset"})
+        last, _, error = answer.partition(b'data: {"error"')
+        self.assertTrue(error)
+        self.assertIn(b'"finish_reason":"stop"', last)
 
 
 class UpperBoundTests(unittest.TestCase):
