@@ -400,6 +400,27 @@ class UpperBoundTests(unittest.TestCase):
             meter.feed(b"event: x\ndata: " + wire(event) + b"\n\n")
         self.assertEqual(meter.cost(999), (10, 60, 70))
 
+    def test_the_usage_of_several_answers_covers_those_that_ended_before_it(self):
+        """vLLM sends one usage chunk after every answer ended: it covers them all. llama.cpp
+        sends one after each: a stream cut after the first covers only the first."""
+        def chunk(index, text, finish=None):
+            return {"choices": [{"index": index, "delta": {"content": text},
+                                 "finish_reason": finish}]}
+        usage = {"choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 2,
+                                          "total_tokens": 6}}
+        for name, events, cost in (
+                ("vllm", [chunk(0, "x" * 40), chunk(1, "y" * 40), chunk(0, "", "stop"),
+                          chunk(1, "", "stop"), usage], (4, 2, 6)),
+                ("llama.cpp cut", [chunk(0, "x" * 40), chunk(1, "y" * 40),
+                                   chunk(0, "", "stop"), usage], (9, 80, 89))):
+            with self.subTest(name):
+                meter = llm_proxy.UsageMeter(True, strip=True)
+                meter.answers = 2
+                for event in events:
+                    meter.feed(b"data: " + json.dumps(event).encode() + b"\n\n")
+                meter.finish()
+                self.assertEqual(meter.cost(9), cost)
+
     def test_what_a_server_did_not_count_is_prorated_and_bounded(self):
         self.assertEqual(llm_proxy.prorated(2, 8, 22), 6)   # its own rate: 2 tokens in 8 bytes
         self.assertEqual(llm_proxy.prorated(9, 8, 22), 22)  # never above the bound
