@@ -2207,7 +2207,7 @@ class Meter:
             start = match.end()
         self._pending = buffer[start:]
         if len(self._pending) > MAX_PENDING_EVENT:  # not events after all: stop holding bytes
-            out.append(self._pending)
+            out.append(self.held() + self._pending)
             self._pending = b""
         return b"".join(out)
 

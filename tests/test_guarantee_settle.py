@@ -421,6 +421,12 @@ class UpperBoundTests(unittest.TestCase):
                 meter.finish()
                 self.assertEqual(meter.cost(9), cost)
 
+    def test_a_held_last_chunk_keeps_its_place_before_bytes_that_are_not_events(self):
+        meter = llm_proxy.UsageMeter(True, strip=True)
+        last = b'data: {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}\n\n'
+        junk = b"x" * (llm_proxy.MAX_PENDING_EVENT + 1)
+        self.assertEqual(meter.feed(last) + meter.feed(junk) + meter.finish(), last + junk)
+
     def test_what_a_server_did_not_count_is_prorated_and_bounded(self):
         self.assertEqual(llm_proxy.prorated(2, 8, 22), 6)   # its own rate: 2 tokens in 8 bytes
         self.assertEqual(llm_proxy.prorated(9, 8, 22), 22)  # never above the bound
