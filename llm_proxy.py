@@ -487,8 +487,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("REQUEST_TOKEN_COST", "1", _integer(1, MAX_COUNT),
             "cost of one completion request in request mode"),
     Setting("TOKEN_COST_MODE", "request", _choice(*COST_MODES),
-            "request (flat cost), estimate (characters/4 plus the response reserve) or usage "
-            "(reserve the estimate, then settle with the upstream's reported usage)"),
+            "request (flat cost), estimate (UTF-8 bytes of the text plus the response reserve) or "
+            "usage (reserve the estimate, then settle with the upstream's reported usage)"),
     Setting("RESPONSE_TOKEN_RESERVE", "256", _integer(0, MAX_COUNT),
             "estimate mode: tokens reserved for the answer when the request sets no max_tokens"),
     Setting("MAX_OUTPUT_TOKENS", "4096", _integer(1, MAX_COUNT),
@@ -2198,23 +2198,38 @@ class StateWriter:
 # request asks for (its output limits, how many answers) is read and validated by its API
 # (API shapes, below) into an Ask; nothing a request says can make it cheaper than it is.
 
+def text_bound(text: str) -> int:
+    """The most tokens `text` can be, whatever its script: its UTF-8 bytes.
+
+    The tokenizers of the models these servers run are byte-level BPE (GPT-2, Llama 3, Qwen,
+    SmolLM) or SentencePiece with byte fallback (Llama 2, Mistral, Gemma): every token stands
+    for at least one byte of text, so no text is more tokens than it has bytes. Characters / 4
+    is not a bound even for English (digits, code, rare words split into single characters) and
+    is a quarter of the truth for Chinese (about one token a character, three bytes each). An
+    estimate is used only where the server reported nothing (or, in estimate mode, as the
+    price), so it errs on the side of the server's time: English text comes out about four
+    times its token count."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
 def _string_stats(value: object) -> tuple[int, int]:
-    """(number of strings, total characters) of every string value in a JSON document, skipping
-    values under any key named "model". Iterative, so deeply nested input cannot blow the stack."""
-    count, chars, _ = _text_stats(value)
-    return count, chars
+    """(number of strings, their text_bound) of every string value in a JSON document,
+    skipping values under any key named "model". Iterative, so deeply nested input cannot blow
+    the stack."""
+    count, size, _ = _text_stats(value)
+    return count, size
 
 
 def _text_stats(value: object) -> tuple[int, int, int]:
     """_string_stats, and the integers found in arrays: token ids (a prompt or an input sent as
     tokens rather than text)."""
-    count = chars = tokens = 0
+    count = size = tokens = 0
     stack = [value]
     while stack:
         item = stack.pop()
         if isinstance(item, str):
             count += 1
-            chars += len(item)
+            size += text_bound(item)
         elif isinstance(item, dict):
             stack.extend(v for k, v in item.items() if k != "model")
         elif isinstance(item, list):
@@ -2223,7 +2238,7 @@ def _text_stats(value: object) -> tuple[int, int, int]:
                     tokens += 1
                 else:
                     stack.append(element)
-    return count, chars, tokens
+    return count, size, tokens
 
 
 def _whole(value: object) -> int | None:
@@ -2248,15 +2263,25 @@ def response_reserve(body: Mapping[str, object], default: int) -> int:
 
 
 def prompt_estimate(body: Mapping[str, object]) -> int:
-    """ceil(len(" ".join(strings)) / 4): the prototype's guess at what the input costs, plus
-    one for each token id sent as a number in an array."""
-    count, chars, tokens = _text_stats(body)
-    return math.ceil((chars + max(0, count - 1)) / 4) + tokens
+    """An upper bound of what the input costs: the text_bound of every string joined with
+    spaces, plus one for each token id sent as a number in an array. (What a server counts also
+    holds its chat template's own tokens, which no reading of the body can know.)"""
+    count, size, tokens = _text_stats(body)
+    return size + max(0, count - 1) + tokens
 
 
 def estimate_cost(body: Mapping[str, object], reserve: int) -> int:
-    """The prototype's estimate: ceil(len(" ".join(strings)) / 4) + reserve, at least 1."""
+    """The estimate: prompt_estimate + reserve, at least 1."""
     return max(1, prompt_estimate(body) + response_reserve(body, reserve))
+
+
+def prompt_sizes(body: Mapping[str, object]) -> tuple[int, ...]:
+    """The prompt_estimate of each prompt of a /v1/completions prompt array (for settling the
+    prompts a server leaves out of its usage)."""
+    prompts = body.get("prompt")
+    if not isinstance(prompts, list):
+        return ()
+    return tuple(prompt_estimate({"prompt": p}) for p in prompts)
 
 
 class Ask(typing.NamedTuple):
@@ -2360,7 +2385,8 @@ class EventTemplate(typing.NamedTuple):
             return None
         if end != len(raw):
             return None
-        meter.generated += len(text)
+        # (without escapes the literal's bytes are the text's UTF-8: its text_bound)
+        meter.generated += len(literal) - 2 if 0x5C not in literal else text_bound(text)
         return self.relayed_before + literal + self.relayed_after
 
 
@@ -2374,14 +2400,18 @@ class Meter:
     relayed untouched and parsed once it has all gone out (finish()). A stream is cut into its
     events (SSE: a blank line ends one; NDJSON: a newline), each relayed as soon as it is
     complete; observe() (one per API) reads each, and may drop one (drop()). cost() says what
-    the answer came to: the upstream's own numbers, never less completion than the delivered
-    text shows (characters / 4), or, without numbers, the prompt estimate plus that.
+    the answer came to: exactly the upstream's own numbers where they cover the whole request
+    (reports_all()); what they leave out is estimated (with_unreported()), and without numbers
+    the estimates stand alone: the prompt estimate and the text_bound of the delivered text
+    (`generated`), upper bounds in every script. A plain body over MAX_METERED_BODY is not kept:
+    its usage is read from its last TAIL_WINDOW bytes (read_tail()).
 
     `unmeterable` is true when the answer could not be read where it should have been: an
-    encoded body (Content-Encoding), a plain body over MAX_METERED_BODY, or a successful answer
-    without the usage its API always sends (`expects_usage`). The charge then keeps its whole
-    reservation. A stream the upstream itself ended with an error event (`failed`) is settled
-    like one that broke off: the prompt estimate and what was generated.
+    encoded body (Content-Encoding), a plain body over MAX_METERED_BODY whose tail holds no
+    usage, or a successful answer without the usage its API always sends (`expects_usage`).
+    The charge then keeps its whole reservation. A stream the upstream itself ended with an
+    error event (`failed`) is settled like one that broke off: the prompt estimate and what was
+    generated.
     """
 
     event_end = _EVENT_END
@@ -2390,14 +2420,18 @@ class Meter:
         self.stream = stream
         self.strip = strip                  # drop what the proxy asked for on the client's behalf
         self.expects_usage = expects_usage
-        self.generated = 0                  # characters of generated text seen
-        self.prompt_floor = 0               # the least the prompt may count (several prompts)
+        self.generated = 0                  # text_bound of the generated text seen
+        self.answers = 1                    # answers the request asked for (n times prompts)
+        self.output_limit: int | None = None  # the most all its answers may generate (if set)
+        self.prompt_sizes: tuple[int, ...] = ()  # prompt_estimate of each prompt (several)
         self.failed = False                 # the upstream ended its stream with an error
         self.encoded = False
         self.ok = True                      # a 2xx answer (only those are expected to carry usage)
         self._pending = b""
         self._body: list[bytes] = []
         self._size = 0
+        self._tail = b""                    # the end of a plain body too long to keep
+        self._tail_read = False             # usage was found in that tail
         self._template: EventTemplate | None = None
         self._templates = 0
 
@@ -2418,6 +2452,9 @@ class Meter:
             self._size += len(data)
             if self._size <= MAX_METERED_BODY:
                 self._body.append(data)
+            else:  # too long to keep: only its end, where the usage is
+                self._tail = (b"".join(self._body) + self._tail + data)[-TAIL_WINDOW:]
+                self._body = []
             return data
         if not self._pending and self.one_event(data):  # (the usual piece of a stream)
             return self._event(data) or b""
@@ -2431,7 +2468,7 @@ class Meter:
             start = match.end()
         self._pending = buffer[start:]
         if len(self._pending) > MAX_PENDING_EVENT:  # not events after all: stop holding bytes
-            out.append(self._pending)
+            out.append(self.held() + self._pending)
             self._pending = b""
         return b"".join(out)
 
@@ -2443,9 +2480,16 @@ class Meter:
             if isinstance(obj, dict):
                 self.observe(obj)
             self._body = []
+        elif not self.stream and not self.encoded:
+            self._tail_read = self.read_tail(self._tail)
+            self._tail = b""
         if self.encoded:
             return rest
         return (self._event(rest) or b"") if rest else b""
+
+    def held(self) -> bytes:
+        """Whole events held back (none here; see UsageMeter)."""
+        return b""
 
     def _event(self, event: bytes) -> bytes | None:
         template = self._template
@@ -2507,11 +2551,44 @@ class Meter:
         """(prompt tokens or None when not reported, completion tokens, total) as reported."""
         raise NotImplementedError
 
+    def reports_all(self) -> bool:
+        """Whether the usage reported covers every answer's whole completion (not, say, only
+        a stream's prompt, sent at its start)."""
+        return True
+
+    #: The member that starts the end of a plain body, where its usage is (read_tail).
+    tail_key = b'"usage"'
+
+    def observe_tail(self, obj: dict) -> None:
+        """Note the usage in the members read from a long plain body's tail."""
+        self.observe(obj)
+
     # -- the result -------------------------------------------------------------------------
+
+    def read_tail(self, tail: bytes) -> bool:
+        """The usage of a plain body too long to keep, from its last bytes: the members from
+        the last `tail_key` to the body's end read as an object of their own (servers write
+        usage at the end: after the choices and their logprobs, which make a body long).
+        Whether usage was found there."""
+        at = len(tail)
+        for _ in range(4):  # (the last few, in case one is a nested member)
+            at = tail.rfind(self.tail_key, 0, at)
+            if at < 0:
+                return False
+            try:
+                obj, _ = _DECODER.raw_decode("{" + tail[at:].decode("utf-8", "replace"))
+            except ValueError:
+                continue
+            if isinstance(obj, dict):
+                self.observe_tail(obj)
+                if self.usage() is not None:
+                    return True
+        return False
 
     @property
     def unmeterable(self) -> bool:
-        if self.encoded or (not self.stream and self._size > MAX_METERED_BODY):
+        if self.encoded or (not self.stream and self._size > MAX_METERED_BODY
+                            and not self._tail_read):
             return self.ok
         return self.ok and self.expects_usage and not self.failed and self.usage() is None
 
@@ -2521,22 +2598,50 @@ class Meter:
         return None if numbers is None else numbers[2]
 
     def cost(self, prompt_tokens_estimate: int) -> tuple[int, int, int]:
-        """(prompt, completion, total) tokens: the upstream's numbers, or an estimate."""
-        floor = math.ceil(self.generated / 4)
+        """(prompt, completion, total) tokens: the upstream's numbers, exactly, where they
+        cover the whole request; an estimate (an upper bound) only of what they leave out."""
         numbers = self.usage()
         if numbers is None:
-            return prompt_tokens_estimate, floor, prompt_tokens_estimate + floor
+            generated = self.generated_estimate()
+            return prompt_tokens_estimate, generated, prompt_tokens_estimate + generated
         prompt, completion, total = numbers
-        if prompt is None:
+        if prompt is None:  # (Ollama leaves out a cached prompt)
             prompt = prompt_tokens_estimate
             total += prompt
-        if prompt < self.prompt_floor:  # a server that reports one prompt's usage for several
-            total += self.prompt_floor - prompt
-            prompt = self.prompt_floor
-        if completion < floor:  # a server that reports one answer's usage for several
-            total += floor - completion
-            completion = floor
-        return prompt, completion, total
+        if self.reports_all():
+            return prompt, completion, total
+        more_prompt, more_completion = self.with_unreported(prompt, completion,
+                                                            prompt_tokens_estimate)
+        return (more_prompt, more_completion,
+                total + more_prompt - prompt + more_completion - completion)
+
+    def with_unreported(self, prompt: int, completion: int,
+                        prompt_tokens_estimate: int) -> tuple[int, int]:
+        """(prompt, completion) when the report leaves the completion out (a stream cut after
+        the prompt's count, as Anthropic's message_start gives it): the completion never less
+        than the estimate of the delivered text."""
+        return prompt, max(completion, self.generated_estimate())
+
+    def generated_estimate(self) -> int:
+        """What the delivered text may have cost: its text_bound, and never more than the
+        output limit the request set (the server stops there)."""
+        if self.output_limit is None:
+            return self.generated
+        return min(self.generated, self.output_limit)
+
+
+_DECODER = json.JSONDecoder()
+#: The end of a plain body over MAX_METERED_BODY kept to read its usage from (read_tail).
+TAIL_WINDOW = 64 * 1024
+
+
+def prorated(tokens: int, measured: int, size: int) -> int:
+    """The tokens of a part of `size` (its text_bound) that the server did not count, at the
+    rate it counted another part: `tokens` for a `measured` size. Never above `size`, the
+    bound; the bound itself when nothing was measured."""
+    if tokens <= 0 or measured <= 0:
+        return size
+    return min(size, -(-tokens * size // measured))
 
 
 def usage_numbers(usage: object) -> tuple[int, int, int]:
@@ -2551,10 +2656,10 @@ def usage_numbers(usage: object) -> tuple[int, int, int]:
     return prompt, completion, total
 
 
-def generated_chars(obj: Mapping[str, object]) -> int:
-    """Characters of generated text in an OpenAI response object or stream chunk, across all
-    its choices (for settling when the upstream reports no usage, or too little)."""
-    chars = 0
+def generated_bound(obj: Mapping[str, object]) -> int:
+    """The text_bound of the generated text in an OpenAI response object or stream chunk,
+    across all its choices (for settling what the upstream did not report)."""
+    size = 0
     choices = obj.get("choices")
     if type(choices) is list and len(choices) == 1 and "type" not in obj \
             and "output" not in obj:  # one delta, the usual
@@ -2564,30 +2669,36 @@ def generated_chars(obj: Mapping[str, object]) -> int:
             for name, value in delta.items():
                 if type(value) is str:
                     if name != "role" and name != "model":
-                        chars += len(value)
+                        size += text_bound(value)
                 elif isinstance(value, (dict, list)):
                     break  # (tool calls: counted below)
             else:
-                return chars
-            chars = 0
+                return size
+            size = 0
     if isinstance(choices, list):
         for choice in choices:
-            if not isinstance(choice, dict):
-                continue
-            for part in (choice.get("delta"), choice.get("message")):
-                if isinstance(part, dict):
-                    chars += _string_stats({k: v for k, v in part.items() if k != "role"})[1]
-            if isinstance(choice.get("text"), str):
-                chars += len(choice["text"])
+            if isinstance(choice, dict):
+                size += choice_bound(choice)
     if isinstance(obj.get("type"), str) and obj["type"].endswith(".delta") \
             and isinstance(obj.get("delta"), str):
-        chars += len(obj["delta"])  # a /v1/responses stream event
+        size += text_bound(obj["delta"])  # a /v1/responses stream event
     if obj.get("object") == "response" and isinstance(obj.get("output"), list):
         for item in obj["output"]:
             for part in (item.get("content") or []) if isinstance(item, dict) else []:
                 if isinstance(part, dict) and isinstance(part.get("text"), str):
-                    chars += len(part["text"])
-    return chars
+                    size += text_bound(part["text"])
+    return size
+
+
+def choice_bound(choice: Mapping[str, object]) -> int:
+    """The text_bound of one choice's generated text (its delta or message, or its text)."""
+    size = 0
+    for part in (choice.get("delta"), choice.get("message")):
+        if isinstance(part, dict):
+            size += _string_stats({k: v for k, v in part.items() if k != "role"})[1]
+    if isinstance(choice.get("text"), str):
+        size += text_bound(choice["text"])
+    return size
 
 
 class UsageMeter(Meter):
@@ -2595,21 +2706,42 @@ class UsageMeter(Meter):
     server that sends one per answer, as llama.cpp does for n > 1, has them added up), else the
     last non-zero usage of each answer (Ollama's /v1/completions puts zeroed usage on every
     chunk; llama.cpp's completions put it in each answer's last chunk), else a /v1/responses
-    `response.completed` event; or the `usage` of a plain body. When the proxy asked for
-    `stream_options.include_usage` on the client's behalf (strip=True), the usage chunk the
-    client did not ask for is dropped, and so is the `"usage": null` member the upstream then
-    adds to every other chunk: the client gets the bytes it would have got without the proxy.
+    `response.completed` event; or the `usage` of a plain body.
+
+    What the usage covers: a stream's, every answer once each has its own usage chunk (llama.cpp
+    sends one per answer) or one came after every answer had finished (vLLM's, for them all);
+    a plain body's, the whole request, except on llama.cpp's server (its answers carry
+    `timings`), which counts only the first answer and the first prompt of a request for
+    several: the others are estimated at the rate it counted the first (prorated).
+
+    When the proxy asked for `stream_options.include_usage` on the client's behalf (strip=True),
+    the usage chunk the client did not ask for is dropped, and so is the `"usage": null` member
+    the upstream then adds to every other chunk; what else that chunk carried (llama.cpp's
+    `timings`, which it puts on an answer's last chunk when usage is not asked for) goes onto
+    that answer's last chunk, held back until the next event shows whether one follows: the
+    client gets the bytes it would have got without the proxy.
     """
 
     def __init__(self, stream: bool, strip: bool = False, expects_usage: bool = True) -> None:
         super().__init__(stream, strip, expects_usage)
         self._finals: list[tuple[int, int, int]] = []
         self._by_answer: dict[object, tuple[int, int, int]] = {}
+        self._finished: set[object] = set()      # the answers whose last chunk came
+        self._covered = False                    # a usage chunk came after every answer's last
+        self._partial = False                    # a plain body's usage counts its first answer
+        self._choice_sizes: list[int] = []       # a plain body's answers' text_bound, in order
+        self._finish_seen = False                # the event just observed ends an answer
+        self._held: bytes | None = None          # an answer's last chunk, held (strip)
+        self._moved: dict[str, object] = {}      # the dropped usage chunk's other members
 
     def observe(self, obj: dict) -> bool:
         usage = obj.get("usage")
         if usage is None and "error" not in obj and "type" not in obj:  # a chunk of text
-            self.generated += generated_chars(obj)
+            self.generated += generated_bound(obj)
+            if self.stream:
+                self._note_finish(obj)
+            else:
+                self._note_answers(obj)
             return False
         if obj.get("type") == "response.completed" and isinstance(obj.get("response"), dict):
             usage = obj["response"].get("usage")
@@ -2617,14 +2749,97 @@ class UsageMeter(Meter):
         if "error" in obj and not obj.get("choices"):
             self.failed = True
         final = obj.get("choices") == [] and numbers[2] > 0
+        self._note_finish(obj)
         if final:
             self._finals.append(numbers)
+            self._covered = self._covered or len(self._finished) >= self.answers
+            if self.strip:
+                self._moved = {k: v for k, v in obj.items() if k not in _CHUNK_MEMBERS}
         elif numbers[2] > 0:
             choices = obj.get("choices")
             first = choices[0] if isinstance(choices, list) and choices else None
-            self._by_answer[first.get("index") if isinstance(first, dict) else None] = numbers
-        self.generated += generated_chars(obj)
+            self._by_answer[_index(first)] = numbers
+        if not self.stream:
+            self._note_answers(obj)
+        self.generated += generated_bound(obj)
         return final and self.strip
+
+    def _note_finish(self, obj: dict) -> None:
+        choices = obj.get("choices")
+        if type(choices) is list:
+            for choice in choices:
+                if type(choice) is dict and choice.get("finish_reason") is not None:
+                    self._finished.add(_index(choice))
+                    self._finish_seen = True
+
+    def _note_answers(self, obj: dict) -> None:
+        """A plain body of several answers: the size of each, and whether its usage is
+        llama.cpp's (the first answer's only)."""
+        choices = obj.get("choices")
+        if isinstance(choices, list) and len(choices) > 1:
+            self._choice_sizes = [choice_bound(c) for c in choices if isinstance(c, dict)]
+            self._partial = "timings" in obj
+
+    def reports_all(self) -> bool:
+        if not self.stream:
+            return not self._partial
+        return (self.answers <= 1 or self._covered or len(self._finals) >= self.answers
+                or len(self._by_answer) >= self.answers)
+
+    def with_unreported(self, prompt: int, completion: int,
+                        prompt_tokens_estimate: int) -> tuple[int, int]:
+        if self.stream:  # cut before the usage of its last answers: the whole estimated
+            return (max(prompt, prompt_tokens_estimate),
+                    max(completion, self.generated_estimate()))
+        if len(self._choice_sizes) < 2:
+            return super().with_unreported(prompt, completion, prompt_tokens_estimate)
+        first, *others = self._choice_sizes
+        more_completion = completion + sum(prorated(completion, first, n) for n in others)
+        more_prompt = prompt
+        if len(self.prompt_sizes) > 1:
+            measured, *rest = self.prompt_sizes
+            more_prompt += sum(prorated(prompt, measured, n) for n in rest)
+        return more_prompt, more_completion
+
+    def _event(self, event: bytes) -> bytes | None:
+        template = self._template
+        if template is not None and self._held is None:  # (the usual event, first)
+            relayed = template.fill(event, self)
+            if relayed is not None:
+                return relayed
+        if not self.strip:
+            return super()._event(event)
+        relayed = super()._event(event)
+        held = self._held
+        if relayed is None:  # the usage chunk the proxy asked for
+            self._held = None
+            return self._with_moved(held, event) if held is not None else None
+        if self._finish_seen:
+            self._finish_seen = False
+            self._held = relayed
+            return held
+        if held is None:
+            return relayed
+        self._held = None
+        return held + relayed
+
+    def _with_moved(self, held: bytes, event: bytes) -> bytes:
+        """An answer's last chunk with the members its dropped usage chunk carried besides the
+        usage, as the server writes them when usage is not asked for (at its end)."""
+        moved, self._moved = self._moved, {}
+        members = _raw_members(event, moved)
+        end = held.rfind(b"}")
+        if not members or end < 0:
+            return held
+        return held[:end] + b"," + b",".join(members) + held[end:]
+
+    def finish(self) -> bytes:
+        out = super().finish()
+        return out + self.held()
+
+    def held(self) -> bytes:
+        held, self._held = self._held, None
+        return held or b""
 
     def rewrite(self, event: bytes) -> bytes:
         if self.strip and b'"usage"' in event:
@@ -2644,8 +2859,8 @@ class UsageMeter(Meter):
         if type(choices) is not list or len(choices) != 1 or type(choices[0]) is not dict:
             return None
         choice = choices[0]
-        if "message" in choice:
-            return None
+        if "message" in choice or choice.get("finish_reason") is not None:
+            return None  # (an answer's last chunk is never a template: see _event)
         delta = choice.get("delta")
         if delta is None:  # a completion's piece
             text = choice.get("text")
@@ -2662,6 +2877,36 @@ class UsageMeter(Meter):
         return (sum(n[0] for n in found), sum(n[1] for n in found), sum(n[2] for n in found))
 
 
+#: The members of an OpenAI stream chunk; a usage chunk's others are moved, not dropped.
+_CHUNK_MEMBERS = frozenset({"id", "object", "created", "model", "system_fingerprint",
+                            "service_tier", "choices", "usage", "obfuscation"})
+
+
+def _index(choice: object) -> object:
+    """A choice's index, as a key (None when it has none, or an odd one)."""
+    index = choice.get("index") if isinstance(choice, dict) else None
+    return index if isinstance(index, (int, str)) else None
+
+
+def _raw_members(event: bytes, members: Mapping[str, object]) -> list[bytes]:
+    """The bytes of the top-level `members` of an event's JSON, as the server wrote them."""
+    try:
+        text = event.decode("utf-8", "surrogatepass")
+    except UnicodeDecodeError:
+        return []
+    found = []
+    for name, value in members.items():
+        for match in re.finditer(re.escape(json.dumps(name)) + r"\s*:\s*", text):
+            try:
+                read, end = _DECODER.raw_decode(text, match.end())
+            except ValueError:
+                continue
+            if read == value:
+                found.append(text[match.start():end].encode("utf-8", "surrogatepass"))
+                break
+    return found
+
+
 class AnthropicMeter(Meter):
     """The Anthropic Messages API's usage: a message's `usage`, or, streamed, message_start's
     (the input) and the last message_delta's (the output, cumulative). The prompt is
@@ -2674,12 +2919,14 @@ class AnthropicMeter(Meter):
     def __init__(self, stream: bool, strip: bool = False, expects_usage: bool = True) -> None:
         super().__init__(stream, strip, expects_usage)
         self._fields: dict[str, int] | None = None
+        self._output_counted = False  # the output count came (message_start's is 0)
 
     def observe(self, obj: dict) -> bool:
         kind = obj.get("type")
         usage: object = None
         if kind == "message":
             usage = obj.get("usage")
+            self._output_counted = True
             content = obj.get("content")
             for block in content if isinstance(content, list) else []:
                 if isinstance(block, dict):
@@ -2689,13 +2936,14 @@ class AnthropicMeter(Meter):
             usage = obj["message"].get("usage")
         elif kind == "message_delta":
             usage = obj.get("usage")
+            self._output_counted = self._output_counted or isinstance(usage, dict)
         elif kind == "error":
             self.failed = True
         elif kind == "content_block_delta" and isinstance(obj.get("delta"), dict):
             delta = obj["delta"]
             for name in ("text", "partial_json", "thinking"):
                 if isinstance(delta.get(name), str):
-                    self.generated += len(delta[name])
+                    self.generated += text_bound(delta[name])
         if isinstance(usage, dict):
             fields = self._fields if self._fields is not None else {}
             for name in self.FIELDS:  # cumulative: the largest value seen is the latest
@@ -2710,6 +2958,12 @@ class AnthropicMeter(Meter):
             return None
         text = delta.get("text")
         return text if type(text) is str else None
+
+    def reports_all(self) -> bool:
+        return self._output_counted
+
+    def observe_tail(self, obj: dict) -> None:
+        self.observe({**obj, "type": "message"})
 
     def usage(self) -> tuple[int | None, int, int] | None:
         if self._fields is None:
@@ -2726,6 +2980,7 @@ class OllamaMeter(Meter):
     /api/embed reports prompt_eval_count too."""
 
     event_end = _LINE_END
+    tail_key = b'"total_duration"'  # (the counts follow it, after a long "context")
 
     def __init__(self, stream: bool, strip: bool = False, expects_usage: bool = True) -> None:
         super().__init__(stream, strip, expects_usage)
@@ -2743,7 +2998,7 @@ class OllamaMeter(Meter):
             if isinstance(part, dict):
                 for name in ("content", "response", "thinking"):
                     if isinstance(part.get(name), str):
-                        self.generated += len(part[name])
+                        self.generated += text_bound(part[name])
         if "error" in obj and obj.get("done") is not True:
             self.failed = True
         if obj.get("done") is True or "prompt_eval_count" in obj or "eval_count" in obj:
@@ -4038,8 +4293,9 @@ class Charge:
         Refunded only when the model provably did not run (never sent; 502/503/504/529).
         Otherwise the held tokens stay, or, in usage mode, what the upstream reports replaces
         them: a 4xx refusal costs what it reports, else nothing; an answer the meter could not
-        read keeps its whole reservation; anything else costs the usage reported (or the
-        prompt estimate plus what was generated, when the answer was cut short).
+        read keeps its whole reservation, and so does a plain request that ended without its
+        usage (kept_whole); anything else costs the usage reported (or the prompt estimate plus
+        what was generated, when a stream was cut short).
         """
         if ending in REFUNDED_ENDINGS:
             return 0, 0, 0
@@ -4050,7 +4306,8 @@ class Charge:
             reported = meter.reported()
             return (reported, 0, 0) if reported else (0, 0, 0)
         prompt, completion, total = meter.cost(self.prompt_estimate)
-        if ending == ANSWERED and meter.unmeterable and total < self.held:
+        if total < self.held and (ending == ANSWERED and meter.unmeterable
+                                  or kept_whole(meter, ending)):
             return self.held, prompt, completion
         return total, prompt, completion
 
@@ -4078,6 +4335,21 @@ class Charge:
         self.state, self.cost = state, total
 
 
+def kept_whole(meter: Meter, ending: str) -> bool:
+    """Whether a request keeps its whole reservation because it ended, once forwarded, without
+    the usage of a plain (non-stream) answer: its client left, or its answer never came whole.
+
+    A plain answer is generated whole before its first byte is sent, and closing the
+    connection does not stop every server: llama.cpp's runs a plain request to its end (it
+    polls for a hang-up about once a second at best; measured, 346 tokens generated after the
+    client left at 0.5 s). So it is charged as if it ran to its limit: the reservation, what
+    the client agreed to at admission. The other choice, reading the answer to its end after
+    the client has gone to settle it exactly, would keep generating on servers that do stop
+    (Ollama, vLLM), holding a connection and a queue slot for nobody.
+    """
+    return not meter.stream and ending in (LEFT, NO_ANSWER, BROKEN) and meter.usage() is None
+
+
 def admit(ex: Exchange, store: "BucketStore", metrics: "Metrics",
           calendar: Calendar | None = None) -> Charge:
     """Take the request's cost from its bucket, and from its key's calendar quotas, in one
@@ -4103,8 +4375,12 @@ def admit(ex: Exchange, store: "BucketStore", metrics: "Metrics",
         return Charge(store, ex.bucket_key, bucket, quota, cost, periods=periods)
     meter = route.api.meter(route.path, ex.ask, payload)
     estimate = prompt_estimate(payload)
-    if ex.ask is not None and ex.ask.prompts > 1:
-        meter.prompt_floor = estimate
+    if ex.ask is not None:
+        meter.answers = ex.ask.answers
+        if ex.ask.limits and all(_whole(_field(payload, f)) for f in ex.ask.limits):
+            meter.output_limit = ex.ask.reserve * ex.ask.answers  # (0 or -1 anywhere: none)
+        if ex.ask.prompts > 1:
+            meter.prompt_sizes = prompt_sizes(payload)
     charge = Charge(store, ex.bucket_key, bucket, quota, cost, meter=meter,
                     prompt_estimate=estimate, periods=periods)
     if ex.ask is not None and route.kind == GENERATE:
@@ -4117,9 +4393,9 @@ def admit(ex: Exchange, store: "BucketStore", metrics: "Metrics",
 
 def bound_output(charge: Charge, ask: Ask, policy: KeyPolicy, quota: Quota) -> None:
     """Usage mode, a request that set no output limit (or 0, which sets none): it is forwarded
-    with one, so that what it can cost is bounded. The limit is the reserve plus half the room the bucket and the
-    token quotas still had after its reservation, at most max_output_tokens an answer; that
-    room is held with the reservation (and settled with it), so a burst of such requests
+    with one, so that what it can cost is bounded. The limit is the reserve plus half the
+    room the bucket and the token quotas still had after its reservation, at most
+    max_output_tokens an answer; that room is held with the reservation (and settled with it), so a burst of such requests
     cannot spend together more than the key has (each admitted one sees what the earlier ones
     hold), and, taking half, leaves room for the next."""
     room = max(0, policy.max_output_tokens - ask.reserve) * ask.answers
@@ -4907,11 +5183,20 @@ LAST_CHUNK = b"0\r\n\r\n"
 
 class BodyTransform(Protocol):
     """What the relay asks of a body transform: feed() takes each piece read from the upstream
-    and returns what to relay now; finish() returns what is left at the end."""
+    and returns what to relay now; finish() returns what is left at the end; held() what whole
+    events it holds back, to go out before the error event of a body that broke off."""
 
     def feed(self, data: bytes) -> bytes: ...
 
     def finish(self) -> bytes: ...
+
+    def held(self) -> bytes: ...
+
+
+def held_back(transform: BodyTransform | None, chunked: bool) -> bytes:
+    """The whole events a transform holds, framed, for a body that ends short."""
+    data = transform.held() if transform is not None else b""
+    return frame_chunk(data) if data and chunked else data
 
 
 #: How a relay ended.
@@ -4964,9 +5249,10 @@ def relay(resp: http.client.HTTPResponse, upstream: socket.socket, write: Callab
     except ClientGone:
         return RelayEnd(CLIENT_GONE)
     except (UpstreamTimeout, socket.timeout, TimeoutError):
-        return RelayEnd(UPSTREAM_SILENT, not head, "timeout")
+        return RelayEnd(UPSTREAM_SILENT, not head, "timeout", held_back(transform, chunked))
     except (OSError, ValueError, http.client.HTTPException) as exc:
-        return RelayEnd(UPSTREAM_BROKE, not head, type(exc).__name__)
+        return RelayEnd(UPSTREAM_BROKE, not head, type(exc).__name__,
+                        held_back(transform, chunked))
     return RelayEnd(WHOLE, tail=tail)
 
 
@@ -5168,7 +5454,8 @@ class StreamJob:
 
     def stop(self, how: str, detail: str = "") -> None:
         """The stream ends short: what was held for the client goes before the error event."""
-        self.end = RelayEnd(how, self.sent, detail, bytes(self.out))
+        held = held_back(self.transform, self.chunked) if how != CLIENT_GONE else b""
+        self.end = RelayEnd(how, self.sent, detail, bytes(self.out) + held)
 
     # -- to the client ----------------------------------------------------------------------
 

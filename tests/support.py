@@ -619,7 +619,7 @@ for _name, _doc, _options in (
 
 
 def fake_prompt_tokens(request):
-    """The fake's "tokenizer": deterministic, and not the proxy's characters/4 estimate. It
+    """The fake's "tokenizer": deterministic, and not the proxy's estimate. It
     counts "messages", "prompt", "input" and, when present, "system" (Anthropic's top-level
     system prompt, Ollama's /api/generate system)."""
     parts = [request.get(k) for k in ("messages", "prompt", "input")]
@@ -756,8 +756,9 @@ N_ANSWERS = ("proxy ok", "a longer second answer", "and a third answer, the long
 
 def llamacpp_n_answer(request):
     """A chat answer with n choices, or a completion of a prompt array, as llama.cpp's server
-    gives them: the usage counts the first choice (and the first prompt) only. Returns
-    (answer, the truth: every prompt and every choice, a token being four characters here)."""
+    gives them: the usage counts the first choice (and the first prompt) only, and `timings`
+    follow it (llama.cpp's server puts them on every plain answer). Returns (answer, the truth:
+    every prompt and every choice, a token being four characters here)."""
     prompts = request.get("prompt")
     several = isinstance(prompts, list) and prompts and isinstance(prompts[0], str)
     texts = N_ANSWERS[:len(prompts) if several else request.get("n", 1)]
@@ -771,7 +772,8 @@ def llamacpp_n_answer(request):
     answer = {"id": "chatcmpl-fake", "object": "text_completion" if several
               else "chat.completion", "created": 1, "model": request.get("model", ""),
               "choices": choices, "usage": {"prompt_tokens": prompt, "completion_tokens": first,
-                                            "total_tokens": prompt + first}}
+                                            "total_tokens": prompt + first},
+              "timings": {"prompt_n": prompt, "predicted_n": first, "predicted_ms": 12.5}}
     return answer, fake_prompt_tokens(request) + sum(-(-len(t) // 4) for t in texts)
 
 

@@ -123,16 +123,16 @@ class LimitTests(ProxyTestCase):
 
     def test_estimate_mode_and_a_cost_that_can_never_be_admitted(self):
         self.restart(token_cost_mode="estimate", max_tokens=100, response_token_reserve=50)
-        _, headers, _ = self.chat(max_tokens=16)  # "user hi" = 7 chars -> 2, + 16
-        self.assertEqual(headers["x-ratelimit-remaining"], str(100 - 18))
-        status, _, body = self.chat()  # 2 + 50 = 52 > 82? no: admitted
+        _, headers, _ = self.chat(max_tokens=16)  # "user hi" = 7 bytes -> 7, + 16
+        self.assertEqual(headers["x-ratelimit-remaining"], str(100 - 23))
+        status, _, body = self.chat()  # 7 + 50 = 57 > 77? no: admitted
         self.assertEqual(status, 200)
         status, _, body = self.chat(max_tokens=500)  # message mode: said as the limit
         self.assertEqual(status, 200)
         self.assertEqual(json.loads(body)["choices"][0]["message"]["content"],
-                         "limit reached: this request needs 502 tokens but a bucket holds at "
+                         "limit reached: this request needs 507 tokens but a bucket holds at "
                          "most 100; start a new conversation or ask for a shorter answer")
-        self.assertEqual(self.remaining(), 100 - 18 - 52)  # nothing taken for it
+        self.assertEqual(self.remaining(), 100 - 23 - 57)  # nothing taken for it
         self.restart(token_cost_mode="estimate", max_tokens=100, response_token_reserve=50,
                      limit_response="429")
         status, _, body = self.chat(max_tokens=500)
@@ -367,7 +367,7 @@ class UsageModeTests(ProxyTestCase):
         self.assertTrue(self.log.wait_for(lambda text: "client closed" in text))
         self.upstream.release.set()
         prompt = llm_proxy.prompt_estimate(body)
-        self.assertEqual(self.charged(), prompt + 2)  # "Hello": 5 characters
+        self.assertEqual(self.charged(), prompt + 5)  # "Hello": 5 bytes, at most 5 tokens
 
     def test_failures(self):
         self.chat(headers={"X-Fake-Scenario": "status-503"})
@@ -378,7 +378,7 @@ class UsageModeTests(ProxyTestCase):
         self.chat(stream=True, headers={"X-Fake-Scenario": "stall"})
         self.assertTrue(self.log.wait_for(lambda text: "upstream broke off" in text))
         prompt = llm_proxy.prompt_estimate(json.loads(self.upstream.requests[-1][3]))
-        self.assertEqual(self.charged(), prompt + 2)  # the prompt and "Hello"
+        self.assertEqual(self.charged(), prompt + 5)  # the prompt and "Hello"
 
     def test_upstream_refusing_stream_options_is_asked_again_without(self):
         status, _, body = self.chat(stream=True,
@@ -389,7 +389,7 @@ class UsageModeTests(ProxyTestCase):
         first, second = (json.loads(r[3]) for r in self.upstream.requests)
         self.assertIn("stream_options", first)
         self.assertNotIn("stream_options", second)
-        self.assertEqual(self.charged(), llm_proxy.prompt_estimate(second) + 3)  # "Hello world"
+        self.assertEqual(self.charged(), llm_proxy.prompt_estimate(second) + 11)  # "Hello world"
         # a 400 about something else reaches the client unchanged
         status, _, body = self.chat(stream=True, headers={"X-Fake-Scenario": "status-400"})
         self.assertEqual((status, json.loads(body)["error"]["message"]), (400, "upstream says 400"))
@@ -425,11 +425,12 @@ class UsageModeTests(ProxyTestCase):
         self.assertIn("limit reached, wait", json.loads(body)["output"][0]["content"][0]["text"])
 
     def test_debt_shows_in_the_limit_message(self):
-        self.restart(token_cost_mode="usage", max_tokens=60, response_token_reserve=1)
-        self.chat(max_tokens=1)  # reserves 3; the fake reports more (the prompt is ~17)
+        # each reserves 8 and settles at 18 (the fake's prompt is 16): 64, 46, 28, 10, -8
+        self.restart(token_cost_mode="usage", max_tokens=64, response_token_reserve=1)
+        self.chat(max_tokens=1)
         self.settled()
         self.remaining()
-        self.restart(token_cost_mode="usage", max_tokens=60, response_token_reserve=1)
+        self.restart(token_cost_mode="usage", max_tokens=64, response_token_reserve=1)
         spent = 0
         while self.remaining() > 0:
             self.chat(max_tokens=1)
@@ -438,7 +439,7 @@ class UsageModeTests(ProxyTestCase):
         debt = -self.remaining()
         self.assertGreater(debt, 0)
         _, headers, body = self.chat(max_tokens=1)
-        steps = -(-(debt + 3) // 2)  # refills of 2 tokens until the 3-token reservation fits
+        steps = -(-(debt + 8) // 2)  # refills of 2 tokens until the 8-token reservation fits
         self.assertEqual(headers["retry-after"], str(steps * 300))
 
     def test_counters_in_health(self):

@@ -362,7 +362,7 @@ class OllamaUsageTests(OllamaCase):
         cost, _, answer = self.cost(CHAT_PATH, CHAT, "ollama-error")
         self.assertEqual(answer, b"".join(ollama_lines(CHAT_PATH, "fake-a", CHAT,
                                                        "ollama-error")))
-        self.assertEqual(cost, llm_proxy.prompt_estimate(CHAT) + 2)  # "Hello": 5 characters
+        self.assertEqual(cost, llm_proxy.prompt_estimate(CHAT) + 5)  # "Hello": 5 bytes
 
 
 @unittest.skipIf(ollama is None, "the official ollama package is not installed")

@@ -84,10 +84,12 @@ class BoundedOvershootTests(ProxyTestCase):
 
     def test_the_last_admitted_gets_only_what_is_left(self):
         self.restart(token_cost_mode="usage", max_tokens=1000, response_token_reserve=100)
-        self.chat(max_tokens=600, headers={"X-Fake-Scenario": "to-the-limit"})  # 602 reserved
-        self.assertTrue(self.log.wait_for(lambda text: " cost=610" in text))
-        self.chat(headers={"X-Fake-Scenario": "to-the-limit"})  # 102 reserved, 288 left
-        self.assertEqual(json.loads(self.upstream.requests[1][3])["max_tokens"], 100 + 144)
+        self.chat(max_tokens=600, headers={"X-Fake-Scenario": "to-the-limit"})
+        self.assertTrue(self.log.wait_for(lambda text: " cost=610" in text))  # 390 left
+        prompt = llm_proxy.prompt_estimate(json.loads(self.upstream.requests[0][3]))
+        self.chat(headers={"X-Fake-Scenario": "to-the-limit"})  # reserves prompt + 100
+        self.assertEqual(json.loads(self.upstream.requests[1][3])["max_tokens"],
+                         100 + (390 - prompt - 100) // 2)
 
 
 class AgentReserveTests(ProxyTestCase):

@@ -108,7 +108,7 @@ class ResponsesLimitShapeTests(ProxyTestCase):
                                        {"model": "m", "input": "hi", "max_output_tokens": 500})
         self.assertEqual(status, 200)
         text = json.loads(body)["output"][0]["content"][0]["text"]
-        self.assertTrue(text.startswith("limit reached: this request needs 501 tokens but a "
+        self.assertTrue(text.startswith("limit reached: this request needs 502 tokens but a "
                                         "bucket holds at most 100"), text)
         self.assertEqual(self.upstream.requests, [])
         self.restart(token_cost_mode="estimate", max_tokens=100, limit_response="429")

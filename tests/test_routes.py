@@ -89,11 +89,11 @@ class RouteTableTests(ProxyTestCase):
                      token_cost_mode="estimate", max_tokens=1000)
         self.assertEqual(self.request("POST", "/v1/audio/transcriptions",
                                       {"input": "x" * 40})[0], 404)  # the fake has no such route
-        self.assertEqual(self.remaining(), 1000 - 10)  # embeddings class: its input
+        self.assertEqual(self.remaining(), 1000 - 40)  # embeddings class: its input
         self.request("POST", "/infill", {"input_prefix": "def f(", "n_predict": 20})
         self.assertEqual(self.upstream.requests[-1][1], "/infill")  # under the upstream's root
         self.assertEqual(json.loads(self.upstream.requests[-1][3])["n_predict"], 20)
-        self.assertEqual(self.remaining(), 1000 - 10 - (2 + 20))
+        self.assertEqual(self.remaining(), 1000 - 40 - (6 + 20))
         self.request("GET", "/v1/files/abc/content")
         self.assertEqual(self.upstream.requests[-1][1], "/v1/files/abc/content")
         self.assertEqual(self.request("GET", "/v1/files")[0], 404)  # below it only
@@ -230,8 +230,8 @@ class UsageSettlementTests(ProxyTestCase):
         return before - self.remaining(), headers, answer
 
     def test_every_answer_of_n_is_settled(self):
-        """llama.cpp reports the first answer's usage only when not streaming: the settled
-        completion is never below what the delivered text shows, across all answers."""
+        """llama.cpp reports the first answer's usage only when not streaming: the others are
+        settled at the rate it counted the first."""
         body = {**CHAT, "n": 3}
         charged, _, answer = self.charged_for(body, "llamacpp-n")
         self.assertEqual(json.loads(answer)["usage"]["completion_tokens"], 2)  # answer 0 only
@@ -245,18 +245,23 @@ class UsageSettlementTests(ProxyTestCase):
         self.assertNotIn(b'"choices": [], "usage"', answer)
 
     def test_several_prompts_are_never_settled_as_one(self):
-        """llama.cpp reports the first prompt's usage only: the prompt is never settled below
-        the estimate of them all, nor the completion below the text of every answer."""
-        body = {"model": "m", "prompt": ["a first prompt here, quite a long one indeed",
-                                         "a second one, also with some words in it",
-                                         "and a third prompt to finish the array"],
-                "max_tokens": 20}
+        """llama.cpp reports the first prompt's usage only: the other prompts, and the
+        answers to them, are settled at the rate it counted the first."""
+        prompts = ["a first prompt here, quite a long one indeed",
+                   "a second one, also with some words in it",
+                   "and a third prompt to finish the array"]
+        body = {"model": "m", "prompt": prompts, "max_tokens": 20}
         charged, _, answer = self.charged_for(body, "llamacpp-n", path="/v1/completions")
         usage = json.loads(answer)["usage"]
         texts = [c["text"] for c in json.loads(answer)["choices"]]
-        floor = llm_proxy.prompt_estimate(body) + sum(-(-len(t) // 4) for t in texts)
-        self.assertGreater(floor, usage["total_tokens"])  # the case this is about
-        self.assertEqual(charged, floor)
+        prompt = usage["prompt_tokens"] + sum(
+            llm_proxy.prorated(usage["prompt_tokens"], len(prompts[0]), len(p))
+            for p in prompts[1:])
+        completion = usage["completion_tokens"] + sum(
+            llm_proxy.prorated(usage["completion_tokens"], len(texts[0]), len(t))
+            for t in texts[1:])
+        self.assertGreater(prompt + completion, usage["total_tokens"])  # the case this is about
+        self.assertEqual(charged, prompt + completion)
 
     def test_an_encoded_answer_keeps_its_reservation_and_reaches_the_client_untouched(self):
         charged, headers, answer = self.charged_for(CHAT, "gzip")
@@ -266,8 +271,9 @@ class UsageSettlementTests(ProxyTestCase):
         self.assertEqual(json.loads(gzip.decompress(answer))["object"], "chat.completion")
 
     def test_an_answer_too_long_to_meter_keeps_its_reservation(self):
+        """Too long to keep, and no usage at its end either."""
         with unittest.mock.patch.object(llm_proxy, "MAX_METERED_BODY", 100):
-            charged, _, answer = self.charged_for(CHAT)
+            charged, _, answer = self.charged_for(CHAT, "big")
         self.assertGreater(len(answer), 100)
         self.assertEqual(charged, llm_proxy.prompt_estimate(CHAT) + 50)
 

@@ -85,20 +85,20 @@ class CostTests(unittest.TestCase):
     def test_estimate_formula(self):
         body = {"model": "a-very-long-model-name-that-is-not-counted",
                 "messages": [{"role": "user", "content": "12345678"}]}
-        # strings: "user", "12345678" -> "user 12345678" = 13 chars -> ceil(13/4) = 4
-        self.assertEqual(estimate_cost(body, 256), 4 + 256)
+        # strings: "user", "12345678" -> "user 12345678" = 13 bytes: at most 13 tokens
+        self.assertEqual(estimate_cost(body, 256), 13 + 256)
 
     def test_reserve_precedence(self):
-        base = {"prompt": "abcd"}  # 1 token
+        base = {"prompt": "abcd"}  # 4 bytes: at most 4 tokens
         cases = [
-            ({"max_completion_tokens": 10, "max_tokens": 20}, 11),
-            ({"max_tokens": 20}, 21),
-            ({"max_completion_tokens": -1, "max_tokens": 20}, 21),
-            ({"max_completion_tokens": 2.5}, 1 + 256),
-            ({"max_tokens": True}, 1 + 256),
-            ({"max_tokens": "16"}, 1 + 256 + 1),  # a string is counted as text, not as R
-            ({"max_tokens": 0}, 1),
-            ({}, 1 + 256),
+            ({"max_completion_tokens": 10, "max_tokens": 20}, 4 + 10),
+            ({"max_tokens": 20}, 4 + 20),
+            ({"max_completion_tokens": -1, "max_tokens": 20}, 4 + 20),
+            ({"max_completion_tokens": 2.5}, 4 + 256),
+            ({"max_tokens": True}, 4 + 256),
+            ({"max_tokens": "16"}, 4 + 256 + 3),  # a string is counted as text, not as R
+            ({"max_tokens": 0}, 4),
+            ({}, 4 + 256),
         ]
         for extra, expected in cases:
             with self.subTest(extra=extra):
@@ -109,11 +109,11 @@ class CostTests(unittest.TestCase):
 
     def test_nested_model_keys_are_skipped_and_deep_nesting_is_safe(self):
         body = {"a": {"model": "xxxxxxxxxxxxxxxxxxxx", "b": ["abcd", {"c": "efgh"}]}}
-        self.assertEqual(estimate_cost(body, 0), 3)  # "abcd efgh": 9 chars
+        self.assertEqual(estimate_cost(body, 0), 9)  # "abcd efgh": 9 bytes
         deep: object = "abcd"
         for _ in range(100_000):
             deep = [deep]
-        self.assertEqual(estimate_cost({"x": deep}, 0), 1)
+        self.assertEqual(estimate_cost({"x": deep}, 0), 4)
 
     def test_request_mode(self):
         self.assertEqual(llm_proxy.request_cost({"prompt": "x" * 1000},
