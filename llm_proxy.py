@@ -6011,8 +6011,8 @@ def upstream_report(server: "ProxyServer", in_flight: Mapping[str, int],
                     waiting: Mapping[str, int]) -> dict[str, object]:
     """Whether the upstream takes a connection now (tried, within a second), what it said
     when last asked for its models (`probe`: UpstreamProbe, None when it was never asked), its
-    time to first byte and latency (p50, p95: the histograms since start), its errors in the last
-    hour by kind, and the requests at it and waiting for it."""
+    time to first byte and latency (p50, p95: the histograms since start), its errors in the
+    last hour by kind, and the requests at it and waiting for it."""
     upstream = server.forwarder.upstreams["v1"]
     connect_ms: float | None = None
     started = time.perf_counter()
@@ -7028,15 +7028,16 @@ PROBE_NAMED_MODELS = 5
 PROBE_MAX_MODELS = 100
 #: The largest model list read (Ollama with every model pulled is a few KB).
 PROBE_MAX_BYTES = 4 * 1024 * 1024
-#: A dashboard that looks at a finding older than this asks the upstream again, in the background.
+#: A dashboard that reads a finding older than this has the upstream asked again (in the
+#: background).
 PROBE_REFRESH_SECONDS = 30.0
-#: What to check when the upstream does not answer, or answers GET /models with a refusal.
-PROBE_HINTS = {
-    "not answering": "is the model server running, and is BASE_API_URL right?",
-    HTTPStatus.UNAUTHORIZED: "is BASE_API_KEY right?",
-    HTTPStatus.FORBIDDEN: "is BASE_API_KEY right?",
-    HTTPStatus.NOT_FOUND: "is BASE_API_URL right (it ends with the API's /v1)?",
-}
+#: What to check when the upstream does not answer, or answers GET /models with a refusal or
+#: with something that is not a model list.
+NOT_ANSWERING_HINT = "is the model server running, and is BASE_API_URL right?"
+WRONG_URL_HINT = "is BASE_API_URL right (it ends with the API's /v1)?"
+PROBE_HINTS: dict[int, str] = {HTTPStatus.UNAUTHORIZED: "is BASE_API_KEY right?",
+                               HTTPStatus.FORBIDDEN: "is BASE_API_KEY right?",
+                               HTTPStatus.NOT_FOUND: WRONG_URL_HINT}
 
 
 @dataclass(frozen=True)
@@ -7146,15 +7147,15 @@ class UpstreamProbe:
             return self._silent(f"not an HTTP answer ({type(err).__name__})")
         if not 200 <= status < 300:
             return UpstreamFinding(self.url, True, None, f"GET {path} answered {status} {reason}",
-                                   PROBE_HINTS.get(status, PROBE_HINTS[HTTPStatus.NOT_FOUND]))
+                                   PROBE_HINTS.get(status, ""))
         models = model_names(body)
         if models is None:
             return UpstreamFinding(self.url, True, None, f"GET {path} gave no model list",
-                                   PROBE_HINTS[HTTPStatus.NOT_FOUND])
+                                   WRONG_URL_HINT)
         return UpstreamFinding(self.url, True, models)
 
     def _silent(self, problem: str) -> UpstreamFinding:
-        return UpstreamFinding(self.url, False, None, problem, PROBE_HINTS["not answering"])
+        return UpstreamFinding(self.url, False, None, problem, NOT_ANSWERING_HINT)
 
     def _get(self, path: str) -> tuple[int, str, bytes]:
         u = self._upstream
