@@ -6296,9 +6296,10 @@ def store_report(server: "ProxyServer") -> dict[str, object]:
 
 def upstream_report(server: "ProxyServer", in_flight: Mapping[str, int],
                     waiting: Mapping[str, int]) -> dict[str, object]:
-    """Whether the upstream takes a connection now (tried, within a second), its time to
-    first byte and latency (p50, p95: the histograms since start), its errors in the last
-    hour by kind, and the requests at it and waiting for it."""
+    """Whether the upstream takes a connection now (tried, within a second), what it said
+    when last asked for its models (`probe`: UpstreamProbe, None when it was never asked), its
+    time to first byte and latency (p50, p95: the histograms since start), its errors in the
+    last hour by kind, and the requests at it and waiting for it."""
     upstream = server.forwarder.upstreams["v1"]
     connect_ms: float | None = None
     started = time.perf_counter()
@@ -6310,7 +6311,8 @@ def upstream_report(server: "ProxyServer", in_flight: Mapping[str, int],
         pass
     report: dict[str, object] = {
         "url": f"{upstream.scheme}://{upstream.host_header}{upstream.base_path}",
-        "reachable": connect_ms is not None, "connect_ms": connect_ms}
+        "reachable": connect_ms is not None, "connect_ms": connect_ms,
+        "probe": server.probe.report()}
     for name, field in (("llm_proxy_upstream_ttfb_seconds", "ttfb_ms"),
                         ("llm_proxy_upstream_latency_seconds", "latency_ms")):
         (p50, p95), count = server.metrics.quantiles(name, 0.5, 0.95)
@@ -6851,7 +6853,7 @@ _HTTP_VERSION = re.compile(r"HTTP/([0-9]{1,2})\.([0-9]{1,2})")  # ASCII digits o
 # #################################################################### server parts ####
 
 # What the server is made of besides the request pipeline, one job each: metrics, the log,
-# the connection cap, the client deadlines, and the keys-file watcher.
+# the connection cap, the client deadlines, the keys-file watcher, and the upstream probe.
 
 def _label_value(value: str) -> str:
     """Escape a label value for the Prometheus text format."""
@@ -7307,6 +7309,157 @@ def _file_signature(path: str) -> tuple[int, int, int] | None:
     return st.st_mtime_ns, st.st_size, st.st_ino
 
 
+#: The start-up line names this many of the upstream's models and counts the rest.
+PROBE_NAMED_MODELS = 5
+#: The dashboard holds at most this many model names (the upstream decides how many it lists).
+PROBE_MAX_MODELS = 100
+#: The largest model list read (Ollama with every model pulled is a few KB).
+PROBE_MAX_BYTES = 4 * 1024 * 1024
+#: A dashboard that reads a finding older than this has the upstream asked again (in the
+#: background).
+PROBE_REFRESH_SECONDS = 30.0
+#: What to check when the upstream does not answer, or answers GET /models with a refusal or
+#: with something that is not a model list.
+NOT_ANSWERING_HINT = "is the model server running, and is BASE_API_URL right?"
+WRONG_URL_HINT = "is BASE_API_URL right (it ends with the API's /v1)?"
+PROBE_HINTS: dict[int, str] = {HTTPStatus.UNAUTHORIZED: "is BASE_API_KEY right?",
+                               HTTPStatus.FORBIDDEN: "is BASE_API_KEY right?",
+                               HTTPStatus.NOT_FOUND: WRONG_URL_HINT}
+
+
+@dataclass(frozen=True)
+class UpstreamFinding:
+    """What the upstream said when asked for its models: whether it answered, the models it
+    listed (None: no list could be read), and otherwise the problem and what to check."""
+    url: str
+    answering: bool
+    models: tuple[str, ...] | None = None
+    problem: str = ""
+    hint: str = ""
+
+    def line(self) -> str:
+        """The start-up line: what was found, in words."""
+        if not self.answering:
+            return f"upstream {self.url} is not answering ({self.problem}): {self.hint}"
+        if self.models is None:
+            return (f"upstream {self.url} answers, but {self.problem}"
+                    + (f": {self.hint}" if self.hint else ""))
+        if not self.models:
+            return f"upstream {self.url} answers, and lists no models"
+        named = ", ".join(loggable(name) for name in self.models[:PROBE_NAMED_MODELS])
+        more = len(self.models) - PROBE_NAMED_MODELS
+        return (f"upstream {self.url} answers with {len(self.models)} "
+                f"model{'s' if len(self.models) != 1 else ''} ({named}"
+                + (f" and {more} more" if more > 0 else "") + ")")
+
+    def report(self) -> dict[str, object]:
+        """The same, for the dashboard."""
+        return {"answering": self.answering,
+                "model_count": None if self.models is None else len(self.models),
+                "models": None if self.models is None else list(self.models[:PROBE_MAX_MODELS]),
+                "problem": self.problem or None, "hint": self.hint or None}
+
+
+def model_names(body: bytes) -> tuple[str, ...] | None:
+    """The model ids of an OpenAI model list ({"data": [{"id": ...}]}), None if it is not one."""
+    try:
+        listing = json.loads(body)
+    except ValueError:
+        return None
+    data = listing.get("data") if isinstance(listing, dict) else None
+    if not isinstance(data, list):
+        return None
+    return tuple(str(m["id"]) for m in data if isinstance(m, dict) and "id" in m)
+
+
+class UpstreamProbe:
+    """Asks the upstream for its models (GET {BASE_API_URL}/models, each socket operation
+    bounded by OPEN_TIMEOUT) in a thread of its own, so that neither the start nor a request
+    ever waits for it, and keeps what it found for the dashboard.
+
+    Methods for the caller: start(announce) (one look in the background, unless one is under
+    way; `announce` is given the finding's line), report() (the last finding, None before the
+    first; a finding older than PROBE_REFRESH_SECONDS is looked at again in the background),
+    look() (one look now, in the caller's thread).
+    """
+
+    def __init__(self, upstream: Upstream, api_key: str, timeout: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._upstream = upstream
+        self._api_key = api_key
+        self._timeout = timeout
+        self._clock = clock
+        self.url = f"{upstream.scheme}://{upstream.host_header}{upstream.base_path}"
+        self._lock = threading.Lock()
+        self._looking = False
+        self._found: tuple[float, UpstreamFinding] | None = None
+
+    def start(self, announce: Callable[[str], None] | None = None) -> bool:
+        with self._lock:
+            if self._looking:
+                return False
+            self._looking = True
+        threading.Thread(target=self._run, args=(announce,), name="llm_proxy-probe",
+                         daemon=True).start()
+        return True
+
+    def report(self) -> dict[str, object] | None:
+        with self._lock:
+            found = self._found
+        if found is None:
+            return None
+        age = self._clock() - found[0]
+        if age >= PROBE_REFRESH_SECONDS:
+            self.start()
+        return {**found[1].report(), "checked_seconds_ago": round(age, 1)}
+
+    def _run(self, announce: Callable[[str], None] | None) -> None:
+        finding = self.look()
+        with self._lock:
+            self._found, self._looking = (self._clock(), finding), False
+        if announce is not None:
+            announce(finding.line())
+
+    def look(self) -> UpstreamFinding:
+        path = self._upstream.base_path + "/models"
+        try:
+            status, reason, body = self._get(path)
+        except (socket.timeout, TimeoutError):
+            return self._silent(f"no answer within {_number(self._timeout)} s")
+        except ssl.SSLError as err:
+            return self._silent(f"TLS: {getattr(err, 'verify_message', '') or err.reason}")
+        except OSError as err:
+            return self._silent(err.strerror or type(err).__name__)
+        except http.client.HTTPException as err:
+            return self._silent(f"not an HTTP answer ({type(err).__name__})")
+        if not 200 <= status < 300:
+            return UpstreamFinding(self.url, True, None, f"GET {path} answered {status} {reason}",
+                                   PROBE_HINTS.get(status, ""))
+        models = model_names(body)
+        if models is None:
+            return UpstreamFinding(self.url, True, None, f"GET {path} gave no model list",
+                                   WRONG_URL_HINT)
+        return UpstreamFinding(self.url, True, models)
+
+    def _silent(self, problem: str) -> UpstreamFinding:
+        return UpstreamFinding(self.url, False, None, problem, NOT_ANSWERING_HINT)
+
+    def _get(self, path: str) -> tuple[int, str, bytes]:
+        u = self._upstream
+        conn = (http.client.HTTPSConnection(u.host, u.port, timeout=self._timeout,
+                                            context=ssl.create_default_context())
+                if u.scheme == "https" else
+                http.client.HTTPConnection(u.host, u.port, timeout=self._timeout))
+        try:
+            conn.request("GET", _quoted_path(path), headers={
+                "Accept": "application/json",
+                **({"Authorization": f"Bearer {self._api_key}"} if self._api_key else {})})
+            resp = conn.getresponse()
+            return resp.status, resp.reason, resp.read(PROBE_MAX_BYTES)
+        finally:
+            conn.close()
+
+
 # ########################################################################## server ####
 
 class ProxyServer(ThreadingHTTPServer):
@@ -7314,7 +7467,8 @@ class ProxyServer(ThreadingHTTPServer):
     metrics, log, connection cap, client deadlines, keys watcher, forwarder).
 
     Methods for the caller: serve_forever(), stop() (from any thread, e.g. a signal handler),
-    drain(timeout), server_close(), reload_keys(), request_key_reload(). Tunables:
+    drain(timeout), server_close(), reload_keys(), request_key_reload(), check_upstream().
+    Tunables:
     request_queue_size (the listen backlog; the default of 5 drops handshakes under bursts),
     daemon_threads; and, for tests, the clocks and the keys watcher's key_check_interval and
     keys_settle_seconds (KeysWatcher).
@@ -7358,6 +7512,8 @@ class ProxyServer(ThreadingHTTPServer):
         self.cors = CorsPolicy(config.cors_origins,
                                bool(config.keys_file or config.proxy_api_keys))
         self.forwarder = Forwarder(config, gate, self.metrics)
+        self.probe = UpstreamProbe(self.forwarder.upstreams["v1"], config.base_api_key,
+                                   config.open_timeout, clock)
         self.key_slots = KeySlots(config.max_concurrent_per_key)
         self._inflight = 0
         self._inflight_lock = threading.Lock()
@@ -7537,6 +7693,11 @@ class ProxyServer(ThreadingHTTPServer):
         self.log(f"keys file reloaded: {len(ring)} keys")
         return True
 
+    def check_upstream(self) -> None:
+        """Ask the upstream for its models in the background and log what it said in one line
+        (the first run's "is anything there?"); the dashboard shows the same."""
+        self.probe.start(self.log)
+
     def request_key_reload(self) -> None:
         """Reload the keys file soon, off the request path (safe from a signal handler)."""
         if self.keys_watcher is not None:
@@ -7672,6 +7833,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
          "(each is answered 508 Loop Detected)"] if points_at_itself(config, server) else [])
     for line in describe(config, server) + [f"warning: {w}" for w in warnings]:
         print(line, file=sys.stderr, flush=True)
+    server.check_upstream()
     if server.streams is not None:
         # The stream relay's thread holds the interpreter lock but for its system calls, and a
         # handler thread that wakes up (a new request, an answer's head) waits for it until the
@@ -8322,6 +8484,17 @@ ADMIN_JS = r"""// llm_proxy admin dashboard (served at /ui/admin.js, after /ui/p
       [].concat(small).filter(Boolean).map((line) => el('p', {class: 'small'}, line)));
   }
 
+  // what the upstream said when last asked for its models (the start-up line's words)
+  function probeLine(p) {
+    if (!p) return null;
+    if (!p.answering) return `not answering (${p.problem}): ${p.hint}`;
+    if (!p.models) return p.problem + (p.hint ? `: ${p.hint}` : '');
+    if (!p.model_count) return 'no models listed';
+    const named = p.models.slice(0, 5).join(', ');
+    const more = p.model_count > 5 ? ` and ${num(p.model_count - 5)} more` : '';
+    return `${num(p.model_count)} model${p.model_count === 1 ? '' : 's'}: ${named}${more}`;
+  }
+
   function renderCards(d) {
     const up = d.upstream || {};
     const store = d.store || {};
@@ -8335,7 +8508,9 @@ ADMIN_JS = r"""// llm_proxy admin dashboard (served at /ui/admin.js, after /ui/p
     const storeTone = store.ok === false || unwritten || (store.redis && !store.redis.reachable) ? 'bad' : 'ok';
     $('cards').replaceChildren(
       card('Upstream', up.reachable ? 'reachable' : 'unreachable',
-        [up.reachable ? `connect ${ms(up.connect_ms)}` : 'cannot connect', up.url], up.reachable ? 'ok' : 'bad'),
+        [up.reachable ? `connect ${ms(up.connect_ms)}` : 'cannot connect', up.url,
+          probeLine(up.probe)],
+        up.reachable && (!up.probe || up.probe.models) ? 'ok' : 'bad'),
       card('Time to first byte', pair(up.ttfb_ms), count(up.ttfb_ms)),
       card('Latency', pair(up.latency_ms), count(up.latency_ms)),
       card('Errors, last hour', num(errTotal),

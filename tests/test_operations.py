@@ -507,7 +507,7 @@ class AdminTests(ProxyTestCase):
                 super().setup()
                 self.client_address = ("203.0.113.9", 40000)
         far = ProxyServer(Config(host="127.0.0.1", port=0, base_api_url=self.upstream.url,
-                                 state_db="off"),  # (not the user's own state file)
+                                 state_db="off"),
                           log_stream=self.log, handler=FarAway)
         self._serve(far)
         for path in ("/metrics", "/admin/keys"):

@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Load, soak, fairness, fuzz and slow-client runs for llm_proxy (by hand, not unit tests).
 
-    python3 reliability_llm_proxy.py            # everything, about ten minutes
-    python3 reliability_llm_proxy.py --quick    # the same, shorter (about three minutes)
-    python3 reliability_llm_proxy.py soak fuzz   # some parts only: soak flood fairness fuzz slow
+    python3 tools/reliability_llm_proxy.py             # everything, about ten minutes
+    python3 tools/reliability_llm_proxy.py --quick     # the same, shorter (about three minutes)
+    python3 tools/reliability_llm_proxy.py soak fuzz   # some parts only: soak flood fairness fuzz slow
 
 Everything runs on loopback against the benchmark's asyncio fake upstream (the slow part: a variant
 of it in this script with a large /v1/models), with the proxy as its own process (its RSS and
@@ -54,7 +54,9 @@ import time
 import urllib.request
 from collections import Counter
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.abspath(__file__))  # tools/
+ROOT = os.path.dirname(HERE)  # the project, where llm_proxy.py lives
+PROXY = os.path.join(ROOT, "llm_proxy.py")
 sys.path.insert(0, HERE)
 from bench_llm_proxy import ANSWER, child_pids, free_port, pct, start  # noqa: E402  (the benchmark's helpers)
 
@@ -105,7 +107,7 @@ class Stack:
         self.up_port, self.port = free_port(), free_port()
         self.upstream = start([sys.executable, os.path.join(HERE, "bench_llm_proxy.py"),
                                "--serve-upstream", str(self.up_port)], {}, "ready", "stdout")
-        self.proxy = start([sys.executable, os.path.join(HERE, "llm_proxy.py")], {
+        self.proxy = start([sys.executable, PROXY], {
             "HOST": "127.0.0.1", "PORT": str(self.port),
             "BASE_API_URL": f"http://127.0.0.1:{self.up_port}/v1", "STATE_DB": "off", **env},
             "listening on", "stderr")
@@ -786,9 +788,9 @@ def proxy_version(path: str) -> str:
     with open(path, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()[:12]
     try:
-        head = subprocess.run(["git", "-C", HERE, "rev-parse", "--short", "HEAD"],
+        head = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"],
                               capture_output=True, text=True, timeout=10).stdout.strip()
-        changed = subprocess.run(["git", "-C", HERE, "diff", "--quiet", "HEAD", "--",
+        changed = subprocess.run(["git", "-C", ROOT, "diff", "--quiet", "HEAD", "--",
                                   "llm_proxy.py"], timeout=10).returncode != 0
     except (OSError, subprocess.SubprocessError):
         head, changed = "", False
@@ -820,7 +822,7 @@ def slow(window: float) -> bool:
         # the proxy runs from a copy taken now, so that every attack meets the same code even if
         # llm_proxy.py is edited during the run; the note says which code that was
         proxy_copy = os.path.join(tmp, "llm_proxy.py")
-        shutil.copyfile(os.path.join(HERE, "llm_proxy.py"), proxy_copy)
+        shutil.copyfile(PROXY, proxy_copy)
         general.append(proxy_version(proxy_copy))
         up_log = tempfile.TemporaryFile("w+")
         up_port = free_port()

@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """Benchmark llm_proxy against a fast fake upstream, side by side with direct calls to it.
 
-    python3 bench_llm_proxy.py              # the full run (about five minutes), prints the tables
-    python3 bench_llm_proxy.py --quick      # a short smoke run
-    python3 bench_llm_proxy.py --fanout     # only the fan-out figure (--quick: 50 streams, 3 s)
-    python3 bench_llm_proxy.py --overview   # only the dashboard's data, a month in the ledger
+    python3 tools/bench_llm_proxy.py             # the full run (about five minutes), the tables
+    python3 tools/bench_llm_proxy.py --quick     # a short smoke run
+    python3 tools/bench_llm_proxy.py --fanout    # only the fan-out figure (--quick: 50 streams, 3 s)
+    python3 tools/bench_llm_proxy.py --overview  # only the dashboard's data, a month in the ledger
 
 What it measures (every figure for the proxy is compared with the same call made directly):
   * added latency per non-stream request at concurrency 1 (p50, p99), one keep-alive connection:
@@ -48,7 +48,9 @@ import threading
 import time
 from typing import Iterator
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.abspath(__file__))  # tools/
+ROOT = os.path.dirname(HERE)  # the project, where llm_proxy.py lives
+PROXY = os.path.join(ROOT, "llm_proxy.py")
 KEY = "sk-bench-key"
 CHAT = json.dumps({"model": "bench", "messages": [{"role": "user", "content": "hi"}],
                    "max_tokens": 16}).encode()
@@ -327,7 +329,7 @@ def load_threads(port: int, seconds: int, connections: int) -> dict[str, object]
 
 def write_keys_file(directory: str, count: int) -> tuple[str, str]:
     """A keys file of `count` digest-only entries; returns its path and the last entry's key."""
-    sys.path.insert(0, HERE)
+    sys.path.insert(0, ROOT)
     from llm_proxy import key_digest
     path = os.path.join(directory, f"keys-{count}.json")
     with open(path, "w") as f:
@@ -340,7 +342,7 @@ def write_keys_file(directory: str, count: int) -> tuple[str, str]:
 def bench_keys(up_port: int, requests: int) -> list[tuple[str, str, str, str]]:
     """Key lookup cost with a 10,000-key file against a 1-key file, and whether reloading the
     big file (SIGHUP every 0.5 s) stalls requests."""
-    sys.path.insert(0, HERE)
+    sys.path.insert(0, ROOT)
     import llm_proxy
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -348,7 +350,7 @@ def bench_keys(up_port: int, requests: int) -> list[tuple[str, str, str, str]]:
         big, big_key = write_keys_file(tmp, 10_000)
         env = {"HOST": "127.0.0.1", "BASE_API_URL": f"http://127.0.0.1:{up_port}/v1"}
         ports = free_port(), free_port()
-        procs = [start([sys.executable, os.path.join(HERE, "llm_proxy.py")],
+        procs = [start([sys.executable, PROXY],
                        {**env, "PORT": str(port), "KEYS_FILE": path}, "listening on", "stderr")
                  for port, path in zip(ports, (small, big))]
         try:
@@ -419,7 +421,7 @@ def bench_redis(up_port: int, requests: int, seconds: int) -> list[tuple[str, st
            "MAX_TOKENS": "1000000000", "STATE_DB": "off", "REFILL_TOKENS": "1000000000"}
     ports = free_port(), free_port()
     time.sleep(0.5)
-    procs = [start([sys.executable, os.path.join(HERE, "llm_proxy.py")],
+    procs = [start([sys.executable, PROXY],
                    {**env, "PORT": str(port), **extra}, "listening on", "stderr")
              for port, extra in zip(ports, ({}, {"REDIS_URL": f"redis://127.0.0.1:{redis_port}/0"}))]
     try:
@@ -450,7 +452,7 @@ def bench_state(up_port: int, requests: int, seconds: int) -> list[tuple[str, st
            "TOKENS_PER_DAY": "1000000000"}
     ports = free_port(), free_port()
     extras = ({"STATE_DB": "off"}, {"STATE_DB": os.path.join(folder, "state.db")})
-    procs = [start([sys.executable, os.path.join(HERE, "llm_proxy.py")],
+    procs = [start([sys.executable, PROXY],
                    {**env, "PORT": str(port), **extra}, "listening on", "stderr")
              for port, extra in zip(ports, extras)]
     try:
@@ -480,7 +482,7 @@ def bench_overview(requests: int) -> list[tuple[str, str, str, str]]:
     """What the dashboard's data (GET /admin/overview) costs with a month of use in the state
     file: 60 keys x 30 days x 24 hours = 43,200 ledger rows. The first call adds every past
     hour up; the ones after it reuse that sum and read only the current hour."""
-    sys.path.insert(0, HERE)
+    sys.path.insert(0, ROOT)
     from llm_proxy import StateFile
     folder = tempfile.mkdtemp()
     path = os.path.join(folder, "state.db")
@@ -494,7 +496,7 @@ def bench_overview(requests: int) -> list[tuple[str, str, str, str]]:
     state.db.execute("COMMIT")
     state.close()
     port = free_port()
-    proc = start([sys.executable, os.path.join(HERE, "llm_proxy.py")], {
+    proc = start([sys.executable, PROXY], {
         "HOST": "127.0.0.1", "PORT": str(port), "BASE_API_URL": "http://127.0.0.1:9/v1",
         "STATE_DB": path}, "listening on", "stderr")
     try:
@@ -774,7 +776,7 @@ def fanout_target(target: str, mode: str, up_port: int, streams: int
                 pids += child_pids(proc.pid)
                 time.sleep(0.01)
         else:
-            proc = start([sys.executable, os.path.join(HERE, "llm_proxy.py")], {
+            proc = start([sys.executable, PROXY], {
                 "HOST": "127.0.0.1", "PORT": str(port),
                 "BASE_API_URL": f"http://127.0.0.1:{up_port}/v1", "MAX_TOKENS": "1000000000", "STATE_DB": "off",
                 "REFILL_TOKENS": "1000000000", "TOKEN_COST_MODE": mode,
@@ -971,7 +973,7 @@ def proxy_rows(up_port: int, requests: int, seconds: int, firsts: int, quick: bo
                ) -> tuple[list[tuple[str, str, str, str]], str]:
     """The proxy against direct calls: latency, CPU, load at c=64, first event, spacing."""
     proxy_port = free_port()
-    proxy = start([sys.executable, os.path.join(HERE, "llm_proxy.py")], {
+    proxy = start([sys.executable, PROXY], {
         "HOST": "127.0.0.1", "PORT": str(proxy_port),
         "BASE_API_URL": f"http://127.0.0.1:{up_port}/v1", "MAX_TOKENS": "1000000000", "STATE_DB": "off",
         "REFILL_TOKENS": "1000000000"}, "listening on", "stderr")
