@@ -146,8 +146,13 @@ class ClaudeCodeTests(ProxyTestCase):
         done = subprocess.run(["claude", "-p", "say hi", "--output-format", "json"], env=env,
                               capture_output=True, text=True, timeout=WAIT * 6)
         self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
-        self.assertTrue(self.log.wait_for(lambda text: " cost=" in text))
-        self.assertLess(40_000 - self.remaining(), 40_000)
+        self.assertNotIn("limit reached", json.loads(done.stdout)["result"])
+        sent = [json.loads(r[3]) for r in self.upstream.requests if r[1].startswith("/v1/messages")]
+        self.assertTrue(sent)
+        self.assertGreater(len(self.upstream.requests[0][3]), 40_000)  # its bytes: over the bucket
+        self.assertTrue(self.log.wait_for(
+            lambda text: text.count("POST /v1/messages") == len(sent) and " cost=" in text))
+        self.assertEqual(40_000 - self.remaining(), sum(self.upstream.reported))
 
 
 if __name__ == "__main__":
