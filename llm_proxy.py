@@ -1154,7 +1154,7 @@ def add_entry(entries: list[dict], name: str, fields: Mapping[str, object],
         raise ProxyError(HTTPStatus.CONFLICT, f"A key named {name!r} exists already.",
                          code="key_name_taken", param="name")
     secret, digest = new_secret()
-    entry = {"name": name, "key_sha256": digest, "created_at": utc_text(now)}
+    entry: dict[str, object] = {"name": name, "key_sha256": digest, "created_at": utc_text(now)}
     entry.update({f: v for f, v in fields.items() if v is not None})
     entries.append(entry)
     return secret
