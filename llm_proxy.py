@@ -8462,6 +8462,7 @@ ADMIN_HTML = page_html(
               <th scope="col" class="n">Limited today</th>
               <th scope="col" class="n">In flight</th>
               <th scope="col" class="n">Waiting</th>
+              <th scope="col">Manage</th>
             </tr>
           </thead>
           <tbody></tbody>
@@ -8469,6 +8470,53 @@ ADMIN_HTML = page_html(
       </div>
       <p class="meta phone-only">Swipe the table sideways for more columns.</p>
       <p id="no-keys" class="meta" hidden>No keys are configured.</p>
+
+      <section id="manage" class="panel" aria-labelledby="manage-title">
+        <h2 id="manage-title">New key</h2>
+        <p id="manage-readonly" class="note" hidden></p>
+        <div id="secret-box" class="secret" role="alert" hidden>
+          <p><strong>Copy this key now.</strong> It is shown only this once and is not stored
+            anywhere: if it is lost, rotate the key to get a new one.</p>
+          <p><code id="secret-value"></code>
+            <button type="button" id="copy-secret">Copy</button>
+            <button type="button" id="hide-secret">Done</button></p>
+          <p id="copy-status" class="meta" aria-live="polite"></p>
+        </div>
+        <form id="key-form" class="key-form">
+          <input type="hidden" id="kf-editing" value="">
+          <label>Name <input id="kf-name" required maxlength="200" autocomplete="off"></label>
+          <label>Bucket size (max_tokens) <input id="kf-max_tokens" type="number" min="1"></label>
+          <label>Refill tokens <input id="kf-refill_tokens" type="number" min="1"></label>
+          <label>Refill every (s) <input id="kf-refill_interval_seconds" type="number" min="0" step="any"></label>
+          <label>Tokens per day <input id="kf-tokens_per_day" type="number" min="1"></label>
+          <label>Tokens per month <input id="kf-tokens_per_month" type="number" min="1"></label>
+          <label>Requests per day <input id="kf-requests_per_day" type="number" min="1"></label>
+          <label>Models (comma-separated) <input id="kf-models" autocomplete="off"></label>
+          <label>Expires <input id="kf-expires_at" placeholder="2027-01-31 or 2027-01-31T18:00" autocomplete="off"></label>
+          <label>Priority <select id="kf-priority"><option value="">normal (default)</option>
+            <option value="high">high</option><option value="normal">normal</option>
+            <option value="low">low</option></select></label>
+          <label>Max concurrent <input id="kf-max_concurrent" type="number" min="1"></label>
+          <label>Note <input id="kf-note" maxlength="1000" autocomplete="off"></label>
+          <p><button type="submit" id="kf-submit">Create key</button>
+            <button type="button" id="kf-cancel" hidden>Cancel</button></p>
+        </form>
+        <p id="manage-status" class="meta" role="status"></p>
+      </section>
+
+      <h2 id="audit-title">Recent changes to keys</h2>
+      <div class="table-wrap">
+        <table id="audit" aria-labelledby="audit-title">
+          <thead>
+            <tr>
+              <th scope="col">When</th><th scope="col">Who</th><th scope="col">From</th>
+              <th scope="col">What</th><th scope="col">Key</th><th scope="col">Fields</th>
+            </tr>
+          </thead>
+          <tbody></tbody>
+        </table>
+      </div>
+      <p id="no-audit" class="meta" hidden>No changes recorded yet.</p>
 
       <h2 id="models-title">Models</h2>
       <div class="table-wrap">
@@ -8665,6 +8713,16 @@ tr.disabled td.name::after {
 tr.disabled .bar .fill { background: var(--muted); }
 .table-wrap.narrow { max-width: 560px; }
 .sub-line { display: block; font-size: 11px; color: var(--muted); }
+.badge { display: inline-block; font-size: 11px; padding: 0 6px; border-radius: 8px; }
+.badge.warn { background: #fff3cd; color: #6b4e00; }
+tr.expired td.name { text-decoration: line-through; }
+td.actions { white-space: nowrap; }
+td.actions button.small { font-size: 12px; padding: 2px 6px; margin-right: 2px; }
+.key-form { display: grid; grid-template-columns: repeat(auto-fill, minmax(14em, 1fr)); gap: 8px 12px; }
+.key-form label { display: flex; flex-direction: column; font-size: 12px; gap: 2px; }
+.secret { border: 2px solid #b58100; padding: 8px 12px; margin-bottom: 10px; }
+.secret code { font-size: 14px; word-break: break-all; user-select: all; }
+#manage { margin-top: 16px; }
 table.totals th[scope="row"] { font-weight: 400; }
 
 /* bars with their numbers */
@@ -8898,6 +8956,25 @@ const Page = (() => {
 
     const signOut = () => { sessionStorage.removeItem(opts.storageKey); showLogin(''); };
 
+    // A change (POST, PATCH, DELETE) with the session's key in its header, from this page's
+    // own origin (the browser says so in Origin, which the proxy checks); then a refresh.
+    async function send(method, path, body) {
+      const headers = state.key ? {Authorization: 'Bearer ' + state.key} : {};
+      if (body !== undefined) headers['Content-Type'] = 'application/json';
+      let r;
+      try {
+        const res = await fetch(path, {method, headers, cache: 'no-store', credentials: 'same-origin',
+          body: body === undefined ? undefined : JSON.stringify(body)});
+        r = {status: res.status, body: res.status === 204 ? null : await res.json().catch(() => null)};
+      } catch (err) {
+        r = {status: 0, body: {error: {message: 'the proxy could not be reached'}}};
+      }
+      r.ok = r.status >= 200 && r.status < 300;
+      r.message = r.ok ? '' : messageOf(r);
+      if (r.ok) refresh();
+      return r;
+    }
+
     async function start() {
       $('login-form').addEventListener('submit', onLogin);
       $('signout').addEventListener('click', signOut);
@@ -8921,7 +8998,7 @@ const Page = (() => {
       showLogin('');
     }
 
-    return {start};
+    return {start, send};
   }
 
   return {el, svg, $, setText, num, duration, pad, clock, MONTHS, bar, session};
@@ -9000,8 +9077,13 @@ ADMIN_JS = r"""// llm_proxy admin dashboard (served at /ui/admin.js, after /ui/p
     const full = k.balance >= k.limit;
     const low = k.limit > 0 && k.balance / k.limit < 0.1;
     const every = `+${num(k.refill_tokens)} every ${duration(k.refill_interval_seconds)}`;
-    return el('tr', {class: k.disabled ? 'disabled' : null},
-      el('td', {class: 'name'}, k.name),
+    const lifetime = [k.priority && k.priority !== 'normal' ? `priority ${k.priority}` : null,
+      k.max_concurrent ? `at most ${num(k.max_concurrent)} at once` : null,
+      k.expires_at ? (k.expired ? `expired ${k.expires_at}` : `expires ${k.expires_at}`) : null].filter(Boolean);
+    return el('tr', {class: [k.disabled ? 'disabled' : null, k.expires_soon ? 'expiring' : null,
+      k.expired ? 'expired' : null].filter(Boolean).join(' ') || null, 'data-key': k.name},
+      el('td', {class: 'name'}, k.name, lifetime.length ? el('span', {class: 'sub-line'}, lifetime.join(DOT)) : null,
+        k.expires_soon ? el('span', {class: 'badge warn'}, 'expires within 7 days') : null),
       el('td', {class: 'n'}, `${num(k.balance)} / ${num(k.limit)}`, bar(k.balance, k.limit, low ? 'low' : null, 'under')),
       el('td', {}, full ? 'full' : 'in ' + duration(k.next_refill_seconds), el('span', {class: 'sub-line'}, every)),
       quotaCell(today.tokens, quotas.tokens_per_day),
@@ -9009,7 +9091,133 @@ ADMIN_JS = r"""// llm_proxy admin dashboard (served at /ui/admin.js, after /ui/p
       quotaCell(today.requests, quotas.requests_per_day),
       el('td', {class: 'n'}, num(today.limited)),
       el('td', {class: 'n'}, num(k.in_flight)),
-      el('td', {class: 'n'}, num(k.waiting)));
+      el('td', {class: 'n'}, num(k.waiting)),
+      el('td', {class: 'actions'}, k.entry && writable ? manageButtons(k) : null));
+  }
+
+  // ---- managing keys (POST/PATCH/DELETE /admin/keys, through the session's send) ----
+  const FIELDS = ['max_tokens', 'refill_tokens', 'refill_interval_seconds', 'tokens_per_day',
+    'tokens_per_month', 'requests_per_day', 'models', 'expires_at', 'priority', 'max_concurrent', 'note'];
+  let session = null;
+  let writable = false;
+
+  function manageButtons(k) {
+    const button = (label, action) => {
+      const b = el('button', {type: 'button', class: 'small', 'data-action': action}, label);
+      b.addEventListener('click', () => act(action, k));
+      return b;
+    };
+    return [button('Edit', 'edit'), button(k.disabled ? 'Enable' : 'Disable', k.disabled ? 'enable' : 'disable'),
+      button('Rotate', 'rotate'), button('Delete', 'delete')];
+  }
+
+  function say(text, tone) {
+    setText('manage-status', text);
+    $('manage-status').className = 'meta ' + (tone || '');
+  }
+
+  function showSecret(name, secret) {
+    setText('secret-value', secret);
+    setText('copy-status', `The new key of ${name}.`);
+    $('secret-box').hidden = false;
+  }
+
+  async function act(action, k) {
+    const path = '/admin/keys/' + encodeURIComponent(k.name);
+    let r;
+    if (action === 'edit') return startEdit(k);
+    if (action === 'enable' || action === 'disable') {
+      r = await session.send('PATCH', path, {disabled: action === 'disable'});
+    } else if (action === 'rotate') {
+      if (!window.confirm(`Give ${k.name} a new key? The old one stops working in an hour.`)) return;
+      r = await session.send('POST', path + '/rotate', {grace_seconds: 3600});
+      if (r.ok) showSecret(k.name, r.body.key);
+    } else if (action === 'delete') {
+      if (!window.confirm(`Delete the key ${k.name}? Requests with it will get 401. Its usage stays in the reports.`)) return;
+      r = await session.send('DELETE', path);
+    }
+    say(r.ok ? `${k.name}: ${action === 'delete' ? 'deleted' : action + 'd'}.` : r.message, r.ok ? 'ok' : 'warn');
+  }
+
+  function formValues(editing) {
+    const values = {};
+    for (const field of FIELDS) {
+      const raw = $('kf-' + field).value.trim();
+      const type = $('kf-' + field).type;
+      if (raw === '') { if (editing) values[field] = null; continue; }
+      if (field === 'models') values[field] = raw.split(',').map((m) => m.trim()).filter(Boolean);
+      else if (type === 'number') values[field] = Number(raw);
+      else values[field] = raw;
+    }
+    return values;
+  }
+
+  function startEdit(k) {
+    const entry = k.entry || {};
+    $('kf-editing').value = k.name;
+    $('kf-name').value = k.name;
+    $('kf-name').disabled = true;
+    for (const field of FIELDS) {
+      const value = entry[field];
+      $('kf-' + field).value = value === undefined || value === null ? '' : Array.isArray(value) ? value.join(', ') : String(value);
+    }
+    setText('manage-title', 'Edit key ' + k.name);
+    setText('kf-submit', 'Save changes');
+    $('kf-cancel').hidden = false;
+    $('manage').scrollIntoView();
+  }
+
+  function resetForm() {
+    $('key-form').reset();
+    $('kf-editing').value = '';
+    $('kf-name').disabled = false;
+    setText('manage-title', 'New key');
+    setText('kf-submit', 'Create key');
+    $('kf-cancel').hidden = true;
+  }
+
+  async function onSubmit(event) {
+    event.preventDefault();
+    const editing = $('kf-editing').value;
+    const values = formValues(Boolean(editing));
+    const name = editing || $('kf-name').value.trim();
+    const r = editing
+      ? await session.send('PATCH', '/admin/keys/' + encodeURIComponent(editing), values)
+      : await session.send('POST', '/admin/keys', {name, ...values});
+    if (!r.ok) { say(r.message, 'warn'); return; }
+    resetForm();
+    say(editing ? `${name}: saved.` : `${name}: created.`, 'ok');
+    if (!editing) showSecret(name, r.body.key);
+  }
+
+  async function copySecret() {
+    const text = $('secret-value').textContent;
+    try {
+      await navigator.clipboard.writeText(text);
+      setText('copy-status', 'Copied.');
+    } catch (err) {
+      const range = document.createRange();
+      range.selectNodeContents($('secret-value'));
+      getSelection().removeAllRanges();
+      getSelection().addRange(range);
+      setText('copy-status', 'Selected: press Ctrl+C (or \u2318C) to copy.');
+    }
+  }
+
+  function renderAudit(rows) {
+    $('audit').tBodies[0].replaceChildren(...rows.map((r) => el('tr', {},
+      el('td', {}, String(r.at).replace('T', ' ')), el('td', {}, r.who), el('td', {}, r.from),
+      el('td', {}, r.action), el('td', {class: 'name'}, r.key), el('td', {}, (r.fields || []).join(', ')))));
+    $('no-audit').hidden = rows.length > 0;
+  }
+
+  function renderManage(file) {
+    writable = Boolean(file && file.writable);
+    $('key-form').hidden = !writable;
+    $('manage-readonly').hidden = writable;
+    setText('manage-readonly', !file || !file.path
+      ? 'Keys are managed here when the proxy runs with KEYS_FILE (for example KEYS_FILE=keys.json).'
+      : `${file.path} is TOML, which the proxy reads but cannot write: convert it to JSON to manage keys here.`);
   }
 
   function renderKeys(keys) {
@@ -9129,7 +9337,9 @@ ADMIN_JS = r"""// llm_proxy admin dashboard (served at /ui/admin.js, after /ui/p
     $('local-note').hidden = !local;
     setText('uptime', typeof data.uptime_seconds === 'number' ? 'up ' + duration(data.uptime_seconds) : '');
     renderCards(data);
+    renderManage(data.keys_file);
     renderKeys(data.keys || []);
+    renderAudit(data.audit || []);
     renderModels(data.models || []);
     drawCharts();
   }
@@ -9138,8 +9348,13 @@ ADMIN_JS = r"""// llm_proxy admin dashboard (served at /ui/admin.js, after /ui/p
     cancelAnimationFrame(redraw);
     redraw = requestAnimationFrame(drawCharts);
   });
-  Page.session({storageKey: 'llm_proxy_admin_key', input: 'admin-key', path: '/admin/overview',
-    every: 5000, emptyKey: 'Enter the admin key.', ends: [401, 404], probe: true, show}).start();
+  $('key-form').addEventListener('submit', onSubmit);
+  $('kf-cancel').addEventListener('click', resetForm);
+  $('copy-secret').addEventListener('click', copySecret);
+  $('hide-secret').addEventListener('click', () => { $('secret-box').hidden = true; setText('secret-value', ''); });
+  session = Page.session({storageKey: 'llm_proxy_admin_key', input: 'admin-key', path: '/admin/overview',
+    every: 5000, emptyKey: 'Enter the admin key.', ends: [401, 404], probe: true, show});
+  session.start();
 })();
 """
 

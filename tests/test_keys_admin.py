@@ -540,3 +540,104 @@ class MaxConcurrentTests(KeysAdminCase):
         for thread in threads:
             thread.join(WAIT)
         self.assertEqual(answers, [200, 200, 200])  # queued, none refused
+
+
+try:
+    from tests.browser import Browser, find_chromium
+except ImportError:  # (the driver needs POSIX pipes)
+    Browser, find_chromium = None, lambda: None
+CHROMIUM = find_chromium()
+
+
+@unittest.skipIf(CHROMIUM is None, "no Chromium: set BROWSER_BIN or install chromium")
+class DashboardKeysBrowserTests(KeysAdminCase):
+    """The dashboard's key management in headless Chromium, on a first run (no keys file):
+    create a key, use it, disable it (401), enable and rotate it, see the audit lines."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.browser = Browser(CHROMIUM)
+        cls.addClassCleanup(cls.browser.close)
+
+    def signed_in(self):
+        page = self.browser.new_page(1280, 1000)
+        self.addCleanup(page.close)
+        page.goto(self.proxy.url.replace("0.0.0.0", "127.0.0.1") + "/admin")
+        page.wait_for("!document.getElementById('login').hidden")
+        page.type("#admin-key", ADMIN)
+        page.click("#login-form button[type=submit]")
+        page.wait_for("!document.getElementById('content').hidden")
+        return page
+
+    def page_errors(self, page):
+        """The page's errors but the sign-in's probe without a key (401 by design)."""
+        return [e for e in page.errors if "401" not in e["text"]
+                or "/admin/overview" not in e["text"]]
+
+    def row_button(self, page, name, action):
+        page.evaluate(f"document.querySelector('tr[data-key={json.dumps(name)}] "
+                      f"button[data-action={action}]').click()")
+
+    def test_create_use_disable_rotate_and_audit(self):
+        page = self.signed_in()
+        page.wait_for("!document.getElementById('key-form').hidden")
+        page.type("#kf-name", "web-user")
+        page.type("#kf-max_tokens", "50")
+        page.type("#kf-expires_at", "2027-01-20")
+        page.evaluate("document.getElementById('kf-priority').value = 'high'")
+        page.click("#kf-submit")
+        page.wait_for("document.getElementById('secret-value').textContent.startsWith('sk-')")
+        self.assertFalse(page.evaluate("document.getElementById('secret-box').hidden"))
+        self.assertIn("shown only this once", page.text("#secret-box"))
+        secret = page.text("#secret-value")
+        [entry] = self.entries()
+        self.assertEqual((entry["max_tokens"], entry["priority"], entry["expires_at"]),
+                         (50, "high", "2027-01-20"))
+        self.assertEqual(self.chat(key=secret)[0], 200)  # used at once, as curl would
+        page.wait_for("document.querySelector('tr[data-key=\"web-user\"]') !== null")
+        self.assertIn("expires within 7 days",
+                      page.text('tr[data-key="web-user"] td.name'))
+        page.click("#hide-secret")
+
+        self.row_button(page, "web-user", "disable")
+        page.wait_for("document.querySelector('tr[data-key=\"web-user\"]')"
+                      ".classList.contains('disabled')")
+        self.assertEqual(self.chat(key=secret)[0], 401)
+        self.row_button(page, "web-user", "enable")
+        page.wait_for("!document.querySelector('tr[data-key=\"web-user\"]')"
+                      ".classList.contains('disabled')")
+        self.assertEqual(self.chat(key=secret)[0], 200)
+
+        page.evaluate("window.confirm = () => true")
+        self.row_button(page, "web-user", "rotate")
+        page.wait_for("document.getElementById('secret-value').textContent.startsWith('sk-')")
+        new = page.text("#secret-value")
+        self.assertNotEqual(new, secret)
+        self.assertEqual(self.chat(key=new)[0], 200)
+        self.assertEqual(self.chat(key=secret)[0], 200)  # an hour of grace
+        self.wall.advance(3600)
+        self.assertEqual(self.chat(key=secret)[0], 401)
+
+        page.wait_for("document.querySelectorAll('#audit tbody tr').length >= 4")
+        actions = page.evaluate("[...document.querySelectorAll('#audit tbody tr')]"
+                                ".map((tr) => tr.cells[3].textContent + ' ' + "
+                                "tr.cells[4].textContent + ' ' + tr.cells[2].textContent)")
+        self.assertEqual([a.split(" ")[:2] for a in actions[:4]],
+                         [["rotated", "web-user"], ["changed", "web-user"],
+                          ["changed", "web-user"], ["added", "web-user"]])
+        self.assertTrue(all(a.endswith("(dashboard)") for a in actions[:4]))
+        self.assertNotIn(new, page.evaluate("document.getElementById('audit').textContent"))
+        self.assertEqual(self.page_errors(page), [])
+
+    def test_delete_is_confirmed(self):
+        self.create("to-delete")
+        page = self.signed_in()
+        page.wait_for("document.querySelector('tr[data-key=\"to-delete\"]') !== null")
+        page.evaluate("window.confirm = () => false")
+        self.row_button(page, "to-delete", "delete")
+        self.assertEqual([e["name"] for e in self.entries()], ["to-delete"])
+        page.evaluate("window.confirm = () => true")
+        self.row_button(page, "to-delete", "delete")
+        page.wait_for("document.querySelector('tr[data-key=\"to-delete\"]') === null")
+        self.assertEqual(self.entries(), [])
+        self.assertEqual(self.page_errors(page), [])
