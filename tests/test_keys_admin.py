@@ -3,17 +3,17 @@ rotation, priority classes, per-key concurrency and the audit trail (issue 24)."
 from __future__ import annotations
 
 import contextlib
+import http.client
 import io
 import json
 import os
 import shutil
-import sqlite3
 import stat
 import tempfile
 import threading
 import unittest
 
-from tests.support import WAIT, FakeClock, LogCapture, ProxyTestCase
+from tests.support import WAIT, FakeClock, ProxyTestCase
 
 import llm_proxy
 from llm_proxy import Config, ProxyServer
@@ -525,21 +525,39 @@ class MaxConcurrentTests(KeysAdminCase):
             done.wait(0.001)
         self.fail("never happened")
 
-    def test_over_http_the_second_stream_waits_for_the_first(self):
+    def hold(self, key):
+        """A stream that stays in flight until the fake upstream's `release` is set."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.proxy.server_address[1], timeout=WAIT)
+        self.addCleanup(conn.close)
+        conn.request("POST", "/v1/chat/completions",
+                     json.dumps({"model": "hold", "stream": True, "messages": []}),
+                     {"Authorization": f"Bearer {key}", "X-Fake-Scenario": "gate"})
+        resp = conn.getresponse()
+        resp.readline()
+        return resp
+
+    def test_over_http_a_request_beyond_max_concurrent_waits_instead_of_429(self):
         secret = self.create("one-at-a-time", max_concurrent=1)
-        first = self.open_stream(scenario="pause", key=secret) if False else None
-        del first
+        held = self.hold(secret)
         answers = []
+        thread = threading.Thread(target=lambda: answers.append(self.chat(key=secret)[0]))
+        thread.start()
+        self.until(lambda: self.proxy.key_slots.waiting("key:" + llm_proxy.key_digest(secret)))
+        self.assertEqual(answers, [])  # waiting its turn, not refused
+        self.upstream.release.set()
+        held.read()
+        thread.join(WAIT)
+        self.assertEqual(answers, [200])
 
-        def call():
-            answers.append(self.chat(key=secret)[0])
-
-        threads = [threading.Thread(target=call) for _ in range(3)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(WAIT)
-        self.assertEqual(answers, [200, 200, 200])  # queued, none refused
+    def test_it_waits_at_most_the_queue_timeout(self):
+        self.proxy = self.start_another(upstream_queue_timeout=0.01)
+        secret = self.create("one", max_concurrent=1)
+        held = self.hold(secret)
+        status, _, body = self.chat(key=secret)
+        self.assertEqual(status, 200)  # limit_response "message": the limit in words
+        self.assertIn("too many requests at once", body.decode())
+        self.upstream.release.set()
+        held.read()
 
 
 try:
@@ -641,3 +659,23 @@ class DashboardKeysBrowserTests(KeysAdminCase):
         page.wait_for("document.querySelector('tr[data-key=\"to-delete\"]') === null")
         self.assertEqual(self.entries(), [])
         self.assertEqual(self.page_errors(page), [])
+
+
+class AuditSchemaTests(unittest.TestCase):
+
+    def test_a_version_1_state_file_gets_the_audit_table_and_keeps_its_rows(self):
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        path = os.path.join(folder, "state.db")
+        import sqlite3
+        db = sqlite3.connect(path, isolation_level=None)
+        db.executescript(llm_proxy.MIGRATIONS[0] + "PRAGMA user_version = 1;")
+        db.execute("INSERT INTO counters VALUES ('key:x', 1, 0, 2, 3, 4)")
+        db.close()
+        state = llm_proxy.StateFile(path)
+        self.addCleanup(state.close)
+        self.assertEqual(state.db.execute("PRAGMA user_version").fetchone(), (2,))
+        self.assertEqual(state.db.execute("SELECT requests FROM counters").fetchall(), [(1,)])
+        row = llm_proxy.AuditRow(5.0, "cli", "me@host", "added", "k", ("key",))
+        llm_proxy.insert_audit(state.db, row)
+        self.assertEqual(llm_proxy.audit_rows(state.db, 0, 10), [row])
