@@ -13,6 +13,8 @@ What it is
 How to run
     python3 llm_proxy.py                 # defaults: listen on :8899, upstream Ollama on :11434
     python3 llm_proxy.py --help          # every setting, its environment variable and default
+    python3 llm_proxy.py keys add NAME   # manage KEYS_FILE in place (also list, set, disable,
+                                         # enable, delete, rotate); `audit`: who changed what
 
     Configuration comes from environment variables, each with a matching --flag (the flag wins).
     `Config.from_env` is the only place that reads them (config: one row per setting). Bind to

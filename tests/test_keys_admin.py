@@ -8,6 +8,7 @@ import io
 import json
 import os
 import shutil
+import sqlite3
 import stat
 import tempfile
 import threading
@@ -667,7 +668,6 @@ class AuditSchemaTests(unittest.TestCase):
         folder = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, folder)
         path = os.path.join(folder, "state.db")
-        import sqlite3
         db = sqlite3.connect(path, isolation_level=None)
         db.executescript(llm_proxy.MIGRATIONS[0] + "PRAGMA user_version = 1;")
         db.execute("INSERT INTO counters VALUES ('key:x', 1, 0, 2, 3, 4)")
