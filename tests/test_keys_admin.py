@@ -27,6 +27,7 @@ class KeysAdminCase(ProxyTestCase):
     """A proxy whose KEYS_FILE is in a fresh folder (not made yet), with ADMIN_API_KEY."""
 
     settings: dict = {}
+    settle = 0  # KEYS_SETTLE_SECONDS of the watcher (on the frozen test clock: never, if > 0)
 
     def setUp(self):
         self.tmp = tempfile.mkdtemp()
@@ -42,7 +43,7 @@ class KeysAdminCase(ProxyTestCase):
                     **self.settings, **settings}
         proxy = ProxyServer(Config(host="127.0.0.1", port=0, **settings), clock=self.clock,
                             wall=self.wall, log_stream=self.log, key_check_interval=0.05,
-                            keys_settle_seconds=0)
+                            keys_settle_seconds=self.settle)
         self._serve(proxy)
         return proxy
 
@@ -69,6 +70,7 @@ class KeysAdminCase(ProxyTestCase):
 
 
 class FirstRunTests(KeysAdminCase):
+    settle = 3600  # a hand edit would wait an hour: the proxy's own writes do not wait at all
 
     def test_no_file_yet_means_no_keys_until_the_first_is_made(self):
         self.assertFalse(os.path.exists(self.path))
