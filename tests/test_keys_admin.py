@@ -10,6 +10,8 @@ import os
 import shutil
 import sqlite3
 import stat
+import subprocess
+import sys
 import tempfile
 import threading
 import unittest
@@ -67,6 +69,26 @@ class KeysAdminCase(ProxyTestCase):
 
     def audit(self):
         return self.admin("GET", "/admin/audit")[1]["audit"]
+
+    def hold(self, key):
+        """A stream that stays in flight until the fake upstream's `release` is set."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.proxy.server_address[1], timeout=WAIT)
+        self.addCleanup(conn.close)
+        conn.request("POST", "/v1/chat/completions",
+                     json.dumps({"model": "hold", "stream": True, "messages": []}),
+                     {"Authorization": f"Bearer {key}", "X-Fake-Scenario": "gate"})
+        resp = conn.getresponse()
+        resp.readline()
+        return resp
+
+    def until(self, predicate):
+        """Wait (in short waits on an event, not sleeps) until predicate() holds."""
+        done = threading.Event()
+        for _ in range(10_000):
+            if predicate():
+                return
+            done.wait(0.001)
+        self.fail("never happened")
 
 
 class FirstRunTests(KeysAdminCase):
@@ -233,6 +255,23 @@ class HandEditRaceTests(KeysAdminCase):
             thread.join(WAIT)
         self.assertEqual(sorted(e["name"] for e in self.entries()), sorted(names))
         self.assertEqual(len(self.proxy.keys), 12)
+
+
+    def test_command_line_processes_and_the_api_at_once_lose_nothing(self):
+        script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                              "llm_proxy.py")
+        env = {**os.environ, "KEYS_FILE": self.path, "STATE_DB": "off"}
+        procs = [subprocess.Popen([sys.executable, script, "keys", "add", f"proc{i}"], env=env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                 for i in range(4)]
+        threads = [threading.Thread(target=self.create, args=(f"api{i}",)) for i in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(WAIT)
+        self.assertEqual([p.wait(WAIT) for p in procs], [0, 0, 0, 0])
+        self.assertEqual(sorted(e["name"] for e in self.entries()),
+                         [f"api{i}" for i in range(4)] + [f"proc{i}" for i in range(4)])
 
 
 class ExpiryTests(KeysAdminCase):
@@ -502,6 +541,31 @@ class PriorityGateTests(unittest.TestCase):
         self.assertEqual(self.order[0], "b")  # fewest in flight goes first
 
 
+class PriorityOverHttpTests(KeysAdminCase):
+    settings = {"max_upstream_concurrency": 1}
+
+    def test_the_high_key_goes_before_the_low_key_that_queued_first(self):
+        holder = self.create("holder")
+        low, high = self.create("batch", priority="low"), self.create("person", priority="high")
+        held = self.hold(holder)
+        answers = []
+        threads = []
+        for key, model in ((low, "from-low"), (high, "from-high")):
+            thread = threading.Thread(target=lambda k=key, m=model: answers.append(
+                self.chat(key=k, model=m)[0]))
+            thread.start()
+            threads.append(thread)
+            bucket = "key:" + llm_proxy.key_digest(key)
+            self.until(lambda b=bucket: b in self.proxy.gate.waiting_by_key())
+        self.upstream.release.set()
+        held.read()
+        for thread in threads:
+            thread.join(WAIT)
+        models = [json.loads(r[3])["model"] for r in self.upstream.requests]
+        self.assertEqual(models, ["hold", "from-high", "from-low"])
+        self.assertEqual(answers, [200, 200])
+
+
 class MaxConcurrentTests(KeysAdminCase):
 
     def test_requests_beyond_max_concurrent_wait_their_turn(self):
@@ -519,25 +583,6 @@ class MaxConcurrentTests(KeysAdminCase):
         slots.leave("k")
         self.assertEqual(slots.wait("k", 1, WAIT, lambda: False), "ok")
         self.assertEqual(slots.wait("k", 1, 0, lambda: False), "timeout")
-
-    def until(self, predicate):
-        done = threading.Event()
-        for _ in range(10_000):
-            if predicate():
-                return
-            done.wait(0.001)
-        self.fail("never happened")
-
-    def hold(self, key):
-        """A stream that stays in flight until the fake upstream's `release` is set."""
-        conn = http.client.HTTPConnection("127.0.0.1", self.proxy.server_address[1], timeout=WAIT)
-        self.addCleanup(conn.close)
-        conn.request("POST", "/v1/chat/completions",
-                     json.dumps({"model": "hold", "stream": True, "messages": []}),
-                     {"Authorization": f"Bearer {key}", "X-Fake-Scenario": "gate"})
-        resp = conn.getresponse()
-        resp.readline()
-        return resp
 
     def test_over_http_a_request_beyond_max_concurrent_waits_instead_of_429(self):
         secret = self.create("one-at-a-time", max_concurrent=1)
