@@ -758,6 +758,7 @@ _FIELD_RULES = {
     "bucket_sha256": "64 lower-case hex digits",
 }
 
+
 def _moment_form(text: str) -> bool:
     try:
         datetime.datetime.fromisoformat(text)
@@ -936,14 +937,17 @@ class KeyRing:
                  pause: Callable[[], None] | None = None) -> None:
         self.required = required
         self.entries = list(entries)
-        self._by_prefix: dict[str, list[tuple[str, KeyPolicy]]] = {}
+        #: digest prefix -> (digest, policy, the key's current digest: the same, but for a
+        #: rotated-out key in its grace)
+        self._by_prefix: dict[str, list[tuple[str, KeyPolicy, str]]] = {}
         for index, (digest, policy) in enumerate(self.entries):
             if pause is not None and index % 256 == 255:
                 pause()
-            self._by_prefix.setdefault(digest[:self._PREFIX], []).append((digest, policy))
+            self._by_prefix.setdefault(digest[:self._PREFIX], []).append(
+                (digest, policy, digest))
             if policy.previous_digest:
                 self._by_prefix.setdefault(policy.previous_digest[:self._PREFIX], []).append(
-                    (policy.previous_digest, policy))
+                    (policy.previous_digest, policy, digest))
 
     def __bool__(self) -> bool:
         return self.required
@@ -961,16 +965,13 @@ class KeyRing:
     def find(self, digest: str, now: float | None = None) -> tuple[str, KeyPolicy] | None:
         """(the current key's digest, its policy) for a digest (as lookup)."""
         found = None
-        for candidate, policy in self._by_prefix.get(digest[:self._PREFIX], ()):
+        for candidate, policy, current in self._by_prefix.get(digest[:self._PREFIX], ()):
             if hmac.compare_digest(candidate, digest):
-                if candidate != policy.previous_digest:
+                if candidate == current:
                     found = (candidate, policy)
                 elif now is not None and now < policy.previous_until:
-                    found = (self._current(policy), policy)
+                    found = (current, policy)
         return found
-
-    def _current(self, policy: KeyPolicy) -> str:
-        return next(digest for digest, p in self.entries if p is policy)
 
 
 # -- changing the keys file (the API, the command line, the dashboard) ------------------------
