@@ -2098,12 +2098,12 @@ CREATE TABLE ledger (hour INTEGER NOT NULL, key TEXT NOT NULL, name TEXT NOT NUL
                      PRIMARY KEY (hour, key, name, model, kind)) WITHOUT ROWID;
 CREATE INDEX ledger_by_key ON ledger (key, hour);
 """
-#: schema version -> the step that brings a file from it to the next (PRAGMA user_version)
 _SCHEMA_V2 = """
 CREATE TABLE audit (at REAL NOT NULL, who TEXT NOT NULL, origin TEXT NOT NULL,
                     action TEXT NOT NULL, key TEXT NOT NULL, fields TEXT NOT NULL);
 CREATE INDEX audit_by_time ON audit (at);
 """
+#: schema version -> the step that brings a file from it to the next (PRAGMA user_version)
 MIGRATIONS: dict[int, str] = {0: _SCHEMA_V1, 1: _SCHEMA_V2}
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -2393,6 +2393,7 @@ class AuditTrail:
             kept = audit_rows(self._state.db, since, limit) if self._state is not None else []
             memory = [row for row in self._memory if row.at >= since]
         return sorted(kept + memory, key=lambda r: -r.at)[:limit]
+
 
 def _state_problem(err: sqlite3.Error) -> str:
     text = str(err)
