@@ -6360,8 +6360,7 @@ def admin_who(server: "ProxyServer", ex: Exchange, headers: Headers) -> tuple[st
 def key_settings(server: "ProxyServer", policy: KeyPolicy) -> dict[str, object]:
     """What the keys file says of a key beyond its numbers (created_at, expires_at, priority,
     max_concurrent, note, and its whole entry for the dashboard's edit form)."""
-    entry = next((e for e in server.key_entries if e.get("name") == policy.name), None) \
-        if policy.name else None
+    entry = server.key_entry(policy.name) if policy.name else None
     if entry is None:
         return {"priority": policy.priority, "max_concurrent": policy.max_concurrent}
     shown = public_entry(entry, policy, server.calendar.wall())
@@ -6388,15 +6387,10 @@ def _policy_named(server: "ProxyServer", name: str) -> KeyPolicy | None:
     return next((p for _, p in server.keys.entries if p.name == name), None)
 
 
-def _key_request(ex: Exchange) -> dict:
-    payload = parse_json_object(ex.body or b"{}")
-    return payload
-
-
 def answer_admin_key_create(server: "ProxyServer", ex: Exchange, headers: Headers) -> Reply:
     """POST /admin/keys {"name": ..., fields}: 201 with the entry and its new secret under
     "key" (shown this once); 409 for a taken name, 400 naming a bad field."""
-    payload = _key_request(ex)
+    payload = parse_json_object(ex.body or b"{}")
     name = payload.pop("name", None)
     if not isinstance(name, str) or not name.strip():
         raise _bad_field("name", _FIELD_RULES["name"])
@@ -6405,7 +6399,7 @@ def answer_admin_key_create(server: "ProxyServer", ex: Exchange, headers: Header
     who, origin = admin_who(server, ex, headers)
     secret = server.change_keys(lambda entries: add_entry(entries, name, fields, now),
                                 who, origin, "added", name, ["key", *sorted(fields)])
-    entry = next(e for e in server.key_entries if e.get("name") == name)
+    entry = server.key_entry(name) or {}
     return json_reply(HTTPStatus.CREATED, {
         **public_entry(entry, _policy_named(server, name), now), "key": secret})
 
@@ -6426,7 +6420,7 @@ def answer_admin_key(server: "ProxyServer", ex: Exchange, headers: Headers) -> R
         server.change_keys(lambda entries: delete_entry(entries, name), who, origin,
                            "removed", name, [])
         return Reply(HTTPStatus.NO_CONTENT, (), b"")
-    payload = _key_request(ex)
+    payload = parse_json_object(ex.body or b"{}")
     if rotate:
         grace = payload.get("grace_seconds", 0)
         if set(payload) - {"grace_seconds"}:
@@ -6437,13 +6431,13 @@ def answer_admin_key(server: "ProxyServer", ex: Exchange, headers: Headers) -> R
         secret = server.change_keys(
             lambda entries: rotate_entry(entries, name, float(grace), now), who, origin,
             "rotated", name, ["key"] + (["previous_valid_until"] if grace else []))
-        entry = next(e for e in server.key_entries if e.get("name") == name)
+        entry = server.key_entry(name) or {}
         return json_reply(HTTPStatus.OK, {**public_entry(entry, _policy_named(server, name),
                                                          now), "key": secret})
     fields = checked_fields(payload, server.calendar.tz, removable=True)
     server.change_keys(lambda entries: change_entry(entries, name, fields), who, origin,
                        "changed", name, sorted(fields))
-    entry = next(e for e in server.key_entries if e.get("name") == name)
+    entry = server.key_entry(name) or {}
     return json_reply(HTTPStatus.OK, public_entry(entry, _policy_named(server, name), now))
 
 
@@ -6463,6 +6457,7 @@ def answer_admin_audit(server: "ProxyServer", ex: Exchange, headers: Headers) ->
             raise ProxyError(HTTPStatus.BAD_REQUEST, str(err), param="since") from None
     rows = server.audit.rows(since, int(limit_text))
     return json_reply(HTTPStatus.OK, {"audit": [r.as_json(server.calendar.tz) for r in rows]})
+
 
 # -- the pages' answers ---------------------------------------------------------------------
 
@@ -7731,9 +7726,7 @@ class ProxyServer(ThreadingHTTPServer):
         self.metrics = Metrics(wall)
         self.started = wall()
         self.default_policy = config.default_policy
-        #: the keys file's entries as last loaded (what a hand edit is compared with)
-        self.key_entries: list[dict] = read_keys_file(config.keys_file) \
-            if config.keys_file else []
+        self.key_entries = read_keys_file(config.keys_file) if config.keys_file else []
         self.keys = load_key_ring(config, raw=self.key_entries)  # ConfigError: invalid file
         self.keys_file = KeysFile(config.keys_file, config) if config.keys_file else None
         self._keys_lock = threading.Lock()  # (one reload or change at a time)
@@ -7926,6 +7919,20 @@ class ProxyServer(ThreadingHTTPServer):
                                     and self.writer.problem is not None else 1})
 
     # -- keys -------------------------------------------------------------------------------
+
+    @property
+    def key_entries(self) -> list[dict]:
+        """The keys file's entries as last loaded (what a hand edit is compared with)."""
+        return self._key_entries
+
+    @key_entries.setter
+    def key_entries(self, entries: list[dict]) -> None:
+        self._key_entries = entries
+        self._entry_named = {e.get("name"): e for e in entries}
+
+    def key_entry(self, name: str) -> dict | None:
+        """The keys file's entry named `name`, as last loaded."""
+        return self._entry_named.get(name)
 
     def reload_keys(self) -> bool:
         """Read the keys file again. An invalid file leaves the keys in force as they were.
