@@ -7772,9 +7772,6 @@ class ProxyServer(ThreadingHTTPServer):
         #: carries it has come round in a loop
         self.via = "llm_proxy-" + secrets.token_hex(4)
         self.deadlines = ClientDeadlines()
-        self.keys_watcher = (KeysWatcher(config.keys_file, self.reload_keys, key_check_interval,
-                                         clock, keys_settle_seconds)
-                             if config.keys_file else None)
         if self.state is not None:
             self.writer = StateWriter(self.state, self.store, self.ledger,  # type: ignore[arg-type]
                                       config.state_flush_seconds, self.log, wall)
@@ -7784,6 +7781,10 @@ class ProxyServer(ThreadingHTTPServer):
                                       config.state_flush_seconds, self.log, wall)
         self.audit = AuditTrail(self.state, self.writer.flushing if self.state is not None
                                 and self.writer is not None else None, self.log)
+        self.keys_watcher = (  # (after the audit trail, which a reload writes to)
+            KeysWatcher(config.keys_file, self.reload_keys, key_check_interval, clock,
+                        keys_settle_seconds)
+            if config.keys_file else None)
         # Last: when binding fails, socketserver calls server_close(), which closes every
         # part above (OSError: the address cannot be used; the caller says so in one line).
         super().__init__((config.host, config.port), handler)
