@@ -7998,6 +7998,8 @@ class ProxyServer(ThreadingHTTPServer):
             self.key_entries = after
         if self.keys_watcher is not None:
             self.keys_watcher.loaded()
+        if action == "changed":  # the fields that did change, not all that were sent
+            fields = next((f for _, n, f in entry_changes(before, after) if n == name), [])
         self.audit.record(AuditRow(self.calendar.wall(), who, origin, action, name,
                                    tuple(fields)))
         self.metrics.inc("llm_proxy_key_reloads_total", (("result", "ok"),))

@@ -635,6 +635,18 @@ class DashboardKeysBrowserTests(KeysAdminCase):
         page.wait_for("!document.getElementById('content').hidden")
         return page
 
+    def curl(self, key):
+        """The status of a chat request sent by curl (by http.client where curl is missing)."""
+        if shutil.which("curl") is None:
+            return self.chat(key=key)[0]
+        out = subprocess.run(
+            ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-H",
+             f"Authorization: Bearer {key}", "-H", "Content-Type: application/json", "-d",
+             '{"model": "fake-a", "messages": [{"role": "user", "content": "hi"}]}',
+             self.proxy.url.replace("0.0.0.0", "127.0.0.1") + "/v1/chat/completions"],
+            capture_output=True, text=True, timeout=WAIT)
+        return int(out.stdout)
+
     def page_errors(self, page):
         """The page's errors but the sign-in's probe without a key (401 by design)."""
         return [e for e in page.errors if "401" not in e["text"]
@@ -659,7 +671,7 @@ class DashboardKeysBrowserTests(KeysAdminCase):
         [entry] = self.entries()
         self.assertEqual((entry["max_tokens"], entry["priority"], entry["expires_at"]),
                          (50, "high", "2027-01-20"))
-        self.assertEqual(self.chat(key=secret)[0], 200)  # used at once, as curl would
+        self.assertEqual(self.curl(secret), 200)  # used at once
         page.wait_for("document.querySelector('tr[data-key=\"web-user\"]') !== null")
         self.assertIn("expires within 7 days",
                       page.text('tr[data-key="web-user"] td.name'))
@@ -668,11 +680,23 @@ class DashboardKeysBrowserTests(KeysAdminCase):
         self.row_button(page, "web-user", "disable")
         page.wait_for("document.querySelector('tr[data-key=\"web-user\"]')"
                       ".classList.contains('disabled')")
-        self.assertEqual(self.chat(key=secret)[0], 401)
+        self.assertEqual(self.curl(secret), 401)
         self.row_button(page, "web-user", "enable")
         page.wait_for("!document.querySelector('tr[data-key=\"web-user\"]')"
                       ".classList.contains('disabled')")
-        self.assertEqual(self.chat(key=secret)[0], 200)
+        self.assertEqual(self.curl(secret), 200)
+
+        self.row_button(page, "web-user", "edit")
+        self.assertEqual(page.evaluate("document.getElementById('kf-max_tokens').value"), "50")
+        page.evaluate("document.getElementById('kf-max_tokens').value = ''")
+        page.type("#kf-max_tokens", "70")
+        page.evaluate("document.getElementById('kf-note').value = 'from the page'")
+        page.click("#kf-submit")
+        page.wait_for("document.getElementById('manage-status').textContent === "
+                      "'web-user: saved.'")
+        [entry] = self.entries()
+        self.assertEqual((entry["max_tokens"], entry["note"], entry["priority"]),
+                         (70, "from the page", "high"))
 
         page.evaluate("window.confirm = () => true")
         self.row_button(page, "web-user", "rotate")
@@ -684,14 +708,16 @@ class DashboardKeysBrowserTests(KeysAdminCase):
         self.wall.advance(3600)
         self.assertEqual(self.chat(key=secret)[0], 401)
 
-        page.wait_for("document.querySelectorAll('#audit tbody tr').length >= 4")
+        page.wait_for("document.querySelectorAll('#audit tbody tr').length >= 5")
         actions = page.evaluate("[...document.querySelectorAll('#audit tbody tr')]"
                                 ".map((tr) => tr.cells[3].textContent + ' ' + "
                                 "tr.cells[4].textContent + ' ' + tr.cells[2].textContent)")
-        self.assertEqual([a.split(" ")[:2] for a in actions[:4]],
+        self.assertEqual([a.split(" ")[:2] for a in actions[:5]],
                          [["rotated", "web-user"], ["changed", "web-user"],
-                          ["changed", "web-user"], ["added", "web-user"]])
-        self.assertTrue(all(a.endswith("(dashboard)") for a in actions[:4]))
+                          ["changed", "web-user"], ["changed", "web-user"],
+                          ["added", "web-user"]])
+        self.assertTrue(all(a.endswith("(dashboard)") for a in actions[:5]))
+        self.assertEqual(self.audit()[1]["fields"], ["max_tokens", "note"])  # what changed
         self.assertNotIn(new, page.evaluate("document.getElementById('audit').textContent"))
         self.assertEqual(self.page_errors(page), [])
 
