@@ -8731,6 +8731,7 @@ tr.disabled .bar .fill { background: var(--muted); }
 .badge.warn { background: #fff3cd; color: #6b4e00; }
 tr.expired td.name { text-decoration: line-through; }
 td.actions { white-space: nowrap; }
+thead th { overflow-wrap: normal; }
 td.actions button.small { font-size: 12px; padding: 2px 6px; margin-right: 2px; }
 .key-form { display: grid; grid-template-columns: repeat(auto-fill, minmax(14em, 1fr)); gap: 8px 12px; }
 .key-form label { display: flex; flex-direction: column; font-size: 12px; gap: 2px; }
