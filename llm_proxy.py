@@ -13,6 +13,8 @@ What it is
 How to run
     python3 llm_proxy.py                 # defaults: listen on :8899, upstream Ollama on :11434
     python3 llm_proxy.py --help          # every setting, its environment variable and default
+    python3 llm_proxy.py keys add NAME   # manage KEYS_FILE in place (also list, set, disable,
+                                         # enable, delete, rotate); `audit`: who changed what
 
     Configuration comes from environment variables, each with a matching --flag (the flag wins).
     `Config.from_env` is the only place that reads them (config: one row per setting). Bind to
@@ -91,6 +93,7 @@ import ssl
 import stat
 import struct
 import sys
+import tempfile
 import threading
 import time
 import typing
@@ -186,6 +189,7 @@ MAX_LEDGER_ROWS = 100_000           # usage ledger rows held in memory at most (
 MAX_METERED_BODY = 16 * 1024 * 1024  # a longer non-stream body is settled by estimate
 MAX_PENDING_EVENT = 1024 * 1024      # a longer unterminated SSE event is passed on as it is
 MAX_KEYS_FILE_BYTES = 32 * 1024 * 1024  # about 200,000 keys
+AUDIT_MEMORY_ROWS = 10_000  # audit rows kept in memory when there is no state file
 KEYS_SETTLE_SECONDS = 2.0           # a changed keys file is loaded once unchanged this long
 
 
@@ -535,6 +539,9 @@ SETTINGS: tuple[Setting, ...] = (
             "1: a freed upstream slot goes to the key with the fewest in flight; 0: first come"),
     Setting("MAX_CONCURRENT_PER_KEY", "0", _integer(0),
             "requests one key may have in flight at once (0: unlimited)"),
+    Setting("PRIORITY_MAX_WAIT_SECONDS", "30", _seconds,
+            "seconds a low-priority request waits for an upstream slot before it is served as "
+            "normal"),
     Setting("REDIS_URL", "", _redis_url,
             "redis://, rediss:// or unix:// URL: keep buckets in Redis/Valkey, shared by every "
             "instance (needs the redis package)"),
@@ -684,11 +691,25 @@ class KeyPolicy:
     calendar: "CalendarLimits" = None  # type: ignore[assignment]  (set by __post_init__)
     max_output_tokens: int = 4096   # usage mode: the most an answer without a limit may run to
     max_reserve_tokens: int = 0     # usage mode: the most a request reserves (0: all it may cost)
+    expires_at: float | None = None  # (wall clock) from then on the key gets 401 key_expired
+    expires_text: str = ""          # expires_at as the file says it, for the 401's message
+    priority: str = "normal"        # its class in the upstream queue (PRIORITIES)
+    max_concurrent: int | None = None  # its own MAX_CONCURRENT_PER_KEY; the rest queue
+    previous_digest: str = ""       # a rotated-out key, still accepted until previous_until
+    previous_until: float = 0.0
+    bucket_digest: str = ""         # set by a rotation: the bucket stays the first key's
+
+    def bucket_key(self, digest: str) -> str:
+        """The key of its bucket in the store: the first digest it had, across rotations."""
+        return "key:" + (self.bucket_digest or digest)
 
     def __post_init__(self) -> None:
         if self.calendar is None:
             object.__setattr__(self, "calendar", CalendarLimits())
 
+
+#: The upstream queue's classes, the first served first (FairGate).
+PRIORITIES = ("high", "normal", "low")
 
 #: Fields of a keys-file entry, with the check each value must pass.
 _ENTRY_FIELDS: dict[str, Callable[[object], bool]] = {
@@ -708,6 +729,15 @@ _ENTRY_FIELDS: dict[str, Callable[[object], bool]] = {
     "tokens_per_day": lambda v: v is None or type(v) is int and 1 <= v <= MAX_COUNT,
     "tokens_per_month": lambda v: v is None or type(v) is int and 1 <= v <= MAX_COUNT,
     "requests_per_day": lambda v: v is None or type(v) is int and 1 <= v <= MAX_COUNT,
+    "expires_at": lambda v: isinstance(v, str) and _moment_form(v),
+    "priority": lambda v: v in PRIORITIES,
+    "max_concurrent": lambda v: type(v) is int and 1 <= v <= MAX_COUNT,
+    "note": lambda v: isinstance(v, str) and len(v) <= 1000,
+    "created_at": lambda v: isinstance(v, str) and _moment_form(v),
+    "previous_key_sha256": lambda v: isinstance(v, str)
+    and re.fullmatch(r"[0-9a-fA-F]{64}", v) is not None,
+    "previous_valid_until": lambda v: isinstance(v, str) and _moment_form(v),
+    "bucket_sha256": lambda v: isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) is not None,
 }
 _COUNT_RULE = f"a whole number from 1 to {MAX_COUNT}"
 _FIELD_RULES = {
@@ -720,14 +750,47 @@ _FIELD_RULES = {
     "tokens_per_month": _COUNT_RULE + ", or null", "requests_per_day": _COUNT_RULE + ", or null",
     "max_output_tokens": _COUNT_RULE,
     "max_reserve_tokens": f"a whole number from 0 (reserve all a request may cost) to {MAX_COUNT}",
+    "expires_at": "a date (2027-01-31) or a date and time (2027-01-31T18:00), in QUOTA_TIMEZONE "
+                  "unless it gives an offset",
+    "priority": "high, normal or low", "max_concurrent": _COUNT_RULE,
+    "note": "a string of at most 1000 characters", "created_at": "a date and time",
+    "previous_key_sha256": "64 hex digits", "previous_valid_until": "a date and time",
+    "bucket_sha256": "64 lower-case hex digits",
 }
+
+
+def _moment_form(text: str) -> bool:
+    try:
+        datetime.datetime.fromisoformat(text)
+    except ValueError:
+        return False
+    return True
+
+
+def parse_moment(text: str, tz: datetime.tzinfo) -> float:
+    """A keys-file date ("2027-01-31": its first moment) or date and time as a wall-clock
+    timestamp; without an offset it is in `tz` (QUOTA_TIMEZONE)."""
+    moment = datetime.datetime.fromisoformat(text)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=tz)
+    return moment.timestamp()
+
+
+def utc_text(moment: float) -> str:
+    """A timestamp as the keys file and the audit trail write it: 2026-12-07T00:31:27Z."""
+    return datetime.datetime.fromtimestamp(moment, datetime.timezone.utc).strftime(
+        "%Y-%m-%dT%H:%M:%SZ")
 
 
 def read_keys_file(path: str) -> list[dict]:
     """The entries of a keys file: JSON {"keys": [...]}, or TOML ([[keys]] tables) when the
     name ends in .toml. Raises ConfigError naming the file. Only a regular file of at most
     MAX_KEYS_FILE_BYTES is read: /dev/zero would fill the memory, and opening a FIFO would
-    wait for a writer (hence O_NONBLOCK, which does nothing to a regular file)."""
+    wait for a writer (hence O_NONBLOCK, which does nothing to a regular file). A file that
+    does not exist yet, in a folder that does, holds no keys (the first run: every request is
+    refused until the first key is made)."""
+    if not os.path.lexists(path) and os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        return []
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
         with open(fd, "rb") as f:
@@ -802,15 +865,38 @@ def key_policies(entries: Sequence[object], config: Config, path: str = "KEYS_FI
             entry.get("limit_response", base.limit_response), base.response_token_reserve,
             models, entry.get("disabled", False), calendar,
             entry.get("max_output_tokens", base.max_output_tokens),
-            entry.get("max_reserve_tokens", base.max_reserve_tokens))))
+            entry.get("max_reserve_tokens", base.max_reserve_tokens),
+            **lifetime_fields(entry, time_zone(config.quota_timezone)))))
+        if entry.get("previous_key_sha256", "").lower() in digests:
+            raise ConfigError(f"{where}: previous_key_sha256 is another entry's key")
     return found
 
 
-def load_key_ring(config: Config, pause: Callable[[], None] | None = None) -> "KeyRing":
-    """The accepted keys: the keys file's, plus PROXY_API_KEYS with the global settings."""
+def lifetime_fields(entry: Mapping[str, object], tz: datetime.tzinfo) -> dict[str, typing.Any]:
+    """The KeyPolicy fields of an entry's expiry, priority, concurrency and rotation."""
+    fields: dict[str, typing.Any] = {"priority": entry.get("priority", "normal"),
+                                 "max_concurrent": entry.get("max_concurrent")}
+    if isinstance(entry.get("expires_at"), str):
+        fields["expires_at"] = parse_moment(str(entry["expires_at"]), tz)
+        fields["expires_text"] = str(entry["expires_at"])
+    if isinstance(entry.get("bucket_sha256"), str):
+        fields["bucket_digest"] = entry["bucket_sha256"]
+    if isinstance(entry.get("previous_key_sha256"), str):
+        fields["previous_digest"] = str(entry["previous_key_sha256"]).lower()
+        fields["previous_until"] = parse_moment(str(entry.get("previous_valid_until") or
+                                                    "1970-01-01T00:00:00+00:00"), tz)
+    return fields
+
+
+def load_key_ring(config: Config, pause: Callable[[], None] | None = None,
+                  raw: Sequence[object] | None = None) -> "KeyRing":
+    """The accepted keys: the keys file's (or `raw`, its entries as already read), plus
+    PROXY_API_KEYS with the global settings."""
     entries: list[tuple[str, KeyPolicy]] = []
     if config.keys_file:
-        entries = key_policies(read_keys_file(config.keys_file), config, config.keys_file, pause)
+        if raw is None:
+            raw = read_keys_file(config.keys_file)
+        entries = key_policies(raw, config, config.keys_file, pause)
     listed = {digest for digest, _ in entries}
     entries += [(key_digest(k), config.default_policy) for k in config.proxy_api_keys
                 if key_digest(k) not in listed]
@@ -851,11 +937,17 @@ class KeyRing:
                  pause: Callable[[], None] | None = None) -> None:
         self.required = required
         self.entries = list(entries)
-        self._by_prefix: dict[str, list[tuple[str, KeyPolicy]]] = {}
+        #: digest prefix -> (digest, policy, the key's current digest: the same, but for a
+        #: rotated-out key in its grace)
+        self._by_prefix: dict[str, list[tuple[str, KeyPolicy, str]]] = {}
         for index, (digest, policy) in enumerate(self.entries):
             if pause is not None and index % 256 == 255:
                 pause()
-            self._by_prefix.setdefault(digest[:self._PREFIX], []).append((digest, policy))
+            self._by_prefix.setdefault(digest[:self._PREFIX], []).append(
+                (digest, policy, digest))
+            if policy.previous_digest:
+                self._by_prefix.setdefault(policy.previous_digest[:self._PREFIX], []).append(
+                    (policy.previous_digest, policy, digest))
 
     def __bool__(self) -> bool:
         return self.required
@@ -863,13 +955,271 @@ class KeyRing:
     def __len__(self) -> int:
         return len(self.entries)
 
-    def lookup(self, key: str, digest: str | None = None) -> KeyPolicy | None:
-        digest = digest or key_digest(key)
+    def lookup(self, key: str, digest: str | None = None,
+               now: float | None = None) -> KeyPolicy | None:
+        """The policy of a key: its own, or, for a rotated-out key, the policy of the key that
+        replaced it while `now` is before the end of its grace (None: no grace at all)."""
+        found = self.find(digest or key_digest(key), now)
+        return found[1] if found is not None else None
+
+    def find(self, digest: str, now: float | None = None) -> tuple[str, KeyPolicy] | None:
+        """(the current key's digest, its policy) for a digest (as lookup)."""
         found = None
-        for candidate, policy in self._by_prefix.get(digest[:self._PREFIX], ()):
+        for candidate, policy, current in self._by_prefix.get(digest[:self._PREFIX], ()):
             if hmac.compare_digest(candidate, digest):
-                found = policy
+                if candidate == current:
+                    found = (candidate, policy)
+                elif now is not None and now < policy.previous_until:
+                    found = (current, policy)
         return found
+
+
+# -- changing the keys file (the API, the command line, the dashboard) ------------------------
+
+#: Fields a change may set; the others (the digest, created_at, the rotation's) are the
+#: proxy's to write.
+_PROXYS_FIELDS = ("name", "key", "key_sha256", "created_at", "previous_key_sha256",
+                  "previous_valid_until", "bucket_sha256")
+SETTABLE_FIELDS = tuple(f for f in _ENTRY_FIELDS if f not in _PROXYS_FIELDS)
+#: The order of an entry's fields in a file the proxy writes (then any other, sorted).
+_FIELD_ORDER = ("name", "key_sha256", "key", "created_at", "note", "disabled", "expires_at",
+                "priority", "max_concurrent") + tuple(_ENTRY_FIELDS)
+
+
+class KeysFile:
+    """KEYS_FILE as the one place every change to the keys is written.
+
+    change(apply) reads the file, lets `apply` change its entries (a list of dicts), checks the
+    result as a reload would (key_policies), and writes it whole: a temporary file in the same
+    folder, fsync, rename (mode 0600), then the folder fsynced. Changes are serialized within
+    the process (a lock) and between processes (flock on the folder), and a hand edit is never
+    lost: if the file changed between the read and the rename, it is read again and `apply` is
+    run again on what it holds now. The file keeps only digests: a plain "key" is written as
+    its key_sha256. A TOML file is not written (the standard library reads TOML only): 409.
+    Methods for the caller: read(), change(). Tunable (for tests): before_rename.
+    """
+
+    _locks: dict[str, threading.Lock] = {}
+
+    def __init__(self, path: str, config: Config) -> None:
+        self.path = path
+        self.config = config
+        self.before_rename: Callable[[], None] = lambda: None
+        self._lock = self._locks.setdefault(os.path.realpath(path), threading.Lock())
+
+    def read(self) -> list[dict]:
+        return [dict(entry) for entry in read_keys_file(self.path)]
+
+    def change(self, apply: Callable[[list[dict]], object]
+               ) -> tuple[object, list[dict], list[dict]]:
+        """(what apply returned, the entries as read, the entries as written). ProxyError:
+        409 for a TOML file, 400 for a change that would make the file invalid; whatever
+        `apply` raises, with nothing written."""
+        if self.path.endswith(".toml"):
+            raise ProxyError(HTTPStatus.CONFLICT, f"KEYS_FILE {self.path} is TOML, which "
+                             "llm_proxy can read but not write; convert it to JSON ({\"keys\": "
+                             "[...]}, the same fields), point KEYS_FILE at the .json file, and "
+                             "try again; or edit the TOML file by hand.",
+                             type="invalid_request_error", code="keys_file_read_only")
+        real = os.path.realpath(self.path)
+        with self._lock, _folder_lock(os.path.dirname(real)):
+            while True:
+                seen = _file_signature(real)
+                try:
+                    before = self.read()
+                except ConfigError as err:
+                    raise ProxyError(HTTPStatus.CONFLICT, f"{err}; fix the file by hand "
+                                     "first.", code="keys_file_invalid") from None
+                after = [dict(entry) for entry in before]
+                result = apply(after)
+                after = [stored_entry(entry) for entry in after]
+                try:
+                    key_policies(after, self.config, self.path)
+                except ConfigError as err:
+                    raise ProxyError(HTTPStatus.BAD_REQUEST, str(err),
+                                     code="invalid_key_field") from None
+                if self._write(real, after, seen):
+                    return result, before, after
+
+    def _write(self, real: str, entries: list[dict], seen: object) -> bool:
+        """Write `entries` over the file unless it is no longer as `seen` (False: read it
+        again)."""
+        folder = os.path.dirname(real)
+        text = keys_file_text(entries)
+        fd, temporary = tempfile.mkstemp(prefix="." + os.path.basename(real) + ".",
+                                         suffix=".tmp", dir=folder)  # (mode 0600)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            self.before_rename()
+            if _file_signature(real) != seen:
+                os.unlink(temporary)
+                return False
+            os.replace(temporary, real)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
+        _fsync_folder(folder)
+        return True
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: str) -> Iterator[None]:
+    """An exclusive flock on a folder: one writer of the keys file at a time, whichever
+    process (the proxy, `llm_proxy.py keys`)."""
+    try:
+        import fcntl
+    except ImportError:  # (not POSIX: one writer is the operator's care)
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _fsync_folder(folder: str) -> None:
+    """Make a rename in `folder` durable (where the system allows opening a folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems refuse fsync on a folder; the rename is still atomic
+    finally:
+        os.close(fd)
+
+
+def stored_entry(entry: Mapping[str, object]) -> dict:
+    """An entry as the proxy writes it: fields in a stable order, a plain key as its digest."""
+    entry = dict(entry)
+    if isinstance(entry.get("key"), str):
+        entry["key_sha256"] = key_digest(str(entry.pop("key")))
+    order: dict[str, int] = {}
+    for index, field in enumerate(_FIELD_ORDER):
+        order.setdefault(field, index)
+    return {f: entry[f] for f in sorted(entry, key=lambda f: (order.get(f, len(order)), f))}
+
+
+def keys_file_text(entries: Sequence[Mapping[str, object]]) -> str:
+    """A keys file in a stable, readable form: one field per line, two-space indent."""
+    return json.dumps({"keys": list(entries)}, indent=2, ensure_ascii=False) + "\n"
+
+
+def new_secret() -> tuple[str, str]:
+    """A new random key and its digest (only the digest is ever stored)."""
+    key = "sk-" + secrets.token_urlsafe(32)
+    return key, key_digest(key)
+
+
+def _bad_field(field: str, rule: str) -> ProxyError:
+    return ProxyError(HTTPStatus.BAD_REQUEST, f"{field} must be {rule}.",
+                      code="invalid_key_field", param=field)
+
+
+def checked_fields(fields: Mapping[str, object], tz: datetime.tzinfo,
+                   removable: bool) -> dict[str, object]:
+    """The fields of a create or change, each checked (400 naming the first bad one); with
+    `removable`, null removes a field."""
+    for field, value in fields.items():
+        if field not in SETTABLE_FIELDS:
+            raise _bad_field(field, "one of " + ", ".join(SETTABLE_FIELDS)) \
+                if field not in _PROXYS_FIELDS else ProxyError(
+                HTTPStatus.BAD_REQUEST, f"{field} is not set by hand here (rotate makes a new "
+                "key).", code="invalid_key_field", param=field)
+        if value is None and removable:
+            continue
+        if not _ENTRY_FIELDS[field](value):
+            raise _bad_field(field, _FIELD_RULES[field])
+    return dict(fields)
+
+
+def _entry_named(entries: list[dict], name: str) -> dict:
+    for entry in entries:
+        if entry.get("name") == name:
+            return entry
+    raise ProxyError(HTTPStatus.NOT_FOUND, f"No key is named {name!r}.", code="unknown_key")
+
+
+def add_entry(entries: list[dict], name: str, fields: Mapping[str, object],
+              now: float) -> str:
+    """Add a key named `name` with `fields`: its new secret (409 if the name is taken)."""
+    if not isinstance(name, str) or not name.strip():
+        raise _bad_field("name", _FIELD_RULES["name"])
+    if any(entry.get("name") == name for entry in entries):
+        raise ProxyError(HTTPStatus.CONFLICT, f"A key named {name!r} exists already.",
+                         code="key_name_taken", param="name")
+    secret, digest = new_secret()
+    entry: dict[str, object] = {"name": name, "key_sha256": digest, "created_at": utc_text(now)}
+    entry.update({f: v for f, v in fields.items() if v is not None})
+    entries.append(entry)
+    return secret
+
+
+def change_entry(entries: list[dict], name: str, fields: Mapping[str, object]) -> None:
+    """Set the fields of key `name`; a field set to None is removed (the default applies)."""
+    entry = _entry_named(entries, name)
+    for field, value in fields.items():
+        if value is None or (field == "disabled" and value is False):
+            entry.pop(field, None)
+        else:
+            entry[field] = value
+
+
+def rotate_entry(entries: list[dict], name: str, grace: float, now: float) -> str:
+    """Give key `name` a new secret (returned); the old one works `grace` seconds more."""
+    entry = _entry_named(entries, name)
+    old = entry.pop("key_sha256", None) or key_digest(str(entry.pop("key")))
+    entry.pop("key", None)
+    entry.setdefault("bucket_sha256", old.lower())  # (its balance and quotas carry over)
+    secret, entry["key_sha256"] = new_secret()
+    if grace > 0:
+        entry["previous_key_sha256"] = old
+        entry["previous_valid_until"] = utc_text(now + grace)
+    else:
+        entry.pop("previous_key_sha256", None)
+        entry.pop("previous_valid_until", None)
+    return secret
+
+
+def delete_entry(entries: list[dict], name: str) -> None:
+    entries.remove(_entry_named(entries, name))
+
+
+def entry_changes(before: Sequence[Mapping[str, object]],
+                  after: Sequence[Mapping[str, object]]) -> list[tuple[str, str, list[str]]]:
+    """What changed between two lists of entries, by name: (action, name, fields) with action
+    added, removed or changed. Secrets are compared, never shown: a new digest is the field
+    "key" (and the rotation's own fields are part of it)."""
+    old = {str(e.get("name")): e for e in before}
+    new = {str(e.get("name")): e for e in after}
+    found: list[tuple[str, str, list[str]]] = []
+    for name in sorted(old.keys() - new.keys()):
+        found.append(("removed", name, []))
+    for name in sorted(new.keys() - old.keys()):
+        found.append(("added", name, sorted(_shown(new[name]))))
+    for name in sorted(old.keys() & new.keys()):
+        a, b = old[name], new[name]
+        fields = sorted({_shown_name(f) for f in a.keys() | b.keys() if a.get(f) != b.get(f)})
+        if fields:
+            found.append(("changed", name, fields))
+    return found
+
+
+def _shown_name(field: str) -> str:
+    return "key" if field in ("key", "key_sha256", "previous_key_sha256", "bucket_sha256") \
+        else field
+
+
+def _shown(entry: Mapping[str, object]) -> set[str]:
+    return {_shown_name(f) for f in entry if f != "name"}
 
 
 # ######################################################################### buckets ####
@@ -1748,8 +2098,13 @@ CREATE TABLE ledger (hour INTEGER NOT NULL, key TEXT NOT NULL, name TEXT NOT NUL
                      PRIMARY KEY (hour, key, name, model, kind)) WITHOUT ROWID;
 CREATE INDEX ledger_by_key ON ledger (key, hour);
 """
+_SCHEMA_V2 = """
+CREATE TABLE audit (at REAL NOT NULL, who TEXT NOT NULL, origin TEXT NOT NULL,
+                    action TEXT NOT NULL, key TEXT NOT NULL, fields TEXT NOT NULL);
+CREATE INDEX audit_by_time ON audit (at);
+"""
 #: schema version -> the step that brings a file from it to the next (PRAGMA user_version)
-MIGRATIONS: dict[int, str] = {0: _SCHEMA_V1}
+MIGRATIONS: dict[int, str] = {0: _SCHEMA_V1, 1: _SCHEMA_V2}
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -1916,6 +2271,7 @@ class StateFile:
                 "SET " + ", ".join(f"{f} = {f} + excluded.{f}" for f in LEDGER_FIELDS),
                 [(*entry, *storable(counts)) for entry, counts in ledger.items()])
             db.execute("DELETE FROM ledger WHERE hour < ?", (int(prune_before),))
+            db.execute("DELETE FROM audit WHERE at < ?", (prune_before,))
             db.execute("COMMIT")
         except BaseException:
             # SQLite may have rolled back already (SQLITE_FULL, SQLITE_IOERR): the error to
@@ -1932,6 +2288,111 @@ class StateFile:
         if self._held is not None:  # (after SQLite's own: closing it drops this process's locks)
             os.close(self._held)
             self._held = None
+
+
+# -- the audit trail -------------------------------------------------------------------------
+
+class AuditRow(typing.NamedTuple):
+    """One change to the keys: when, who (the admin key's name, "local", "cli", or "file"
+    for a hand edit), from where, what (the action, the key's name, the fields changed). Never
+    a secret: a new secret is the field "key"."""
+    at: float
+    who: str
+    origin: str
+    action: str
+    key: str
+    fields: tuple[str, ...]
+
+    def as_json(self, tz: datetime.tzinfo) -> dict[str, object]:
+        return {"at": datetime.datetime.fromtimestamp(self.at, tz).isoformat(timespec="seconds"),
+                "who": self.who, "from": self.origin, "action": self.action, "key": self.key,
+                "fields": list(self.fields)}
+
+    def line(self) -> str:
+        """The audit row as its log line."""
+        return (f"audit: {self.action} key {loggable(self.key)} by {loggable(self.who)} from "
+                f"{loggable(self.origin)}"
+                + (f": {', '.join(loggable(f) for f in self.fields)}" if self.fields else ""))
+
+
+def insert_audit(db: sqlite3.Connection, row: AuditRow) -> None:
+    db.execute("INSERT INTO audit VALUES (?, ?, ?, ?, ?, ?)",
+               (row.at, stored_text(row.who), stored_text(row.origin), row.action,
+                stored_text(row.key), json.dumps(list(row.fields))))
+
+
+def audit_rows(db: sqlite3.Connection, since: float, limit: int) -> list[AuditRow]:
+    """The audit rows from `since` on, newest first, at most `limit`."""
+    return [AuditRow(at, who, origin, action, key, tuple(json.loads(fields)))
+            for at, who, origin, action, key, fields in db.execute(
+                "SELECT at, who, origin, action, key, fields FROM audit WHERE at >= ? "
+                "ORDER BY at DESC, rowid DESC LIMIT ?", (since, limit))]
+
+
+def append_audit_file(path: str, row: AuditRow) -> None:
+    """Add an audit row to a state file from outside the proxy (`llm_proxy.py keys`), whether
+    the proxy runs (SQLite's WAL lets another process write) or not (then the file is opened,
+    brought up to date, made if new, as the proxy does at start)."""
+    try:
+        state = StateFile(path)
+    except ConfigError:
+        db = sqlite3.connect(path, timeout=5, isolation_level=None)  # held by a running proxy
+        try:
+            insert_audit(db, row)
+        finally:
+            db.close()
+        return
+    try:
+        insert_audit(state.db, row)
+    finally:
+        state.close()
+
+
+def read_audit_file(path: str, since: float, limit: int) -> list[AuditRow]:
+    """The audit rows of a state file (while the proxy runs, too); ConfigError naming it."""
+    if not os.path.exists(path):
+        return []
+    try:
+        db = sqlite3.connect(f"file:{urllib.parse.quote(path)}?mode=ro", uri=True, timeout=5)
+        try:
+            return audit_rows(db, since, limit)
+        finally:
+            db.close()
+    except sqlite3.Error as err:
+        if "no such table" in str(err):
+            return []
+        raise ConfigError(f"STATE_DB {path}: {_state_problem(err)}") from None
+
+
+class AuditTrail:
+    """Where the proxy records changes to the keys: one log line each, and a row in the state
+    file (kept LEDGER_RETENTION_DAYS, pruned with the ledger), or, without one (STATE_DB=off,
+    Redis), in memory (the last AUDIT_MEMORY_ROWS). Methods: record(), rows()."""
+
+    def __init__(self, state: "StateFile | None", lock: "threading.Lock | None",
+                 log: Callable[[str], None]) -> None:
+        self._state = state
+        self._lock = lock or threading.Lock()  # (the state writer's: one thread on its db)
+        self._log = log
+        self._memory: collections.deque[AuditRow] = collections.deque(maxlen=AUDIT_MEMORY_ROWS)
+
+    def record(self, row: AuditRow) -> None:
+        self._log(row.line())
+        with self._lock:
+            if self._state is None:
+                self._memory.append(row)
+                return
+            try:
+                insert_audit(self._state.db, row)
+            except sqlite3.Error as err:  # the line above is the record that stays
+                self._memory.append(row)
+                self._log(f"error: audit row not written to the state file: {err}")
+
+    def rows(self, since: float, limit: int) -> list[AuditRow]:
+        with self._lock:
+            kept = audit_rows(self._state.db, since, limit) if self._state is not None else []
+            memory = [row for row in self._memory if row.at >= since]
+        return sorted(kept + memory, key=lambda r: -r.at)[:limit]
 
 
 def _state_problem(err: sqlite3.Error) -> str:
@@ -3994,6 +4455,9 @@ DEFAULT_ROUTES = (
     _row("GET /health", LOCAL, answer="health", private=True),
     _row("GET /metrics", ADMIN, answer="metrics"),
     _row("GET /admin/keys", ADMIN, answer="admin_keys"),
+    _row("POST /admin/keys", ADMIN, answer="admin_key_create"),
+    _row("PATCH,DELETE,POST /admin/keys/", ADMIN, answer="admin_key"),
+    _row("GET /admin/audit", ADMIN, answer="admin_audit"),
     _row("GET /admin/usage", ADMIN, answer="admin_usage"),
     _row("GET /v1/usage", LOCAL, answer="usage", private=True),
     _row("GET /admin/overview", ADMIN, answer="overview"),
@@ -4142,7 +4606,7 @@ def client_key(headers: Headers) -> str:
 
 
 def identify(headers: Headers, keys: KeyRing, default_policy: KeyPolicy, peer: str,
-             trust_forwarded_for: bool) -> Identity:
+             trust_forwarded_for: bool, now: float | None = None) -> Identity:
     """The caller's bucket key and policy, or ProxyError(401). Keyless callers share their
     IP's bucket (when keys are not required): the last X-Forwarded-For address when it is
     trusted, else the peer's."""
@@ -4159,17 +4623,26 @@ def identify(headers: Headers, keys: KeyRing, default_policy: KeyPolicy, peer: s
                 peer = forwarded[-1]
         return Identity("ip:" + peer, default_policy, "-")
     digest = key_digest(token)
-    policy = keys.lookup(token, digest)
-    if policy is None:
+    found = keys.find(digest, time.time() if now is None else now)
+    if found is None:
         if keys:
             raise ProxyError(HTTPStatus.UNAUTHORIZED, "Incorrect API key provided.",
                              code="invalid_api_key")
-        policy = default_policy
-    identity = Identity("key:" + digest, policy, policy.name or short_hash(digest))
+        found = (digest, default_policy)
+    digest, policy = found
+    identity = Identity(policy.bucket_key(digest), policy, policy.name or short_hash(digest))
     if policy.disabled:
         raise ProxyError(HTTPStatus.UNAUTHORIZED, "This API key has been disabled.",
                          code="invalid_api_key")
+    check_expiry(policy, time.time() if now is None else now)
     return identity
+
+
+def check_expiry(policy: KeyPolicy, now: float) -> None:
+    """401 key_expired from the key's expires_at on (the moment itself included)."""
+    if policy.expires_at is not None and now >= policy.expires_at:
+        raise ProxyError(HTTPStatus.UNAUTHORIZED, f"This API key expired on "
+                         f"{policy.expires_text}.", code="key_expired")
 
 
 def check_model(payload: object, allowed: frozenset[str]) -> None:
@@ -4774,25 +5247,31 @@ def peer_closed(sock: socket.socket) -> bool:
 
 
 class _Waiter:
-    __slots__ = ("key", "seq", "granted")
+    __slots__ = ("key", "seq", "granted", "rank", "since")
 
-    def __init__(self, key: str, seq: int) -> None:
+    def __init__(self, key: str, seq: int, rank: int = 1, since: float = 0.0) -> None:
         self.key, self.seq = key, seq
+        self.rank, self.since = rank, since  # its class (PRIORITIES' index), when it came
         self.granted = threading.Event()
 
 
 class FairGate:
     """At most `limit` requests in flight to the upstream; the others wait their turn.
 
-    When a slot frees up it goes to the waiting key with the fewest requests in flight, and among
-    equals to the one served least recently (round-robin), so a key that queues 50 requests cannot
-    starve one that sends a single request. With fair=False the longest waiter goes first (FIFO).
-    Methods for the caller: enter(), leave().
+    When a slot frees up it goes to the highest priority class waiting (high, normal, low; a
+    low request that has waited `max_wait` seconds of `clock` counts as normal, so nothing
+    starves), and within the class to the waiting key with the fewest requests in flight, and
+    among equals to the one served least recently (round-robin), so a key that queues 50
+    requests cannot starve one that sends a single request. With fair=False the longest waiter
+    of the class goes first (FIFO). Methods for the caller: enter(), leave().
     """
 
-    def __init__(self, limit: int, fair: bool = True) -> None:
+    def __init__(self, limit: int, fair: bool = True, max_wait: float = 30.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.limit = limit
         self.fair = fair
+        self.max_wait = max_wait
+        self._clock = clock
         self._lock = threading.Lock()
         self._busy = 0
         self._inflight: dict[str, int] = {}
@@ -4802,7 +5281,8 @@ class FairGate:
         self._seq = 0
         self._closed = False
 
-    def enter(self, key: str, timeout: float, gone: Callable[[], bool]) -> str:
+    def enter(self, key: str, timeout: float, gone: Callable[[], bool],
+              priority: str = "normal") -> str:
         """"ok" once the request may go upstream; "gone" if the client went away while it
         waited, "timeout" after `timeout` seconds, "closed" when the proxy is stopping. Only
         "ok" must be followed by leave()."""
@@ -4813,7 +5293,7 @@ class FairGate:
                 self._grant(key)
                 return "ok"
             self._seq += 1
-            waiter = _Waiter(key, self._seq)
+            waiter = _Waiter(key, self._seq, PRIORITIES.index(priority), self._clock())
             self._waiting.setdefault(key, []).append(waiter)
         deadline = time.monotonic() + timeout
         while True:
@@ -4865,11 +5345,14 @@ class FairGate:
             del self._inflight[key]
         self._forget(key)
         while self._busy < self.limit and self._waiting:
+            ranks = {k: self._rank(queue[0]) for k, queue in self._waiting.items()}
+            best = min(ranks.values())
             if self.fair:
-                chosen = min(self._waiting, key=lambda k: (self._inflight.get(k, 0),
-                                                           self._served.get(k, 0)))
+                chosen = min((k for k in self._waiting if ranks[k] == best),
+                             key=lambda k: (self._inflight.get(k, 0), self._served.get(k, 0)))
             else:
-                chosen = min(self._waiting, key=lambda k: self._waiting[k][0].seq)
+                chosen = min((k for k in self._waiting if ranks[k] == best),
+                             key=lambda k: self._waiting[k][0].seq)
             queue = self._waiting[chosen]
             waiter = queue.pop(0)
             if not queue:
@@ -4881,14 +5364,54 @@ class FairGate:
         if key not in self._inflight and key not in self._waiting:
             self._served.pop(key, None)  # a key with nothing going on needs no memory
 
+    def _rank(self, waiter: _Waiter) -> int:
+        """A waiter's class now: low (2) is served as normal (1) after max_wait seconds."""
+        if waiter.rank == 2 and self._clock() - waiter.since >= self.max_wait:
+            return 1
+        return waiter.rank
+
 
 class KeySlots:
-    """Requests in flight per key, capped at MAX_CONCURRENT_PER_KEY (0: no cap, no cost)."""
+    """Requests in flight per key, capped at MAX_CONCURRENT_PER_KEY (0: no cap, no cost):
+    enter() refuses beyond it. A key's own max_concurrent is a cap its requests queue for
+    instead: wait() lets them in one by one as the key's requests end, first come first
+    served, up to a timeout."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self._lock = threading.Lock()
         self._counts: dict[str, int] = {}
+        self._freed = threading.Condition(self._lock)
+        self._queued: dict[str, collections.deque[object]] = {}
+
+    def wait(self, key: str, limit: int, timeout: float, gone: Callable[[], bool]) -> str:
+        """"ok" once the key has fewer than `limit` in flight and this request's turn has
+        come (then leave() must follow); "gone" if the client went away, "timeout" after
+        `timeout` seconds."""
+        ticket = object()
+        deadline = time.monotonic() + timeout
+        with self._freed:
+            queue = self._queued.setdefault(key, collections.deque())
+            queue.append(ticket)
+            try:
+                while queue[0] is not ticket or self._counts.get(key, 0) >= limit:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return "timeout"
+                    self._freed.wait(min(0.1, remaining))
+                    if gone():
+                        return "gone"
+                self._counts[key] = self._counts.get(key, 0) + 1
+                return "ok"
+            finally:
+                queue.remove(ticket)
+                if not queue:
+                    del self._queued[key]
+                self._freed.notify_all()
+
+    def waiting(self, key: str) -> int:
+        with self._lock:
+            return len(self._queued.get(key, ()))
 
     def enter(self, key: str) -> bool:
         if not self.limit:
@@ -4901,12 +5424,13 @@ class KeySlots:
             return True
 
     def leave(self, key: str) -> None:
-        if not self.limit:
-            return
         with self._lock:
+            if key not in self._counts:
+                return  # (no cap: enter() counted nothing)
             self._counts[key] -= 1
             if not self._counts[key]:
                 del self._counts[key]
+            self._freed.notify_all()
 
 
 class _BytesReader(io.BytesIO):
@@ -5028,7 +5552,8 @@ class Forwarder:
     @contextlib.contextmanager
     def _queued(self, ex: Exchange, gone: Callable[[], bool]) -> Iterator[None]:
         assert self.gate is not None
-        outcome = self.gate.enter(ex.bucket_key, self.queue_timeout, gone)
+        outcome = self.gate.enter(ex.bucket_key, self.queue_timeout, gone,
+                                  ex.policy.priority if ex.policy is not None else "normal")
         if outcome == "gone":
             raise ClientGone()
         if outcome == "closed":
@@ -5891,7 +6416,7 @@ def answer_health(server: "ProxyServer", ex: Exchange, headers: Headers) -> Repl
     try:
         if client_key(headers) or not server.keys:
             who = identify(headers, server.keys, server.default_policy, ex.client,
-                           server.config.trust_forwarded_for)
+                           server.config.trust_forwarded_for, server.calendar.wall())
             ex.label, ex.bucket_key = who.label, who.bucket_key
             policy = who.policy.bucket
             quota = store.peek(who.bucket_key, policy)
@@ -5946,6 +6471,13 @@ def check_admin(server: "ProxyServer", ex: Exchange, headers: Headers) -> None:
                      code="unknown_url")
 
 
+def same_origin(origin: str, host: str | None) -> bool:
+    """Whether a request's Origin is the proxy's own page (the scheme it serves, http, and the
+    Host the request was sent to): the dashboard's own writes. Any other origin is refused."""
+    return host is not None and origin.strip().lower() in (
+        "http://" + host.strip().lower(), "https://" + host.strip().lower())
+
+
 def check_manager(server: "ProxyServer", ex: Exchange, headers: Headers) -> None:
     """Model management (pull, push, create, copy, delete) is forwarded for the administrator
     only; anyone else gets 403."""
@@ -5970,7 +6502,7 @@ def key_report(server: "ProxyServer") -> list[dict[str, object]]:
     report = []
     store = server.store
     for digest, policy in server.keys.entries:
-        quota = store.peek("key:" + digest, policy.bucket)
+        quota = store.peek(policy.bucket_key(digest), policy.bucket)
         report.append({
             "name": policy.name or short_hash(digest), "disabled": policy.disabled,
             "limit": quota.limit, "balance": quota.remaining,
@@ -5979,7 +6511,7 @@ def key_report(server: "ProxyServer") -> list[dict[str, object]]:
             "refill_interval_seconds": policy.bucket.refill_interval,
             "token_cost_mode": policy.token_cost_mode,
             "models": sorted(policy.models) if policy.models is not None else None,
-            **store.usage("key:" + digest)})
+            **key_settings(server, policy), **store.usage(policy.bucket_key(digest))})
     return report
 
 
@@ -6037,7 +6569,7 @@ def answer_usage(server: "ProxyServer", ex: Exchange, headers: Headers) -> Reply
         raise ProxyError(HTTPStatus.UNAUTHORIZED, "GET /v1/usage needs your key (as a bearer "
                          "token or x-api-key).", code="invalid_api_key")
     who = identify(headers, server.keys, server.default_policy, ex.client,
-                   server.config.trust_forwarded_for)
+                   server.config.trust_forwarded_for, server.calendar.wall())
     ex.label, ex.bucket_key = who.label, who.bucket_key
     policy, store, calendar = who.policy, server.store, server.calendar
     quota = store.peek(who.bucket_key, policy.bucket)
@@ -6096,6 +6628,122 @@ def answer_admin_usage(server: "ProxyServer", ex: Exchange, headers: Headers) ->
     return json_reply(HTTPStatus.OK, {"since": _iso(since, server.calendar.tz),
                                       "until": _iso(until, server.calendar.tz), "by": by,
                                       "rows": report})
+
+
+# -- managing keys (POST/PATCH/DELETE /admin/keys..., GET /admin/audit) ----------------------
+
+#: keys that expire within this many days are marked on the dashboard
+EXPIRING_SOON_DAYS = 7
+
+
+def admin_who(server: "ProxyServer", ex: Exchange, headers: Headers) -> tuple[str, str]:
+    """Who made a change through the API, and from where, for the audit trail: the admin key's
+    holder ("admin") or, without ADMIN_API_KEY, "local"; the peer's address, and "dashboard"
+    when the proxy's own page sent it."""
+    who = "admin" if server.config.admin_api_key else "local"
+    return who, ex.client + (" (dashboard)" if headers.get("Origin") else "")
+
+
+def key_settings(server: "ProxyServer", policy: KeyPolicy) -> dict[str, object]:
+    """What the keys file says of a key beyond its numbers (created_at, expires_at, priority,
+    max_concurrent, note, and its whole entry for the dashboard's edit form)."""
+    entry = server.key_entry(policy.name) if policy.name else None
+    if entry is None:
+        return {"priority": policy.priority, "max_concurrent": policy.max_concurrent}
+    shown = public_entry(entry, policy, server.calendar.wall())
+    return {"created_at": shown.get("created_at"), "expires_at": shown.get("expires_at"),
+            "expired": shown.get("expired", False),
+            "expires_soon": shown.get("expires_soon", False), "priority": policy.priority,
+            "max_concurrent": policy.max_concurrent, "note": shown.get("note"),
+            "entry": shown}
+
+
+def public_entry(entry: Mapping[str, object], policy: KeyPolicy | None,
+                 now: float) -> dict[str, object]:
+    """A keys-file entry as the API shows it: its fields without digests, and whether it has
+    expired or expires within EXPIRING_SOON_DAYS."""
+    shown = {f: v for f, v in entry.items()
+             if f not in ("key", "key_sha256", "previous_key_sha256", "bucket_sha256")}
+    if policy is not None and policy.expires_at is not None:
+        shown["expired"] = now >= policy.expires_at
+        shown["expires_soon"] = now < policy.expires_at <= now + EXPIRING_SOON_DAYS * 86400
+    return shown
+
+
+def _policy_named(server: "ProxyServer", name: str) -> KeyPolicy | None:
+    return next((p for _, p in server.keys.entries if p.name == name), None)
+
+
+def answer_admin_key_create(server: "ProxyServer", ex: Exchange, headers: Headers) -> Reply:
+    """POST /admin/keys {"name": ..., fields}: 201 with the entry and its new secret under
+    "key" (shown this once); 409 for a taken name, 400 naming a bad field."""
+    payload = parse_json_object(ex.body or b"{}")
+    name = payload.pop("name", None)
+    if not isinstance(name, str) or not name.strip():
+        raise _bad_field("name", _FIELD_RULES["name"])
+    fields = checked_fields(payload, server.calendar.tz, removable=False)
+    now = server.calendar.wall()
+    who, origin = admin_who(server, ex, headers)
+    secret = server.change_keys(lambda entries: add_entry(entries, name, fields, now),
+                                who, origin, "added", name, ["key", *sorted(fields)])
+    entry = server.key_entry(name) or {}
+    return json_reply(HTTPStatus.CREATED, {
+        **public_entry(entry, _policy_named(server, name), now), "key": secret})
+
+
+def answer_admin_key(server: "ProxyServer", ex: Exchange, headers: Headers) -> Reply:
+    """PATCH /admin/keys/NAME (fields; null removes one), DELETE /admin/keys/NAME (204),
+    POST /admin/keys/NAME/rotate {"grace_seconds": N} (a new secret; the old one works N
+    seconds more)."""
+    rest = ex.path[len("/admin/keys/"):]
+    rotate = ex.method == "POST" and rest.endswith("/rotate")
+    name = rest[:-len("/rotate")] if rotate else rest
+    if not name or (ex.method == "POST" and not rotate) or "/" in name:
+        raise ProxyError(HTTPStatus.NOT_FOUND, f"Invalid URL ({ex.method} {ex.path}).",
+                         code="unknown_url")
+    who, origin = admin_who(server, ex, headers)
+    now = server.calendar.wall()
+    if ex.method == "DELETE":
+        server.change_keys(lambda entries: delete_entry(entries, name), who, origin,
+                           "removed", name, [])
+        return Reply(HTTPStatus.NO_CONTENT, (), b"")
+    payload = parse_json_object(ex.body or b"{}")
+    if rotate:
+        grace = payload.get("grace_seconds", 0)
+        if set(payload) - {"grace_seconds"}:
+            raise _bad_field(sorted(set(payload) - {"grace_seconds"})[0], "absent (rotate "
+                             "takes only grace_seconds)")
+        if type(grace) not in (int, float) or not 0 <= grace <= 366 * 86400:
+            raise _bad_field("grace_seconds", "a number of seconds from 0 to 31622400")
+        secret = server.change_keys(
+            lambda entries: rotate_entry(entries, name, float(grace), now), who, origin,
+            "rotated", name, ["key"] + (["previous_valid_until"] if grace else []))
+        entry = server.key_entry(name) or {}
+        return json_reply(HTTPStatus.OK, {**public_entry(entry, _policy_named(server, name),
+                                                         now), "key": secret})
+    fields = checked_fields(payload, server.calendar.tz, removable=True)
+    server.change_keys(lambda entries: change_entry(entries, name, fields), who, origin,
+                       "changed", name, sorted(fields))
+    entry = server.key_entry(name) or {}
+    return json_reply(HTTPStatus.OK, public_entry(entry, _policy_named(server, name), now))
+
+
+def answer_admin_audit(server: "ProxyServer", ex: Exchange, headers: Headers) -> Reply:
+    """GET /admin/audit?since=DATE&limit=N: the changes to the keys, newest first."""
+    query = urllib.parse.parse_qs(ex.query)
+    since_text = query["since"][-1] if query.get("since") else None
+    limit_text = (query.get("limit") or ["100"])[-1]
+    if not limit_text.isdigit() or not 1 <= int(limit_text) <= 10_000:
+        raise ProxyError(HTTPStatus.BAD_REQUEST, "limit must be a whole number from 1 to "
+                         "10000.", param="limit")
+    since = 0.0
+    if since_text is not None:
+        try:
+            since = report_window(server.calendar, since_text, None)[0]
+        except ConfigError as err:
+            raise ProxyError(HTTPStatus.BAD_REQUEST, str(err), param="since") from None
+    rows = server.audit.rows(since, int(limit_text))
+    return json_reply(HTTPStatus.OK, {"audit": [r.as_json(server.calendar.tz) for r in rows]})
 
 
 # -- the pages' answers ---------------------------------------------------------------------
@@ -6159,7 +6807,7 @@ def overview(server: "ProxyServer") -> dict[str, object]:
     per_key, names, per_day, per_model = tally.per_key, tally.names, tally.per_day, tally.per_model
     in_flight = server.forwarded_in_flight()
     waiting = server.gate.waiting_by_key() if server.gate is not None else {}
-    listed = [("key:" + digest, policy.name or short_hash(digest), policy)
+    listed = [(policy.bucket_key(digest), policy.name or short_hash(digest), policy)
               for digest, policy in server.keys.entries]
     known = {bucket for bucket, _, _ in listed}
     listed += [(bucket, names.get(bucket) or bucket_name(bucket), server.default_policy)
@@ -6185,7 +6833,7 @@ def overview(server: "ProxyServer") -> dict[str, object]:
                         "remaining": q.remaining, "resets_in_seconds": math.ceil(q.reset_seconds)}
                        for q in quotas],
             "in_flight": max(0, in_flight.get(bucket, 0) - waiting.get(bucket, 0)),
-            "waiting": waiting.get(bucket, 0)})
+            "waiting": waiting.get(bucket, 0), **key_settings(server, policy)})
     first_minute, minutes = server.metrics.recent.window()
     stacked = sorted(per_day.items(), key=lambda item: -sum(item[1].values()))
     if len(stacked) > MAX_CHART_KEYS:
@@ -6199,6 +6847,10 @@ def overview(server: "ProxyServer") -> dict[str, object]:
         "uptime_seconds": round(now - server.started),
         "store": store_report(server), "upstream": upstream_report(server, in_flight, waiting),
         "keys": keys,
+        "audit": [row.as_json(server.calendar.tz) for row in server.audit.rows(0, 10)],
+        "keys_file": {"path": server.config.keys_file,
+                      "writable": bool(server.config.keys_file)
+                      and not server.config.keys_file.endswith(".toml")},
         "models": [{"name": name, **{span: dict(zip(("tokens", "requests"), spans[span]))
                                      for span in ("today", "this_month")}}
                    for name, spans in sorted(per_model.items(),
@@ -6331,7 +6983,8 @@ LOCAL_ANSWERS: dict[str, Callable[["ProxyServer", Exchange, Headers], Reply | No
     "models": answer_models, "model": answer_model, "tags": answer_tags,
     "usage": answer_usage, "admin_usage": answer_admin_usage,
     "preflight": answer_preflight, "page": answer_page, "overview": answer_admin_overview,
-    "no_icon": answer_no_icon,
+    "no_icon": answer_no_icon, "admin_key_create": answer_admin_key_create,
+    "admin_key": answer_admin_key, "admin_audit": answer_admin_audit,
 }
 
 
@@ -6616,12 +7269,16 @@ class ProxyHandler(BaseHTTPRequestHandler):
         ex.route, ex.api = route, route.api
         if route.kind in (ADMIN, MANAGE):  # never for another site's page: no CORS, no Origin
             ex.cors = ""
-            if origin is not None or self.headers.get("Sec-Fetch-Site") in CROSS_SITE:
+            if (origin is not None and not (route.kind == ADMIN and same_origin(
+                    origin, self.headers.get("Host")))) \
+                    or self.headers.get("Sec-Fetch-Site") in CROSS_SITE:
                 raise ProxyError(HTTPStatus.FORBIDDEN, "Admin routes do not answer web pages.",
                                  type="permission_error", code="origin_not_allowed")
         if route.kind in (LOCAL, ADMIN):
             if route.kind == ADMIN:
                 check_admin(self.server, ex, self.headers)  # type: ignore[arg-type]
+                if ex.method in ("POST", "PATCH"):  # (a change to the keys: its JSON body)
+                    ex.body = self._read_body(ex)
             reply = LOCAL_ANSWERS[route.answer](self.server, ex, self.headers)  # type: ignore[arg-type]
             assert reply is not None
             if route.private:
@@ -6643,7 +7300,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             ex.body, ex.label = self._read_body(ex), "admin"
             return self._forward_upstream(ex, ex.body, None)
         who = identify(self.headers, server.keys, server.default_policy,  # type: ignore[arg-type]
-                       ex.client, config.trust_forwarded_for)
+                       ex.client, config.trust_forwarded_for, server.calendar.wall())
         ex.bucket_key, ex.policy, ex.label = who.bucket_key, who.policy, who.label
         ex.body = self._read_body(ex)
         policy = who.policy
@@ -6660,9 +7317,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 return self._reply(ex, reply)
         slots = server.key_slots
         as_message = policy.limit_response == "message"
-        if not slots.enter(ex.bucket_key):
+        if not self._key_slot(ex, policy):
             ex.charge = Charge.declined(None)
-            return self._reply(ex, busy_reply(route, ex.payload, slots.limit, as_message))
+            return self._reply(ex, busy_reply(route, ex.payload,
+                                              policy.max_concurrent or slots.limit, as_message))
         try:
             if charged:
                 assert ex.payload is not None
@@ -6681,6 +7339,20 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self._forward_upstream(ex, body, fallback)
         finally:
             slots.leave(ex.bucket_key)
+
+    def _key_slot(self, ex: Exchange, policy: KeyPolicy) -> bool:
+        """Whether the request may go on under its key's cap on requests in flight: beyond
+        MAX_CONCURRENT_PER_KEY it is refused; beyond the key's own max_concurrent it waits
+        its turn, up to UPSTREAM_QUEUE_TIMEOUT. leave() follows either way."""
+        slots = self.server.key_slots
+        if policy.max_concurrent is None:
+            return slots.enter(ex.bucket_key)
+        outcome = slots.wait(ex.bucket_key, policy.max_concurrent,
+                             self.server.config.upstream_queue_timeout,
+                             lambda: peer_closed(self.connection))
+        if outcome == "gone":
+            raise ClientGone()
+        return outcome == "ok"
 
     def _forward_upstream(self, ex: Exchange, body: bytes, fallback: bytes | None) -> None:
         forwarder = self.server.forwarder
@@ -7275,6 +7947,12 @@ class KeysWatcher:
     def request(self) -> None:
         self._asked.set()
 
+    def loaded(self) -> None:
+        """The proxy has just loaded the file as it is now (its own write): no reload due."""
+        current = _file_signature(self._path)
+        self._loaded = self._looked = current
+        self._wanted = False
+
     def close(self) -> None:
         self._closing.set()
         self._asked.set()
@@ -7489,7 +8167,11 @@ class ProxyServer(ThreadingHTTPServer):
         self.metrics = Metrics(wall)
         self.started = wall()
         self.default_policy = config.default_policy
-        self.keys = load_key_ring(config)  # ConfigError for an invalid keys file
+        self.key_entries = read_keys_file(config.keys_file) if config.keys_file else []
+        self.keys = load_key_ring(config, raw=self.key_entries)  # ConfigError: invalid file
+        self.keys_file = KeysFile(config.keys_file, config) if config.keys_file else None
+        self._keys_lock = threading.Lock()  # (one reload or change at a time)
+        self._cli_seen: set[AuditRow] = set()  # (see _record_hand_edit)
         self.store = store if store is not None else make_store(config, self.log, self.metrics,
                                                                 clock)
         self.calendar = Calendar(config.quota_timezone, wall)
@@ -7505,7 +8187,8 @@ class ProxyServer(ThreadingHTTPServer):
             except ConfigError:
                 self.state.close()
                 raise
-        gate = (FairGate(config.max_upstream_concurrency, config.fair_queue)
+        gate = (FairGate(config.max_upstream_concurrency, config.fair_queue,
+                         config.priority_max_wait_seconds, clock)
                 if config.max_upstream_concurrency else None)
         self.routes = RouteTable(DEFAULT_ROUTES + tuple(extra_route(*row)
                                                         for row in config.extra_routes))
@@ -7532,9 +8215,6 @@ class ProxyServer(ThreadingHTTPServer):
         #: carries it has come round in a loop
         self.via = "llm_proxy-" + secrets.token_hex(4)
         self.deadlines = ClientDeadlines()
-        self.keys_watcher = (KeysWatcher(config.keys_file, self.reload_keys, key_check_interval,
-                                         clock, keys_settle_seconds)
-                             if config.keys_file else None)
         if self.state is not None:
             self.writer = StateWriter(self.state, self.store, self.ledger,  # type: ignore[arg-type]
                                       config.state_flush_seconds, self.log, wall)
@@ -7542,6 +8222,12 @@ class ProxyServer(ThreadingHTTPServer):
             self.redis_ledger = self.store.ledger(config.ledger_retention_days)
             self.writer = StateWriter(self.redis_ledger, None, self.ledger,
                                       config.state_flush_seconds, self.log, wall)
+        self.audit = AuditTrail(self.state, self.writer.flushing if self.state is not None
+                                and self.writer is not None else None, self.log)
+        self.keys_watcher = (  # (after the audit trail, which a reload writes to)
+            KeysWatcher(config.keys_file, self.reload_keys, key_check_interval, clock,
+                        keys_settle_seconds)
+            if config.keys_file else None)
         # Last: when binding fails, socketserver calls server_close(), which closes every
         # part above (OSError: the address cannot be used; the caller says so in one line).
         super().__init__((config.host, config.port), handler)
@@ -7678,17 +8364,36 @@ class ProxyServer(ThreadingHTTPServer):
 
     # -- keys -------------------------------------------------------------------------------
 
+    @property
+    def key_entries(self) -> list[dict]:
+        """The keys file's entries as last loaded (what a hand edit is compared with)."""
+        return self._key_entries
+
+    @key_entries.setter
+    def key_entries(self, entries: list[dict]) -> None:
+        self._key_entries = entries
+        self._entry_named = {e.get("name"): e for e in entries}
+
+    def key_entry(self, name: str) -> dict | None:
+        """The keys file's entry named `name`, as last loaded."""
+        return self._entry_named.get(name)
+
     def reload_keys(self) -> bool:
         """Read the keys file again. An invalid file leaves the keys in force as they were.
         Balances live in the store under each key's digest, so they carry over; a lowered
-        max_tokens clamps them at the next request."""
-        try:
-            ring = load_key_ring(self.config, pause=lambda: time.sleep(0.0005))
-        except ConfigError as err:
-            self.metrics.inc("llm_proxy_key_reloads_total", (("result", "error"),))
-            self.log(f"keys file not reloaded, the keys in force stay: {err}")
-            return False
-        self.keys = ring  # one assignment: a request sees the old ring or the new one
+        max_tokens clamps them at the next request. What a hand edit changed is recorded in
+        the audit trail."""
+        with self._keys_lock:
+            try:
+                entries = read_keys_file(self.config.keys_file)
+                ring = load_key_ring(self.config, pause=lambda: time.sleep(0.0005),
+                                     raw=entries)
+            except ConfigError as err:
+                self.metrics.inc("llm_proxy_key_reloads_total", (("result", "error"),))
+                self.log(f"keys file not reloaded, the keys in force stay: {err}")
+                return False
+            self._record_hand_edit(entries)
+            self.keys = ring  # one assignment: a request sees the old ring or the new one
         self.metrics.inc("llm_proxy_key_reloads_total", (("result", "ok"),))
         self.log(f"keys file reloaded: {len(ring)} keys")
         return True
@@ -7697,6 +8402,56 @@ class ProxyServer(ThreadingHTTPServer):
         """Ask the upstream for its models in the background and log what it said in one line
         (the first run's "is anything there?"); the dashboard shows the same."""
         self.probe.start(self.log)
+
+    def _record_hand_edit(self, entries: list[dict]) -> None:
+        """Audit rows for what the keys file holds that was not loaded last (a hand edit).
+        A change `llm_proxy.py keys` made is in the trail already (the command line records
+        it before its rename): not recorded twice."""
+        now = self.calendar.wall()
+        changes = entry_changes(self.key_entries, entries)
+        recorded = self._cli_rows() if changes else []
+        for action, name, fields in changes:
+            mine = next((r for r in recorded if r.key == name and
+                         {"rotated": "changed"}.get(r.action, r.action) == action), None)
+            if mine is not None:
+                recorded.remove(mine)
+                self._cli_seen.add(mine)
+                continue
+            self.audit.record(AuditRow(now, "file", self.config.keys_file, action, name,
+                                       tuple(fields)))
+        self.key_entries = entries
+
+    def _cli_rows(self) -> list[AuditRow]:
+        """The command line's audit rows not yet matched with a change seen at a reload."""
+        try:
+            rows = self.audit.rows(0, 200)
+        except sqlite3.Error:
+            return []
+        return [r for r in reversed(rows) if r.who == "cli" and r not in self._cli_seen]
+
+    def change_keys(self, apply: Callable[[list[dict]], object], who: str, origin: str,
+                    action: str, name: str, fields: Iterable[str]) -> object:
+        """Make a change to the keys file (KeysFile.change) and put it in force at once (not
+        after KEYS_SETTLE_SECONDS: the proxy wrote the file whole); the audit row says who
+        did it, from where. What apply returned (a new secret, shown once)."""
+        if self.keys_file is None:
+            raise ProxyError(HTTPStatus.CONFLICT, "Keys are managed in KEYS_FILE, which is not "
+                             "set: start the proxy with KEYS_FILE=keys.json (a file that does "
+                             "not exist yet is made at the first change).",
+                             code="no_keys_file")
+        with self._keys_lock:
+            result, before, after = self.keys_file.change(apply)
+            self._record_hand_edit(before)
+            self.keys = load_key_ring(self.config, raw=after)
+            self.key_entries = after
+        if self.keys_watcher is not None:
+            self.keys_watcher.loaded()
+        if action == "changed":  # the fields that did change, not all that were sent
+            fields = next((f for _, n, f in entry_changes(before, after) if n == name), [])
+        self.audit.record(AuditRow(self.calendar.wall(), who, origin, action, name,
+                                   tuple(fields)))
+        self.metrics.inc("llm_proxy_key_reloads_total", (("result", "ok"),))
+        return result
 
     def request_key_reload(self) -> None:
         """Reload the keys file soon, off the request path (safe from a signal handler)."""
@@ -7810,6 +8565,10 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         return keygen_main(argv[1:])
     if argv[:1] == ["usage"]:
         return usage_main(argv[1:], environ)
+    if argv[:1] == ["keys"]:
+        return keys_main(argv[1:], environ)
+    if argv[:1] == ["audit"]:
+        return audit_main(argv[1:], environ)
     try:
         config = Config.from_env(environ, argv)
     except ConfigError as err:
@@ -7908,6 +8667,182 @@ def keygen_main(argv: Sequence[str]) -> int:
     return 0
 
 
+#: keys add's options: --flag -> the entry field it sets (and how its text is read)
+_KEY_OPTIONS = (("max_tokens", int), ("refill_tokens", int), ("refill_interval_seconds", float),
+                ("request_token_cost", int), ("tokens_per_day", int), ("tokens_per_month", int),
+                ("requests_per_day", int), ("max_concurrent", int), ("max_output_tokens", int),
+                ("max_reserve_tokens", int), ("token_cost_mode", str), ("limit_response", str),
+                ("priority", str), ("note", str))
+
+
+def cli_origin() -> str:
+    """Where a change by the command line comes from, for the audit trail: user@host."""
+    user = os.environ.get("USER") or os.environ.get("LOGNAME") or str(os.getuid()) \
+        if hasattr(os, "getuid") else "?"
+    return f"{user}@{socket.gethostname()}"
+
+
+def field_value(field: str, text: str) -> object:
+    """A `keys set` value: null removes the field; numbers, true/false and lists
+    (models=a,b) as the field wants them; anything else a string."""
+    if text == "null":
+        return None
+    if field == "models":
+        return [m.strip() for m in text.split(",") if m.strip()]
+    if field == "disabled":
+        return {"true": True, "false": False}.get(text, text)
+    if field == "refill_interval_seconds":
+        with contextlib.suppress(ValueError):
+            return float(text) if "." in text else int(text)
+    if field in _ENTRY_FIELDS and _ENTRY_FIELDS[field](1):
+        with contextlib.suppress(ValueError):
+            return int(text)
+    return text
+
+
+def keys_main(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> int:
+    """python3 llm_proxy.py keys add|list|set|disable|enable|delete|rotate: change KEYS_FILE
+    in place, whether the proxy runs or not (a running proxy reloads it)."""
+    parser = _ArgumentParser(prog="llm_proxy.py keys", description="Manage the keys in "
+                             "KEYS_FILE (the proxy, if it runs, takes the change at its next "
+                             "look at the file).")
+    commands = parser.add_subparsers(dest="command", required=True)
+    add = commands.add_parser("add", help="a new key; its secret is printed once")
+    add.add_argument("name")
+    for field, kind in _KEY_OPTIONS:
+        add.add_argument("--" + field.replace("_", "-"), dest=field, type=kind)
+    add.add_argument("--models", help="comma-separated model names it may use")
+    add.add_argument("--expires", dest="expires_at",
+                     help="2027-01-31 or 2027-01-31T18:00 (QUOTA_TIMEZONE unless an offset)")
+    commands.add_parser("list", help="the keys, without secrets")
+    change = commands.add_parser("set", help="change fields: field=value (null removes one)")
+    change.add_argument("name")
+    change.add_argument("assignments", nargs="+", metavar="field=value")
+    for name in ("disable", "enable", "delete"):
+        commands.add_parser(name).add_argument("name")
+    rotate = commands.add_parser("rotate", help="a new secret; the old one works --grace s")
+    rotate.add_argument("name")
+    rotate.add_argument("--grace", type=float, default=0.0, help="seconds (default 0)")
+    try:
+        args, rest = parser.parse_known_args(argv)
+        config = Config.from_env(environ, rest)
+        if not config.keys_file:
+            raise ConfigError("KEYS_FILE is not set: say which file holds the keys")
+    except ConfigError as err:
+        print(f"llm_proxy keys: {err}", file=sys.stderr)
+        return 2
+    editor = KeysFile(config.keys_file, config)
+    if args.command == "list":
+        return _list_keys(editor, config)
+    try:
+        secret = _change_by_cli(editor, config, args)
+    except (ProxyError, ConfigError) as err:
+        print(f"llm_proxy keys: {getattr(err, 'message', err)}", file=sys.stderr)
+        return 1
+    if secret:
+        print(f"key (give it to {args.name}; it is not stored anywhere, and not shown again): "
+              f"{secret}")
+    else:
+        print(f"{args.command}: {args.name}")
+    return 0
+
+
+def _change_by_cli(editor: KeysFile, config: Config, args: argparse.Namespace) -> str:
+    """Make the change `args` asks for, record it (state file, if kept), and return the new
+    secret ("" for none)."""
+    tz, now, name = time_zone(config.quota_timezone), time.time(), args.name
+    action, secret = "changed", ""
+    fields: list[str] = []
+    written: list[AuditRow] = []
+
+    def record() -> None:  # before the rename: a proxy that reloads finds the row there
+        if written:
+            return
+        row = AuditRow(now, "cli", cli_origin(), action, name, tuple(fields))
+        path = state_path(config)
+        if path and not config.redis_url:
+            append_audit_file(path, row)
+        written.append(row)
+        print(row.line(), file=sys.stderr)
+
+    editor.before_rename = record
+    if args.command == "add":
+        given = {field: getattr(args, field) for field, _ in _KEY_OPTIONS}
+        given["expires_at"] = args.expires_at
+        given["models"] = field_value("models", args.models) if args.models else None
+        checked = checked_fields({f: v for f, v in given.items() if v is not None}, tz, False)
+        action, fields = "added", ["key", *sorted(checked)]
+        secret = str(editor.change(lambda entries: add_entry(entries, name, checked, now))[0])
+    elif args.command == "set":
+        pairs = [a.partition("=") for a in args.assignments]
+        bad = [a for a, sep, _ in pairs if not sep]
+        if bad:
+            raise ConfigError(f"{bad[0]}: write field=value")
+        changes = checked_fields({f: field_value(f, v) for f, _, v in pairs}, tz, True)
+        fields = sorted(changes)
+        editor.change(lambda entries: change_entry(entries, name, changes))
+    elif args.command in ("disable", "enable"):
+        fields = ["disabled"]
+        editor.change(lambda entries: change_entry(entries, name,
+                                                   {"disabled": args.command == "disable"}))
+    elif args.command == "delete":
+        action = "removed"
+        editor.change(lambda entries: delete_entry(entries, name))
+    elif args.command == "rotate":
+        if not 0 <= args.grace <= 366 * 86400:
+            raise ConfigError("--grace must be from 0 to 31622400 seconds")
+        action, fields = "rotated", ["key"]
+        secret = str(editor.change(lambda entries: rotate_entry(entries, name, args.grace,
+                                                                 now))[0])
+    return secret
+
+
+def _list_keys(editor: KeysFile, config: Config) -> int:
+    try:
+        entries = editor.read()
+    except ConfigError as err:
+        print(f"llm_proxy keys: {err}", file=sys.stderr)
+        return 2
+    for entry in entries:
+        shown = {f: v for f, v in public_entry(entry, None, 0).items() if f != "name"}
+        print(f"{entry.get('name')}  " + " ".join(f"{f}={json.dumps(v)}"
+                                                  for f, v in shown.items()))
+    if not entries:
+        print(f"no keys in {config.keys_file}")
+    return 0
+
+
+def audit_main(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> int:
+    """python3 llm_proxy.py audit: the changes to the keys, newest first, from the state
+    file (while the proxy runs, too)."""
+    parser = _ArgumentParser(prog="llm_proxy.py audit",
+                             description="Print the audit trail of changes to the keys.")
+    parser.add_argument("--since", help="from this date or date and time, in QUOTA_TIMEZONE")
+    parser.add_argument("--limit", type=int, default=100)
+    parser.add_argument("--format", choices=("table", "json"), default="table")
+    try:
+        args, rest = parser.parse_known_args(argv)
+        config = Config.from_env(environ, rest)
+        calendar = Calendar(config.quota_timezone)
+        since = report_window(calendar, args.since, None)[0] if args.since else 0.0
+        path = state_path(config)
+        if not path or config.redis_url:
+            raise ConfigError("the audit trail is kept in STATE_DB, which is off here (the "
+                              "proxy's log has each change as an audit: line)")
+        rows = read_audit_file(path, since, max(1, args.limit))
+    except ConfigError as err:
+        print(f"llm_proxy audit: {err}", file=sys.stderr)
+        return 2
+    if args.format == "json":
+        print(json.dumps([r.as_json(calendar.tz) for r in rows], indent=2))
+        return 0
+    print("when                       who    from                      action   key  fields")
+    for r in rows:
+        shown = r.as_json(calendar.tz)
+        print(f"{shown['at']:<26} {r.who:<6} {r.origin:<25} {r.action:<8} {r.key}  "
+              f"{', '.join(r.fields)}")
+    return 0
+
 # ##################################################################### page assets ####
 
 # The pages' HTML, style and scripts (see "the pages' answers"): plain, no framework, nothing
@@ -7990,6 +8925,7 @@ ADMIN_HTML = page_html(
               <th scope="col" class="n">Limited today</th>
               <th scope="col" class="n">In flight</th>
               <th scope="col" class="n">Waiting</th>
+              <th scope="col">Manage</th>
             </tr>
           </thead>
           <tbody></tbody>
@@ -7997,6 +8933,53 @@ ADMIN_HTML = page_html(
       </div>
       <p class="meta phone-only">Swipe the table sideways for more columns.</p>
       <p id="no-keys" class="meta" hidden>No keys are configured.</p>
+
+      <section id="manage" class="panel" aria-labelledby="manage-title">
+        <h2 id="manage-title">New key</h2>
+        <p id="manage-readonly" class="note" hidden></p>
+        <div id="secret-box" class="secret" role="alert" hidden>
+          <p><strong>Copy this key now.</strong> It is shown only this once and is not stored
+            anywhere: if it is lost, rotate the key to get a new one.</p>
+          <p><code id="secret-value"></code>
+            <button type="button" id="copy-secret">Copy</button>
+            <button type="button" id="hide-secret">Done</button></p>
+          <p id="copy-status" class="meta" aria-live="polite"></p>
+        </div>
+        <form id="key-form" class="key-form">
+          <input type="hidden" id="kf-editing" value="">
+          <label>Name <input id="kf-name" required maxlength="200" autocomplete="off"></label>
+          <label>Bucket size (max_tokens) <input id="kf-max_tokens" type="number" min="1"></label>
+          <label>Refill tokens <input id="kf-refill_tokens" type="number" min="1"></label>
+          <label>Refill every (s) <input id="kf-refill_interval_seconds" type="number" min="0" step="any"></label>
+          <label>Tokens per day <input id="kf-tokens_per_day" type="number" min="1"></label>
+          <label>Tokens per month <input id="kf-tokens_per_month" type="number" min="1"></label>
+          <label>Requests per day <input id="kf-requests_per_day" type="number" min="1"></label>
+          <label>Models (comma-separated) <input id="kf-models" autocomplete="off"></label>
+          <label>Expires <input id="kf-expires_at" placeholder="2027-01-31 or 2027-01-31T18:00" autocomplete="off"></label>
+          <label>Priority <select id="kf-priority"><option value="">normal (default)</option>
+            <option value="high">high</option><option value="normal">normal</option>
+            <option value="low">low</option></select></label>
+          <label>Max concurrent <input id="kf-max_concurrent" type="number" min="1"></label>
+          <label>Note <input id="kf-note" maxlength="1000" autocomplete="off"></label>
+          <p><button type="submit" id="kf-submit">Create key</button>
+            <button type="button" id="kf-cancel" hidden>Cancel</button></p>
+        </form>
+        <p id="manage-status" class="meta" role="status"></p>
+      </section>
+
+      <h2 id="audit-title">Recent changes to keys</h2>
+      <div class="table-wrap">
+        <table id="audit" aria-labelledby="audit-title">
+          <thead>
+            <tr>
+              <th scope="col">When</th><th scope="col">Who</th><th scope="col">From</th>
+              <th scope="col">What</th><th scope="col">Key</th><th scope="col">Fields</th>
+            </tr>
+          </thead>
+          <tbody></tbody>
+        </table>
+      </div>
+      <p id="no-audit" class="meta" hidden>No changes recorded yet.</p>
 
       <h2 id="models-title">Models</h2>
       <div class="table-wrap">
@@ -8193,6 +9176,17 @@ tr.disabled td.name::after {
 tr.disabled .bar .fill { background: var(--muted); }
 .table-wrap.narrow { max-width: 560px; }
 .sub-line { display: block; font-size: 11px; color: var(--muted); }
+.badge { display: inline-block; font-size: 11px; padding: 0 6px; border-radius: 8px; }
+.badge.warn { background: #fff3cd; color: #6b4e00; }
+tr.expired td.name { text-decoration: line-through; }
+td.actions { white-space: nowrap; }
+thead th { overflow-wrap: normal; }
+td.actions button.small { font-size: 12px; padding: 2px 6px; margin-right: 2px; }
+.key-form { display: grid; grid-template-columns: repeat(auto-fill, minmax(14em, 1fr)); gap: 8px 12px; }
+.key-form label { display: flex; flex-direction: column; font-size: 12px; gap: 2px; }
+.secret { border: 2px solid #b58100; padding: 8px 12px; margin-bottom: 10px; }
+.secret code { font-size: 14px; word-break: break-all; user-select: all; }
+#manage { margin-top: 16px; }
 table.totals th[scope="row"] { font-weight: 400; }
 
 /* bars with their numbers */
@@ -8426,6 +9420,25 @@ const Page = (() => {
 
     const signOut = () => { sessionStorage.removeItem(opts.storageKey); showLogin(''); };
 
+    // A change (POST, PATCH, DELETE) with the session's key in its header, from this page's
+    // own origin (the browser says so in Origin, which the proxy checks); then a refresh.
+    async function send(method, path, body) {
+      const headers = state.key ? {Authorization: 'Bearer ' + state.key} : {};
+      if (body !== undefined) headers['Content-Type'] = 'application/json';
+      let r;
+      try {
+        const res = await fetch(path, {method, headers, cache: 'no-store', credentials: 'same-origin',
+          body: body === undefined ? undefined : JSON.stringify(body)});
+        r = {status: res.status, body: res.status === 204 ? null : await res.json().catch(() => null)};
+      } catch (err) {
+        r = {status: 0, body: {error: {message: 'the proxy could not be reached'}}};
+      }
+      r.ok = r.status >= 200 && r.status < 300;
+      r.message = r.ok ? '' : messageOf(r);
+      if (r.ok) refresh();
+      return r;
+    }
+
     async function start() {
       $('login-form').addEventListener('submit', onLogin);
       $('signout').addEventListener('click', signOut);
@@ -8449,7 +9462,7 @@ const Page = (() => {
       showLogin('');
     }
 
-    return {start};
+    return {start, send};
   }
 
   return {el, svg, $, setText, num, duration, pad, clock, MONTHS, bar, session};
@@ -8541,8 +9554,13 @@ ADMIN_JS = r"""// llm_proxy admin dashboard (served at /ui/admin.js, after /ui/p
     const full = k.balance >= k.limit;
     const low = k.limit > 0 && k.balance / k.limit < 0.1;
     const every = `+${num(k.refill_tokens)} every ${duration(k.refill_interval_seconds)}`;
-    return el('tr', {class: k.disabled ? 'disabled' : null},
-      el('td', {class: 'name'}, k.name),
+    const lifetime = [k.priority && k.priority !== 'normal' ? `priority ${k.priority}` : null,
+      k.max_concurrent ? `at most ${num(k.max_concurrent)} at once` : null,
+      k.expires_at ? (k.expired ? `expired ${k.expires_at}` : `expires ${k.expires_at}`) : null].filter(Boolean);
+    return el('tr', {class: [k.disabled ? 'disabled' : null, k.expires_soon ? 'expiring' : null,
+      k.expired ? 'expired' : null].filter(Boolean).join(' ') || null, 'data-key': k.name},
+      el('td', {class: 'name'}, k.name, lifetime.length ? el('span', {class: 'sub-line'}, lifetime.join(DOT)) : null,
+        k.expires_soon ? el('span', {class: 'badge warn'}, 'expires within 7 days') : null),
       el('td', {class: 'n'}, `${num(k.balance)} / ${num(k.limit)}`, bar(k.balance, k.limit, low ? 'low' : null, 'under')),
       el('td', {}, full ? 'full' : 'in ' + duration(k.next_refill_seconds), el('span', {class: 'sub-line'}, every)),
       quotaCell(today.tokens, quotas.tokens_per_day),
@@ -8550,7 +9568,133 @@ ADMIN_JS = r"""// llm_proxy admin dashboard (served at /ui/admin.js, after /ui/p
       quotaCell(today.requests, quotas.requests_per_day),
       el('td', {class: 'n'}, num(today.limited)),
       el('td', {class: 'n'}, num(k.in_flight)),
-      el('td', {class: 'n'}, num(k.waiting)));
+      el('td', {class: 'n'}, num(k.waiting)),
+      el('td', {class: 'actions'}, k.entry && writable ? manageButtons(k) : null));
+  }
+
+  // ---- managing keys (POST/PATCH/DELETE /admin/keys, through the session's send) ----
+  const FIELDS = ['max_tokens', 'refill_tokens', 'refill_interval_seconds', 'tokens_per_day',
+    'tokens_per_month', 'requests_per_day', 'models', 'expires_at', 'priority', 'max_concurrent', 'note'];
+  let session = null;
+  let writable = false;
+
+  function manageButtons(k) {
+    const button = (label, action) => {
+      const b = el('button', {type: 'button', class: 'small', 'data-action': action}, label);
+      b.addEventListener('click', () => act(action, k));
+      return b;
+    };
+    return [button('Edit', 'edit'), button(k.disabled ? 'Enable' : 'Disable', k.disabled ? 'enable' : 'disable'),
+      button('Rotate', 'rotate'), button('Delete', 'delete')];
+  }
+
+  function say(text, tone) {
+    setText('manage-status', text);
+    $('manage-status').className = 'meta ' + (tone || '');
+  }
+
+  function showSecret(name, secret) {
+    setText('secret-value', secret);
+    setText('copy-status', `The new key of ${name}.`);
+    $('secret-box').hidden = false;
+  }
+
+  async function act(action, k) {
+    const path = '/admin/keys/' + encodeURIComponent(k.name);
+    let r;
+    if (action === 'edit') return startEdit(k);
+    if (action === 'enable' || action === 'disable') {
+      r = await session.send('PATCH', path, {disabled: action === 'disable'});
+    } else if (action === 'rotate') {
+      if (!window.confirm(`Give ${k.name} a new key? The old one stops working in an hour.`)) return;
+      r = await session.send('POST', path + '/rotate', {grace_seconds: 3600});
+      if (r.ok) showSecret(k.name, r.body.key);
+    } else if (action === 'delete') {
+      if (!window.confirm(`Delete the key ${k.name}? Requests with it will get 401. Its usage stays in the reports.`)) return;
+      r = await session.send('DELETE', path);
+    }
+    say(r.ok ? `${k.name}: ${action === 'delete' ? 'deleted' : action + 'd'}.` : r.message, r.ok ? 'ok' : 'warn');
+  }
+
+  function formValues(editing) {
+    const values = {};
+    for (const field of FIELDS) {
+      const raw = $('kf-' + field).value.trim();
+      const type = $('kf-' + field).type;
+      if (raw === '') { if (editing) values[field] = null; continue; }
+      if (field === 'models') values[field] = raw.split(',').map((m) => m.trim()).filter(Boolean);
+      else if (type === 'number') values[field] = Number(raw);
+      else values[field] = raw;
+    }
+    return values;
+  }
+
+  function startEdit(k) {
+    const entry = k.entry || {};
+    $('kf-editing').value = k.name;
+    $('kf-name').value = k.name;
+    $('kf-name').disabled = true;
+    for (const field of FIELDS) {
+      const value = entry[field];
+      $('kf-' + field).value = value === undefined || value === null ? '' : Array.isArray(value) ? value.join(', ') : String(value);
+    }
+    setText('manage-title', 'Edit key ' + k.name);
+    setText('kf-submit', 'Save changes');
+    $('kf-cancel').hidden = false;
+    $('manage').scrollIntoView();
+  }
+
+  function resetForm() {
+    $('key-form').reset();
+    $('kf-editing').value = '';
+    $('kf-name').disabled = false;
+    setText('manage-title', 'New key');
+    setText('kf-submit', 'Create key');
+    $('kf-cancel').hidden = true;
+  }
+
+  async function onSubmit(event) {
+    event.preventDefault();
+    const editing = $('kf-editing').value;
+    const values = formValues(Boolean(editing));
+    const name = editing || $('kf-name').value.trim();
+    const r = editing
+      ? await session.send('PATCH', '/admin/keys/' + encodeURIComponent(editing), values)
+      : await session.send('POST', '/admin/keys', {name, ...values});
+    if (!r.ok) { say(r.message, 'warn'); return; }
+    resetForm();
+    say(editing ? `${name}: saved.` : `${name}: created.`, 'ok');
+    if (!editing) showSecret(name, r.body.key);
+  }
+
+  async function copySecret() {
+    const text = $('secret-value').textContent;
+    try {
+      await navigator.clipboard.writeText(text);
+      setText('copy-status', 'Copied.');
+    } catch (err) {
+      const range = document.createRange();
+      range.selectNodeContents($('secret-value'));
+      getSelection().removeAllRanges();
+      getSelection().addRange(range);
+      setText('copy-status', 'Selected: press Ctrl+C (or \u2318C) to copy.');
+    }
+  }
+
+  function renderAudit(rows) {
+    $('audit').tBodies[0].replaceChildren(...rows.map((r) => el('tr', {},
+      el('td', {}, String(r.at).replace('T', ' ')), el('td', {}, r.who), el('td', {}, r.from),
+      el('td', {}, r.action), el('td', {class: 'name'}, r.key), el('td', {}, (r.fields || []).join(', ')))));
+    $('no-audit').hidden = rows.length > 0;
+  }
+
+  function renderManage(file) {
+    writable = Boolean(file && file.writable);
+    $('key-form').hidden = !writable;
+    $('manage-readonly').hidden = writable;
+    setText('manage-readonly', !file || !file.path
+      ? 'Keys are managed here when the proxy runs with KEYS_FILE (for example KEYS_FILE=keys.json).'
+      : `${file.path} is TOML, which the proxy reads but cannot write: convert it to JSON to manage keys here.`);
   }
 
   function renderKeys(keys) {
@@ -8670,7 +9814,9 @@ ADMIN_JS = r"""// llm_proxy admin dashboard (served at /ui/admin.js, after /ui/p
     $('local-note').hidden = !local;
     setText('uptime', typeof data.uptime_seconds === 'number' ? 'up ' + duration(data.uptime_seconds) : '');
     renderCards(data);
+    renderManage(data.keys_file);
     renderKeys(data.keys || []);
+    renderAudit(data.audit || []);
     renderModels(data.models || []);
     drawCharts();
   }
@@ -8679,8 +9825,13 @@ ADMIN_JS = r"""// llm_proxy admin dashboard (served at /ui/admin.js, after /ui/p
     cancelAnimationFrame(redraw);
     redraw = requestAnimationFrame(drawCharts);
   });
-  Page.session({storageKey: 'llm_proxy_admin_key', input: 'admin-key', path: '/admin/overview',
-    every: 5000, emptyKey: 'Enter the admin key.', ends: [401, 404], probe: true, show}).start();
+  $('key-form').addEventListener('submit', onSubmit);
+  $('kf-cancel').addEventListener('click', resetForm);
+  $('copy-secret').addEventListener('click', copySecret);
+  $('hide-secret').addEventListener('click', () => { $('secret-box').hidden = true; setText('secret-value', ''); });
+  session = Page.session({storageKey: 'llm_proxy_admin_key', input: 'admin-key', path: '/admin/overview',
+    every: 5000, emptyKey: 'Enter the admin key.', ends: [401, 404], probe: true, show});
+  session.start();
 })();
 """
 
