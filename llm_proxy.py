@@ -19,13 +19,15 @@ How to run
     127.0.0.1 unless you mean to share the proxy, and set PROXY_API_KEYS when you do: without
     it any bearer token is accepted and simply gets its own bucket.
 
-The life of a request (the sections of this file, in order)
-    Around the request: constants, errors, config, keys (who may ask, with which policy),
-    buckets (the stores that hold balances), pricing (what a request takes at admission),
-    metering (the usage meter that reads what an answer really cost), API shapes (how the
-    proxy speaks when it answers by itself), HTTP messages (header parsing, path normalising).
+The life of a request (in the order it happens; the sections that hold each step are named
+in brackets, and the index below says where they sit)
+    The sections come in dependency order, each after what it uses (as bottle's do): what a
+    request needs around it first (constants, errors, config, keys, buckets, state, pricing,
+    metering, API shapes, HTTP messages), then the pipeline from the inside out (routes,
+    exchange, charge, forwarder, relay, local answers), and the handler that drives it after
+    them. To follow a request, start at the handler and read the steps below.
 
-    Then a request, as it happens:
+    A request, as it happens:
     1. http.server's ThreadingHTTPServer runs one thread per client connection; ProxyHandler
        (handler) reads the request line and headers within the client deadlines.
     2. The path is normalised once and looked up in the route table (routes): what the route
@@ -61,6 +63,29 @@ The life of a request (the sections of this file, in order)
     recently. Buckets live in this process's memory, or, with REDIS_URL, in Redis/Valkey shared
     by several instances (the redis package is imported only then; the proxy stays
     standard-library only).
+
+Sections (`grep -n '^# ####' llm_proxy.py` gives their lines)
+    constants       fixed limits, header sets, the route kinds
+    errors          ConfigError, ProxyError (the error boundary's one exception)
+    config          SETTINGS (one row per setting), Config, the --flags
+    keys            KeyPolicy, KeyRing, the keys file: who may ask, with which limits
+    buckets         Quota, the memory and Redis bucket stores, calendar quotas
+    state           the SQLite state file, its writer, the usage ledger
+    pricing         what a request takes at admission (estimate, reserve)
+    metering        the meters that read what an answer really cost
+    API shapes      one class per API: what a request asks for, errors, the limit answer
+    HTTP messages   header parsing, path normalising, the CORS policy
+    routes          Route, DEFAULT_ROUTES, RouteTable: the only place that knows a path
+    exchange        Exchange: one request from its head to its access-log line
+    charge          admission and Charge.close, the one place money moves
+    forwarder       the fair queue, the upstream pool, the answer's head
+    relay           framing, BodyReader, the body relays (threads, the epoll StreamRelay)
+    local answers   health, models, metrics, admin, usage, pages
+    handler         ProxyHandler: steps 1 to 7 above, in the order they run
+    server parts    access log, connection cap, deadlines, keys-file watcher, metrics
+    server          ProxyServer, assembled from the parts
+    CLI             main(): settings, binding, signals
+    page assets     the dashboard's and usage page's HTML, style and scripts
 """
 
 from __future__ import annotations
