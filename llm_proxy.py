@@ -194,7 +194,7 @@ READ_CHUNK = 64 * 1024
 READ_BUFFER = 16 * 1024             # an upstream connection's read buffer
 CLIENT_READ_BUFFER = 16 * 1024
 MAX_CHUNK_LINE = 1024
-MAX_HEADER_BYTES = 64 * 1024  # upstream response heads
+MAX_UPSTREAM_HEAD_BYTES = 64 * 1024  # upstream answer heads (the setting MAX_HEADER_BYTES: clients)
 MAX_HEADER_LINES = 200
 POOL_MAX_IDLE = 128
 LISTEN_BACKLOG = 1024
@@ -1197,10 +1197,6 @@ class MemoryBucketStore:
                 self._mark_periods(key, periods)
             return bucket.quota(True, 0, now)
 
-    def refund(self, key: str, amount: int, policy: BucketPolicy) -> Quota:
-        """Give back tokens taken for a request the upstream never served."""
-        return self.settle(key, -amount, policy, refund=True)
-
     def calendar(self, key: str, limits: CalendarLimits,
                  periods: Periods) -> tuple[CalendarQuota, ...]:
         """How the key's calendar quotas stand now."""
@@ -1209,14 +1205,9 @@ class MemoryBucketStore:
             month = self._periods.get((key, "m:" + periods.month)) or [0, 0]
             return calendar_quotas(limits, periods, day, month)
 
-    def record(self, key: str, *, requests: int = 0, limited: int = 0, prompt: int = 0,
-               completion: int = 0, charged: int = 0) -> None:
-        """Add to the key's usage counters (the most recently used MAX_TRACKED_KEYS are kept)."""
-        with self._lock:
-            self._count(key, requests, limited, prompt, completion, charged)
-
     def _count(self, key: str, requests: int, limited: int, prompt: int, completion: int,
                charged: int) -> None:
+        """Add to the key's usage counters (the most recently used MAX_TRACKED_KEYS are kept)."""
         counters = self._usage.pop(key, None)
         if counters is None:
             counters = [requests, limited, prompt, completion, charged]
@@ -1480,9 +1471,6 @@ class RedisBucketStore:
                                                       completion=completion, periods=periods,
                                                       refund=refund))
 
-    def refund(self, key: str, amount: int, policy: BucketPolicy) -> Quota:
-        return self.settle(key, -amount, policy, refund=True)
-
     def calendar(self, key: str, limits: CalendarLimits,
                  periods: Periods) -> tuple[CalendarQuota, ...]:
         def remote() -> tuple[CalendarQuota, ...]:
@@ -1495,22 +1483,6 @@ class RedisBucketStore:
     def peek(self, key: str, policy: BucketPolicy) -> Quota:
         return self._either(lambda: self._bucket("peek", key, 0, policy),
                             lambda: self.local.peek(key, policy))
-
-    def record(self, key: str, *, requests: int = 0, limited: int = 0, prompt: int = 0,
-               completion: int = 0, charged: int = 0) -> None:
-        values = dict(zip(USAGE_FIELDS, (requests, limited, prompt, completion, charged)))
-
-        def remote() -> None:
-            pipe = self._redis.pipeline(transaction=False)
-            name = self._name("u:", key)
-            for field, value in values.items():
-                if value:
-                    pipe.hincrby(name, field, value)
-            pipe.expire(name, USAGE_TTL_SECONDS)
-            pipe.execute()
-        self._either(remote, lambda: self.local.record(
-            key, requests=requests, limited=limited, prompt=prompt, completion=completion,
-            charged=charged))
 
     def usage(self, key: str) -> dict[str, int]:
         def remote() -> dict[str, int]:
@@ -3377,7 +3349,7 @@ class HeaderError(Exception):
         self.status = status
 
 
-def read_headers(fp: object, max_bytes: int = MAX_HEADER_BYTES) -> Headers:
+def read_headers(fp: object, max_bytes: int = MAX_UPSTREAM_HEAD_BYTES) -> Headers:
     """Read header lines up to the empty line that ends them (RFC 9112 section 5).
 
     Raises HeaderError(431) past `max_bytes` or MAX_HEADER_LINES, HeaderError(400) for a line

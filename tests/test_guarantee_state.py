@@ -89,7 +89,8 @@ class ClientStringTests(StateTestCase):
                                    Config())
         self.assertIn("max_tokens must be a whole number from 1 to", str(caught.exception))
         self.restart(max_tokens=100)
-        self.proxy.store.record("key:huge", requests=1, completion=10 ** 30)
+        self.proxy.store.settle("key:huge", 0, self.proxy.config.bucket_policy,
+                                completion=10 ** 30)
         self.assertTrue(self.proxy.writer.flush())
         self.assertEqual(self.rows("SELECT completion_tokens FROM counters"), [(2 ** 63 - 1,)])
 
