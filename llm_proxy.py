@@ -139,10 +139,6 @@ __all__ = [
 
 # ####################################################################### constants ####
 
-CHAT_ROUTE = "/v1/chat/completions"
-COMPLETIONS_ROUTE = "/v1/completions"
-RESPONSES_ROUTE = "/v1/responses"
-EMBEDDINGS_ROUTE = "/v1/embeddings"
 COST_MODES = ("request", "estimate", "usage")
 
 #: What a route is (the `kind` of a row of the route table).
@@ -2904,17 +2900,22 @@ class OpenAIShape:
     #: output limits a request may set (llama.cpp's n_predict too: it wins over max_tokens)
     LIMITS: tuple[tuple[str, ...], ...] = (("max_tokens",), ("max_completion_tokens",),
                                            ("max_output_tokens",), ("n_predict",))
-    #: the output limits some server of the API reads, by route (capped in estimate mode):
+    #: the output limits some server of the API reads, by endpoint (capped in estimate mode):
     #: Ollama reads only max_tokens on chat and completions and only max_output_tokens on
-    #: /v1/responses, vLLM max_tokens and max_completion_tokens, llama.cpp n_predict too
+    #: the Responses API, vLLM max_tokens and max_completion_tokens, llama.cpp n_predict too.
+    #: An endpoint not named here (an EXTRA_ROUTES row's: EXTRA) gets CAPPED.
     CAPPED: tuple[tuple[str, ...], ...] = (("max_tokens",), ("max_completion_tokens",),
                                            ("n_predict",))
-    CAPPED_BY_ROUTE: dict[str, tuple[tuple[str, ...], ...]] = {
-        RESPONSES_ROUTE: CAPPED + (("max_output_tokens",),)}
+    CAPPED_BY_ENDPOINT: dict[str, tuple[tuple[str, ...], ...]] = {
+        "responses": CAPPED + (("max_output_tokens",),)}
+    #: the endpoints whose streams end with a usage chunk when asked (stream_options)
+    USAGE_CHUNK_ENDPOINTS = frozenset({"chat", "completions"})
+    #: the endpoints whose limit can be an assistant message, and its shape's name
+    MESSAGE_ENDPOINTS = frozenset({"chat", "completions"})
 
     # -- what a request asks for ------------------------------------------------------------
 
-    def read(self, payload: dict, path: str, default_reserve: int) -> Ask:
+    def read(self, payload: dict, route: Route, default_reserve: int) -> Ask:
         """Validate what the request asks for and the reserve it comes to: the largest output
         limit any field sets (else `default_reserve`), for each of its answers (n, or best_of,
         times the prompts of a prompt array). A limit of 0 (or n_predict's -1) sets none:
@@ -2936,27 +2937,27 @@ class OpenAIShape:
         return Ask(stream, reserve, answers * prompts, tuple(limits), prompts,
                    largest is not None)
 
-    def capped(self, path: str) -> tuple[tuple[str, ...], ...]:
-        """Every output limit a server of this API may read on `path`."""
-        return self.CAPPED_BY_ROUTE.get(path, self.CAPPED)
+    def capped(self, route: Route) -> tuple[tuple[str, ...], ...]:
+        """Every output limit a server of this API may read on `route`."""
+        return self.CAPPED_BY_ENDPOINT.get(route.endpoint, self.CAPPED)
 
-    def cap(self, payload: dict, path: str, ask: Ask) -> bool:
+    def cap(self, payload: dict, route: Route, ask: Ask) -> bool:
         """Estimate mode: write the reserve charged for into every output limit a server of
         the route's API may read, and every one the request set, whichever the request used:
         whatever the upstream reads, generation cannot exceed what was paid for. Whether the
         body changed."""
         changed = False
-        for field in dict.fromkeys(self.capped(path) + ask.limits):
+        for field in dict.fromkeys(self.capped(route) + ask.limits):
             value = _field(payload, field)
             if type(value) is not int or value != ask.reserve:
                 _set_limit(payload, field, ask.reserve)
                 changed = True
         return changed
 
-    def ask_for_usage(self, payload: dict, path: str) -> bool:
+    def ask_for_usage(self, payload: dict, route: Route) -> bool:
         """Usage mode, a stream on chat or completions: ask for the usage chunk on the client's
         behalf (stream_options.include_usage). Whether the body changed."""
-        if path not in (CHAT_ROUTE, COMPLETIONS_ROUTE):
+        if route.endpoint not in self.USAGE_CHUNK_ENDPOINTS:
             return False
         options = payload.get("stream_options")
         if isinstance(options, dict) and options.get("include_usage") is True:
@@ -2965,7 +2966,7 @@ class OpenAIShape:
                                      "include_usage": True}
         return True
 
-    def meter(self, path: str, ask: Ask | None, payload: dict) -> Meter:
+    def meter(self, route: Route, ask: Ask | None, payload: dict) -> Meter:
         stream = ask is not None and ask.stream
         options = payload.get("stream_options")
         asked = isinstance(options, dict) and options.get("include_usage") is True
@@ -2976,17 +2977,17 @@ class OpenAIShape:
     def error(self, err: ProxyError) -> Reply:
         return Reply(err.status, (("Content-Type", "application/json"), *err.headers), err.body())
 
-    def limited(self, err: ProxyError, text: str, path: str, payload: dict | None, *,
+    def limited(self, err: ProxyError, text: str, route: Route, payload: dict | None, *,
                 as_message: bool, created: int) -> Reply:
         """The answer to a request the proxy will not forward for now (an empty bucket, too
-        many at once): `err` as a 429, or, when `as_message`, the assistant message `text` in
-        the shape the request asked for, with err's headers."""
-        if not as_message or payload is None:
+        many at once): `err` as a 429, or, when `as_message` on an endpoint that has one, the
+        assistant message `text` in the shape the request asked for, with err's headers."""
+        if not as_message or payload is None or route.endpoint not in self.MESSAGE_ENDPOINTS:
             return self.error(err)
         model = payload.get("model")
         options = payload.get("stream_options")
         content_type, body = limit_completion(
-            path, model if isinstance(model, str) else "", text,
+            route.endpoint == "chat", model if isinstance(model, str) else "", text,
             stream=payload.get("stream") is True,
             include_usage=isinstance(options, dict) and options.get("include_usage") is True,
             created=created)
@@ -2996,8 +2997,8 @@ class OpenAIShape:
         return b"data: " + error_body(message, "server_error", "upstream_error") + b"\n\n"
 
 
-def _completion_id(route: str) -> str:
-    prefix = "chatcmpl-" if route == "/v1/chat/completions" else "cmpl-"
+def _completion_id(chat: bool) -> str:
+    prefix = "chatcmpl-" if chat else "cmpl-"
     return prefix + uuid.uuid4().hex[:24]
 
 
@@ -3014,13 +3015,13 @@ def _named_event(name: str, data: object) -> bytes:
 ZERO_USAGE = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
 
 
-def limit_completion(route: str, model: str, text: str, *, stream: bool, include_usage: bool,
+def limit_completion(chat: bool, model: str, text: str, *, stream: bool, include_usage: bool,
                      created: int) -> tuple[str, bytes]:
     """The assistant-message answer to a limited request, in the shape the client asked for:
-    (content type, body) of a chat.completion / text_completion object or their SSE streams."""
-    ident = _completion_id(route)
+    (content type, body) of a chat.completion (`chat`) / text_completion object or their SSE
+    streams."""
+    ident = _completion_id(chat)
     head = {"id": ident, "created": created, "model": model}
-    chat = route == "/v1/chat/completions"
     if not stream:
         if chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text},
@@ -3102,9 +3103,11 @@ class ResponsesShape(OpenAIShape):
 
     honoured_retry_after = ANTHROPIC_MAX_RETRY_AFTER
 
-    def limited(self, err: ProxyError, text: str, path: str, payload: dict | None, *,
+    MESSAGE_ENDPOINTS = frozenset({"responses"})
+
+    def limited(self, err: ProxyError, text: str, route: Route, payload: dict | None, *,
                 as_message: bool, created: int) -> Reply:
-        if not as_message or payload is None:
+        if not as_message or payload is None or route.endpoint not in self.MESSAGE_ENDPOINTS:
             return self.error(self.give_up(err, created))
         model = payload.get("model") if isinstance(payload.get("model"), str) else ""
         events = limit_response_events(model, text, created)
@@ -3161,9 +3164,13 @@ class AnthropicShape(OpenAIShape):
     name = "anthropic"
     honoured_retry_after = ANTHROPIC_MAX_RETRY_AFTER
     LIMITS = CAPPED = (("max_tokens",),)
-    CAPPED_BY_ROUTE = {}
+    CAPPED_BY_ENDPOINT = {}
+    USAGE_CHUNK_ENDPOINTS = frozenset()  # its answers always carry usage
+    MESSAGE_ENDPOINTS = frozenset({"messages"})
+    #: the endpoints whose answers carry usage (count_tokens's and an EXTRA row's do not)
+    COUNTED_ENDPOINTS = frozenset({"messages"})
 
-    def read(self, payload: dict, path: str, default_reserve: int) -> Ask:
+    def read(self, payload: dict, route: Route, default_reserve: int) -> Ask:
         stream = _read_stream(payload, False)
         value = _read_integer(payload, ("max_tokens",), 0)
         if value is None:  # (the API requires it; local servers do not insist)
@@ -3171,12 +3178,12 @@ class AnthropicShape(OpenAIShape):
         # 0 sets no limit to Ollama, whose Anthropic layer passes it on as num_predict
         return Ask(stream, value or default_reserve, 1, (("max_tokens",),), 1, value > 0)
 
-    def ask_for_usage(self, payload: dict, path: str) -> bool:
+    def ask_for_usage(self, payload: dict, route: Route) -> bool:
         return False  # its answers always carry usage
 
-    def meter(self, path: str, ask: Ask | None, payload: dict) -> Meter:
+    def meter(self, route: Route, ask: Ask | None, payload: dict) -> Meter:
         return AnthropicMeter(ask is not None and ask.stream,
-                              expects_usage=path == "/v1/messages")
+                              expects_usage=route.endpoint in self.COUNTED_ENDPOINTS)
 
     def error(self, err: ProxyError) -> Reply:
         kind = ANTHROPIC_ERROR_TYPES.get(err.status, "api_error" if err.status >= 500
@@ -3185,9 +3192,9 @@ class AnthropicShape(OpenAIShape):
         return Reply(err.status, (("Content-Type", "application/json"), *err.headers),
                      json.dumps(body).encode())
 
-    def limited(self, err: ProxyError, text: str, path: str, payload: dict | None, *,
+    def limited(self, err: ProxyError, text: str, route: Route, payload: dict | None, *,
                 as_message: bool, created: int) -> Reply:
-        if not as_message or payload is None:
+        if not as_message or payload is None or route.endpoint not in self.MESSAGE_ENDPOINTS:
             return self.error(err)
         model = payload.get("model") if isinstance(payload.get("model"), str) else ""
         message = {"id": "msg_" + uuid.uuid4().hex[:24], "type": "message",
@@ -3228,9 +3235,14 @@ class OllamaShape(OpenAIShape):
     name = "ollama"
     stream_default = True
     LIMITS = CAPPED = (("options", "num_predict"),)
-    CAPPED_BY_ROUTE = {}
+    CAPPED_BY_ENDPOINT = {}
+    USAGE_CHUNK_ENDPOINTS = frozenset()  # the last line always carries the counts
+    MESSAGE_ENDPOINTS = frozenset({"ollama_chat", "ollama_generate"})
+    #: the endpoints whose answers carry no counts (the old embeddings route); every other,
+    #: an EXTRA row's too, ends with prompt_eval_count and eval_count
+    UNCOUNTED_ENDPOINTS = frozenset({"ollama_embeddings"})
 
-    def read(self, payload: dict, path: str, default_reserve: int) -> Ask:
+    def read(self, payload: dict, route: Route, default_reserve: int) -> Ask:
         stream = _read_stream(payload, True)
         options = payload.get("options")
         if options is not None and not isinstance(options, dict):
@@ -3244,26 +3256,27 @@ class OllamaShape(OpenAIShape):
         return Ask(stream, value if value > 0 else default_reserve, 1,
                    (("options", "num_predict"),), 1, value > 0)
 
-    def ask_for_usage(self, payload: dict, path: str) -> bool:
+    def ask_for_usage(self, payload: dict, route: Route) -> bool:
         return False  # the last line always carries the counts
 
-    def meter(self, path: str, ask: Ask | None, payload: dict) -> Meter:
+    def meter(self, route: Route, ask: Ask | None, payload: dict) -> Meter:
         stream = ask is not None and ask.stream
-        return OllamaMeter(stream, expects_usage=path != "/api/embeddings")
+        return OllamaMeter(stream,
+                           expects_usage=route.endpoint not in self.UNCOUNTED_ENDPOINTS)
 
     def error(self, err: ProxyError) -> Reply:
         return Reply(err.status, (("Content-Type", "application/json; charset=utf-8"),
                                   *err.headers), json.dumps({"error": err.message}).encode())
 
-    def limited(self, err: ProxyError, text: str, path: str, payload: dict | None, *,
+    def limited(self, err: ProxyError, text: str, route: Route, payload: dict | None, *,
                 as_message: bool, created: int) -> Reply:
-        if not as_message or payload is None:
+        if not as_message or payload is None or route.endpoint not in self.MESSAGE_ENDPOINTS:
             return self.error(err)
         model = payload.get("model") if isinstance(payload.get("model"), str) else ""
         answer: dict[str, object] = {
             "model": model, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                         time.gmtime(created))}
-        if path == "/api/chat":
+        if route.endpoint == "ollama_chat":
             answer["message"] = {"role": "assistant", "content": text}
         else:
             answer["response"] = text
@@ -3281,16 +3294,6 @@ class OllamaShape(OpenAIShape):
 
 OPENAI, RESPONSES = OpenAIShape(), ResponsesShape()
 ANTHROPIC, OLLAMA = AnthropicShape(), OllamaShape()
-
-
-def api_of_path(path: str) -> OpenAIShape:
-    """The API a path speaks, for answering a request no route matched (a 404 or 405 in the
-    shape its client expects)."""
-    if path == "/api" or path.startswith("/api/"):
-        return OLLAMA
-    if path.startswith("/v1/messages"):
-        return ANTHROPIC
-    return OPENAI
 
 
 # ################################################################### HTTP messages ####
@@ -3672,7 +3675,9 @@ class Route:
     or under the upstream's root (NATIVE_API_URL, "root"). `private`: its local answer depends
     on the caller's key (every ADMIN row, and the caller's own usage), so no cache may keep
     it for someone else (Cache-Control: no-store). A `path` ending in "/" covers everything
-    below it.
+    below it. `endpoint`: which of its API's endpoints it is (chat, completions, responses,
+    messages, ollama_chat, ...; EXTRA for an EXTRA_ROUTES row), what the API shapes read and
+    cap, meter and answer by, never the path. `asset`: the page asset a page route serves.
     """
     path: str
     methods: frozenset[str]
@@ -3682,6 +3687,8 @@ class Route:
     message_limit: bool = False
     upstream: str = "v1"
     private: bool = False
+    endpoint: str = ""
+    asset: str = ""
 
     @property
     def label(self) -> str:
@@ -3694,44 +3701,53 @@ class Route:
                                          and policy.token_cost_mode != "request")
 
 
+#: The endpoint of every EXTRA_ROUTES row: the shapes treat it as an endpoint they know
+#: nothing of (no limit message, no usage chunk asked for, the API's usual output limits).
+EXTRA = "extra"
+#: The prefix of the paths forwarded under BASE_API_URL (the rest go to the upstream's root).
+V1_PREFIX = "/v1"
+
+
 def _row(spec: str, kind: str, api: OpenAIShape = OPENAI, answer: str = "",
-         message_limit: bool = False, private: bool = False) -> Route:
+         message_limit: bool = False, private: bool = False, endpoint: str = "",
+         asset: str = "") -> Route:
     """A row from 'METHOD[,METHOD] /path'."""
     methods, path = spec.split()
-    upstream = "v1" if path == "/v1" or path.startswith("/v1/") else "root"
+    upstream = "v1" if path == V1_PREFIX or path.startswith(V1_PREFIX + "/") else "root"
     return Route(path, frozenset(methods.split(",")), kind, api, answer, message_limit,
-                 upstream, private or kind == ADMIN)
+                 upstream, private or kind == ADMIN, endpoint, asset)
 
 
 #: What each route is. Anything not found here is answered 404 and never forwarded, and a
 #: method not listed for a route's path gets 405. EXTRA_ROUTES adds rows.
 DEFAULT_ROUTES = (
     # OpenAI
-    _row("POST /v1/chat/completions", GENERATE, message_limit=True),
-    _row("POST /v1/completions", GENERATE, message_limit=True),
-    _row("POST /v1/responses", GENERATE, RESPONSES, message_limit=True),
-    _row("POST /v1/embeddings", EMBED),
-    _row("POST /v1/rerank", EMBED),
-    _row("GET /v1/models", FREE, answer="models"),
-    _row("GET /v1/models/", FREE, answer="model"),
+    _row("POST /v1/chat/completions", GENERATE, message_limit=True, endpoint="chat"),
+    _row("POST /v1/completions", GENERATE, message_limit=True, endpoint="completions"),
+    _row("POST /v1/responses", GENERATE, RESPONSES, message_limit=True, endpoint="responses"),
+    _row("POST /v1/embeddings", EMBED, endpoint="embeddings"),
+    _row("POST /v1/rerank", EMBED, endpoint="rerank"),
+    _row("GET /v1/models", FREE, answer="models", endpoint="models"),
+    _row("GET /v1/models/", FREE, answer="model", endpoint="model"),
     # Anthropic Messages
-    _row("POST /v1/messages", GENERATE, ANTHROPIC, message_limit=True),
-    _row("POST /v1/messages/count_tokens", FREE, ANTHROPIC),
+    _row("POST /v1/messages", GENERATE, ANTHROPIC, message_limit=True, endpoint="messages"),
+    _row("POST /v1/messages/count_tokens", FREE, ANTHROPIC, endpoint="count_tokens"),
     # Ollama's native API, at the upstream's root
-    _row("POST /api/chat", GENERATE, OLLAMA, message_limit=True),
-    _row("POST /api/generate", GENERATE, OLLAMA, message_limit=True),
-    _row("POST /api/embed", EMBED, OLLAMA),
-    _row("POST /api/embeddings", EMBED, OLLAMA),
-    _row("GET /api/tags", FREE, OLLAMA, answer="tags"),
-    _row("POST /api/show", FREE, OLLAMA),
-    _row("GET /api/version", FREE, OLLAMA),
-    _row("GET /api/ps", FREE, OLLAMA),
-    _row("POST /api/pull", MANAGE, OLLAMA),
-    _row("POST /api/push", MANAGE, OLLAMA),
-    _row("POST /api/create", MANAGE, OLLAMA),
-    _row("POST /api/copy", MANAGE, OLLAMA),
-    _row("DELETE /api/delete", MANAGE, OLLAMA),
-    _row("HEAD,POST /api/blobs/", MANAGE, OLLAMA),
+    _row("POST /api/chat", GENERATE, OLLAMA, message_limit=True, endpoint="ollama_chat"),
+    _row("POST /api/generate", GENERATE, OLLAMA, message_limit=True,
+         endpoint="ollama_generate"),
+    _row("POST /api/embed", EMBED, OLLAMA, endpoint="ollama_embed"),
+    _row("POST /api/embeddings", EMBED, OLLAMA, endpoint="ollama_embeddings"),
+    _row("GET /api/tags", FREE, OLLAMA, answer="tags", endpoint="ollama_tags"),
+    _row("POST /api/show", FREE, OLLAMA, endpoint="ollama_show"),
+    _row("GET /api/version", FREE, OLLAMA, endpoint="ollama_version"),
+    _row("GET /api/ps", FREE, OLLAMA, endpoint="ollama_ps"),
+    _row("POST /api/pull", MANAGE, OLLAMA, endpoint="ollama_pull"),
+    _row("POST /api/push", MANAGE, OLLAMA, endpoint="ollama_push"),
+    _row("POST /api/create", MANAGE, OLLAMA, endpoint="ollama_create"),
+    _row("POST /api/copy", MANAGE, OLLAMA, endpoint="ollama_copy"),
+    _row("DELETE /api/delete", MANAGE, OLLAMA, endpoint="ollama_delete"),
+    _row("HEAD,POST /api/blobs/", MANAGE, OLLAMA, endpoint="ollama_blobs"),
     # answered by the proxy
     _row("GET /health", LOCAL, answer="health", private=True),
     _row("GET /metrics", ADMIN, answer="metrics"),
@@ -3739,22 +3755,37 @@ DEFAULT_ROUTES = (
     _row("GET /admin/usage", ADMIN, answer="admin_usage"),
     _row("GET /v1/usage", LOCAL, answer="usage", private=True),
     _row("GET /admin/overview", ADMIN, answer="overview"),
-    _row("GET /admin", LOCAL, answer="page"),
-    _row("GET /usage", LOCAL, answer="page"),
-    _row("GET /ui/style.css", LOCAL, answer="page"),
-    _row("GET /ui/pages.js", LOCAL, answer="page"),
-    _row("GET /ui/admin.js", LOCAL, answer="page"),
-    _row("GET /ui/usage.js", LOCAL, answer="page"),
+    _row("GET /admin", LOCAL, answer="page", asset="admin.html"),
+    _row("GET /usage", LOCAL, answer="page", asset="usage.html"),
+    _row("GET /ui/style.css", LOCAL, answer="page", asset="style.css"),
+    _row("GET /ui/pages.js", LOCAL, answer="page", asset="pages.js"),
+    _row("GET /ui/admin.js", LOCAL, answer="page", asset="admin.js"),
+    _row("GET /ui/usage.js", LOCAL, answer="page", asset="usage.js"),
     _row("GET /favicon.ico", LOCAL, answer="no_icon"),
     _row("OPTIONS /", LOCAL, answer="preflight"),
 )
 
 
 def extra_route(method: str, path: str, kind: str) -> Route:
-    """A row of EXTRA_ROUTES: its API is the one its path belongs to."""
+    """A row of EXTRA_ROUTES: its API is the one its path belongs to, its endpoint EXTRA."""
     covering = path.endswith("/*")
     path = path[:-1] if covering else path
-    return _row(f"{method} {path}", kind, api_of_path(path))
+    return _row(f"{method} {path}", kind, api_of_path(path), endpoint=EXTRA)
+
+
+#: The API of the paths below each prefix (the first that matches), for EXTRA_ROUTES rows
+#: and for answering a request no route matched (a 404 or 405 in the shape its client
+#: expects); any other path speaks OpenAI's.
+API_PREFIXES: tuple[tuple[str, OpenAIShape], ...] = (
+    ("/api/", OLLAMA), ("/v1/messages", ANTHROPIC))
+
+
+def api_of_path(path: str) -> OpenAIShape:
+    """The API a path speaks (API_PREFIXES)."""
+    for prefix, api in API_PREFIXES:
+        if path.startswith(prefix) or path == prefix.rstrip("/"):
+            return api
+    return OPENAI
 
 
 class RouteTable:
@@ -3938,14 +3969,14 @@ def upstream_body(ex: Exchange, base_model: str) -> tuple[bytes, bytes | None]:
         payload["model"] = base_model
         changed = True
     if ask is not None and ex.policy.token_cost_mode == "estimate":
-        changed = route.api.cap(payload, route.path, ask) or changed
+        changed = route.api.cap(payload, route, ask) or changed
     elif ask is not None and ex.charge is not None and ex.charge.output_limit is not None:
         written = ask._replace(reserve=ex.charge.output_limit)
-        changed = route.api.cap(payload, route.path, written) or changed
+        changed = route.api.cap(payload, route, written) or changed
     meter = ex.charge.meter if ex.charge is not None else None
     if meter is not None and meter.stream:
         plain = json.dumps(payload).encode() if changed else ex.body
-        if route.api.ask_for_usage(payload, route.path):
+        if route.api.ask_for_usage(payload, route):
             fallback = plain
             meter.strip = meter.expects_usage = changed = True
     return (json.dumps(payload).encode() if changed else ex.body), fallback
@@ -4098,7 +4129,7 @@ def admit(ex: Exchange, store: "BucketStore", metrics: "Metrics",
         return Charge.declined(quota)
     if policy.token_cost_mode != "usage":
         return Charge(store, ex.bucket_key, bucket, quota, cost, periods=periods)
-    meter = route.api.meter(route.path, ex.ask, payload)
+    meter = route.api.meter(route, ex.ask, payload)
     estimate = prompt_estimate(payload)
     if ex.ask is not None and ex.ask.prompts > 1:
         meter.prompt_floor = estimate
@@ -4144,10 +4175,10 @@ class Upstream:
     host: str
     port: int
     base_path: str
-    prefix: str = "/v1"
+    prefix: str = V1_PREFIX
 
     @classmethod
-    def from_url(cls, url: str, prefix: str = "/v1") -> "Upstream":
+    def from_url(cls, url: str, prefix: str = V1_PREFIX) -> "Upstream":
         parts = urllib.parse.urlsplit(url)
         port = parts.port or (443 if parts.scheme == "https" else 80)
         return cls(parts.scheme, parts.hostname or "", port, parts.path.rstrip("/"), prefix)
@@ -4155,7 +4186,8 @@ class Upstream:
     @classmethod
     def root_of(cls, config: Config) -> "Upstream":
         """The upstream's root: NATIVE_API_URL, else BASE_API_URL without its trailing /v1."""
-        url = config.native_api_url or re.sub(r"/v1/?$", "", config.base_api_url)
+        url = config.native_api_url or re.sub(re.escape(V1_PREFIX) + "/?$", "",
+                                                 config.base_api_url)
         return cls.from_url(url, prefix="")
 
     @property
@@ -5710,7 +5742,8 @@ def answer_model(server: "ProxyServer", ex: Exchange, headers: Headers) -> Reply
     model = server.config.base_model
     if not model:
         return None
-    asked = ex.path[len("/v1/models/"):]
+    assert ex.route is not None  # (a local answer is for a route found)
+    asked = ex.path[len(ex.route.path):]  # (the row covers /v1/models/{id})
     if asked != model:
         raise ProxyError(HTTPStatus.NOT_FOUND, f"The model '{asked}' does not exist.",
                          param="model", code="model_not_found")
@@ -5828,10 +5861,12 @@ def answer_page(server: "ProxyServer", ex: Exchange, headers: Headers) -> Reply:
     """A page or one of its scripts. The dashboard itself is for whoever may see the admin
     routes: with ADMIN_API_KEY it is a login form anyone may load (the data needs the key);
     without, it exists only for this machine, as the admin routes do."""
-    if ex.path == "/admin" and not server.config.admin_api_key:
+    assert ex.route is not None  # (a local answer is for a route found)
+    asset = ex.route.asset
+    if asset == "admin.html" and not server.config.admin_api_key:
         check_admin(server, ex, headers)
     ex.cors = ""  # (for no other site's page)
-    content_type, body = PAGE_ASSETS[ex.path]
+    content_type, body = PAGE_ASSETS[asset]
     return Reply(HTTPStatus.OK, (("Content-Type", content_type), *PAGE_HEADERS),
                  body.encode())
 
@@ -6050,7 +6085,7 @@ def busy_reply(route: Route, payload: dict | None, limit: int, as_message: bool)
                      code="concurrency_limit_exceeded",
                      headers=[("Retry-After", "1"), ("retry-after-ms", "1000")])
     return route.api.limited(err, "too many requests at once for this key, wait for one to "
-                             "finish", route.path, payload,
+                             "finish", route, payload,
                              as_message=as_message and route.message_limit,
                              created=int(time.time()))
 
@@ -6068,7 +6103,7 @@ def limited_reply(route: Route, payload: dict, quota: Quota, as_message: bool,
                      headers=rate_limit_headers(quota) + retry_headers(
                          quota.wait_seconds, route.api.honoured_retry_after),
                      wait=quota.wait_seconds)
-    return route.api.limited(err, text, route.path, payload,
+    return route.api.limited(err, text, route, payload,
                              as_message=as_message and route.message_limit,
                              created=int(time.time()))
 
@@ -6080,7 +6115,7 @@ def never_admitted_reply(route: Route, payload: dict, err: "NeverAdmitted",
     otherwise the 400 that names the figures."""
     if not (as_message and route.message_limit):
         return route.api.error(err)
-    return route.api.limited(err, err.text, route.path, payload, as_message=True,
+    return route.api.limited(err, err.text, route, payload, as_message=True,
                              created=int(time.time()))
 
 
@@ -6359,7 +6394,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if charged:
             ex.payload = parse_json_object(ex.body)
             if route.kind == GENERATE:
-                ex.ask = route.api.read(ex.payload, route.path, policy.response_token_reserve)
+                ex.ask = route.api.read(ex.payload, route, policy.response_token_reserve)
         if policy.models is not None and ex.method == "POST":
             check_model(ex.payload if charged else policed_json(ex.body), policy.models)
         if route.answer:
@@ -8304,12 +8339,12 @@ USAGE_JS = r"""// llm_proxy usage page (served at /ui/usage.js, after /ui/pages.
 
 #: path -> (Content-Type, body)
 PAGE_ASSETS = {
-    "/admin": ("text/html; charset=utf-8", ADMIN_HTML),
-    "/usage": ("text/html; charset=utf-8", USAGE_HTML),
-    "/ui/style.css": ("text/css; charset=utf-8", PAGE_CSS),
-    "/ui/pages.js": ("text/javascript; charset=utf-8", PAGES_JS),
-    "/ui/admin.js": ("text/javascript; charset=utf-8", ADMIN_JS),
-    "/ui/usage.js": ("text/javascript; charset=utf-8", USAGE_JS),
+    "admin.html": ("text/html; charset=utf-8", ADMIN_HTML),
+    "usage.html": ("text/html; charset=utf-8", USAGE_HTML),
+    "style.css": ("text/css; charset=utf-8", PAGE_CSS),
+    "pages.js": ("text/javascript; charset=utf-8", PAGES_JS),
+    "admin.js": ("text/javascript; charset=utf-8", ADMIN_JS),
+    "usage.js": ("text/javascript; charset=utf-8", USAGE_JS),
 }
 
 

@@ -1,0 +1,73 @@
+"""The house in order (issue 21): rules that keep one home for each thing."""
+
+from __future__ import annotations
+
+import ast
+import os
+import unittest
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SOURCE = os.path.join(HERE, "llm_proxy.py")
+PATH_PREFIXES = ("/v1", "/api", "/admin", "/usage", "/ui/", "/health", "/metrics")
+
+
+def _section_lines(lines: list[str], name: str) -> range:
+    """The lines (1-based) of the banner section `name`, up to the next banner."""
+    banners = [i for i, line in enumerate(lines, 1) if line.startswith("# ####")]
+    start = next(i for i in banners if line_name(lines[i - 1]) == name)
+    end = next((i for i in banners if i > start), len(lines) + 1)
+    return range(start, end)
+
+
+def line_name(banner: str) -> str:
+    return banner.strip("# ").strip()
+
+
+def _docstrings(tree: ast.AST) -> set[int]:
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+                found.add(id(body[0].value))
+    return found
+
+
+class RouteTableTests(unittest.TestCase):
+
+    def test_no_path_literal_outside_the_route_table(self):
+        """The route row is the only thing that knows a path: no string that starts like a
+        path the proxy serves appears outside the routes section (docstrings aside)."""
+        with open(SOURCE, encoding="utf-8") as f:
+            text = f.read()
+        lines = text.splitlines()
+        routes = _section_lines(lines, "routes")
+        tree = ast.parse(text)
+        docstrings = _docstrings(tree)
+        found = []
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) \
+                    and id(node) not in docstrings and node.value.startswith(PATH_PREFIXES) \
+                    and node.lineno not in routes:
+                found.append(f"line {node.lineno}: {node.value[:40]!r}")
+        self.assertEqual(found, [])
+
+    def test_every_forwarded_row_names_its_endpoint(self):
+        import llm_proxy
+        for row in llm_proxy.DEFAULT_ROUTES:
+            with self.subTest(path=row.path):
+                if row.kind in (llm_proxy.LOCAL, llm_proxy.ADMIN):
+                    self.assertEqual(bool(row.asset), row.answer == "page")
+                else:
+                    self.assertTrue(row.endpoint)
+                    self.assertNotEqual(row.endpoint, llm_proxy.EXTRA)
+
+    def test_an_extra_row_is_an_extra_endpoint(self):
+        import llm_proxy
+        row = llm_proxy.extra_route("POST", "/api/other", "generate")
+        self.assertEqual((row.endpoint, row.api), (llm_proxy.EXTRA, llm_proxy.OLLAMA))
+        self.assertFalse(row.message_limit)
+
+
+if __name__ == "__main__":
+    unittest.main()
