@@ -3960,7 +3960,9 @@ def upstream_body(ex: Exchange, base_model: str) -> tuple[bytes, bytes | None]:
     refuses stream_options the proxy added (None: nothing was added). The client's bytes go as
     they are unless the model is rewritten (BASE_MODEL, generation routes), the reserve charged
     for is written into its output limits (estimate mode), or, in usage mode, a stream is asked
-    for its usage on the client's behalf (and the meter then strips it)."""
+    for its usage on the client's behalf. The fallback is the one value that says so: the
+    forwarder sends it when the upstream refuses the first, and the answer says which went
+    (Answer.usage_asked), from which the meter is configured once."""
     payload, route, ask = ex.payload, ex.route, ex.ask
     assert payload is not None and route is not None and ex.policy is not None
     changed = False
@@ -3977,8 +3979,7 @@ def upstream_body(ex: Exchange, base_model: str) -> tuple[bytes, bytes | None]:
     if meter is not None and meter.stream:
         plain = json.dumps(payload).encode() if changed else ex.body
         if route.api.ask_for_usage(payload, route):
-            fallback = plain
-            meter.strip = meter.expects_usage = changed = True
+            fallback, changed = plain, True
     return (json.dumps(payload).encode() if changed else ex.body), fallback
 
 
@@ -4707,7 +4708,9 @@ class Answer:
     conn: _Connection
     resp: _UpstreamResponse
     sent: float                 # when the request went out (time.perf_counter)
-    without_stream_options: bool = False  # sent again without the stream_options the proxy added
+    #: the body that went asks for usage on the client's behalf (stream_options the proxy
+    #: added, and the upstream took)
+    usage_asked: bool = False
     cut: bool = False           # cut short by the proxy's shutdown
 
     __hash__ = object.__hash__  # (one answer is one answer, whatever its fields say)
@@ -4806,13 +4809,13 @@ class Forwarder:
         started = time.perf_counter()
         try:
             conn, resp = self._exchange(pool, head(body), body, client)
-            answer = Answer(pool, conn, resp, started)
+            answer = Answer(pool, conn, resp, started, usage_asked=fallback is not None)
             if fallback is not None:
                 refused = self._stream_options_refused(resp)
                 if refused:  # asked again without them: that answer is relayed instead
                     self._done(pool, conn, resp, whole=True)
                     conn, resp = self._exchange(pool, head(fallback), fallback, client)
-                    answer = Answer(pool, conn, resp, started, without_stream_options=True)
+                    answer = Answer(pool, conn, resp, started)
         except ProxyError as err:
             if not isinstance(err, UpstreamUnreachable):
                 ex.ending = NO_ANSWER
@@ -6438,8 +6441,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         with forwarder.turn(ex, lambda: peer_closed(self.connection)):
             answer = forwarder.send(ex, pool, head, body, fallback, self.connection)
             meter = ex.charge.meter if ex.charge is not None else None
-            if answer.without_stream_options and meter is not None:
-                meter.strip = meter.expects_usage = False  # settled by estimate
+            if answer.usage_asked and meter is not None:
+                meter.strip = meter.expects_usage = True  # (what it adds is taken out again)
             whole = False
             try:
                 whole = relay_answer(ex, answer, self, pool.read_timeout, self.server.metrics,
