@@ -5094,6 +5094,11 @@ class BodyReader:
         return data[eol + 2:-2]
 
     @property
+    def announced(self) -> int:
+        """Bytes of data the current chunk has announced that are still to come."""
+        return self._data
+
+    @property
     def ends_with_connection(self) -> bool:
         """Whether the upstream's closing the connection is the body's proper end."""
         return not self.chunked and self.left is None
@@ -6505,32 +6510,32 @@ class ProxyHandler(BaseHTTPRequestHandler):
         return body
 
     def _read_chunked(self, limit: int) -> bytes:
-        parts, total = [], 0
-        while True:
-            line = self.rfile.readline(MAX_CHUNK_LINE + 1)
-            if not line:
+        """A chunked request body, decoded by BodyReader from what the client has sent, taking
+        from the connection only the body's bytes (a pipelined request may follow it)."""
+        reader, parts, total = BodyReader(True, None), [], 0
+        while not reader.done:
+            try:
+                data = self.rfile.peek(READ_CHUNK)
+            except (socket.timeout, TimeoutError):
+                raise ProxyError(HTTPStatus.REQUEST_TIMEOUT, "Timed out reading the request "
+                                 "body.", close=True) from None
+            except OSError:
+                raise self._cut_off() from None
+            if not data:
                 raise self._cut_off()
-            size_text = line.split(b";", 1)[0].strip()
-            if len(line) > MAX_CHUNK_LINE or not size_text or \
-                    any(c not in b"0123456789abcdefABCDEF" for c in size_text):
-                raise ProxyError(HTTPStatus.BAD_REQUEST, "Invalid chunked body.", close=True)
-            size = int(size_text, 16)
-            if size == 0:
-                break
-            total += size
-            if total > limit:
+            try:
+                piece = reader.feed(data)
+            except ValueError:
+                raise ProxyError(HTTPStatus.BAD_REQUEST, "Invalid chunked body.",
+                                 close=True) from None
+            self.rfile.read(len(data) - len(reader.extra))
+            total += len(piece)
+            if total + reader.announced > limit:
                 raise ProxyError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                                  f"Request body is over the limit of {limit} bytes.",
                                  code="request_too_large", close=True)
-            parts.append(self._read_exactly(size))
-            if self.rfile.readline(MAX_CHUNK_LINE + 1).strip():
-                raise ProxyError(HTTPStatus.BAD_REQUEST, "Invalid chunked body.", close=True)
-        while True:  # trailers, ignored
-            line = self.rfile.readline(MAX_CHUNK_LINE + 1)
-            if not line:
-                raise self._cut_off()
-            if not line.strip():
-                return b"".join(parts)
+            parts.append(piece)
+        return b"".join(parts)
 
     # -- writing ----------------------------------------------------------------------------
 

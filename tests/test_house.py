@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import ast
+import json
 import os
 import unittest
+
+from tests.support import ProxyTestCase
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCE = os.path.join(HERE, "llm_proxy.py")
@@ -67,6 +70,40 @@ class RouteTableTests(unittest.TestCase):
         row = llm_proxy.extra_route("POST", "/api/other", "generate")
         self.assertEqual((row.endpoint, row.api), (llm_proxy.EXTRA, llm_proxy.OLLAMA))
         self.assertFalse(row.message_limit)
+
+
+class ChunkedRequestBodyTests(ProxyTestCase):
+    """A chunked request body is decoded by BodyReader, the one chunked decoder: extensions
+    and trailers dropped, a request pipelined after it left for the next turn, bad framing 400,
+    a chunk announced beyond MAX_BODY_BYTES 413 before its data is read."""
+
+    BODY = json.dumps({"model": "fake-a", "messages": [{"role": "user", "content": "hi"}]})
+
+    def chunked(self, chunks: bytes, close: bool = False) -> bytes:
+        return (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k"
+                b"\r\nTransfer-Encoding: chunked\r\n%s\r\n%s"
+                % (b"Connection: close\r\n" if close else b"", chunks))
+
+    def test_extensions_trailers_and_a_pipelined_request(self):
+        body = self.BODY.encode()
+        first = self.chunked(b"5;name=value\r\n%s\r\n%x\r\n%s\r\n0\r\nX-Trailer: 1\r\n\r\n"
+                             % (body[:5], len(body) - 5, body[5:]))
+        second = self.chunked(b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body), close=True)
+        answer = self.raw(first + second)
+        self.assertEqual(answer.count(b"HTTP/1.1 200 OK"), 2, answer)
+        self.assertEqual([r[3] for r in self.upstream.requests], [body, body])
+
+    def test_bad_framing_is_a_400(self):
+        for chunks in (b"zz\r\nabc\r\n0\r\n\r\n", b"3\r\nabcXY0\r\n\r\n",
+                       b"%s\r\n" % (b"1" * 2000)):
+            with self.subTest(chunks=chunks[:20]):
+                answer = self.raw(self.chunked(chunks))
+                self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), answer)
+
+    def test_a_chunk_beyond_the_limit_is_a_413_before_its_data(self):
+        self.restart(max_body_bytes=1000)
+        answer = self.raw(self.chunked(b"3e9\r\n"))  # 1001 bytes announced, none sent
+        self.assertTrue(answer.startswith(b"HTTP/1.1 413 "), answer)
 
 
 if __name__ == "__main__":
