@@ -4311,6 +4311,27 @@ class SocketReader(io.RawIOBase):
             self._dont_wait = False
 
 
+def peek_now(reader: io.BufferedReader, sock: socket.socket) -> bytes | None:
+    """What `reader` holds or its socket has already received, found out without waiting: the
+    bytes (b"" at the connection's end), or None when nothing has come yet. One system call at
+    most through SocketReader.peek_buffered; a TLS socket (whose reads take no flags), or a
+    reader that is not a socket's, is made briefly non-blocking instead, and there an error
+    means nothing has come. Elsewhere a reset raises OSError, as a read would. The one peek
+    without waiting: the pool's idle check, the relay's and the stream relay's."""
+    raw = getattr(reader, "raw", None)
+    if isinstance(raw, SocketReader) and raw.can_peek:
+        data = raw.peek_buffered(reader)
+        return data if data or raw.ended else None
+    timeout = sock.gettimeout()
+    sock.settimeout(0.0)
+    try:
+        return reader.peek(1)
+    except (OSError, ValueError):  # (nothing there: BlockingIOError, SSLWantReadError)
+        return None
+    finally:
+        sock.settimeout(timeout)
+
+
 _TIMEVAL = struct.Struct("@ll")  # struct timeval on Linux
 
 
@@ -4378,20 +4399,10 @@ class _Connection:
         arrive, bytes no request asked for, or a connection closed while it was idle (a
         server may close an idle keep-alive connection at any time; llama.cpp's does so
         after streams when many are open at once)."""
-        if self.raw.can_peek:
-            try:
-                return bool(self.raw.peek_buffered(self.reader)) or self.raw.ended
-            except (OSError, ValueError):  # (reset by the upstream: not usable)
-                return True
-        timeout = self.sock.gettimeout()  # TLS: its socket is made briefly non-blocking
-        self.sock.settimeout(0.0)
         try:
-            self.reader.peek(1)  # (b"" only at the end)
+            return peek_now(self.reader, self.sock) is not None
+        except (OSError, ValueError):  # (reset by the upstream: not usable)
             return True
-        except (OSError, ValueError):  # (nothing there: SSLWantReadError)
-            return False
-        finally:
-            self.sock.settimeout(timeout)
 
     def close(self) -> None:
         self.reader.release()
@@ -5005,26 +5016,14 @@ def relay(resp: http.client.HTTPResponse, upstream: socket.socket, write: Callab
 def _buffered(resp: http.client.HTTPResponse, sock: socket.socket) -> bool:
     """Whether the response already holds unread bytes (so waiting on the socket would stall).
 
-    http.client reads through a BufferedReader; peeking at it without waiting returns what is
-    buffered (through SocketReader's peek_buffered; a TLS socket is made briefly non-blocking).
+    http.client reads through a BufferedReader; peek_now looks at it without waiting.
     """
     fp = resp.fp
     if fp is None:
         return True
-    raw = getattr(fp, "raw", None)
     try:
-        if isinstance(raw, SocketReader) and raw.can_peek:
-            data = raw.peek_buffered(fp)  # type: ignore[arg-type]
-        elif isinstance(sock, ssl.SSLSocket) and sock.pending():
-            return True
-        else:
-            timeout = sock.gettimeout()
-            sock.settimeout(0.0)
-            try:
-                data = fp.peek(1)
-            finally:
-                sock.settimeout(timeout)
-    except (OSError, ValueError):  # (nothing there: BlockingIOError, TimeoutError, SSLWantRead)
+        data = peek_now(fp, sock) or b""  # type: ignore[arg-type]  # (a BufferedReader)
+    except (OSError, ValueError):  # (a reset: the read that follows says so)
         return False
     if resp.chunked and resp.chunk_left == 0 and b"\r\n".startswith(data):
         return False  # only the CRLF that ends the last chunk: the next one is still to come
@@ -5312,7 +5311,7 @@ class StreamRelay:
                         self.send_timeout, self.clock(), self.mark)
         resp.fp = None  # type: ignore[assignment]  # (read here from now on; closed when done)
         try:
-            first = conn.raw.peek_buffered(conn.reader)
+            first = peek_now(conn.reader, conn.sock) or b""
         except OSError as exc:
             first = b""
             job.stop(UPSTREAM_BROKE, type(exc).__name__)
