@@ -608,8 +608,107 @@ class _ArgumentParser(argparse.ArgumentParser):
         raise ConfigError(message)
 
 
-class _ConfigRules:
-    """What Config knows beyond its fields (the fields are made from SETTINGS, below)."""
+_SETTING_OF = {setting.env: setting for setting in SETTINGS}
+
+
+def _default(env: str) -> typing.Any:
+    """The default of a setting (its row's default, parsed): a Config field's default."""
+    setting = _SETTING_OF[env]
+    return setting.parse(env, setting.default)
+
+
+def _setting_text(env: str, value: object) -> str:
+    """A setting's value written back as its text, for its row's parser to check."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, tuple) and all(isinstance(v, str) for v in value):
+        return ",".join(value)
+    if isinstance(value, tuple) and all(isinstance(v, tuple) and len(v) == 3
+                                        and all(isinstance(w, str) for w in v) for v in value):
+        return ",".join(" ".join(row) for row in value)
+    raise ConfigError(f"{env}: {value!r} is not a value of this setting")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every setting, validated: one field per row of SETTINGS (HOST is `host`, MAX_TOKENS is
+    `max_tokens`, ...), defaulting to the row's default. Built once by `from_env` in main();
+    handlers read `server.config`; tests make one directly: Config(port=0, max_tokens=3).
+
+    Each field is checked by its row's parser (__post_init__): a string is read as the
+    setting's text (Config(proxy_api_keys="sk-a,sk-b") is two keys), any other value must be
+    one the parser gives back unchanged (else ConfigError naming the setting). The rows say
+    what a setting is; the fields here only give each a name and a type (a test and the
+    import-time check below keep the two in step).
+    """
+
+    host: str = _default("HOST")
+    port: int = _default("PORT")
+    base_api_url: str = _default("BASE_API_URL")
+    base_api_key: str = _default("BASE_API_KEY")
+    base_model: str = _default("BASE_MODEL")
+    max_tokens: int = _default("MAX_TOKENS")
+    refill_tokens: int = _default("REFILL_TOKENS")
+    refill_interval_seconds: float = _default("REFILL_INTERVAL_SECONDS")
+    request_token_cost: int = _default("REQUEST_TOKEN_COST")
+    token_cost_mode: str = _default("TOKEN_COST_MODE")
+    response_token_reserve: int = _default("RESPONSE_TOKEN_RESERVE")
+    max_output_tokens: int = _default("MAX_OUTPUT_TOKENS")
+    max_reserve_tokens: int = _default("MAX_RESERVE_TOKENS")
+    proxy_api_keys: tuple[str, ...] = _default("PROXY_API_KEYS")
+    limit_response: str = _default("LIMIT_RESPONSE")
+    open_timeout: float = _default("OPEN_TIMEOUT")
+    read_timeout: float = _default("READ_TIMEOUT")
+    max_body_bytes: int = _default("MAX_BODY_BYTES")
+    trust_forwarded_for: bool = _default("TRUST_FORWARDED_FOR")
+    client_header_timeout: float = _default("CLIENT_HEADER_TIMEOUT")
+    client_body_timeout: float = _default("CLIENT_BODY_TIMEOUT")
+    keepalive_timeout: float = _default("KEEPALIVE_TIMEOUT")
+    send_timeout: float = _default("SEND_TIMEOUT")
+    stream_relay: str = _default("STREAM_RELAY")
+    drain_timeout: float = _default("DRAIN_TIMEOUT")
+    max_header_bytes: int = _default("MAX_HEADER_BYTES")
+    max_connections: int = _default("MAX_CONNECTIONS")
+    max_upstream_concurrency: int = _default("MAX_UPSTREAM_CONCURRENCY")
+    upstream_queue_timeout: float = _default("UPSTREAM_QUEUE_TIMEOUT")
+    fair_queue: bool = _default("FAIR_QUEUE")
+    max_concurrent_per_key: int = _default("MAX_CONCURRENT_PER_KEY")
+    redis_url: str = _default("REDIS_URL")
+    redis_prefix: str = _default("REDIS_PREFIX")
+    redis_timeout: float = _default("REDIS_TIMEOUT")
+    redis_failure_mode: str = _default("REDIS_FAILURE_MODE")
+    keys_file: str = _default("KEYS_FILE")
+    cors_origins: tuple[str, ...] = _default("CORS_ORIGINS")
+    state_db: str = _default("STATE_DB")
+    state_flush_seconds: float = _default("STATE_FLUSH_SECONDS")
+    ledger_retention_days: int = _default("LEDGER_RETENTION_DAYS")
+    tokens_per_day: int | None = _default("TOKENS_PER_DAY")
+    tokens_per_month: int | None = _default("TOKENS_PER_MONTH")
+    requests_per_day: int | None = _default("REQUESTS_PER_DAY")
+    quota_timezone: str = _default("QUOTA_TIMEZONE")
+    max_buckets: int = _default("MAX_BUCKETS")
+    admin_api_key: str = _default("ADMIN_API_KEY")
+    log_format: str = _default("LOG_FORMAT")
+    native_api_url: str = _default("NATIVE_API_URL")
+    extra_routes: tuple[tuple[str, str, str], ...] = _default("EXTRA_ROUTES")
+
+    def __post_init__(self) -> None:
+        for setting in SETTINGS:
+            value = getattr(self, setting.field)
+            if isinstance(value, str):
+                checked = setting.parse(setting.env, value)
+            else:
+                checked = setting.parse(setting.env, _setting_text(setting.env, value))
+                if checked != value or type(checked) is not type(value) and not (
+                        isinstance(checked, float) and type(value) is int):
+                    raise ConfigError(f"{setting.env}: {value!r} is not a value of this "
+                                      f"setting (read as text it is {checked!r})")
+            if checked is not value:
+                object.__setattr__(self, setting.field, checked)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None,
@@ -628,48 +727,37 @@ class _ConfigRules:
             if raw is None:
                 raw = next((environ[n] for n in names if n in environ), setting.default)
             values[setting.field] = setting.parse(setting.env, raw)
-        return cls(**values)  # type: ignore[call-arg]
+        return cls(**values)
 
     @property
     def bucket_policy(self) -> "BucketPolicy":
-        c: Config = self  # type: ignore[assignment]
-        return BucketPolicy(c.max_tokens, c.refill_tokens, c.refill_interval_seconds)
+        return BucketPolicy(self.max_tokens, self.refill_tokens, self.refill_interval_seconds)
 
     @property
     def default_policy(self) -> "KeyPolicy":
         """The policy of every key that the keys file does not describe."""
-        c: Config = self  # type: ignore[assignment]
-        return KeyPolicy(None, c.bucket_policy, c.request_token_cost, c.token_cost_mode,
-                         c.limit_response, c.response_token_reserve,
-                         calendar=CalendarLimits(c.tokens_per_day, c.tokens_per_month,
-                                                 c.requests_per_day),
-                         max_output_tokens=c.max_output_tokens,
-                         max_reserve_tokens=c.max_reserve_tokens)
+        return KeyPolicy(None, self.bucket_policy, self.request_token_cost,
+                         self.token_cost_mode, self.limit_response,
+                         self.response_token_reserve,
+                         calendar=CalendarLimits(self.tokens_per_day, self.tokens_per_month,
+                                                 self.requests_per_day),
+                         max_output_tokens=self.max_output_tokens,
+                         max_reserve_tokens=self.max_reserve_tokens)
 
     def warnings(self) -> list[str]:
         """Settings that are valid but almost certainly not what the operator meant."""
-        c: Config = self  # type: ignore[assignment]
         found = []
-        if c.token_cost_mode != "request" and c.max_tokens < c.response_token_reserve:
+        if self.token_cost_mode != "request" and self.max_tokens < self.response_token_reserve:
             found.append(
-                f"TOKEN_COST_MODE={c.token_cost_mode} with MAX_TOKENS={c.max_tokens} below "
-                f"RESPONSE_TOKEN_RESERVE={c.response_token_reserve}: every request that does "
-                "not set a small max_tokens costs more than a bucket holds and is refused")
+                f"TOKEN_COST_MODE={self.token_cost_mode} with MAX_TOKENS={self.max_tokens} "
+                f"below RESPONSE_TOKEN_RESERVE={self.response_token_reserve}: every request "
+                "that does not set a small max_tokens costs more than a bucket holds and is "
+                "refused")
         return found
 
 
-def _config_field(setting: Setting) -> tuple[str, type, object]:
-    value = setting.parse(setting.env, setting.default)
-    return setting.field, type(value), dataclasses.field(default=value)
-
-
-#: Every setting, validated: one field per row of SETTINGS (HOST is `host`, MAX_TOKENS is
-#: `max_tokens`, ...), defaulting to the row's default. Built once by `from_env` in main();
-#: handlers read `server.config`; tests make one directly: Config(port=0, max_tokens=3).
-Config = dataclasses.make_dataclass(
-    "Config", [_config_field(s) for s in SETTINGS], bases=(_ConfigRules,), frozen=True,
-    namespace={"__doc__": "Every setting, validated (one field per row of SETTINGS).",
-               "__module__": __name__})
+if [f.name for f in dataclasses.fields(Config)] != [s.field for s in SETTINGS]:
+    raise AssertionError("Config's fields and the rows of SETTINGS differ")  # (at import)
 
 
 def build_arg_parser() -> argparse.ArgumentParser:

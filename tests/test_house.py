@@ -72,6 +72,50 @@ class RouteTableTests(unittest.TestCase):
         self.assertFalse(row.message_limit)
 
 
+class CheckedConfigTests(unittest.TestCase):
+    """Config is a frozen dataclass whose fields are checked by their SETTINGS rows."""
+
+    def test_a_string_is_read_as_the_settings_text(self):
+        from llm_proxy import Config
+        self.assertEqual(Config(proxy_api_keys="sk-abc").proxy_api_keys, ("sk-abc",))
+        self.assertEqual(Config(proxy_api_keys="sk-a, sk-b").proxy_api_keys, ("sk-a", "sk-b"))
+        self.assertEqual(Config(port="0").port, 0)
+        self.assertEqual(Config(token_cost_mode="USAGE").token_cost_mode, "usage")
+
+    def test_a_value_the_setting_would_not_read_is_refused(self):
+        from llm_proxy import Config, ConfigError
+        for field, value in (("proxy_api_keys", ["sk-a"]), ("proxy_api_keys", ("a,b",)),
+                             ("max_tokens", 0), ("max_tokens", 2.5), ("max_tokens", True),
+                             ("port", 70000), ("send_timeout", -1), ("host", "999.1.1.1"),
+                             ("token_cost_mode", "free"), ("base_api_url", "ftp://x"),
+                             ("tokens_per_day", 0), ("fair_queue", "maybe"),
+                             ("extra_routes", (("POST", "/v1/chat/completions", "free"),))):
+            with self.subTest(field=field, value=value), self.assertRaises(ConfigError) as c:
+                Config(**{field: value})
+            self.assertIn(field.upper(), str(c.exception))
+
+    def test_typed_values_are_kept(self):
+        from llm_proxy import Config
+        config = Config(max_tokens=3, send_timeout=1, fair_queue=False, tokens_per_day=None,
+                        proxy_api_keys=("k",), extra_routes=(("POST", "/v1/x", "free"),))
+        self.assertEqual((config.max_tokens, config.send_timeout, config.fair_queue,
+                          config.tokens_per_day, config.proxy_api_keys, config.extra_routes),
+                         (3, 1.0, False, None, ("k",), (("POST", "/v1/x", "free"),)))
+        self.assertIsInstance(config.send_timeout, float)
+        with self.assertRaises(AttributeError):
+            config.max_tokens = 4  # type: ignore[misc]  # (frozen)
+
+    def test_the_fields_are_the_settings_rows(self):
+        import dataclasses
+        import llm_proxy
+        self.assertEqual([f.name for f in dataclasses.fields(llm_proxy.Config)],
+                         [s.field for s in llm_proxy.SETTINGS])
+        for setting in llm_proxy.SETTINGS:
+            with self.subTest(setting=setting.env):
+                self.assertEqual(getattr(llm_proxy.Config(), setting.field),
+                                 setting.parse(setting.env, setting.default))
+
+
 class ChunkedRequestBodyTests(ProxyTestCase):
     """A chunked request body is decoded by BodyReader, the one chunked decoder: extensions
     and trailers dropped, a request pipelined after it left for the next turn, bad framing 400,

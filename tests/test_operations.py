@@ -506,7 +506,8 @@ class AdminTests(ProxyTestCase):
             def setup(self):
                 super().setup()
                 self.client_address = ("203.0.113.9", 40000)
-        far = ProxyServer(Config(host="127.0.0.1", port=0, base_api_url=self.upstream.url),
+        far = ProxyServer(Config(host="127.0.0.1", port=0, base_api_url=self.upstream.url,
+                                 state_db="off"),
                           log_stream=self.log, handler=FarAway)
         self._serve(far)
         for path in ("/metrics", "/admin/keys"):
