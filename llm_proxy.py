@@ -127,6 +127,8 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Iterable, Iterator, Mapping, Protocol, Sequence
 
+_T = typing.TypeVar("_T")
+
 __version__ = "0.1.0"
 __all__ = [
     "Config", "ConfigError", "ProxyError", "KeyPolicy", "KeyRing", "load_key_ring",
@@ -604,7 +606,7 @@ SETTINGS: tuple[Setting, ...] = (
 
 
 class _ArgumentParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, not usage + message
+    def error(self, message: str) -> typing.NoReturn:  # one line, not usage + message
         raise ConfigError(message)
 
 
@@ -720,7 +722,7 @@ class Config:
         """
         environ = os.environ if environ is None else environ
         flags = vars(build_arg_parser().parse_args(argv))
-        values = {}
+        values: dict[str, typing.Any] = {}
         for setting in SETTINGS:
             raw = flags.get(setting.field)
             names = (setting.env, *setting.aliases)
@@ -790,7 +792,7 @@ class KeyPolicy:
     response_token_reserve: int
     models: frozenset[str] | None = None
     disabled: bool = False
-    calendar: "CalendarLimits" = None  # type: ignore[assignment]  (set by __post_init__)
+    calendar: "CalendarLimits" = None  # type: ignore[assignment]  # (set by __post_init__)
     max_output_tokens: int = 4096   # usage mode: the most an answer without a limit may run to
     max_reserve_tokens: int = 0     # usage mode: the most a request reserves (0: all it may cost)
 
@@ -800,7 +802,7 @@ class KeyPolicy:
 
 
 #: Fields of a keys-file entry, with the check each value must pass.
-_ENTRY_FIELDS: dict[str, Callable[[object], bool]] = {
+_ENTRY_FIELDS: dict[str, Callable[[typing.Any], bool]] = {
     "name": lambda v: isinstance(v, str) and bool(v.strip()),
     "key": lambda v: isinstance(v, str) and bool(v) and all("!" <= c <= "~" for c in v),
     "key_sha256": lambda v: isinstance(v, str) and re.fullmatch(r"[0-9a-fA-F]{64}", v) is not None,
@@ -1615,7 +1617,7 @@ class RedisBucketStore:
         wait, limited_by = max(waits)
         return quota._replace(wait_seconds=wait, limited_by=limited_by, calendar=counts)
 
-    def _either(self, remote: Callable[[], object], local: Callable[[], object]) -> object:
+    def _either(self, remote: Callable[[], _T], local: Callable[[], _T]) -> _T:
         """Redis when it is up (or due for a probe by this request), else the failure mode."""
         probing = False
         if self._down:
@@ -1636,7 +1638,7 @@ class RedisBucketStore:
             self._log("Redis is reachable again: buckets are shared again")
         return result
 
-    def _without_redis(self, local: Callable[[], object]) -> object:
+    def _without_redis(self, local: Callable[[], _T]) -> _T:
         if self.closed_mode:
             raise StoreUnavailable(self._retry_at - time.monotonic())
         return local()
@@ -2445,7 +2447,10 @@ class EventTemplate(typing.NamedTuple):
         return self.relayed_before + literal + self.relayed_after
 
 
-_scan_string = json.decoder.scanstring  # (the C scanner: the JSON string from after its quote)
+#: the C scanner: the JSON string from after its quote (public since Python 2.6, though
+#: typeshed does not list it)
+_scan_string: Callable[[str, int], tuple[str, int]] = \
+    json.decoder.scanstring  # type: ignore[attr-defined]
 
 
 class Meter:
@@ -2660,11 +2665,12 @@ def generated_chars(obj: Mapping[str, object]) -> int:
                     chars += _string_stats({k: v for k, v in part.items() if k != "role"})[1]
             if isinstance(choice.get("text"), str):
                 chars += len(choice["text"])
-    if isinstance(obj.get("type"), str) and obj["type"].endswith(".delta") \
-            and isinstance(obj.get("delta"), str):
-        chars += len(obj["delta"])  # a /v1/responses stream event
-    if obj.get("object") == "response" and isinstance(obj.get("output"), list):
-        for item in obj["output"]:
+    kind, delta = obj.get("type"), obj.get("delta")
+    if isinstance(kind, str) and kind.endswith(".delta") and isinstance(delta, str):
+        chars += len(delta)  # a Responses API stream event
+    output = obj.get("output")
+    if obj.get("object") == "response" and isinstance(output, list):
+        for item in output:
             for part in (item.get("content") or []) if isinstance(item, dict) else []:
                 if isinstance(part, dict) and isinstance(part.get("text"), str):
                     chars += len(part["text"])
@@ -3197,8 +3203,8 @@ class ResponsesShape(OpenAIShape):
                 as_message: bool, created: int) -> Reply:
         if not as_message or payload is None or route.endpoint not in self.MESSAGE_ENDPOINTS:
             return self.error(self.give_up(err, created))
-        model = payload.get("model") if isinstance(payload.get("model"), str) else ""
-        events = limit_response_events(model, text, created)
+        model = payload.get("model")
+        events = limit_response_events(model if isinstance(model, str) else "", text, created)
         if payload.get("stream") is not True:
             return Reply(HTTPStatus.OK, (("Content-Type", "application/json"), *err.headers),
                          json.dumps(events[-1][1]["response"]).encode())
@@ -3411,7 +3417,13 @@ class Headers:
         values = self._index.get(name.lower())
         return values[0] if values else default
 
-    def get_all(self, name: str, default: object = None) -> list[str] | object:
+    @typing.overload
+    def get_all(self, name: str) -> list[str] | None: ...
+
+    @typing.overload
+    def get_all(self, name: str, default: _T) -> list[str] | _T: ...
+
+    def get_all(self, name: str, default: object = None) -> object:
         values = self._index.get(name.lower())
         return list(values) if values else default
 
@@ -3670,8 +3682,8 @@ def request_framing(headers: Headers) -> int | None:
     every request before it is routed, because a body the proxy does not read must not become
     the next request: ambiguous or invalid framing is ProxyError(400) and closes the connection
     (request smuggling, RFC 9112 section 6.3)."""
-    lengths = [v.strip() for v in headers.get_all("Content-Length") or []]  # type: ignore[union-attr]
-    encoding = ",".join(headers.get_all("Transfer-Encoding") or []).strip().lower()  # type: ignore[arg-type]
+    lengths = [v.strip() for v in headers.get_all("Content-Length") or []]
+    encoding = ",".join(headers.get_all("Transfer-Encoding") or []).strip().lower()
     if encoding:
         if lengths:
             raise ProxyError(HTTPStatus.BAD_REQUEST, "Both Content-Length and "
@@ -3694,7 +3706,7 @@ def connection_tokens(headers: Headers) -> frozenset[str]:
     values = headers.get_all("Connection")
     if not values:
         return frozenset()
-    return frozenset(t.strip().lower() for v in values for t in v.split(","))  # type: ignore[union-attr]
+    return frozenset(t.strip().lower() for v in values for t in v.split(","))
 
 
 class CorsPolicy:
@@ -4015,7 +4027,7 @@ def identify(headers: Headers, keys: KeyRing, default_policy: KeyPolicy, peer: s
                              "(or as x-api-key).", code="invalid_api_key")
         if trust_forwarded_for:
             forwarded = [p.strip() for p in ",".join(
-                headers.get_all("X-Forwarded-For") or []).split(",") if p.strip()]  # type: ignore[arg-type]
+                headers.get_all("X-Forwarded-For") or []).split(",") if p.strip()]
             if forwarded:
                 peer = forwarded[-1]
         return Identity("ip:" + peer, default_policy, "-")
@@ -4376,7 +4388,7 @@ class SocketReader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer: object) -> int | None:  # type: ignore[override]
+    def readinto(self, buffer: typing.Any) -> int | None:  # (any writable buffer)
         if self._dont_wait:
             try:
                 count = self._recv_into(buffer, 0, socket.MSG_DONTWAIT)
@@ -4786,10 +4798,10 @@ def upstream_head(method: str, target: str, headers: Headers, peer: str, pool: "
         forwarded[name] = f"{forwarded[name]}, {value}" if name in forwarded else value
     lines = [f"{method} {target} HTTP/1.1", pool.host_line,
              "Accept-Encoding: identity", *[f"{n}: {v}" for n, v in forwarded.items()]]
-    previous = ", ".join(headers.get_all("X-Forwarded-For", ()))  # type: ignore[arg-type]
+    previous = ", ".join(headers.get_all("X-Forwarded-For", ()))
     lines.append(f"X-Forwarded-For: {previous}, {peer}" if previous else f"X-Forwarded-For: {peer}")
     if via:
-        hops = ", ".join(headers.get_all("Via", ()))  # type: ignore[arg-type]
+        hops = ", ".join(headers.get_all("Via", ()))
         lines.append(f"Via: {hops}, 1.1 {via}" if hops else f"Via: 1.1 {via}")
     if pool.authorization_line:
         lines.append(pool.authorization_line)
@@ -5804,7 +5816,7 @@ def answer_admin_keys(server: "ProxyServer", ex: Exchange, headers: Headers) -> 
 
 def key_report(server: "ProxyServer") -> list[dict[str, object]]:
     """Every accepted key's name, balance, limit, next refill and counters; no secret."""
-    report = []
+    report: list[dict[str, object]] = []
     store = server.store
     for digest, policy in server.keys.entries:
         quota = store.peek("key:" + digest, policy.bucket)
@@ -6243,6 +6255,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True      # headers and small SSE events must not wait for ACKs
     server: "ProxyServer"
+    rfile: io.BufferedReader            # (setup(): a BufferedReader over SocketReader)
+    #: read by read_headers (parse_request), not by the email parser the base class uses
+    headers: "Headers"  # type: ignore[assignment]  # (the base declares email.message.Message)
 
     def setup(self) -> None:
         """The connection's reader and writer (StreamRequestHandler's), reading through
@@ -6323,17 +6338,17 @@ class ProxyHandler(BaseHTTPRequestHandler):
             return False
         self.path, self.request_version = words[1], version
         try:
-            self.headers = read_headers(  # type: ignore[assignment]
+            self.headers = read_headers(
                 self.rfile, self.server.config.max_header_bytes)
         except HeaderError as err:
             self.send_error(err.status)
             return False
         except EOFError:
             return False
-        tokens = connection_tokens(self.headers)  # type: ignore[arg-type]
+        tokens = connection_tokens(self.headers)
         self.close_connection = "close" in tokens or (
             int(minor) < 1 and "keep-alive" not in tokens)
-        if int(minor) >= 1 and len(self.headers.get_all("Host") or ()) != 1:  # type: ignore[arg-type]
+        if int(minor) >= 1 and len(self.headers.get_all("Host") or ()) != 1:
             self.send_error(HTTPStatus.BAD_REQUEST)  # RFC 9112 section 3.2: exactly one Host
             return False
         return True  # (Expect: 100-continue is answered once the key and size are checked)
@@ -6368,7 +6383,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         failure: ProxyError | None = None
         try:
             try:
-                ex.length = request_framing(self.headers)  # type: ignore[arg-type]
+                ex.length = request_framing(self.headers)
                 expect = self.headers.get("Expect")
                 ex.expects_continue = (expect is not None and expect.lower() == "100-continue"
                                        and self.request_version == "HTTP/1.1")
@@ -6459,8 +6474,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
                                  type="permission_error", code="origin_not_allowed")
         if route.kind in (LOCAL, ADMIN):
             if route.kind == ADMIN:
-                check_admin(self.server, ex, self.headers)  # type: ignore[arg-type]
-            reply = LOCAL_ANSWERS[route.answer](self.server, ex, self.headers)  # type: ignore[arg-type]
+                check_admin(self.server, ex, self.headers)
+            reply = LOCAL_ANSWERS[route.answer](self.server, ex, self.headers)
             assert reply is not None
             if route.private:
                 reply = dataclasses.replace(reply, headers=(*reply.headers, NO_STORE))
@@ -6472,15 +6487,15 @@ class ProxyHandler(BaseHTTPRequestHandler):
         admitted, then the upstream and the relay."""
         server, config, route = self.server, self.server.config, ex.route
         assert route is not None
-        if any(server.via in hop for hop in self.headers.get_all("Via") or ()):  # type: ignore[union-attr]
+        if any(server.via in hop for hop in self.headers.get_all("Via") or ()):
             raise ProxyError(HTTPStatus.LOOP_DETECTED, "This request came back to the proxy it "
                              "was sent from: BASE_API_URL points at the proxy itself.",
                              type="server_error", code="loop_detected")
         if route.kind == MANAGE:  # the administrator's: forwarded free, after the check
-            check_manager(server, ex, self.headers)  # type: ignore[arg-type]
+            check_manager(server, ex, self.headers)
             ex.body, ex.label = self._read_body(ex), "admin"
             return self._forward_upstream(ex, ex.body, None)
-        who = identify(self.headers, server.keys, server.default_policy,  # type: ignore[arg-type]
+        who = identify(self.headers, server.keys, server.default_policy,
                        ex.client, config.trust_forwarded_for)
         ex.bucket_key, ex.policy, ex.label = who.bucket_key, who.policy, who.label
         ex.body = self._read_body(ex)
@@ -6493,7 +6508,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if policy.models is not None and ex.method == "POST":
             check_model(ex.payload if charged else policed_json(ex.body), policy.models)
         if route.answer:
-            reply = LOCAL_ANSWERS[route.answer](server, ex, self.headers)  # type: ignore[arg-type]
+            reply = LOCAL_ANSWERS[route.answer](server, ex, self.headers)
             if reply is not None:
                 return self._reply(ex, reply)
         slots = server.key_slots
@@ -6527,7 +6542,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         peer = self.client_address[0]
 
         def head(data: bytes) -> str:
-            return upstream_head(ex.method, target, self.headers, peer, pool,  # type: ignore[arg-type]
+            return upstream_head(ex.method, target, self.headers, peer, pool,
                                  data, ex.api, self.server.via)
 
         with forwarder.turn(ex, lambda: peer_closed(self.connection)):
@@ -7244,9 +7259,10 @@ class ProxyServer(ThreadingHTTPServer):
 
     # -- connections (socketserver's hooks) -------------------------------------------------
 
-    def process_request(self, request: socket.socket, client_address: object) -> None:
+    def process_request(self, request: typing.Any, client_address: object) -> None:
         """One thread per connection, up to MAX_CONNECTIONS (the cap makes room by closing idle
-        or stalled connections, else refuses with a 503); a 503 while shutting down."""
+        or stalled connections, else refuses with a 503); a 503 while shutting down. (The
+        request is the connection's socket: socketserver's type also allows a datagram's.)"""
         if self.draining:
             self.cap.refuse(request, SHUTTING_DOWN)
             return
@@ -7259,7 +7275,7 @@ class ProxyServer(ThreadingHTTPServer):
             self.cap.leave(request)
             raise
 
-    def process_request_thread(self, request: socket.socket, client_address: object) -> None:
+    def process_request_thread(self, request: typing.Any, client_address: object) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
@@ -7431,8 +7447,8 @@ class ProxyServer(ThreadingHTTPServer):
 
     @property
     def url(self) -> str:
-        host, port = self.server_address[:2]
-        host = f"[{host}]" if ":" in str(host) else host
+        host, port = typing.cast("tuple[str, int]", self.server_address[:2])
+        host = f"[{host}]" if ":" in host else host
         return f"http://{host}:{port}"
 
 
@@ -7446,7 +7462,7 @@ def points_at_itself(config: Config, server: ProxyServer) -> bool:
         if upstream.port != port:
             continue
         try:
-            found = {info[4][0] for info in socket.getaddrinfo(upstream.host, port)}
+            found = {str(info[4][0]) for info in socket.getaddrinfo(upstream.host, port)}
         except OSError:
             continue
         if any(ip in own or ip.startswith("127.") or ip == "::1" for ip in found):
