@@ -1369,7 +1369,8 @@ class MemoryBucketStore:
         """How many buckets, counters and quota counters changed since changes() last took
         them."""
         with self._lock:
-            return tuple(len(changed) for changed in self._changed)  # type: ignore[return-value]
+            buckets, counters, periods = (len(changed) for changed in self._changed)
+            return buckets, counters, periods
 
     def mark_changed(self, changes: "StoreChanges") -> None:
         """Changes that could not be written: to be taken again by the next changes()."""
@@ -2065,7 +2066,7 @@ class RedisLedger:
     path = "the usage ledger in Redis"
     SEPARATOR = "\x1f"
 
-    def __init__(self, redis: object, prefix: str, retention_days: int,
+    def __init__(self, redis: typing.Any, prefix: str, retention_days: int,
                  errors: tuple[type[BaseException], ...]) -> None:
         self.redis = redis
         self.prefix = prefix
@@ -2076,7 +2077,7 @@ class RedisLedger:
               prune_before: float) -> None:
         if not ledger:
             return
-        pipe = self.redis.pipeline(transaction=False)  # type: ignore[attr-defined]
+        pipe = self.redis.pipeline(transaction=False)
         for entry, counts in ledger.items():
             name = f"{self.prefix}l:{entry.hour}"
             row = self.SEPARATOR.join(entry[1:])
@@ -2090,7 +2091,7 @@ class RedisLedger:
              key: str | None = None) -> list[tuple[LedgerKey, list[int]]]:
         found: dict[LedgerKey, list[int]] = {}
         hours = list(range(int(since // 3600 * 3600), int(until), 3600))
-        pipe = self.redis.pipeline(transaction=False)  # type: ignore[attr-defined]
+        pipe = self.redis.pipeline(transaction=False)
         for hour in hours:
             pipe.hgetall(f"{self.prefix}l:{hour}")
         for hour, fields in zip(hours, pipe.execute()):
@@ -2153,7 +2154,8 @@ def format_report(report: list[dict[str, object]], by: str, form: str) -> str:
         writer.writeheader()
         writer.writerows(report)
         return out.getvalue()
-    total = {by: "total", **{f: sum(int(r[f]) for r in report) for f in LEDGER_FIELDS}}  # type: ignore[call-overload]
+    total: dict[str, object] = {by: "total"}
+    total.update((f, sum(typing.cast(int, r[f]) for r in report)) for f in LEDGER_FIELDS)
     table = [columns] + [[str(r[c]) for c in columns] for r in (*report, total)]
     widths = [max(len(row[i]) for row in table) for i in range(len(columns))]
     return "".join("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
@@ -2450,7 +2452,7 @@ class EventTemplate(typing.NamedTuple):
 #: the C scanner: the JSON string from after its quote (public since Python 2.6, though
 #: typeshed does not list it)
 _scan_string: Callable[[str, int], tuple[str, int]] = \
-    json.decoder.scanstring  # type: ignore[attr-defined]
+    json.decoder.scanstring  # type: ignore[attr-defined]  # (see above)
 
 
 class Meter:
@@ -3452,7 +3454,8 @@ class HeaderError(Exception):
         self.status = status
 
 
-def read_headers(fp: object, max_bytes: int = MAX_UPSTREAM_HEAD_BYTES) -> Headers:
+def read_headers(fp: typing.BinaryIO | io.BufferedIOBase,
+                 max_bytes: int = MAX_UPSTREAM_HEAD_BYTES) -> Headers:
     """Read header lines up to the empty line that ends them (RFC 9112 section 5).
 
     Raises HeaderError(431) past `max_bytes` or MAX_HEADER_LINES, HeaderError(400) for a line
@@ -3464,7 +3467,7 @@ def read_headers(fp: object, max_bytes: int = MAX_UPSTREAM_HEAD_BYTES) -> Header
         return fast
     items: list[tuple[str, str]] = []
     budget = max_bytes
-    readline = fp.readline  # type: ignore[attr-defined]
+    readline = fp.readline
     while True:
         line = readline(budget + 1)
         if not line:
@@ -3484,7 +3487,8 @@ def read_headers(fp: object, max_bytes: int = MAX_UPSTREAM_HEAD_BYTES) -> Header
         items.append((name.decode("latin-1"), value.decode("latin-1")))
 
 
-def _read_header_block(fp: object, max_bytes: int) -> Headers | None:
+def _read_header_block(fp: typing.BinaryIO | io.BufferedIOBase,
+                       max_bytes: int) -> Headers | None:
     """The fast path of read_headers: a well-formed block already in fp's buffer, parsed with
     one regular expression instead of line by line. None (nothing consumed) for anything else,
     which read_headers then reads line by line and accepts or refuses as the rules say."""
@@ -3503,7 +3507,7 @@ def _read_header_block(fp: object, max_bytes: int) -> Headers | None:
     items = [(name, value.rstrip(" \t")) for name, value in _HEADER_FIELD.findall(block)]
     if len(items) >= MAX_HEADER_LINES or end + 4 > max_bytes:
         return None  # let the slow path raise the error
-    fp.read(end + 4)  # type: ignore[attr-defined]
+    fp.read(end + 4)
     return Headers(items)
 
 
@@ -4332,7 +4336,7 @@ class _UpstreamResponse(http.client.HTTPResponse):
         if self.headers is not None:
             return
         while True:
-            version, status, reason = self._read_status()  # type: ignore[attr-defined]
+            version, status, reason = self._read_status()
             if status == 101:  # Switching Protocols, never asked for: not HTTP any more
                 raise http.client.HTTPException("unexpected 101 Switching Protocols")
             if not 100 <= status < 200:
@@ -4346,16 +4350,16 @@ class _UpstreamResponse(http.client.HTTPResponse):
             self.version = 11
         else:
             raise http.client.UnknownProtocol(version)
-        self.headers = self.msg = self._headers_or_error()  # type: ignore[assignment]
+        self.headers = self.msg = self._headers_or_error()
         encoding = (self.headers.get("Transfer-Encoding") or "").lower()
-        self.chunked = encoding == "chunked"  # type: ignore[assignment]
+        self.chunked = encoding == "chunked"
         self.chunk_left = None
-        self.will_close = self._check_close()  # type: ignore[attr-defined]
+        self.will_close = self._check_close()
         self.length = None
         length = self.headers.get("Content-Length")
         if length and not self.chunked and _DIGITS.fullmatch(length.strip()):
             self.length = int(length)
-        if status in _NO_BODY_STATUSES or self._method == "HEAD":  # type: ignore[attr-defined]
+        if status in _NO_BODY_STATUSES or self._method == "HEAD":
             if status in _NO_BODY_STATUSES and (self.chunked or self.length):
                 self.will_close = True  # it claims a body it cannot have: trust nothing after it
             self.length = 0
@@ -4491,6 +4495,7 @@ class _Connection:
         """Send a request whose head (request line and headers, without the empty line that
         ends them) is `head`; the response object that will read its answer."""
         self.sock.sendall(head.encode("latin-1") + b"\r\n\r\n" + body)
+        # (HTTPResponse takes a socket; all it does with one is makefile(), which this has)
         return _UpstreamResponse(self, method=head.partition(" ")[0])  # type: ignore[arg-type]
 
     def has_unread(self) -> bool:
@@ -5007,6 +5012,7 @@ class Forwarder:
         error = resp.read()
         if b"stream_options" in error:
             return True
+        # (typeshed's fp is a BufferedReader; the relay reads it through read1 and peek only)
         resp.fp, resp.length = _BytesReader(error), len(error)  # type: ignore[assignment]
         return False
 
@@ -5122,7 +5128,7 @@ def _buffered(resp: http.client.HTTPResponse, sock: socket.socket) -> bool:
     if fp is None:
         return True
     try:
-        data = peek_now(fp, sock) or b""  # type: ignore[arg-type]  # (a BufferedReader)
+        data = peek_now(fp, sock) or b""
     except (OSError, ValueError):  # (a reset: the read that follows says so)
         return False
     if resp.chunked and resp.chunk_left == 0 and b"\r\n".startswith(data):
@@ -5613,6 +5619,7 @@ def response_headers(resp: http.client.HTTPResponse,
     """The upstream's headers minus hop-by-hop ones and those the proxy sets itself; with the
     proxy's X-RateLimit-* for a charged request."""
     dropped = NOT_FORWARDED_DOWN if quota is None else _NOT_FORWARDED_CHARGED
+    # (typeshed says HTTPMessage; _UpstreamResponse.begin() makes it a Headers)
     named = connection_tokens(resp.headers)  # type: ignore[arg-type]
     if named:
         dropped = dropped | named
@@ -6316,7 +6323,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         parser above. Only "METHOD target HTTP/1.x" is accepted: an HTTP/0.9 line has no
         headers, and http.server would wait for them.
         """
-        self.command = None  # type: ignore[assignment]
+        self.command = None  # type: ignore[assignment]  # (as the base's own parse_request)
         self.request_version = "HTTP/1.0"
         self.close_connection = True
         self.requestline = self.raw_requestline.decode("latin-1").rstrip("\r\n")
@@ -6885,7 +6892,7 @@ class AccessLog:
     (errors, reloads), as text or, with LOG_FORMAT=json, one JSON object per line. Lines are
     written whole under a lock; a log that cannot be written never takes a request down."""
 
-    def __init__(self, stream: object, json_lines: bool) -> None:
+    def __init__(self, stream: typing.TextIO, json_lines: bool) -> None:
         self._stream = stream
         self._json = json_lines
         self._lock = threading.Lock()
@@ -6915,8 +6922,8 @@ class AccessLog:
     def _write(self, line: str) -> None:
         with self._lock:
             try:
-                self._stream.write(line + "\n")  # type: ignore[attr-defined]
-                self._stream.flush()  # type: ignore[attr-defined]
+                self._stream.write(line + "\n")
+                self._stream.flush()
             except (OSError, ValueError):
                 pass  # a closed or full log must not take requests down with it
 
@@ -7181,7 +7188,7 @@ class ProxyServer(ThreadingHTTPServer):
 
     def __init__(self, config: Config, *, store: "BucketStore | None" = None,
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
-                 log_stream: object = None, handler: type = ProxyHandler,
+                 log_stream: typing.TextIO | None = None, handler: type = ProxyHandler,
                  key_check_interval: float = 1.0,
                  keys_settle_seconds: float = KEYS_SETTLE_SECONDS) -> None:
         self.config = config
@@ -7235,6 +7242,7 @@ class ProxyServer(ThreadingHTTPServer):
                                          clock, keys_settle_seconds)
                              if config.keys_file else None)
         if self.state is not None:
+            # (a state file is kept for the memory store only: see above)
             self.writer = StateWriter(self.state, self.store, self.ledger,  # type: ignore[arg-type]
                                       config.state_flush_seconds, self.log, wall)
         elif isinstance(self.store, RedisBucketStore):  # the ledger is shared there
