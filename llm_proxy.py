@@ -2489,6 +2489,20 @@ class Meter:
         self._template: EventTemplate | None = None
         self._templates = 0
 
+    @property
+    def template(self) -> "EventTemplate | None":
+        """The template pieces of text are read by now (None: each event is parsed)."""
+        return self._template
+
+    @property
+    def templates_made(self) -> int:
+        return self._templates
+
+    def without_templates(self) -> "Meter":
+        """This meter, reading every event the general way (what a template must match)."""
+        self._templates = MAX_TEMPLATES
+        return self
+
     def begin(self, status: int, content_encoding: str | None, stream: bool) -> None:
         """The answer's status, Content-Encoding and whether it is a stream (its Content-Type),
         before its body: an encoded body passes through unread (and unstripped), and an answer
@@ -5468,6 +5482,10 @@ class StreamRelay:
             self._closing = True
         self._wake()
         self._thread.join(5)
+
+    def running(self) -> bool:
+        """Whether the relay's thread is still running (it ends after close())."""
+        return self._thread.is_alive()
 
     def _wake(self) -> None:
         try:
