@@ -1715,6 +1715,8 @@ SQLITE_MAX_INTEGER = 2 ** 63 - 1
 def stored_text(text: str) -> str:
     """A client's string as the state stores and every report shows it, whatever it holds:
     each unstorable character replaced with U+FFFD."""
+    if text.isascii() and text.isprintable():  # (the usual text: none of them, found at once)
+        return text
     return _UNSTORABLE.sub("\ufffd", text)
 
 
@@ -3033,13 +3035,16 @@ class OpenAIShape:
         stream = _read_stream(payload, self.stream_default)
         limits, largest = [], None
         for field in self.LIMITS:
+            if field[0] not in payload:  # (most set none: no need to look closer)
+                continue
             value = _read_integer(payload, field, -1 if field == ("n_predict",) else 0)
             if value is not None:
                 limits.append(field)
                 if value > 0:
                     largest = value if largest is None else max(largest, value)
-        answers = max(_read_integer(payload, ("n",), 1, 128) or 1,
-                      _read_integer(payload, ("best_of",), 1, 128) or 1)
+        answers = 1 if "n" not in payload and "best_of" not in payload else max(
+            _read_integer(payload, ("n",), 1, 128) or 1,
+            _read_integer(payload, ("best_of",), 1, 128) or 1)
         prompt, prompts = payload.get("prompt"), 1
         if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
             prompts = len(prompt)  # several prompts (strings or token lists): answers for each
@@ -6489,7 +6494,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         origin = self.headers.get("Origin")
         ex.cors = self.server.cors.lines(origin, self.headers.get("Host"))
         ex.path, ex.query = normalize_path(self.path)
-        ex.api = api_of_path(ex.path)
+        if ex.path != self.path:  # (a path written otherwise may belong to another API)
+            ex.api = api_of_path(ex.path)
         route = self.server.routes.find(ex.method, ex.path)
         ex.route, ex.api = route, route.api
         if route.kind in (ADMIN, MANAGE):  # never for another site's page: no CORS, no Origin
@@ -6929,7 +6935,7 @@ class AccessLog:
             self._write(json.dumps({
                 "time": self._timestamp(), "client": client, "key": ex.label, "method": method,
                 "path": path, "status": ex.status, "cost": cost, "remaining": remaining,
-                "duration_ms": duration_ms, **({"note": ex.note} if ex.note else {})}))
+                "duration_ms": round(duration_ms, 1), **({"note": ex.note} if ex.note else {})}))
             return
         self._write(
             f"{self._timestamp()} {client} key={loggable(ex.label)} \"{method} {path}\" {ex.status} "
@@ -7371,7 +7377,7 @@ class ProxyServer(ThreadingHTTPServer):
         self.metrics.count_request(ex.label, ex.route_label, ex.status, cost,
                                    route is not None and route.kind not in (LOCAL, ADMIN),
                                    charge is not None and charge.state == "declined")
-        self.access_log.access(ex, cost, round(elapsed, 1))  # (last: a line says all is done)
+        self.access_log.access(ex, cost, elapsed)  # (last: a line says all is done)
 
     def usage_rows(self, since: float, until: float,
                    key: str | None = None) -> list[tuple[LedgerKey, list[int]]]:
