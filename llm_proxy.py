@@ -4570,11 +4570,9 @@ class UpstreamPool:
 
     def release(self, conn: _Connection) -> None:
         """Take back a connection whose response was read to its end by its own framing. Any
-        byte beyond that end belongs to no request, so such a connection is closed: no byte of
-        one exchange can reach another."""
-        if conn.has_unread():
-            conn.close()
-            return
+        byte beyond that end belongs to no request: acquire() looks before the connection
+        is used again and closes it, so no byte of one exchange can reach another (one look
+        a request, not one here and one there)."""
         with self._lock:
             if len(self._idle) < self.max_idle:
                 self._idle.append(conn)
