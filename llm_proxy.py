@@ -1152,7 +1152,7 @@ class _Bucket:
 class MemoryBucketStore:
     """Token buckets in a dict behind one lock; every operation is atomic.
 
-    Methods for the caller: take(), settle(), refund(), peek(), record(), usage(), len().
+    Methods for the caller: take(), settle(), peek(), usage(), len().
     Only buckets that are not full are
     held: a bucket refilled to full is the same as a new one, so it is dropped (on access, and by
     a sweep at most once a minute). Memory is bounded by the number of keys that spent tokens
@@ -1493,7 +1493,7 @@ USAGE_TTL_SECONDS = 30 * 24 * 3600
 class RedisBucketStore:
     """The buckets in Redis or Valkey, shared by every proxy instance that points at it.
 
-    The same interface and semantics as MemoryBucketStore: take(), settle(), refund() and
+    The same interface and semantics as MemoryBucketStore: take(), settle() and
     peek() are each one atomic Lua script (loaded once, run by its digest, reloaded by redis-py
     on NOSCRIPT) on the server's clock. Redis keys are REDIS_PREFIX plus a SHA-256 digest of
     the bucket key, never a client key. No request waits longer than REDIS_TIMEOUT: a failure
