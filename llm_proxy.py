@@ -21,13 +21,15 @@ How to run
     127.0.0.1 unless you mean to share the proxy, and set PROXY_API_KEYS when you do: without
     it any bearer token is accepted and simply gets its own bucket.
 
-The life of a request (the sections of this file, in order)
-    Around the request: constants, errors, config, keys (who may ask, with which policy),
-    buckets (the stores that hold balances), pricing (what a request takes at admission),
-    metering (the usage meter that reads what an answer really cost), API shapes (how the
-    proxy speaks when it answers by itself), HTTP messages (header parsing, path normalising).
+The life of a request (in the order it happens; the sections that hold each step are named
+in brackets, and the index below says where they sit)
+    The sections come in dependency order, each after what it uses (as bottle's do): what a
+    request needs around it first (constants, errors, config, keys, buckets, state, pricing,
+    metering, API shapes, HTTP messages), then the pipeline from the inside out (routes,
+    exchange, charge, forwarder, relay, local answers), and the handler that drives it after
+    them. To follow a request, start at the handler and read the steps below.
 
-    Then a request, as it happens:
+    A request, as it happens:
     1. http.server's ThreadingHTTPServer runs one thread per client connection; ProxyHandler
        (handler) reads the request line and headers within the client deadlines.
     2. The path is normalised once and looked up in the route table (routes): what the route
@@ -63,6 +65,29 @@ The life of a request (the sections of this file, in order)
     recently. Buckets live in this process's memory, or, with REDIS_URL, in Redis/Valkey shared
     by several instances (the redis package is imported only then; the proxy stays
     standard-library only).
+
+Sections (`grep -n '^# ####' llm_proxy.py` gives their lines)
+    constants       fixed limits, header sets, the route kinds
+    errors          ConfigError, ProxyError (the error boundary's one exception)
+    config          SETTINGS (one row per setting), Config, the --flags
+    keys            KeyPolicy, KeyRing, the keys file: who may ask, with which limits
+    buckets         Quota, the memory and Redis bucket stores, calendar quotas
+    state           the SQLite state file, its writer, the usage ledger
+    pricing         what a request takes at admission (estimate, reserve)
+    metering        the meters that read what an answer really cost
+    API shapes      one class per API: what a request asks for, errors, the limit answer
+    HTTP messages   header parsing, path normalising, the CORS policy
+    routes          Route, DEFAULT_ROUTES, RouteTable: the only place that knows a path
+    exchange        Exchange: one request from its head to its access-log line
+    charge          admission and Charge.close, the one place money moves
+    forwarder       the fair queue, the upstream pool, the answer's head
+    relay           framing, BodyReader, the body relays (threads, the epoll StreamRelay)
+    local answers   health, models, metrics, admin, usage, pages
+    handler         ProxyHandler: steps 1 to 7 above, in the order they run
+    server parts    access log, connection cap, deadlines, keys-file watcher, metrics
+    server          ProxyServer, assembled from the parts
+    CLI             main(): settings, binding, signals
+    page assets     the dashboard's and usage page's HTML, style and scripts
 """
 
 from __future__ import annotations
@@ -105,6 +130,8 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Iterable, Iterator, Mapping, Protocol, Sequence
 
+_T = typing.TypeVar("_T")
+
 __version__ = "0.1.0"
 __all__ = [
     "Config", "ConfigError", "ProxyError", "KeyPolicy", "KeyRing", "load_key_ring",
@@ -117,10 +144,6 @@ __all__ = [
 
 # ####################################################################### constants ####
 
-CHAT_ROUTE = "/v1/chat/completions"
-COMPLETIONS_ROUTE = "/v1/completions"
-RESPONSES_ROUTE = "/v1/responses"
-EMBEDDINGS_ROUTE = "/v1/embeddings"
 COST_MODES = ("request", "estimate", "usage")
 
 #: What a route is (the `kind` of a row of the route table).
@@ -172,7 +195,7 @@ READ_CHUNK = 64 * 1024
 READ_BUFFER = 16 * 1024             # an upstream connection's read buffer
 CLIENT_READ_BUFFER = 16 * 1024
 MAX_CHUNK_LINE = 1024
-MAX_HEADER_BYTES = 64 * 1024  # upstream response heads
+MAX_UPSTREAM_HEAD_BYTES = 64 * 1024  # upstream answer heads (the setting MAX_HEADER_BYTES: clients)
 MAX_HEADER_LINES = 200
 POOL_MAX_IDLE = 128
 LISTEN_BACKLOG = 1024
@@ -590,12 +613,112 @@ SETTINGS: tuple[Setting, ...] = (
 
 
 class _ArgumentParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, not usage + message
+    def error(self, message: str) -> typing.NoReturn:  # one line, not usage + message
         raise ConfigError(message)
 
 
-class _ConfigRules:
-    """What Config knows beyond its fields (the fields are made from SETTINGS, below)."""
+_SETTING_OF = {setting.env: setting for setting in SETTINGS}
+
+
+def _default(env: str) -> typing.Any:
+    """The default of a setting (its row's default, parsed): a Config field's default."""
+    setting = _SETTING_OF[env]
+    return setting.parse(env, setting.default)
+
+
+def _setting_text(env: str, value: object) -> str:
+    """A setting's value written back as its text, for its row's parser to check."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, tuple) and all(isinstance(v, str) for v in value):
+        return ",".join(value)
+    if isinstance(value, tuple) and all(isinstance(v, tuple) and len(v) == 3
+                                        and all(isinstance(w, str) for w in v) for v in value):
+        return ",".join(" ".join(row) for row in value)
+    raise ConfigError(f"{env}: {value!r} is not a value of this setting")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every setting, validated: one field per row of SETTINGS (HOST is `host`, MAX_TOKENS is
+    `max_tokens`, ...), defaulting to the row's default. Built once by `from_env` in main();
+    handlers read `server.config`; tests make one directly: Config(port=0, max_tokens=3).
+
+    Each field is checked by its row's parser (__post_init__): a string is read as the
+    setting's text (Config(proxy_api_keys="sk-a,sk-b") is two keys), any other value must be
+    one the parser gives back unchanged (else ConfigError naming the setting). The rows say
+    what a setting is; the fields here only give each a name and a type (a test and the
+    import-time check below keep the two in step).
+    """
+
+    host: str = _default("HOST")
+    port: int = _default("PORT")
+    base_api_url: str = _default("BASE_API_URL")
+    base_api_key: str = _default("BASE_API_KEY")
+    base_model: str = _default("BASE_MODEL")
+    max_tokens: int = _default("MAX_TOKENS")
+    refill_tokens: int = _default("REFILL_TOKENS")
+    refill_interval_seconds: float = _default("REFILL_INTERVAL_SECONDS")
+    request_token_cost: int = _default("REQUEST_TOKEN_COST")
+    token_cost_mode: str = _default("TOKEN_COST_MODE")
+    response_token_reserve: int = _default("RESPONSE_TOKEN_RESERVE")
+    max_output_tokens: int = _default("MAX_OUTPUT_TOKENS")
+    max_reserve_tokens: int = _default("MAX_RESERVE_TOKENS")
+    proxy_api_keys: tuple[str, ...] = _default("PROXY_API_KEYS")
+    limit_response: str = _default("LIMIT_RESPONSE")
+    open_timeout: float = _default("OPEN_TIMEOUT")
+    read_timeout: float = _default("READ_TIMEOUT")
+    max_body_bytes: int = _default("MAX_BODY_BYTES")
+    trust_forwarded_for: bool = _default("TRUST_FORWARDED_FOR")
+    client_header_timeout: float = _default("CLIENT_HEADER_TIMEOUT")
+    client_body_timeout: float = _default("CLIENT_BODY_TIMEOUT")
+    keepalive_timeout: float = _default("KEEPALIVE_TIMEOUT")
+    send_timeout: float = _default("SEND_TIMEOUT")
+    stream_relay: str = _default("STREAM_RELAY")
+    drain_timeout: float = _default("DRAIN_TIMEOUT")
+    max_header_bytes: int = _default("MAX_HEADER_BYTES")
+    max_connections: int = _default("MAX_CONNECTIONS")
+    max_upstream_concurrency: int = _default("MAX_UPSTREAM_CONCURRENCY")
+    upstream_queue_timeout: float = _default("UPSTREAM_QUEUE_TIMEOUT")
+    fair_queue: bool = _default("FAIR_QUEUE")
+    max_concurrent_per_key: int = _default("MAX_CONCURRENT_PER_KEY")
+    priority_max_wait_seconds: float = _default("PRIORITY_MAX_WAIT_SECONDS")
+    redis_url: str = _default("REDIS_URL")
+    redis_prefix: str = _default("REDIS_PREFIX")
+    redis_timeout: float = _default("REDIS_TIMEOUT")
+    redis_failure_mode: str = _default("REDIS_FAILURE_MODE")
+    keys_file: str = _default("KEYS_FILE")
+    cors_origins: tuple[str, ...] = _default("CORS_ORIGINS")
+    state_db: str = _default("STATE_DB")
+    state_flush_seconds: float = _default("STATE_FLUSH_SECONDS")
+    ledger_retention_days: int = _default("LEDGER_RETENTION_DAYS")
+    tokens_per_day: int | None = _default("TOKENS_PER_DAY")
+    tokens_per_month: int | None = _default("TOKENS_PER_MONTH")
+    requests_per_day: int | None = _default("REQUESTS_PER_DAY")
+    quota_timezone: str = _default("QUOTA_TIMEZONE")
+    max_buckets: int = _default("MAX_BUCKETS")
+    admin_api_key: str = _default("ADMIN_API_KEY")
+    log_format: str = _default("LOG_FORMAT")
+    native_api_url: str = _default("NATIVE_API_URL")
+    extra_routes: tuple[tuple[str, str, str], ...] = _default("EXTRA_ROUTES")
+
+    def __post_init__(self) -> None:
+        for setting in SETTINGS:
+            value = getattr(self, setting.field)
+            if isinstance(value, str):
+                checked = setting.parse(setting.env, value)
+            else:
+                checked = setting.parse(setting.env, _setting_text(setting.env, value))
+                if checked != value or type(checked) is not type(value) and not (
+                        isinstance(checked, float) and type(value) is int):
+                    raise ConfigError(f"{setting.env}: {value!r} is not a value of this "
+                                      f"setting (read as text it is {checked!r})")
+            if checked is not value:
+                object.__setattr__(self, setting.field, checked)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None,
@@ -607,55 +730,44 @@ class _ConfigRules:
         """
         environ = os.environ if environ is None else environ
         flags = vars(build_arg_parser().parse_args(argv))
-        values = {}
+        values: dict[str, typing.Any] = {}
         for setting in SETTINGS:
             raw = flags.get(setting.field)
             names = (setting.env, *setting.aliases)
             if raw is None:
                 raw = next((environ[n] for n in names if n in environ), setting.default)
             values[setting.field] = setting.parse(setting.env, raw)
-        return cls(**values)  # type: ignore[call-arg]
+        return cls(**values)
 
     @property
     def bucket_policy(self) -> "BucketPolicy":
-        c: Config = self  # type: ignore[assignment]
-        return BucketPolicy(c.max_tokens, c.refill_tokens, c.refill_interval_seconds)
+        return BucketPolicy(self.max_tokens, self.refill_tokens, self.refill_interval_seconds)
 
     @property
     def default_policy(self) -> "KeyPolicy":
         """The policy of every key that the keys file does not describe."""
-        c: Config = self  # type: ignore[assignment]
-        return KeyPolicy(None, c.bucket_policy, c.request_token_cost, c.token_cost_mode,
-                         c.limit_response, c.response_token_reserve,
-                         calendar=CalendarLimits(c.tokens_per_day, c.tokens_per_month,
-                                                 c.requests_per_day),
-                         max_output_tokens=c.max_output_tokens,
-                         max_reserve_tokens=c.max_reserve_tokens)
+        return KeyPolicy(None, self.bucket_policy, self.request_token_cost,
+                         self.token_cost_mode, self.limit_response,
+                         self.response_token_reserve,
+                         calendar=CalendarLimits(self.tokens_per_day, self.tokens_per_month,
+                                                 self.requests_per_day),
+                         max_output_tokens=self.max_output_tokens,
+                         max_reserve_tokens=self.max_reserve_tokens)
 
     def warnings(self) -> list[str]:
         """Settings that are valid but almost certainly not what the operator meant."""
-        c: Config = self  # type: ignore[assignment]
         found = []
-        if c.token_cost_mode != "request" and c.max_tokens < c.response_token_reserve:
+        if self.token_cost_mode != "request" and self.max_tokens < self.response_token_reserve:
             found.append(
-                f"TOKEN_COST_MODE={c.token_cost_mode} with MAX_TOKENS={c.max_tokens} below "
-                f"RESPONSE_TOKEN_RESERVE={c.response_token_reserve}: every request that does "
-                "not set a small max_tokens costs more than a bucket holds and is refused")
+                f"TOKEN_COST_MODE={self.token_cost_mode} with MAX_TOKENS={self.max_tokens} "
+                f"below RESPONSE_TOKEN_RESERVE={self.response_token_reserve}: every request "
+                "that does not set a small max_tokens costs more than a bucket holds and is "
+                "refused")
         return found
 
 
-def _config_field(setting: Setting) -> tuple[str, type, object]:
-    value = setting.parse(setting.env, setting.default)
-    return setting.field, type(value), dataclasses.field(default=value)
-
-
-#: Every setting, validated: one field per row of SETTINGS (HOST is `host`, MAX_TOKENS is
-#: `max_tokens`, ...), defaulting to the row's default. Built once by `from_env` in main();
-#: handlers read `server.config`; tests make one directly: Config(port=0, max_tokens=3).
-Config = dataclasses.make_dataclass(
-    "Config", [_config_field(s) for s in SETTINGS], bases=(_ConfigRules,), frozen=True,
-    namespace={"__doc__": "Every setting, validated (one field per row of SETTINGS).",
-               "__module__": __name__})
+if [f.name for f in dataclasses.fields(Config)] != [s.field for s in SETTINGS]:
+    raise AssertionError("Config's fields and the rows of SETTINGS differ")  # (at import)
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
@@ -688,7 +800,7 @@ class KeyPolicy:
     response_token_reserve: int
     models: frozenset[str] | None = None
     disabled: bool = False
-    calendar: "CalendarLimits" = None  # type: ignore[assignment]  (set by __post_init__)
+    calendar: "CalendarLimits" = None  # type: ignore[assignment]  # (set by __post_init__)
     max_output_tokens: int = 4096   # usage mode: the most an answer without a limit may run to
     max_reserve_tokens: int = 0     # usage mode: the most a request reserves (0: all it may cost)
     expires_at: float | None = None  # (wall clock) from then on the key gets 401 key_expired
@@ -712,7 +824,7 @@ class KeyPolicy:
 PRIORITIES = ("high", "normal", "low")
 
 #: Fields of a keys-file entry, with the check each value must pass.
-_ENTRY_FIELDS: dict[str, Callable[[object], bool]] = {
+_ENTRY_FIELDS: dict[str, Callable[[typing.Any], bool]] = {
     "name": lambda v: isinstance(v, str) and bool(v.strip()),
     "key": lambda v: isinstance(v, str) and bool(v) and all("!" <= c <= "~" for c in v),
     "key_sha256": lambda v: isinstance(v, str) and re.fullmatch(r"[0-9a-fA-F]{64}", v) is not None,
@@ -1391,7 +1503,7 @@ class _Bucket:
 class MemoryBucketStore:
     """Token buckets in a dict behind one lock; every operation is atomic.
 
-    Methods for the caller: take(), settle(), refund(), peek(), record(), usage(), len().
+    Methods for the caller: take(), settle(), peek(), usage(), len().
     Only buckets that are not full are
     held: a bucket refilled to full is the same as a new one, so it is dropped (on access, and by
     a sweep at most once a minute). Memory is bounded by the number of keys that spent tokens
@@ -1522,10 +1634,6 @@ class MemoryBucketStore:
                 self._mark_periods(key, periods)
             return bucket.quota(True, 0, now)
 
-    def refund(self, key: str, amount: int, policy: BucketPolicy) -> Quota:
-        """Give back tokens taken for a request the upstream never served."""
-        return self.settle(key, -amount, policy, refund=True)
-
     def calendar(self, key: str, limits: CalendarLimits,
                  periods: Periods) -> tuple[CalendarQuota, ...]:
         """How the key's calendar quotas stand now."""
@@ -1534,14 +1642,9 @@ class MemoryBucketStore:
             month = self._periods.get((key, "m:" + periods.month)) or [0, 0]
             return calendar_quotas(limits, periods, day, month)
 
-    def record(self, key: str, *, requests: int = 0, limited: int = 0, prompt: int = 0,
-               completion: int = 0, charged: int = 0) -> None:
-        """Add to the key's usage counters (the most recently used MAX_TRACKED_KEYS are kept)."""
-        with self._lock:
-            self._count(key, requests, limited, prompt, completion, charged)
-
     def _count(self, key: str, requests: int, limited: int, prompt: int, completion: int,
                charged: int) -> None:
+        """Add to the key's usage counters (the most recently used MAX_TRACKED_KEYS are kept)."""
         counters = self._usage.pop(key, None)
         if counters is None:
             counters = [requests, limited, prompt, completion, charged]
@@ -1617,7 +1720,8 @@ class MemoryBucketStore:
         """How many buckets, counters and quota counters changed since changes() last took
         them."""
         with self._lock:
-            return tuple(len(changed) for changed in self._changed)  # type: ignore[return-value]
+            buckets, counters, periods = (len(changed) for changed in self._changed)
+            return buckets, counters, periods
 
     def mark_changed(self, changes: "StoreChanges") -> None:
         """Changes that could not be written: to be taken again by the next changes()."""
@@ -1740,7 +1844,7 @@ USAGE_TTL_SECONDS = 30 * 24 * 3600
 class RedisBucketStore:
     """The buckets in Redis or Valkey, shared by every proxy instance that points at it.
 
-    The same interface and semantics as MemoryBucketStore: take(), settle(), refund() and
+    The same interface and semantics as MemoryBucketStore: take(), settle() and
     peek() are each one atomic Lua script (loaded once, run by its digest, reloaded by redis-py
     on NOSCRIPT) on the server's clock. Redis keys are REDIS_PREFIX plus a SHA-256 digest of
     the bucket key, never a client key. No request waits longer than REDIS_TIMEOUT: a failure
@@ -1805,9 +1909,6 @@ class RedisBucketStore:
                                                       completion=completion, periods=periods,
                                                       refund=refund))
 
-    def refund(self, key: str, amount: int, policy: BucketPolicy) -> Quota:
-        return self.settle(key, -amount, policy, refund=True)
-
     def calendar(self, key: str, limits: CalendarLimits,
                  periods: Periods) -> tuple[CalendarQuota, ...]:
         def remote() -> tuple[CalendarQuota, ...]:
@@ -1820,22 +1921,6 @@ class RedisBucketStore:
     def peek(self, key: str, policy: BucketPolicy) -> Quota:
         return self._either(lambda: self._bucket("peek", key, 0, policy),
                             lambda: self.local.peek(key, policy))
-
-    def record(self, key: str, *, requests: int = 0, limited: int = 0, prompt: int = 0,
-               completion: int = 0, charged: int = 0) -> None:
-        values = dict(zip(USAGE_FIELDS, (requests, limited, prompt, completion, charged)))
-
-        def remote() -> None:
-            pipe = self._redis.pipeline(transaction=False)
-            name = self._name("u:", key)
-            for field, value in values.items():
-                if value:
-                    pipe.hincrby(name, field, value)
-            pipe.expire(name, USAGE_TTL_SECONDS)
-            pipe.execute()
-        self._either(remote, lambda: self.local.record(
-            key, requests=requests, limited=limited, prompt=prompt, completion=completion,
-            charged=charged))
 
     def usage(self, key: str) -> dict[str, int]:
         def remote() -> dict[str, int]:
@@ -1884,7 +1969,7 @@ class RedisBucketStore:
         wait, limited_by = max(waits)
         return quota._replace(wait_seconds=wait, limited_by=limited_by, calendar=counts)
 
-    def _either(self, remote: Callable[[], object], local: Callable[[], object]) -> object:
+    def _either(self, remote: Callable[[], _T], local: Callable[[], _T]) -> _T:
         """Redis when it is up (or due for a probe by this request), else the failure mode."""
         probing = False
         if self._down:
@@ -1905,7 +1990,7 @@ class RedisBucketStore:
             self._log("Redis is reachable again: buckets are shared again")
         return result
 
-    def _without_redis(self, local: Callable[[], object]) -> object:
+    def _without_redis(self, local: Callable[[], _T]) -> _T:
         if self.closed_mode:
             raise StoreUnavailable(self._retry_at - time.monotonic())
         return local()
@@ -1981,6 +2066,8 @@ SQLITE_MAX_INTEGER = 2 ** 63 - 1
 def stored_text(text: str) -> str:
     """A client's string as the state stores and every report shows it, whatever it holds:
     each unstorable character replaced with U+FFFD."""
+    if text.isascii() and text.isprintable():  # (the usual text: none of them, found at once)
+        return text
     return _UNSTORABLE.sub("\ufffd", text)
 
 
@@ -2443,7 +2530,7 @@ class RedisLedger:
     path = "the usage ledger in Redis"
     SEPARATOR = "\x1f"
 
-    def __init__(self, redis: object, prefix: str, retention_days: int,
+    def __init__(self, redis: typing.Any, prefix: str, retention_days: int,
                  errors: tuple[type[BaseException], ...]) -> None:
         self.redis = redis
         self.prefix = prefix
@@ -2454,7 +2541,7 @@ class RedisLedger:
               prune_before: float) -> None:
         if not ledger:
             return
-        pipe = self.redis.pipeline(transaction=False)  # type: ignore[attr-defined]
+        pipe = self.redis.pipeline(transaction=False)
         for entry, counts in ledger.items():
             name = f"{self.prefix}l:{entry.hour}"
             row = self.SEPARATOR.join(entry[1:])
@@ -2468,7 +2555,7 @@ class RedisLedger:
              key: str | None = None) -> list[tuple[LedgerKey, list[int]]]:
         found: dict[LedgerKey, list[int]] = {}
         hours = list(range(int(since // 3600 * 3600), int(until), 3600))
-        pipe = self.redis.pipeline(transaction=False)  # type: ignore[attr-defined]
+        pipe = self.redis.pipeline(transaction=False)
         for hour in hours:
             pipe.hgetall(f"{self.prefix}l:{hour}")
         for hour, fields in zip(hours, pipe.execute()):
@@ -2531,7 +2618,8 @@ def format_report(report: list[dict[str, object]], by: str, form: str) -> str:
         writer.writeheader()
         writer.writerows(report)
         return out.getvalue()
-    total = {by: "total", **{f: sum(int(r[f]) for r in report) for f in LEDGER_FIELDS}}  # type: ignore[call-overload]
+    total: dict[str, object] = {by: "total"}
+    total.update((f, sum(typing.cast(int, r[f]) for r in report)) for f in LEDGER_FIELDS)
     table = [columns] + [[str(r[c]) for c in columns] for r in (*report, total)]
     widths = [max(len(row[i]) for row in table) for i in range(len(columns))]
     return "".join("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
@@ -2851,7 +2939,10 @@ class EventTemplate(typing.NamedTuple):
         return self.relayed_before + literal + self.relayed_after
 
 
-_scan_string = json.decoder.scanstring  # (the C scanner: the JSON string from after its quote)
+#: the C scanner: the JSON string from after its quote (public since Python 2.6, though
+#: typeshed does not list it)
+_scan_string: Callable[[str, int], tuple[str, int]] = \
+    json.decoder.scanstring  # type: ignore[attr-defined]  # (see above)
 
 
 class Meter:
@@ -2895,6 +2986,20 @@ class Meter:
         self._tail_read = False             # usage was found in that tail
         self._template: EventTemplate | None = None
         self._templates = 0
+
+    @property
+    def template(self) -> "EventTemplate | None":
+        """The template pieces of text are read by now (None: each event is parsed)."""
+        return self._template
+
+    @property
+    def templates_made(self) -> int:
+        return self._templates
+
+    def without_templates(self) -> "Meter":
+        """This meter, reading every event the general way (what a template must match)."""
+        self._templates = MAX_TEMPLATES
+        return self
 
     def begin(self, status: int, content_encoding: str | None, stream: bool) -> None:
         """The answer's status, Content-Encoding and whether it is a stream (its Content-Type),
@@ -3140,14 +3245,16 @@ def generated_bound(obj: Mapping[str, object]) -> int:
         for choice in choices:
             if isinstance(choice, dict):
                 size += choice_bound(choice)
-    if isinstance(obj.get("type"), str) and obj["type"].endswith(".delta") \
-            and isinstance(obj.get("delta"), str):
-        size += text_bound(obj["delta"])  # a /v1/responses stream event
-    if obj.get("object") == "response" and isinstance(obj.get("output"), list):
-        for item in obj["output"]:
+    kind, delta = obj.get("type"), obj.get("delta")
+    if isinstance(kind, str) and kind.endswith(".delta") and isinstance(delta, str):
+        size += text_bound(delta)  # a Responses API stream event
+    output = obj.get("output")
+    if obj.get("object") == "response" and isinstance(output, list):
+        for item in output:
             for part in (item.get("content") or []) if isinstance(item, dict) else []:
-                if isinstance(part, dict) and isinstance(part.get("text"), str):
-                    size += text_bound(part["text"])
+                text = part.get("text") if isinstance(part, dict) else None
+                if isinstance(text, str):
+                    size += text_bound(text)
     return size
 
 
@@ -3157,8 +3264,9 @@ def choice_bound(choice: Mapping[str, object]) -> int:
     for part in (choice.get("delta"), choice.get("message")):
         if isinstance(part, dict):
             size += _string_stats({k: v for k, v in part.items() if k != "role"})[1]
-    if isinstance(choice.get("text"), str):
-        size += text_bound(choice["text"])
+    text = choice.get("text")
+    if isinstance(text, str):
+        size += text_bound(text)
     return size
 
 
@@ -3623,17 +3731,22 @@ class OpenAIShape:
     #: output limits a request may set (llama.cpp's n_predict too: it wins over max_tokens)
     LIMITS: tuple[tuple[str, ...], ...] = (("max_tokens",), ("max_completion_tokens",),
                                            ("max_output_tokens",), ("n_predict",))
-    #: the output limits some server of the API reads, by route (capped in estimate mode):
+    #: the output limits some server of the API reads, by endpoint (capped in estimate mode):
     #: Ollama reads only max_tokens on chat and completions and only max_output_tokens on
-    #: /v1/responses, vLLM max_tokens and max_completion_tokens, llama.cpp n_predict too
+    #: the Responses API, vLLM max_tokens and max_completion_tokens, llama.cpp n_predict too.
+    #: An endpoint not named here (an EXTRA_ROUTES row's: EXTRA) gets CAPPED.
     CAPPED: tuple[tuple[str, ...], ...] = (("max_tokens",), ("max_completion_tokens",),
                                            ("n_predict",))
-    CAPPED_BY_ROUTE: dict[str, tuple[tuple[str, ...], ...]] = {
-        RESPONSES_ROUTE: CAPPED + (("max_output_tokens",),)}
+    CAPPED_BY_ENDPOINT: dict[str, tuple[tuple[str, ...], ...]] = {
+        "responses": CAPPED + (("max_output_tokens",),)}
+    #: the endpoints whose streams end with a usage chunk when asked (stream_options)
+    USAGE_CHUNK_ENDPOINTS = frozenset({"chat", "completions"})
+    #: the endpoints whose limit can be an assistant message, and its shape's name
+    MESSAGE_ENDPOINTS = frozenset({"chat", "completions"})
 
     # -- what a request asks for ------------------------------------------------------------
 
-    def read(self, payload: dict, path: str, default_reserve: int) -> Ask:
+    def read(self, payload: dict, route: Route, default_reserve: int) -> Ask:
         """Validate what the request asks for and the reserve it comes to: the largest output
         limit any field sets (else `default_reserve`), for each of its answers (n, or best_of,
         times the prompts of a prompt array). A limit of 0 (or n_predict's -1) sets none:
@@ -3641,13 +3754,16 @@ class OpenAIShape:
         stream = _read_stream(payload, self.stream_default)
         limits, largest = [], None
         for field in self.LIMITS:
+            if field[0] not in payload:  # (most set none: no need to look closer)
+                continue
             value = _read_integer(payload, field, -1 if field == ("n_predict",) else 0)
             if value is not None:
                 limits.append(field)
                 if value > 0:
                     largest = value if largest is None else max(largest, value)
-        answers = max(_read_integer(payload, ("n",), 1, 128) or 1,
-                      _read_integer(payload, ("best_of",), 1, 128) or 1)
+        answers = 1 if "n" not in payload and "best_of" not in payload else max(
+            _read_integer(payload, ("n",), 1, 128) or 1,
+            _read_integer(payload, ("best_of",), 1, 128) or 1)
         prompt, prompts = payload.get("prompt"), 1
         if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
             prompts = len(prompt)  # several prompts (strings or token lists): answers for each
@@ -3655,27 +3771,27 @@ class OpenAIShape:
         return Ask(stream, reserve, answers * prompts, tuple(limits), prompts,
                    largest is not None)
 
-    def capped(self, path: str) -> tuple[tuple[str, ...], ...]:
-        """Every output limit a server of this API may read on `path`."""
-        return self.CAPPED_BY_ROUTE.get(path, self.CAPPED)
+    def capped(self, route: Route) -> tuple[tuple[str, ...], ...]:
+        """Every output limit a server of this API may read on `route`."""
+        return self.CAPPED_BY_ENDPOINT.get(route.endpoint, self.CAPPED)
 
-    def cap(self, payload: dict, path: str, ask: Ask) -> bool:
+    def cap(self, payload: dict, route: Route, ask: Ask) -> bool:
         """Estimate mode: write the reserve charged for into every output limit a server of
         the route's API may read, and every one the request set, whichever the request used:
         whatever the upstream reads, generation cannot exceed what was paid for. Whether the
         body changed."""
         changed = False
-        for field in dict.fromkeys(self.capped(path) + ask.limits):
+        for field in dict.fromkeys(self.capped(route) + ask.limits):
             value = _field(payload, field)
             if type(value) is not int or value != ask.reserve:
                 _set_limit(payload, field, ask.reserve)
                 changed = True
         return changed
 
-    def ask_for_usage(self, payload: dict, path: str) -> bool:
+    def ask_for_usage(self, payload: dict, route: Route) -> bool:
         """Usage mode, a stream on chat or completions: ask for the usage chunk on the client's
         behalf (stream_options.include_usage). Whether the body changed."""
-        if path not in (CHAT_ROUTE, COMPLETIONS_ROUTE):
+        if route.endpoint not in self.USAGE_CHUNK_ENDPOINTS:
             return False
         options = payload.get("stream_options")
         if isinstance(options, dict) and options.get("include_usage") is True:
@@ -3684,7 +3800,7 @@ class OpenAIShape:
                                      "include_usage": True}
         return True
 
-    def meter(self, path: str, ask: Ask | None, payload: dict) -> Meter:
+    def meter(self, route: Route, ask: Ask | None, payload: dict) -> Meter:
         stream = ask is not None and ask.stream
         options = payload.get("stream_options")
         asked = isinstance(options, dict) and options.get("include_usage") is True
@@ -3695,17 +3811,17 @@ class OpenAIShape:
     def error(self, err: ProxyError) -> Reply:
         return Reply(err.status, (("Content-Type", "application/json"), *err.headers), err.body())
 
-    def limited(self, err: ProxyError, text: str, path: str, payload: dict | None, *,
+    def limited(self, err: ProxyError, text: str, route: Route, payload: dict | None, *,
                 as_message: bool, created: int) -> Reply:
         """The answer to a request the proxy will not forward for now (an empty bucket, too
-        many at once): `err` as a 429, or, when `as_message`, the assistant message `text` in
-        the shape the request asked for, with err's headers."""
-        if not as_message or payload is None:
+        many at once): `err` as a 429, or, when `as_message` on an endpoint that has one, the
+        assistant message `text` in the shape the request asked for, with err's headers."""
+        if not as_message or payload is None or route.endpoint not in self.MESSAGE_ENDPOINTS:
             return self.error(err)
         model = payload.get("model")
         options = payload.get("stream_options")
         content_type, body = limit_completion(
-            path, model if isinstance(model, str) else "", text,
+            route.endpoint == "chat", model if isinstance(model, str) else "", text,
             stream=payload.get("stream") is True,
             include_usage=isinstance(options, dict) and options.get("include_usage") is True,
             created=created)
@@ -3715,8 +3831,8 @@ class OpenAIShape:
         return b"data: " + error_body(message, "server_error", "upstream_error") + b"\n\n"
 
 
-def _completion_id(route: str) -> str:
-    prefix = "chatcmpl-" if route == "/v1/chat/completions" else "cmpl-"
+def _completion_id(chat: bool) -> str:
+    prefix = "chatcmpl-" if chat else "cmpl-"
     return prefix + uuid.uuid4().hex[:24]
 
 
@@ -3733,13 +3849,13 @@ def _named_event(name: str, data: object) -> bytes:
 ZERO_USAGE = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
 
 
-def limit_completion(route: str, model: str, text: str, *, stream: bool, include_usage: bool,
+def limit_completion(chat: bool, model: str, text: str, *, stream: bool, include_usage: bool,
                      created: int) -> tuple[str, bytes]:
     """The assistant-message answer to a limited request, in the shape the client asked for:
-    (content type, body) of a chat.completion / text_completion object or their SSE streams."""
-    ident = _completion_id(route)
+    (content type, body) of a chat.completion (`chat`) / text_completion object or their SSE
+    streams."""
+    ident = _completion_id(chat)
     head = {"id": ident, "created": created, "model": model}
-    chat = route == "/v1/chat/completions"
     if not stream:
         if chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text},
@@ -3821,12 +3937,14 @@ class ResponsesShape(OpenAIShape):
 
     honoured_retry_after = ANTHROPIC_MAX_RETRY_AFTER
 
-    def limited(self, err: ProxyError, text: str, path: str, payload: dict | None, *,
+    MESSAGE_ENDPOINTS = frozenset({"responses"})
+
+    def limited(self, err: ProxyError, text: str, route: Route, payload: dict | None, *,
                 as_message: bool, created: int) -> Reply:
-        if not as_message or payload is None:
+        if not as_message or payload is None or route.endpoint not in self.MESSAGE_ENDPOINTS:
             return self.error(self.give_up(err, created))
-        model = payload.get("model") if isinstance(payload.get("model"), str) else ""
-        events = limit_response_events(model, text, created)
+        model = payload.get("model")
+        events = limit_response_events(model if isinstance(model, str) else "", text, created)
         if payload.get("stream") is not True:
             return Reply(HTTPStatus.OK, (("Content-Type", "application/json"), *err.headers),
                          json.dumps(events[-1][1]["response"]).encode())
@@ -3880,9 +3998,13 @@ class AnthropicShape(OpenAIShape):
     name = "anthropic"
     honoured_retry_after = ANTHROPIC_MAX_RETRY_AFTER
     LIMITS = CAPPED = (("max_tokens",),)
-    CAPPED_BY_ROUTE = {}
+    CAPPED_BY_ENDPOINT = {}
+    USAGE_CHUNK_ENDPOINTS = frozenset()  # its answers always carry usage
+    MESSAGE_ENDPOINTS = frozenset({"messages"})
+    #: the endpoints whose answers carry usage (count_tokens's and an EXTRA row's do not)
+    COUNTED_ENDPOINTS = frozenset({"messages"})
 
-    def read(self, payload: dict, path: str, default_reserve: int) -> Ask:
+    def read(self, payload: dict, route: Route, default_reserve: int) -> Ask:
         stream = _read_stream(payload, False)
         value = _read_integer(payload, ("max_tokens",), 0)
         if value is None:  # (the API requires it; local servers do not insist)
@@ -3890,12 +4012,12 @@ class AnthropicShape(OpenAIShape):
         # 0 sets no limit to Ollama, whose Anthropic layer passes it on as num_predict
         return Ask(stream, value or default_reserve, 1, (("max_tokens",),), 1, value > 0)
 
-    def ask_for_usage(self, payload: dict, path: str) -> bool:
+    def ask_for_usage(self, payload: dict, route: Route) -> bool:
         return False  # its answers always carry usage
 
-    def meter(self, path: str, ask: Ask | None, payload: dict) -> Meter:
+    def meter(self, route: Route, ask: Ask | None, payload: dict) -> Meter:
         return AnthropicMeter(ask is not None and ask.stream,
-                              expects_usage=path == "/v1/messages")
+                              expects_usage=route.endpoint in self.COUNTED_ENDPOINTS)
 
     def error(self, err: ProxyError) -> Reply:
         kind = ANTHROPIC_ERROR_TYPES.get(err.status, "api_error" if err.status >= 500
@@ -3904,9 +4026,9 @@ class AnthropicShape(OpenAIShape):
         return Reply(err.status, (("Content-Type", "application/json"), *err.headers),
                      json.dumps(body).encode())
 
-    def limited(self, err: ProxyError, text: str, path: str, payload: dict | None, *,
+    def limited(self, err: ProxyError, text: str, route: Route, payload: dict | None, *,
                 as_message: bool, created: int) -> Reply:
-        if not as_message or payload is None:
+        if not as_message or payload is None or route.endpoint not in self.MESSAGE_ENDPOINTS:
             return self.error(err)
         model = payload.get("model") if isinstance(payload.get("model"), str) else ""
         message = {"id": "msg_" + uuid.uuid4().hex[:24], "type": "message",
@@ -3947,9 +4069,14 @@ class OllamaShape(OpenAIShape):
     name = "ollama"
     stream_default = True
     LIMITS = CAPPED = (("options", "num_predict"),)
-    CAPPED_BY_ROUTE = {}
+    CAPPED_BY_ENDPOINT = {}
+    USAGE_CHUNK_ENDPOINTS = frozenset()  # the last line always carries the counts
+    MESSAGE_ENDPOINTS = frozenset({"ollama_chat", "ollama_generate"})
+    #: the endpoints whose answers carry no counts (the old embeddings route); every other,
+    #: an EXTRA row's too, ends with prompt_eval_count and eval_count
+    UNCOUNTED_ENDPOINTS = frozenset({"ollama_embeddings"})
 
-    def read(self, payload: dict, path: str, default_reserve: int) -> Ask:
+    def read(self, payload: dict, route: Route, default_reserve: int) -> Ask:
         stream = _read_stream(payload, True)
         options = payload.get("options")
         if options is not None and not isinstance(options, dict):
@@ -3963,26 +4090,27 @@ class OllamaShape(OpenAIShape):
         return Ask(stream, value if value > 0 else default_reserve, 1,
                    (("options", "num_predict"),), 1, value > 0)
 
-    def ask_for_usage(self, payload: dict, path: str) -> bool:
+    def ask_for_usage(self, payload: dict, route: Route) -> bool:
         return False  # the last line always carries the counts
 
-    def meter(self, path: str, ask: Ask | None, payload: dict) -> Meter:
+    def meter(self, route: Route, ask: Ask | None, payload: dict) -> Meter:
         stream = ask is not None and ask.stream
-        return OllamaMeter(stream, expects_usage=path != "/api/embeddings")
+        return OllamaMeter(stream,
+                           expects_usage=route.endpoint not in self.UNCOUNTED_ENDPOINTS)
 
     def error(self, err: ProxyError) -> Reply:
         return Reply(err.status, (("Content-Type", "application/json; charset=utf-8"),
                                   *err.headers), json.dumps({"error": err.message}).encode())
 
-    def limited(self, err: ProxyError, text: str, path: str, payload: dict | None, *,
+    def limited(self, err: ProxyError, text: str, route: Route, payload: dict | None, *,
                 as_message: bool, created: int) -> Reply:
-        if not as_message or payload is None:
+        if not as_message or payload is None or route.endpoint not in self.MESSAGE_ENDPOINTS:
             return self.error(err)
         model = payload.get("model") if isinstance(payload.get("model"), str) else ""
         answer: dict[str, object] = {
             "model": model, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                         time.gmtime(created))}
-        if path == "/api/chat":
+        if route.endpoint == "ollama_chat":
             answer["message"] = {"role": "assistant", "content": text}
         else:
             answer["response"] = text
@@ -4000,16 +4128,6 @@ class OllamaShape(OpenAIShape):
 
 OPENAI, RESPONSES = OpenAIShape(), ResponsesShape()
 ANTHROPIC, OLLAMA = AnthropicShape(), OllamaShape()
-
-
-def api_of_path(path: str) -> OpenAIShape:
-    """The API a path speaks, for answering a request no route matched (a 404 or 405 in the
-    shape its client expects)."""
-    if path == "/api" or path.startswith("/api/"):
-        return OLLAMA
-    if path.startswith("/v1/messages"):
-        return ANTHROPIC
-    return OPENAI
 
 
 # ################################################################### HTTP messages ####
@@ -4039,7 +4157,13 @@ class Headers:
         values = self._index.get(name.lower())
         return values[0] if values else default
 
-    def get_all(self, name: str, default: object = None) -> list[str] | object:
+    @typing.overload
+    def get_all(self, name: str) -> list[str] | None: ...
+
+    @typing.overload
+    def get_all(self, name: str, default: _T) -> list[str] | _T: ...
+
+    def get_all(self, name: str, default: object = None) -> object:
         values = self._index.get(name.lower())
         return list(values) if values else default
 
@@ -4068,7 +4192,8 @@ class HeaderError(Exception):
         self.status = status
 
 
-def read_headers(fp: object, max_bytes: int = MAX_HEADER_BYTES) -> Headers:
+def read_headers(fp: typing.BinaryIO | io.BufferedIOBase,
+                 max_bytes: int = MAX_UPSTREAM_HEAD_BYTES) -> Headers:
     """Read header lines up to the empty line that ends them (RFC 9112 section 5).
 
     Raises HeaderError(431) past `max_bytes` or MAX_HEADER_LINES, HeaderError(400) for a line
@@ -4080,7 +4205,7 @@ def read_headers(fp: object, max_bytes: int = MAX_HEADER_BYTES) -> Headers:
         return fast
     items: list[tuple[str, str]] = []
     budget = max_bytes
-    readline = fp.readline  # type: ignore[attr-defined]
+    readline = fp.readline
     while True:
         line = readline(budget + 1)
         if not line:
@@ -4100,7 +4225,8 @@ def read_headers(fp: object, max_bytes: int = MAX_HEADER_BYTES) -> Headers:
         items.append((name.decode("latin-1"), value.decode("latin-1")))
 
 
-def _read_header_block(fp: object, max_bytes: int) -> Headers | None:
+def _read_header_block(fp: typing.BinaryIO | io.BufferedIOBase,
+                       max_bytes: int) -> Headers | None:
     """The fast path of read_headers: a well-formed block already in fp's buffer, parsed with
     one regular expression instead of line by line. None (nothing consumed) for anything else,
     which read_headers then reads line by line and accepts or refuses as the rules say."""
@@ -4119,7 +4245,7 @@ def _read_header_block(fp: object, max_bytes: int) -> Headers | None:
     items = [(name, value.rstrip(" \t")) for name, value in _HEADER_FIELD.findall(block)]
     if len(items) >= MAX_HEADER_LINES or end + 4 > max_bytes:
         return None  # let the slow path raise the error
-    fp.read(end + 4)  # type: ignore[attr-defined]
+    fp.read(end + 4)
     return Headers(items)
 
 
@@ -4298,8 +4424,8 @@ def request_framing(headers: Headers) -> int | None:
     every request before it is routed, because a body the proxy does not read must not become
     the next request: ambiguous or invalid framing is ProxyError(400) and closes the connection
     (request smuggling, RFC 9112 section 6.3)."""
-    lengths = [v.strip() for v in headers.get_all("Content-Length") or []]  # type: ignore[union-attr]
-    encoding = ",".join(headers.get_all("Transfer-Encoding") or []).strip().lower()  # type: ignore[arg-type]
+    lengths = [v.strip() for v in headers.get_all("Content-Length") or []]
+    encoding = ",".join(headers.get_all("Transfer-Encoding") or []).strip().lower()
     if encoding:
         if lengths:
             raise ProxyError(HTTPStatus.BAD_REQUEST, "Both Content-Length and "
@@ -4322,7 +4448,7 @@ def connection_tokens(headers: Headers) -> frozenset[str]:
     values = headers.get_all("Connection")
     if not values:
         return frozenset()
-    return frozenset(t.strip().lower() for v in values for t in v.split(","))  # type: ignore[union-attr]
+    return frozenset(t.strip().lower() for v in values for t in v.split(","))
 
 
 class CorsPolicy:
@@ -4391,7 +4517,9 @@ class Route:
     or under the upstream's root (NATIVE_API_URL, "root"). `private`: its local answer depends
     on the caller's key (every ADMIN row, and the caller's own usage), so no cache may keep
     it for someone else (Cache-Control: no-store). A `path` ending in "/" covers everything
-    below it.
+    below it. `endpoint`: which of its API's endpoints it is (chat, completions, responses,
+    messages, ollama_chat, ...; EXTRA for an EXTRA_ROUTES row), what the API shapes read and
+    cap, meter and answer by, never the path. `asset`: the page asset a page route serves.
     """
     path: str
     methods: frozenset[str]
@@ -4401,6 +4529,8 @@ class Route:
     message_limit: bool = False
     upstream: str = "v1"
     private: bool = False
+    endpoint: str = ""
+    asset: str = ""
 
     @property
     def label(self) -> str:
@@ -4413,44 +4543,53 @@ class Route:
                                          and policy.token_cost_mode != "request")
 
 
+#: The endpoint of every EXTRA_ROUTES row: the shapes treat it as an endpoint they know
+#: nothing of (no limit message, no usage chunk asked for, the API's usual output limits).
+EXTRA = "extra"
+#: The prefix of the paths forwarded under BASE_API_URL (the rest go to the upstream's root).
+V1_PREFIX = "/v1"
+
+
 def _row(spec: str, kind: str, api: OpenAIShape = OPENAI, answer: str = "",
-         message_limit: bool = False, private: bool = False) -> Route:
+         message_limit: bool = False, private: bool = False, endpoint: str = "",
+         asset: str = "") -> Route:
     """A row from 'METHOD[,METHOD] /path'."""
     methods, path = spec.split()
-    upstream = "v1" if path == "/v1" or path.startswith("/v1/") else "root"
+    upstream = "v1" if path == V1_PREFIX or path.startswith(V1_PREFIX + "/") else "root"
     return Route(path, frozenset(methods.split(",")), kind, api, answer, message_limit,
-                 upstream, private or kind == ADMIN)
+                 upstream, private or kind == ADMIN, endpoint, asset)
 
 
 #: What each route is. Anything not found here is answered 404 and never forwarded, and a
 #: method not listed for a route's path gets 405. EXTRA_ROUTES adds rows.
 DEFAULT_ROUTES = (
     # OpenAI
-    _row("POST /v1/chat/completions", GENERATE, message_limit=True),
-    _row("POST /v1/completions", GENERATE, message_limit=True),
-    _row("POST /v1/responses", GENERATE, RESPONSES, message_limit=True),
-    _row("POST /v1/embeddings", EMBED),
-    _row("POST /v1/rerank", EMBED),
-    _row("GET /v1/models", FREE, answer="models"),
-    _row("GET /v1/models/", FREE, answer="model"),
+    _row("POST /v1/chat/completions", GENERATE, message_limit=True, endpoint="chat"),
+    _row("POST /v1/completions", GENERATE, message_limit=True, endpoint="completions"),
+    _row("POST /v1/responses", GENERATE, RESPONSES, message_limit=True, endpoint="responses"),
+    _row("POST /v1/embeddings", EMBED, endpoint="embeddings"),
+    _row("POST /v1/rerank", EMBED, endpoint="rerank"),
+    _row("GET /v1/models", FREE, answer="models", endpoint="models"),
+    _row("GET /v1/models/", FREE, answer="model", endpoint="model"),
     # Anthropic Messages
-    _row("POST /v1/messages", GENERATE, ANTHROPIC, message_limit=True),
-    _row("POST /v1/messages/count_tokens", FREE, ANTHROPIC),
+    _row("POST /v1/messages", GENERATE, ANTHROPIC, message_limit=True, endpoint="messages"),
+    _row("POST /v1/messages/count_tokens", FREE, ANTHROPIC, endpoint="count_tokens"),
     # Ollama's native API, at the upstream's root
-    _row("POST /api/chat", GENERATE, OLLAMA, message_limit=True),
-    _row("POST /api/generate", GENERATE, OLLAMA, message_limit=True),
-    _row("POST /api/embed", EMBED, OLLAMA),
-    _row("POST /api/embeddings", EMBED, OLLAMA),
-    _row("GET /api/tags", FREE, OLLAMA, answer="tags"),
-    _row("POST /api/show", FREE, OLLAMA),
-    _row("GET /api/version", FREE, OLLAMA),
-    _row("GET /api/ps", FREE, OLLAMA),
-    _row("POST /api/pull", MANAGE, OLLAMA),
-    _row("POST /api/push", MANAGE, OLLAMA),
-    _row("POST /api/create", MANAGE, OLLAMA),
-    _row("POST /api/copy", MANAGE, OLLAMA),
-    _row("DELETE /api/delete", MANAGE, OLLAMA),
-    _row("HEAD,POST /api/blobs/", MANAGE, OLLAMA),
+    _row("POST /api/chat", GENERATE, OLLAMA, message_limit=True, endpoint="ollama_chat"),
+    _row("POST /api/generate", GENERATE, OLLAMA, message_limit=True,
+         endpoint="ollama_generate"),
+    _row("POST /api/embed", EMBED, OLLAMA, endpoint="ollama_embed"),
+    _row("POST /api/embeddings", EMBED, OLLAMA, endpoint="ollama_embeddings"),
+    _row("GET /api/tags", FREE, OLLAMA, answer="tags", endpoint="ollama_tags"),
+    _row("POST /api/show", FREE, OLLAMA, endpoint="ollama_show"),
+    _row("GET /api/version", FREE, OLLAMA, endpoint="ollama_version"),
+    _row("GET /api/ps", FREE, OLLAMA, endpoint="ollama_ps"),
+    _row("POST /api/pull", MANAGE, OLLAMA, endpoint="ollama_pull"),
+    _row("POST /api/push", MANAGE, OLLAMA, endpoint="ollama_push"),
+    _row("POST /api/create", MANAGE, OLLAMA, endpoint="ollama_create"),
+    _row("POST /api/copy", MANAGE, OLLAMA, endpoint="ollama_copy"),
+    _row("DELETE /api/delete", MANAGE, OLLAMA, endpoint="ollama_delete"),
+    _row("HEAD,POST /api/blobs/", MANAGE, OLLAMA, endpoint="ollama_blobs"),
     # answered by the proxy
     _row("GET /health", LOCAL, answer="health", private=True),
     _row("GET /metrics", ADMIN, answer="metrics"),
@@ -4461,22 +4600,37 @@ DEFAULT_ROUTES = (
     _row("GET /admin/usage", ADMIN, answer="admin_usage"),
     _row("GET /v1/usage", LOCAL, answer="usage", private=True),
     _row("GET /admin/overview", ADMIN, answer="overview"),
-    _row("GET /admin", LOCAL, answer="page"),
-    _row("GET /usage", LOCAL, answer="page"),
-    _row("GET /ui/style.css", LOCAL, answer="page"),
-    _row("GET /ui/pages.js", LOCAL, answer="page"),
-    _row("GET /ui/admin.js", LOCAL, answer="page"),
-    _row("GET /ui/usage.js", LOCAL, answer="page"),
+    _row("GET /admin", LOCAL, answer="page", asset="admin.html"),
+    _row("GET /usage", LOCAL, answer="page", asset="usage.html"),
+    _row("GET /ui/style.css", LOCAL, answer="page", asset="style.css"),
+    _row("GET /ui/pages.js", LOCAL, answer="page", asset="pages.js"),
+    _row("GET /ui/admin.js", LOCAL, answer="page", asset="admin.js"),
+    _row("GET /ui/usage.js", LOCAL, answer="page", asset="usage.js"),
     _row("GET /favicon.ico", LOCAL, answer="no_icon"),
     _row("OPTIONS /", LOCAL, answer="preflight"),
 )
 
 
 def extra_route(method: str, path: str, kind: str) -> Route:
-    """A row of EXTRA_ROUTES: its API is the one its path belongs to."""
+    """A row of EXTRA_ROUTES: its API is the one its path belongs to, its endpoint EXTRA."""
     covering = path.endswith("/*")
     path = path[:-1] if covering else path
-    return _row(f"{method} {path}", kind, api_of_path(path))
+    return _row(f"{method} {path}", kind, api_of_path(path), endpoint=EXTRA)
+
+
+#: The API of the paths below each prefix (the first that matches), for EXTRA_ROUTES rows
+#: and for answering a request no route matched (a 404 or 405 in the shape its client
+#: expects); any other path speaks OpenAI's.
+API_PREFIXES: tuple[tuple[str, OpenAIShape], ...] = (
+    ("/api/", OLLAMA), ("/v1/messages", ANTHROPIC))
+
+
+def api_of_path(path: str) -> OpenAIShape:
+    """The API a path speaks (API_PREFIXES)."""
+    for prefix, api in API_PREFIXES:
+        if path.startswith(prefix) or path == prefix.rstrip("/"):
+            return api
+    return OPENAI
 
 
 class RouteTable:
@@ -4618,7 +4772,7 @@ def identify(headers: Headers, keys: KeyRing, default_policy: KeyPolicy, peer: s
                              "(or as x-api-key).", code="invalid_api_key")
         if trust_forwarded_for:
             forwarded = [p.strip() for p in ",".join(
-                headers.get_all("X-Forwarded-For") or []).split(",") if p.strip()]  # type: ignore[arg-type]
+                headers.get_all("X-Forwarded-For") or []).split(",") if p.strip()]
             if forwarded:
                 peer = forwarded[-1]
         return Identity("ip:" + peer, default_policy, "-")
@@ -4660,7 +4814,9 @@ def upstream_body(ex: Exchange, base_model: str) -> tuple[bytes, bytes | None]:
     refuses stream_options the proxy added (None: nothing was added). The client's bytes go as
     they are unless the model is rewritten (BASE_MODEL, generation routes), the reserve charged
     for is written into its output limits (estimate mode), or, in usage mode, a stream is asked
-    for its usage on the client's behalf (and the meter then strips it)."""
+    for its usage on the client's behalf. The fallback is the one value that says so: the
+    forwarder sends it when the upstream refuses the first, and the answer says which went
+    (Answer.usage_asked), from which the meter is configured once."""
     payload, route, ask = ex.payload, ex.route, ex.ask
     assert payload is not None and route is not None and ex.policy is not None
     changed = False
@@ -4669,16 +4825,15 @@ def upstream_body(ex: Exchange, base_model: str) -> tuple[bytes, bytes | None]:
         payload["model"] = base_model
         changed = True
     if ask is not None and ex.policy.token_cost_mode == "estimate":
-        changed = route.api.cap(payload, route.path, ask) or changed
+        changed = route.api.cap(payload, route, ask) or changed
     elif ask is not None and ex.charge is not None and ex.charge.output_limit is not None:
         written = ask._replace(reserve=ex.charge.output_limit)
-        changed = route.api.cap(payload, route.path, written) or changed
+        changed = route.api.cap(payload, route, written) or changed
     meter = ex.charge.meter if ex.charge is not None else None
     if meter is not None and meter.stream:
         plain = json.dumps(payload).encode() if changed else ex.body
-        if route.api.ask_for_usage(payload, route.path):
-            fallback = plain
-            meter.strip = meter.expects_usage = changed = True
+        if route.api.ask_for_usage(payload, route):
+            fallback, changed = plain, True
     return (json.dumps(payload).encode() if changed else ex.body), fallback
 
 
@@ -4846,7 +5001,7 @@ def admit(ex: Exchange, store: "BucketStore", metrics: "Metrics",
         return Charge.declined(quota)
     if policy.token_cost_mode != "usage":
         return Charge(store, ex.bucket_key, bucket, quota, cost, periods=periods)
-    meter = route.api.meter(route.path, ex.ask, payload)
+    meter = route.api.meter(route, ex.ask, payload)
     estimate = prompt_estimate(payload)
     if ex.ask is not None:
         meter.answers = ex.ask.answers
@@ -4896,10 +5051,10 @@ class Upstream:
     host: str
     port: int
     base_path: str
-    prefix: str = "/v1"
+    prefix: str = V1_PREFIX
 
     @classmethod
-    def from_url(cls, url: str, prefix: str = "/v1") -> "Upstream":
+    def from_url(cls, url: str, prefix: str = V1_PREFIX) -> "Upstream":
         parts = urllib.parse.urlsplit(url)
         port = parts.port or (443 if parts.scheme == "https" else 80)
         return cls(parts.scheme, parts.hostname or "", port, parts.path.rstrip("/"), prefix)
@@ -4907,7 +5062,8 @@ class Upstream:
     @classmethod
     def root_of(cls, config: Config) -> "Upstream":
         """The upstream's root: NATIVE_API_URL, else BASE_API_URL without its trailing /v1."""
-        url = config.native_api_url or re.sub(r"/v1/?$", "", config.base_api_url)
+        url = config.native_api_url or re.sub(re.escape(V1_PREFIX) + "/?$", "",
+                                                 config.base_api_url)
         return cls.from_url(url, prefix="")
 
     @property
@@ -4951,7 +5107,7 @@ class _UpstreamResponse(http.client.HTTPResponse):
         if self.headers is not None:
             return
         while True:
-            version, status, reason = self._read_status()  # type: ignore[attr-defined]
+            version, status, reason = self._read_status()
             if status == 101:  # Switching Protocols, never asked for: not HTTP any more
                 raise http.client.HTTPException("unexpected 101 Switching Protocols")
             if not 100 <= status < 200:
@@ -4965,16 +5121,16 @@ class _UpstreamResponse(http.client.HTTPResponse):
             self.version = 11
         else:
             raise http.client.UnknownProtocol(version)
-        self.headers = self.msg = self._headers_or_error()  # type: ignore[assignment]
+        self.headers = self.msg = self._headers_or_error()
         encoding = (self.headers.get("Transfer-Encoding") or "").lower()
-        self.chunked = encoding == "chunked"  # type: ignore[assignment]
+        self.chunked = encoding == "chunked"
         self.chunk_left = None
-        self.will_close = self._check_close()  # type: ignore[attr-defined]
+        self.will_close = self._check_close()
         self.length = None
         length = self.headers.get("Content-Length")
         if length and not self.chunked and _DIGITS.fullmatch(length.strip()):
             self.length = int(length)
-        if status in _NO_BODY_STATUSES or self._method == "HEAD":  # type: ignore[attr-defined]
+        if status in _NO_BODY_STATUSES or self._method == "HEAD":
             if status in _NO_BODY_STATUSES and (self.chunked or self.length):
                 self.will_close = True  # it claims a body it cannot have: trust nothing after it
             self.length = 0
@@ -5007,7 +5163,7 @@ class SocketReader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer: object) -> int | None:  # type: ignore[override]
+    def readinto(self, buffer: typing.Any) -> int | None:  # (any writable buffer)
         if self._dont_wait:
             try:
                 count = self._recv_into(buffer, 0, socket.MSG_DONTWAIT)
@@ -5028,6 +5184,27 @@ class SocketReader(io.RawIOBase):
             return reader.peek(1)
         finally:
             self._dont_wait = False
+
+
+def peek_now(reader: io.BufferedReader, sock: socket.socket) -> bytes | None:
+    """What `reader` holds or its socket has already received, found out without waiting: the
+    bytes (b"" at the connection's end), or None when nothing has come yet. One system call at
+    most through SocketReader.peek_buffered; a TLS socket (whose reads take no flags), or a
+    reader that is not a socket's, is made briefly non-blocking instead, and there an error
+    means nothing has come. Elsewhere a reset raises OSError, as a read would. The one peek
+    without waiting: the pool's idle check, the relay's and the stream relay's."""
+    raw = getattr(reader, "raw", None)
+    if isinstance(raw, SocketReader) and raw.can_peek:
+        data = raw.peek_buffered(reader)
+        return data if data or raw.ended else None
+    timeout = sock.gettimeout()
+    sock.settimeout(0.0)
+    try:
+        return reader.peek(1)
+    except (OSError, ValueError):  # (nothing there: BlockingIOError, SSLWantReadError)
+        return None
+    finally:
+        sock.settimeout(timeout)
 
 
 _TIMEVAL = struct.Struct("@ll")  # struct timeval on Linux
@@ -5089,6 +5266,7 @@ class _Connection:
         """Send a request whose head (request line and headers, without the empty line that
         ends them) is `head`; the response object that will read its answer."""
         self.sock.sendall(head.encode("latin-1") + b"\r\n\r\n" + body)
+        # (HTTPResponse takes a socket; all it does with one is makefile(), which this has)
         return _UpstreamResponse(self, method=head.partition(" ")[0])  # type: ignore[arg-type]
 
     def has_unread(self) -> bool:
@@ -5097,20 +5275,10 @@ class _Connection:
         arrive, bytes no request asked for, or a connection closed while it was idle (a
         server may close an idle keep-alive connection at any time; llama.cpp's does so
         after streams when many are open at once)."""
-        if self.raw.can_peek:
-            try:
-                return bool(self.raw.peek_buffered(self.reader)) or self.raw.ended
-            except (OSError, ValueError):  # (reset by the upstream: not usable)
-                return True
-        timeout = self.sock.gettimeout()  # TLS: its socket is made briefly non-blocking
-        self.sock.settimeout(0.0)
         try:
-            self.reader.peek(1)  # (b"" only at the end)
+            return peek_now(self.reader, self.sock) is not None
+        except (OSError, ValueError):  # (reset by the upstream: not usable)
             return True
-        except (OSError, ValueError):  # (nothing there: SSLWantReadError)
-            return False
-        finally:
-            self.sock.settimeout(timeout)
 
     def close(self) -> None:
         self.reader.release()
@@ -5154,11 +5322,9 @@ class UpstreamPool:
 
     def release(self, conn: _Connection) -> None:
         """Take back a connection whose response was read to its end by its own framing. Any
-        byte beyond that end belongs to no request, so such a connection is closed: no byte of
-        one exchange can reach another."""
-        if conn.has_unread():
-            conn.close()
-            return
+        byte beyond that end belongs to no request: acquire() looks before the connection
+        is used again and closes it, so no byte of one exchange can reach another (one look
+        a request, not one here and one there)."""
         with self._lock:
             if len(self._idle) < self.max_idle:
                 self._idle.append(conn)
@@ -5457,10 +5623,10 @@ def upstream_head(method: str, target: str, headers: Headers, peer: str, pool: "
         forwarded[name] = f"{forwarded[name]}, {value}" if name in forwarded else value
     lines = [f"{method} {target} HTTP/1.1", pool.host_line,
              "Accept-Encoding: identity", *[f"{n}: {v}" for n, v in forwarded.items()]]
-    previous = ", ".join(headers.get_all("X-Forwarded-For", ()))  # type: ignore[arg-type]
+    previous = ", ".join(headers.get_all("X-Forwarded-For", ()))
     lines.append(f"X-Forwarded-For: {previous}, {peer}" if previous else f"X-Forwarded-For: {peer}")
     if via:
-        hops = ", ".join(headers.get_all("Via", ()))  # type: ignore[arg-type]
+        hops = ", ".join(headers.get_all("Via", ()))
         lines.append(f"Via: {hops}, 1.1 {via}" if hops else f"Via: 1.1 {via}")
     if pool.authorization_line:
         lines.append(pool.authorization_line)
@@ -5478,7 +5644,9 @@ class Answer:
     conn: _Connection
     resp: _UpstreamResponse
     sent: float                 # when the request went out (time.perf_counter)
-    without_stream_options: bool = False  # sent again without the stream_options the proxy added
+    #: the body that went asks for usage on the client's behalf (stream_options the proxy
+    #: added, and the upstream took)
+    usage_asked: bool = False
     cut: bool = False           # cut short by the proxy's shutdown
 
     __hash__ = object.__hash__  # (one answer is one answer, whatever its fields say)
@@ -5578,13 +5746,13 @@ class Forwarder:
         started = time.perf_counter()
         try:
             conn, resp = self._exchange(pool, head(body), body, client)
-            answer = Answer(pool, conn, resp, started)
+            answer = Answer(pool, conn, resp, started, usage_asked=fallback is not None)
             if fallback is not None:
                 refused = self._stream_options_refused(resp)
                 if refused:  # asked again without them: that answer is relayed instead
                     self._done(pool, conn, resp, whole=True)
                     conn, resp = self._exchange(pool, head(fallback), fallback, client)
-                    answer = Answer(pool, conn, resp, started, without_stream_options=True)
+                    answer = Answer(pool, conn, resp, started)
         except ProxyError as err:
             if not isinstance(err, UpstreamUnreachable):
                 ex.ending = NO_ANSWER
@@ -5665,6 +5833,7 @@ class Forwarder:
         error = resp.read()
         if b"stream_options" in error:
             return True
+        # (typeshed's fp is a BufferedReader; the relay reads it through read1 and peek only)
         resp.fp, resp.length = _BytesReader(error), len(error)  # type: ignore[assignment]
         return False
 
@@ -5784,26 +5953,14 @@ def relay(resp: http.client.HTTPResponse, upstream: socket.socket, write: Callab
 def _buffered(resp: http.client.HTTPResponse, sock: socket.socket) -> bool:
     """Whether the response already holds unread bytes (so waiting on the socket would stall).
 
-    http.client reads through a BufferedReader; peeking at it without waiting returns what is
-    buffered (through SocketReader's peek_buffered; a TLS socket is made briefly non-blocking).
+    http.client reads through a BufferedReader; peek_now looks at it without waiting.
     """
     fp = resp.fp
     if fp is None:
         return True
-    raw = getattr(fp, "raw", None)
     try:
-        if isinstance(raw, SocketReader) and raw.can_peek:
-            data = raw.peek_buffered(fp)  # type: ignore[arg-type]
-        elif isinstance(sock, ssl.SSLSocket) and sock.pending():
-            return True
-        else:
-            timeout = sock.gettimeout()
-            sock.settimeout(0.0)
-            try:
-                data = fp.peek(1)
-            finally:
-                sock.settimeout(timeout)
-    except (OSError, ValueError):  # (nothing there: BlockingIOError, TimeoutError, SSLWantRead)
+        data = peek_now(fp, sock) or b""
+    except (OSError, ValueError):  # (a reset: the read that follows says so)
         return False
     if resp.chunked and resp.chunk_left == 0 and b"\r\n".startswith(data):
         return False  # only the CRLF that ends the last chunk: the next one is still to come
@@ -5871,6 +6028,11 @@ class BodyReader:
         if not size or size != len(data) - eol - 4:
             return None
         return data[eol + 2:-2]
+
+    @property
+    def announced(self) -> int:
+        """Bytes of data the current chunk has announced that are still to come."""
+        return self._data
 
     @property
     def ends_with_connection(self) -> bool:
@@ -6087,7 +6249,7 @@ class StreamRelay:
                         self.send_timeout, self.clock(), self.mark)
         resp.fp = None  # type: ignore[assignment]  # (read here from now on; closed when done)
         try:
-            first = conn.raw.peek_buffered(conn.reader)
+            first = peek_now(conn.reader, conn.sock) or b""
         except OSError as exc:
             first = b""
             job.stop(UPSTREAM_BROKE, type(exc).__name__)
@@ -6138,6 +6300,10 @@ class StreamRelay:
             self._closing = True
         self._wake()
         self._thread.join(5)
+
+    def running(self) -> bool:
+        """Whether the relay's thread is still running (it ends after close())."""
+        return self._thread.is_alive()
 
     def _wake(self) -> None:
         try:
@@ -6289,6 +6455,7 @@ def response_headers(resp: http.client.HTTPResponse,
     """The upstream's headers minus hop-by-hop ones and those the proxy sets itself; with the
     proxy's X-RateLimit-* for a charged request."""
     dropped = NOT_FORWARDED_DOWN if quota is None else _NOT_FORWARDED_CHARGED
+    # (typeshed says HTTPMessage; _UpstreamResponse.begin() makes it a Headers)
     named = connection_tokens(resp.headers)  # type: ignore[arg-type]
     if named:
         dropped = dropped | named
@@ -6499,7 +6666,7 @@ def answer_admin_keys(server: "ProxyServer", ex: Exchange, headers: Headers) -> 
 
 def key_report(server: "ProxyServer") -> list[dict[str, object]]:
     """Every accepted key's name, balance, limit, next refill and counters; no secret."""
-    report = []
+    report: list[dict[str, object]] = []
     store = server.store
     for digest, policy in server.keys.entries:
         quota = store.peek(policy.bucket_key(digest), policy.bucket)
@@ -6532,7 +6699,8 @@ def answer_model(server: "ProxyServer", ex: Exchange, headers: Headers) -> Reply
     model = server.config.base_model
     if not model:
         return None
-    asked = ex.path[len("/v1/models/"):]
+    assert ex.route is not None  # (a local answer is for a route found)
+    asked = ex.path[len(ex.route.path):]  # (the row covers /v1/models/{id})
     if asked != model:
         raise ProxyError(HTTPStatus.NOT_FOUND, f"The model '{asked}' does not exist.",
                          param="model", code="model_not_found")
@@ -6695,7 +6863,8 @@ def answer_admin_key(server: "ProxyServer", ex: Exchange, headers: Headers) -> R
     """PATCH /admin/keys/NAME (fields; null removes one), DELETE /admin/keys/NAME (204),
     POST /admin/keys/NAME/rotate {"grace_seconds": N} (a new secret; the old one works N
     seconds more)."""
-    rest = ex.path[len("/admin/keys/"):]
+    assert ex.route is not None
+    rest = ex.path[len(ex.route.path):]  # (the row covers what is below it)
     rotate = ex.method == "POST" and rest.endswith("/rotate")
     name = rest[:-len("/rotate")] if rotate else rest
     if not name or (ex.method == "POST" and not rotate) or "/" in name:
@@ -6766,10 +6935,12 @@ def answer_page(server: "ProxyServer", ex: Exchange, headers: Headers) -> Reply:
     """A page or one of its scripts. The dashboard itself is for whoever may see the admin
     routes: with ADMIN_API_KEY it is a login form anyone may load (the data needs the key);
     without, it exists only for this machine, as the admin routes do."""
-    if ex.path == "/admin" and not server.config.admin_api_key:
+    assert ex.route is not None  # (a local answer is for a route found)
+    asset = ex.route.asset
+    if asset == "admin.html" and not server.config.admin_api_key:
         check_admin(server, ex, headers)
     ex.cors = ""  # (for no other site's page)
-    content_type, body = PAGE_ASSETS[ex.path]
+    content_type, body = PAGE_ASSETS[asset]
     return Reply(HTTPStatus.OK, (("Content-Type", content_type), *PAGE_HEADERS),
                  body.encode())
 
@@ -6995,7 +7166,7 @@ def busy_reply(route: Route, payload: dict | None, limit: int, as_message: bool)
                      code="concurrency_limit_exceeded",
                      headers=[("Retry-After", "1"), ("retry-after-ms", "1000")])
     return route.api.limited(err, "too many requests at once for this key, wait for one to "
-                             "finish", route.path, payload,
+                             "finish", route, payload,
                              as_message=as_message and route.message_limit,
                              created=int(time.time()))
 
@@ -7013,7 +7184,7 @@ def limited_reply(route: Route, payload: dict, quota: Quota, as_message: bool,
                      headers=rate_limit_headers(quota) + retry_headers(
                          quota.wait_seconds, route.api.honoured_retry_after),
                      wait=quota.wait_seconds)
-    return route.api.limited(err, text, route.path, payload,
+    return route.api.limited(err, text, route, payload,
                              as_message=as_message and route.message_limit,
                              created=int(time.time()))
 
@@ -7025,7 +7196,7 @@ def never_admitted_reply(route: Route, payload: dict, err: "NeverAdmitted",
     otherwise the 400 that names the figures."""
     if not (as_message and route.message_limit):
         return route.api.error(err)
-    return route.api.limited(err, err.text, route.path, payload, as_message=True,
+    return route.api.limited(err, err.text, route, payload, as_message=True,
                              created=int(time.time()))
 
 
@@ -7058,6 +7229,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True      # headers and small SSE events must not wait for ACKs
     server: "ProxyServer"
+    rfile: io.BufferedReader            # (setup(): a BufferedReader over SocketReader)
+    #: read by read_headers (parse_request), not by the email parser the base class uses
+    headers: "Headers"  # type: ignore[assignment]  # (the base declares email.message.Message)
 
     def setup(self) -> None:
         """The connection's reader and writer (StreamRequestHandler's), reading through
@@ -7116,7 +7290,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         parser above. Only "METHOD target HTTP/1.x" is accepted: an HTTP/0.9 line has no
         headers, and http.server would wait for them.
         """
-        self.command = None  # type: ignore[assignment]
+        self.command = None  # type: ignore[assignment]  # (as the base's own parse_request)
         self.request_version = "HTTP/1.0"
         self.close_connection = True
         self.requestline = self.raw_requestline.decode("latin-1").rstrip("\r\n")
@@ -7138,17 +7312,17 @@ class ProxyHandler(BaseHTTPRequestHandler):
             return False
         self.path, self.request_version = words[1], version
         try:
-            self.headers = read_headers(  # type: ignore[assignment]
+            self.headers = read_headers(
                 self.rfile, self.server.config.max_header_bytes)
         except HeaderError as err:
             self.send_error(err.status)
             return False
         except EOFError:
             return False
-        tokens = connection_tokens(self.headers)  # type: ignore[arg-type]
+        tokens = connection_tokens(self.headers)
         self.close_connection = "close" in tokens or (
             int(minor) < 1 and "keep-alive" not in tokens)
-        if int(minor) >= 1 and len(self.headers.get_all("Host") or ()) != 1:  # type: ignore[arg-type]
+        if int(minor) >= 1 and len(self.headers.get_all("Host") or ()) != 1:
             self.send_error(HTTPStatus.BAD_REQUEST)  # RFC 9112 section 3.2: exactly one Host
             return False
         return True  # (Expect: 100-continue is answered once the key and size are checked)
@@ -7183,7 +7357,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         failure: ProxyError | None = None
         try:
             try:
-                ex.length = request_framing(self.headers)  # type: ignore[arg-type]
+                ex.length = request_framing(self.headers)
                 expect = self.headers.get("Expect")
                 ex.expects_continue = (expect is not None and expect.lower() == "100-continue"
                                        and self.request_version == "HTTP/1.1")
@@ -7264,7 +7438,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         origin = self.headers.get("Origin")
         ex.cors = self.server.cors.lines(origin, self.headers.get("Host"))
         ex.path, ex.query = normalize_path(self.path)
-        ex.api = api_of_path(ex.path)
+        if ex.path != self.path:  # (a path written otherwise may belong to another API)
+            ex.api = api_of_path(ex.path)
         route = self.server.routes.find(ex.method, ex.path)
         ex.route, ex.api = route, route.api
         if route.kind in (ADMIN, MANAGE):  # never for another site's page: no CORS, no Origin
@@ -7276,10 +7451,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
                                  type="permission_error", code="origin_not_allowed")
         if route.kind in (LOCAL, ADMIN):
             if route.kind == ADMIN:
-                check_admin(self.server, ex, self.headers)  # type: ignore[arg-type]
+                check_admin(self.server, ex, self.headers)
                 if ex.method in ("POST", "PATCH"):  # (a change to the keys: its JSON body)
                     ex.body = self._read_body(ex)
-            reply = LOCAL_ANSWERS[route.answer](self.server, ex, self.headers)  # type: ignore[arg-type]
+            reply = LOCAL_ANSWERS[route.answer](self.server, ex, self.headers)
             assert reply is not None
             if route.private:
                 reply = dataclasses.replace(reply, headers=(*reply.headers, NO_STORE))
@@ -7291,15 +7466,15 @@ class ProxyHandler(BaseHTTPRequestHandler):
         admitted, then the upstream and the relay."""
         server, config, route = self.server, self.server.config, ex.route
         assert route is not None
-        if any(server.via in hop for hop in self.headers.get_all("Via") or ()):  # type: ignore[union-attr]
+        if any(server.via in hop for hop in self.headers.get_all("Via") or ()):
             raise ProxyError(HTTPStatus.LOOP_DETECTED, "This request came back to the proxy it "
                              "was sent from: BASE_API_URL points at the proxy itself.",
                              type="server_error", code="loop_detected")
         if route.kind == MANAGE:  # the administrator's: forwarded free, after the check
-            check_manager(server, ex, self.headers)  # type: ignore[arg-type]
+            check_manager(server, ex, self.headers)
             ex.body, ex.label = self._read_body(ex), "admin"
             return self._forward_upstream(ex, ex.body, None)
-        who = identify(self.headers, server.keys, server.default_policy,  # type: ignore[arg-type]
+        who = identify(self.headers, server.keys, server.default_policy,
                        ex.client, config.trust_forwarded_for, server.calendar.wall())
         ex.bucket_key, ex.policy, ex.label = who.bucket_key, who.policy, who.label
         ex.body = self._read_body(ex)
@@ -7308,11 +7483,11 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if charged:
             ex.payload = parse_json_object(ex.body)
             if route.kind == GENERATE:
-                ex.ask = route.api.read(ex.payload, route.path, policy.response_token_reserve)
+                ex.ask = route.api.read(ex.payload, route, policy.response_token_reserve)
         if policy.models is not None and ex.method == "POST":
             check_model(ex.payload if charged else policed_json(ex.body), policy.models)
         if route.answer:
-            reply = LOCAL_ANSWERS[route.answer](server, ex, self.headers)  # type: ignore[arg-type]
+            reply = LOCAL_ANSWERS[route.answer](server, ex, self.headers)
             if reply is not None:
                 return self._reply(ex, reply)
         slots = server.key_slots
@@ -7361,14 +7536,14 @@ class ProxyHandler(BaseHTTPRequestHandler):
         peer = self.client_address[0]
 
         def head(data: bytes) -> str:
-            return upstream_head(ex.method, target, self.headers, peer, pool,  # type: ignore[arg-type]
+            return upstream_head(ex.method, target, self.headers, peer, pool,
                                  data, ex.api, self.server.via)
 
         with forwarder.turn(ex, lambda: peer_closed(self.connection)):
             answer = forwarder.send(ex, pool, head, body, fallback, self.connection)
             meter = ex.charge.meter if ex.charge is not None else None
-            if answer.without_stream_options and meter is not None:
-                meter.strip = meter.expects_usage = False  # settled by estimate
+            if answer.usage_asked and meter is not None:
+                meter.strip = meter.expects_usage = True  # (what it adds is taken out again)
             whole = False
             try:
                 whole = relay_answer(ex, answer, self, pool.read_timeout, self.server.metrics,
@@ -7431,32 +7606,32 @@ class ProxyHandler(BaseHTTPRequestHandler):
         return body
 
     def _read_chunked(self, limit: int) -> bytes:
-        parts, total = [], 0
-        while True:
-            line = self.rfile.readline(MAX_CHUNK_LINE + 1)
-            if not line:
+        """A chunked request body, decoded by BodyReader from what the client has sent, taking
+        from the connection only the body's bytes (a pipelined request may follow it)."""
+        reader, parts, total = BodyReader(True, None), [], 0
+        while not reader.done:
+            try:
+                data = self.rfile.peek(READ_CHUNK)
+            except (socket.timeout, TimeoutError):
+                raise ProxyError(HTTPStatus.REQUEST_TIMEOUT, "Timed out reading the request "
+                                 "body.", close=True) from None
+            except OSError:
+                raise self._cut_off() from None
+            if not data:
                 raise self._cut_off()
-            size_text = line.split(b";", 1)[0].strip()
-            if len(line) > MAX_CHUNK_LINE or not size_text or \
-                    any(c not in b"0123456789abcdefABCDEF" for c in size_text):
-                raise ProxyError(HTTPStatus.BAD_REQUEST, "Invalid chunked body.", close=True)
-            size = int(size_text, 16)
-            if size == 0:
-                break
-            total += size
-            if total > limit:
+            try:
+                piece = reader.feed(data)
+            except ValueError:
+                raise ProxyError(HTTPStatus.BAD_REQUEST, "Invalid chunked body.",
+                                 close=True) from None
+            self.rfile.read(len(data) - len(reader.extra))
+            total += len(piece)
+            if total + reader.announced > limit:
                 raise ProxyError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                                  f"Request body is over the limit of {limit} bytes.",
                                  code="request_too_large", close=True)
-            parts.append(self._read_exactly(size))
-            if self.rfile.readline(MAX_CHUNK_LINE + 1).strip():
-                raise ProxyError(HTTPStatus.BAD_REQUEST, "Invalid chunked body.", close=True)
-        while True:  # trailers, ignored
-            line = self.rfile.readline(MAX_CHUNK_LINE + 1)
-            if not line:
-                raise self._cut_off()
-            if not line.strip():
-                return b"".join(parts)
+            parts.append(piece)
+        return b"".join(parts)
 
     # -- writing ----------------------------------------------------------------------------
 
@@ -7704,7 +7879,7 @@ class AccessLog:
     (errors, reloads), as text or, with LOG_FORMAT=json, one JSON object per line. Lines are
     written whole under a lock; a log that cannot be written never takes a request down."""
 
-    def __init__(self, stream: object, json_lines: bool) -> None:
+    def __init__(self, stream: typing.TextIO, json_lines: bool) -> None:
         self._stream = stream
         self._json = json_lines
         self._lock = threading.Lock()
@@ -7723,7 +7898,7 @@ class AccessLog:
             self._write(json.dumps({
                 "time": self._timestamp(), "client": client, "key": ex.label, "method": method,
                 "path": path, "status": ex.status, "cost": cost, "remaining": remaining,
-                "duration_ms": duration_ms, **({"note": ex.note} if ex.note else {})}))
+                "duration_ms": round(duration_ms, 1), **({"note": ex.note} if ex.note else {})}))
             return
         self._write(
             f"{self._timestamp()} {client} key={loggable(ex.label)} \"{method} {path}\" {ex.status} "
@@ -7734,8 +7909,8 @@ class AccessLog:
     def _write(self, line: str) -> None:
         with self._lock:
             try:
-                self._stream.write(line + "\n")  # type: ignore[attr-defined]
-                self._stream.flush()  # type: ignore[attr-defined]
+                self._stream.write(line + "\n")
+                self._stream.flush()
             except (OSError, ValueError):
                 pass  # a closed or full log must not take requests down with it
 
@@ -8158,7 +8333,7 @@ class ProxyServer(ThreadingHTTPServer):
 
     def __init__(self, config: Config, *, store: "BucketStore | None" = None,
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
-                 log_stream: object = None, handler: type = ProxyHandler,
+                 log_stream: typing.TextIO | None = None, handler: type = ProxyHandler,
                  key_check_interval: float = 1.0,
                  keys_settle_seconds: float = KEYS_SETTLE_SECONDS) -> None:
         self.config = config
@@ -8216,6 +8391,7 @@ class ProxyServer(ThreadingHTTPServer):
         self.via = "llm_proxy-" + secrets.token_hex(4)
         self.deadlines = ClientDeadlines()
         if self.state is not None:
+            # (a state file is kept for the memory store only: see above)
             self.writer = StateWriter(self.state, self.store, self.ledger,  # type: ignore[arg-type]
                                       config.state_flush_seconds, self.log, wall)
         elif isinstance(self.store, RedisBucketStore):  # the ledger is shared there
@@ -8246,9 +8422,10 @@ class ProxyServer(ThreadingHTTPServer):
 
     # -- connections (socketserver's hooks) -------------------------------------------------
 
-    def process_request(self, request: socket.socket, client_address: object) -> None:
+    def process_request(self, request: typing.Any, client_address: object) -> None:
         """One thread per connection, up to MAX_CONNECTIONS (the cap makes room by closing idle
-        or stalled connections, else refuses with a 503); a 503 while shutting down."""
+        or stalled connections, else refuses with a 503); a 503 while shutting down. (The
+        request is the connection's socket: socketserver's type also allows a datagram's.)"""
         if self.draining:
             self.cap.refuse(request, SHUTTING_DOWN)
             return
@@ -8261,7 +8438,7 @@ class ProxyServer(ThreadingHTTPServer):
             self.cap.leave(request)
             raise
 
-    def process_request_thread(self, request: socket.socket, client_address: object) -> None:
+    def process_request_thread(self, request: typing.Any, client_address: object) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
@@ -8331,7 +8508,7 @@ class ProxyServer(ThreadingHTTPServer):
         self.metrics.count_request(ex.label, ex.route_label, ex.status, cost,
                                    route is not None and route.kind not in (LOCAL, ADMIN),
                                    charge is not None and charge.state == "declined")
-        self.access_log.access(ex, cost, round(elapsed, 1))  # (last: a line says all is done)
+        self.access_log.access(ex, cost, elapsed)  # (last: a line says all is done)
 
     def usage_rows(self, since: float, until: float,
                    key: str | None = None) -> list[tuple[LedgerKey, list[int]]]:
@@ -8507,8 +8684,8 @@ class ProxyServer(ThreadingHTTPServer):
 
     @property
     def url(self) -> str:
-        host, port = self.server_address[:2]
-        host = f"[{host}]" if ":" in str(host) else host
+        host, port = typing.cast("tuple[str, int]", self.server_address[:2])
+        host = f"[{host}]" if ":" in host else host
         return f"http://{host}:{port}"
 
 
@@ -8522,7 +8699,7 @@ def points_at_itself(config: Config, server: ProxyServer) -> bool:
         if upstream.port != port:
             continue
         try:
-            found = {info[4][0] for info in socket.getaddrinfo(upstream.host, port)}
+            found = {str(info[4][0]) for info in socket.getaddrinfo(upstream.host, port)}
         except OSError:
             continue
         if any(ip in own or ip.startswith("127.") or ip == "::1" for ip in found):
@@ -9920,12 +10097,12 @@ USAGE_JS = r"""// llm_proxy usage page (served at /ui/usage.js, after /ui/pages.
 
 #: path -> (Content-Type, body)
 PAGE_ASSETS = {
-    "/admin": ("text/html; charset=utf-8", ADMIN_HTML),
-    "/usage": ("text/html; charset=utf-8", USAGE_HTML),
-    "/ui/style.css": ("text/css; charset=utf-8", PAGE_CSS),
-    "/ui/pages.js": ("text/javascript; charset=utf-8", PAGES_JS),
-    "/ui/admin.js": ("text/javascript; charset=utf-8", ADMIN_JS),
-    "/ui/usage.js": ("text/javascript; charset=utf-8", USAGE_JS),
+    "admin.html": ("text/html; charset=utf-8", ADMIN_HTML),
+    "usage.html": ("text/html; charset=utf-8", USAGE_HTML),
+    "style.css": ("text/css; charset=utf-8", PAGE_CSS),
+    "pages.js": ("text/javascript; charset=utf-8", PAGES_JS),
+    "admin.js": ("text/javascript; charset=utf-8", ADMIN_JS),
+    "usage.js": ("text/javascript; charset=utf-8", USAGE_JS),
 }
 
 

@@ -66,7 +66,7 @@ class BucketContract:
     def test_full_buckets_are_forgotten(self):
         self.store.take("a", 1, self.policy)
         self.assertEqual(self.held(), 1)
-        self.store.refund("a", 1, self.policy)
+        self.store.settle("a", -1, self.policy, refund=True)
         self.assertEqual(self.held(), 0)
         self.store.take("b", 5, self.policy)
         self.store.peek("unseen", self.policy)
@@ -102,11 +102,13 @@ class BucketContract:
 
     def test_refund_never_exceeds_capacity(self):
         self.store.take("k", 1, self.policy)
-        self.assertEqual(self.store.refund("k", 5, self.policy).remaining, 10)
+        self.assertEqual(self.store.settle("k", -5, self.policy, refund=True).remaining, 10)
 
     def test_usage_counters(self):
-        self.store.record("a", requests=2, limited=1, prompt=10, completion=5)
-        self.store.record("a", requests=1, charged=7)
+        self.store.take("a", 4, self.policy)                         # charged 4
+        self.store.take("a", 20, self.policy)                        # limited
+        self.store.settle("a", 3, self.policy, prompt=10, completion=5)  # it cost 7
+        self.store.take("a", 0, self.policy)                         # charged 0
         self.assertEqual(self.store.usage("a"), {"requests": 3, "limited_requests": 1,
                                                  "prompt_tokens": 10, "completion_tokens": 5,
                                                  "tokens_charged": 7})
@@ -158,9 +160,10 @@ class BucketTests(BucketContract, unittest.TestCase):
                          100_000)
 
     def test_usage_counters_are_bounded(self):
-        self.store.record("a", requests=2)
+        self.store.take("a", 1, self.policy)
+        self.store.take("a", 1, self.policy)
         for i in range(llm_proxy.MAX_TRACKED_KEYS):
-            self.store.record(f"k{i}", requests=1)
+            self.store.settle(f"k{i}", 0, self.policy, prompt=1)
         self.assertEqual(self.store.usage("a")["requests"], 0)  # the least recently used went
 
 

@@ -89,7 +89,8 @@ class ClientStringTests(StateTestCase):
                                    Config())
         self.assertIn("max_tokens must be a whole number from 1 to", str(caught.exception))
         self.restart(max_tokens=100)
-        self.proxy.store.record("key:huge", requests=1, completion=10 ** 30)
+        self.proxy.store.settle("key:huge", 0, self.proxy.config.bucket_policy,
+                                completion=10 ** 30)
         self.assertTrue(self.proxy.writer.flush())
         self.assertEqual(self.rows("SELECT completion_tokens FROM counters"), [(2 ** 63 - 1,)])
 
@@ -97,7 +98,9 @@ class ClientStringTests(StateTestCase):
         """STATE_FLUSH_SECONDS=1e12 killed the writer (OverflowError on its timer)."""
         with self.assertRaises(ConfigError):
             Config.from_env({"STATE_FLUSH_SECONDS": "1e12"}, [])
-        self.restart(max_tokens=100, state_flush_seconds=1e12)  # (as a Config allows it)
+        with self.assertRaises(ConfigError):  # (nor does a Config take it)
+            Config(state_flush_seconds=1e12)
+        self.restart(max_tokens=100, state_flush_seconds=llm_proxy.MAX_FLUSH_SECONDS)
         self.chat()
         self.assertTrue(self.log.wait_for(lambda text: " cost=" in text))
         self.assertTrue(self.proxy.writer._thread.is_alive())

@@ -87,8 +87,7 @@ class MeterShortcutTests(unittest.TestCase):
     def feed_both(self, make, events):
         """The events fed one by one (by the short ways) and, to compare, all at once to a
         meter that makes no templates (the general way)."""
-        one_by_one, all_at_once = make(), make()
-        all_at_once._templates = llm_proxy.MAX_TEMPLATES
+        one_by_one, all_at_once = make(), make().without_templates()
         out_one = b"".join(one_by_one.feed(e) for e in events) + one_by_one.finish()
         out_all = all_at_once.feed(b"".join(events)) + all_at_once.finish()
         self.assertEqual(out_one, out_all)
@@ -144,8 +143,8 @@ class MeterShortcutTests(unittest.TestCase):
             events += [chunk("", finish="stop", raw=raw), b"data: [DONE]\n\n"]
             out, meter = self.feed_both(lambda: UsageMeter(True, strip=True), events)
             self.assertEqual(meter.generated, 2 * sum(map(llm_proxy.text_bound, texts)))
-            self.assertIsNotNone(meter._template)
-            self.assertEqual(meter._templates, 2)  # the first text, at created=2 (a finish:
+            self.assertIsNotNone(meter.template)
+            self.assertEqual(meter.templates_made, 2)  # the first text, at created=2 (a finish:
             # never a template, it may be held)
             self.assertNotIn(b'"usage": null}', out.replace(b'\\"usage\\": null}', b""))
         completions = [b"data: " + json.dumps({"id": "c", "object": "text_completion",
@@ -154,7 +153,7 @@ class MeterShortcutTests(unittest.TestCase):
                        for t in texts]
         _, meter = self.feed_both(lambda: UsageMeter(True), completions)
         self.assertEqual(meter.generated, sum(map(llm_proxy.text_bound, texts)))
-        self.assertIsNotNone(meter._template)
+        self.assertIsNotNone(meter.template)
 
     def test_a_template_never_reads_what_is_not_a_piece_of_text(self):
         """Events that fit an envelope only in part, or carry more than text, are parsed."""
@@ -180,7 +179,7 @@ class MeterShortcutTests(unittest.TestCase):
                   for t in ("Hel", "lo ", "wörld", '"q"')]
         _, meter = self.feed_both(lambda: AnthropicMeter(True), events)
         self.assertEqual(meter.generated, len('Hello wörld"q"'.encode()))
-        self.assertIsNotNone(meter._template)
+        self.assertIsNotNone(meter.template)
 
     def test_ollama_lines(self):
         lines = ollama_lines("/api/chat", "m", {"messages": [{"role": "user", "content": "hi"}]})
@@ -411,7 +410,7 @@ class SlowClientTests(ProxyTestCase):
         closing.start()
         sock.close()  # the last stream ends
         closing.join(WAIT)
-        self.assertFalse(relay._thread.is_alive())
+        self.assertFalse(relay.running())
 
 
 class ThreadedRelayTests(ForwardingTests):
