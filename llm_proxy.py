@@ -8249,6 +8249,28 @@ ADMIN_HTML = page_html(
       </div>
       <p id="no-models" class="meta" hidden>No requests this month.</p>
 
+      <section id="servers-section" hidden>
+      <h2 id="servers-title">Model servers</h2>
+      <div class="table-wrap">
+        <table id="servers" aria-labelledby="servers-title">
+          <thead>
+            <tr>
+              <th scope="col">Server</th>
+              <th scope="col">State</th>
+              <th scope="col">Models</th>
+              <th scope="col" class="n">In flight</th>
+              <th scope="col" class="n">Waiting</th>
+              <th scope="col" class="n">Requests / failures</th>
+              <th scope="col" class="n">TTFB p50 / p95</th>
+              <th scope="col" class="n">Latency p50 / p95</th>
+            </tr>
+          </thead>
+          <tbody></tbody>
+        </table>
+      </div>
+      <p id="aliases" class="meta"></p>
+      </section>
+
       <div class="charts">
         <section class="panel chart-box" aria-labelledby="tokens-title">
           <h2 id="tokens-title">Tokens per day, last 30 days</h2>
@@ -8791,6 +8813,23 @@ ADMIN_JS = r"""// llm_proxy admin dashboard (served at /ui/admin.js, after /ui/p
     $('no-models').hidden = models.length > 0;
   }
 
+  // ---- model servers (UPSTREAMS_FILE; BASE_API_URL alone has the Upstream card) ----
+  function renderServers(servers, aliases) {
+    const several = servers.length > 1 || servers.some((s) => s.models !== null);
+    $('servers-section').hidden = !several;
+    if (!several) return;
+    const pair = (t) => (t ? `${ms(t.p50)} / ${ms(t.p95)}` : '\u2014');
+    $('servers').tBodies[0].replaceChildren(...servers.map((s) => el('tr', {},
+      el('td', {class: 'name'}, s.name, el('br'), el('span', {class: 'meta'}, s.url)),
+      el('td', {}, s.up ? 'up' : `down, probed in ${num(s.probe_in_seconds)} s`),
+      el('td', {}, (s.models || []).join(', ') || '\u2014'),
+      el('td', {class: 'n'}, num(s.in_flight)), el('td', {class: 'n'}, num(s.waiting)),
+      el('td', {class: 'n'}, `${num(s.requests)} / ${num(s.failures)}`),
+      el('td', {class: 'n'}, pair(s.ttfb_ms)), el('td', {class: 'n'}, pair(s.latency_ms)))));
+    const names = Object.entries(aliases || {}).map(([alias, target]) => `${alias} \u2192 ${target}`);
+    setText('aliases', names.length ? 'Aliases: ' + names.join(DOT) : 'No aliases.');
+  }
+
   // ---- charts (inline SVG sized to their box) ----
   function niceMax(value) {
     if (!(value > 0)) return 1;
@@ -8893,6 +8932,7 @@ ADMIN_JS = r"""// llm_proxy admin dashboard (served at /ui/admin.js, after /ui/p
     renderCards(data);
     renderKeys(data.keys || []);
     renderModels(data.models || []);
+    renderServers(data.upstreams || [], data.aliases);
     drawCharts();
   }
 
