@@ -5291,9 +5291,10 @@ class Router:
         return sorted(names | aliases)
 
     def owner(self, model: str) -> str:
-        """The server names serving a listed model (or an alias's target), for model lists."""
+        """The names of the servers up that serve a model (or an alias's target), for the
+        model lists."""
         target = self.aliases.get(model, model)
-        return ",".join(s.name for s in self.servers if s.serves(target)) or "llm_proxy"
+        return ",".join(s.name for s in self.servers if s.up and s.serves(target)) or "llm_proxy"
 
     def tick(self) -> None:
         """Probe the servers that are down once their back-off has passed, and read the model
@@ -7998,7 +7999,7 @@ def points_at_itself(config: Config, server: ProxyServer) -> bool:
     """Whether an upstream is this proxy's own listening address (a mistyped port)."""
     port = server.server_address[1]
     own = {"0.0.0.0", "::", str(server.server_address[0])}
-    for upstream in server.forwarder.upstreams.values():
+    for upstream in [u for s in server.forwarder.router.servers for u in s.upstreams.values()]:
         if upstream.port != port:
             continue
         try:
@@ -8014,9 +8015,13 @@ def describe(config: Config, server: ProxyServer) -> list[str]:
     upstream = Upstream.from_url(config.base_api_url)
     mode = (f"{config.request_token_cost} per request" if config.token_cost_mode == "request"
             else f"{config.token_cost_mode}, reserve {config.response_token_reserve}")
+    router = server.forwarder.router
     return [
         f"llm_proxy {__version__} listening on {server.url}",
-        f"upstream {upstream.scheme}://{upstream.host}:{upstream.port}"
+        (f"upstreams ({config.upstreams_file}, reloaded on change and SIGHUP): " + ", ".join(
+            f"{s.name} {s.spec.url}" for s in router.servers)
+         + f"; {len(router.aliases)} aliases" if router.several else
+         f"upstream {upstream.scheme}://{upstream.host}:{upstream.port}")
         + (f", model rewritten to {config.base_model}" if config.base_model else ""),
         f"buckets: {config.max_tokens} tokens, +{config.refill_tokens} every "
         f"{_number(config.refill_interval_seconds)} s; cost: {mode}; limit answer: "
