@@ -4486,6 +4486,7 @@ class UpstreamPool:
     def close(self) -> None:
         with self._lock:
             idle, self._idle = self._idle, []
+            self.max_idle = 0  # (a connection given back later is closed: see release)
         for conn in idle:
             conn.close()
 
@@ -6997,11 +6998,13 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 answer = forwarder.send(ex, pool, head, body, fallback, self.connection, server)
             except UpstreamUnreachable:
                 if router.alternative(ex.model, tried):
+                    ex.note = f"{server.name} unreachable, sent to another server"
                     return False  # (never connected: nothing was sent)
                 raise
             if answer.resp.status in FAILOVER_STATUSES and router.alternative(ex.model, tried):
                 forwarder.finish(answer, whole=False)
                 ex.ending = NOT_SENT
+                ex.note = f"{server.name} answered {answer.resp.status}, sent to another server"
                 return False
             meter = ex.charge.meter if ex.charge is not None else None
             if answer.without_stream_options and meter is not None:

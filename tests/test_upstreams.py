@@ -305,6 +305,8 @@ class FailoverTests(UpstreamsCase):
         self.assertFalse(self.server("box1").up)
         self.assertEqual(self.server("box1").health.backoff, 1.0)
         self.assertTrue(self.log.wait_for(lambda text: "upstream=box2" in text))
+        self.assertIn("upstream=box2 (box1 unreachable, sent to another server)",
+                      self.log.getvalue())
         for _ in range(3):  # down: skipped, not tried again
             self.assertEqual(self.ask("shared")[0], 200)
         self.assertEqual(len(self.box2.bodies()), 4)
