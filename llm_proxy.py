@@ -38,7 +38,9 @@ The life of a request (the sections of this file, in order)
        place: Charge.close(ending), once, in one finally.
     5. The Forwarder (forwarder) waits for the request's turn in the fair queue, sends it
        through a keep-alive pool of upstream connections (one retry on a stale one) and reads
-       the answer's head.
+       the answer's head. With several model servers (UPSTREAMS_FILE), the Router (model
+       servers) picks the server of the request's model, and another when the first provably
+       did not run it; the charge is the same whichever runs it.
     6. The relay (relay) sends the head and the body as they arrive, never buffered whole;
        server-sent events reach the client when the upstream writes them, and a client that
        goes away closes the upstream connection at once (which stops generation). A stream's
@@ -108,6 +110,7 @@ __all__ = [
     "BucketPolicy", "Quota", "MemoryBucketStore", "RedisBucketStore", "estimate_cost",
     "prompt_estimate", "request_cost", "Meter", "UsageMeter", "read_headers", "normalize_path",
     "Route", "DEFAULT_ROUTES", "RouteTable", "Exchange", "Charge", "Forwarder", "FairGate", "choose_framing", "relay",
+    "Router", "ModelServer", "read_upstreams_file",
     "Metrics", "ProxyHandler", "ProxyServer", "main",
 ]
 
@@ -5198,8 +5201,8 @@ class Router:
     servers that are down once their back-off has passed, and reads the model lists of those
     the file gives none, every MODELS_REFRESH_SECONDS (tick(), from the watcher's thread).
 
-    Methods for the caller: resolve(), pick(), release(), alternative(), listed(), apply(),
-    tick(), close().
+    Methods for the caller: resolve(), check_up(), pick(), release(), alternative(), listed(),
+    owner(), apply(), tick(), close().
     """
 
     def __init__(self, servers: Sequence[ModelServer], config: Config,
@@ -5262,12 +5265,7 @@ class Router:
                      and (model is None or s.serves(model))]
             healthy = [s for s in found if s.up]
             if not healthy:
-                wait = min((s.health.retry_after() for s in found), default=1)
-                raise ProxyError(HTTPStatus.SERVICE_UNAVAILABLE, "Every server of this model "
-                                 "is down; please try again shortly.", type="server_error",
-                                 code="upstream_unavailable",
-                                 headers=[("Retry-After", str(wait)),
-                                          ("retry-after-ms", str(wait * 1000))])
+                raise self._unavailable(found)
             self._turn += 1
             start = self._turn % len(healthy)
             turned = healthy[start:] + healthy[:start]
@@ -5278,6 +5276,21 @@ class Router:
     def release(self, server: ModelServer) -> None:
         with self._lock:
             server.in_flight -= 1
+
+    def check_up(self, model: str | None) -> None:
+        """ProxyError 503 (with Retry-After) when no server of `model` is up."""
+        found = [s for s in self.servers if model is None or s.serves(model)]
+        if not any(s.up for s in found):
+            raise self._unavailable(found)
+
+    @staticmethod
+    def _unavailable(servers: Sequence[ModelServer]) -> ProxyError:
+        wait = min((s.health.retry_after() for s in servers), default=1)
+        return ProxyError(HTTPStatus.SERVICE_UNAVAILABLE, "Every server of this model is "
+                          "down; please try again shortly.", type="server_error",
+                          code="upstream_unavailable",
+                          headers=[("Retry-After", str(wait)),
+                                   ("retry-after-ms", str(wait * 1000))])
 
     def alternative(self, model: str | None, tried: Sequence[ModelServer]) -> bool:
         """Whether another server that is up serves `model` (one not `tried`)."""
@@ -6960,8 +6973,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if sent is not None and ex.model != model:
             sent[field] = ex.model
             ex.body = json.dumps(sent).encode()
-        if not router.alternative(ex.model, ()):
-            router.release(router.pick(ex.model))  # (raises the 503 that says so)
+        router.check_up(ex.model)
 
     def _forward_upstream(self, ex: Exchange, body: bytes, fallback: bytes | None) -> None:
         """To the model's server; to another of its servers when the first provably did not
