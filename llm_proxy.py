@@ -4837,7 +4837,7 @@ class Forwarder:
         (upstream_ending); a request that could not be sent at all stays NOT_SENT. The
         server's health follows (a refused or reset connection, or a 502/503/504/529, marks
         it down), and its own metrics."""
-        if server is None:
+        if server is None or server.any_model:  # (BASE_API_URL alone: the metrics above)
             return self._send(ex, pool, head, body, fallback, client)
         labels = (("upstream", server.name),)
         self.metrics.inc("llm_proxy_upstream_requests_total", labels)
@@ -5261,7 +5261,13 @@ class Router:
         and not `tried`, with the fewest in flight (ties in turn); counted in flight until
         release(). ProxyError 503 with Retry-After when every server of the model is down."""
         with self._lock:
-            found = [s for s in self.servers if s not in tried
+            servers = self.servers
+            if len(servers) == 1 and not tried:  # (BASE_API_URL alone: nothing to choose)
+                only = servers[0]
+                if only.up and (model is None or only.serves(model)):
+                    only.in_flight += 1
+                    return only
+            found = [s for s in servers if s not in tried
                      and (model is None or s.serves(model))]
             healthy = [s for s in found if s.up]
             if not healthy:
@@ -7330,9 +7336,12 @@ class Metrics:
 
 def upstream_metric_lines(metrics: Metrics, router: "Router") -> list[str]:
     """Each model server's gauges (in flight, waiting, up) and its time to first byte and
-    latency histograms (its requests and failures are counters of Metrics)."""
-    servers = router.servers
-    lines = []
+    latency histograms (its requests and failures are counters of Metrics); none without
+    UPSTREAMS_FILE (the upstream metrics are BASE_API_URL's)."""
+    servers = router.servers if router.several else ()
+    lines: list[str] = []
+    if not servers:
+        return lines
     for name, text, value in (
             ("llm_proxy_upstream_in_flight", "Requests at each model server now.",
              lambda s: s.in_flight - (s.gate.waiting() if s.gate is not None else 0)),
@@ -7906,7 +7915,8 @@ class ProxyServer(ThreadingHTTPServer):
                                         "reachable", True) else 0,
                                     "llm_proxy_state_written": 0 if self.writer is not None
                                     and self.writer.problem is not None else 1}) \
-            + "\n".join(upstream_metric_lines(self.metrics, self.forwarder.router)) + "\n"
+            + "".join(line + "\n" for line in upstream_metric_lines(self.metrics,
+                                                                     self.forwarder.router))
 
     # -- keys -------------------------------------------------------------------------------
 
