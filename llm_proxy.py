@@ -6547,16 +6547,20 @@ def upstream_report(server: "ProxyServer", in_flight: Mapping[str, int],
     hour by kind, and the requests at it and waiting for it."""
     upstream = server.forwarder.upstreams["v1"]
     connect_ms: float | None = None
-    started = time.perf_counter()
-    try:
-        socket.create_connection((upstream.host, upstream.port),
-                                 timeout=min(1.0, server.config.open_timeout)).close()
-        connect_ms = round((time.perf_counter() - started) * 1000, 2)
-    except OSError:
-        pass
-    report: dict[str, object] = {
-        "url": f"{upstream.scheme}://{upstream.host_header}{upstream.base_path}",
-        "reachable": connect_ms is not None, "connect_ms": connect_ms}
+    router = server.forwarder.router
+    if router.several:  # (BASE_API_URL is not used: each server's health is in "upstreams")
+        report: dict[str, object] = {"url": server.config.upstreams_file, "connect_ms": None,
+                                     "reachable": any(s.up for s in router.servers)}
+    else:
+        started = time.perf_counter()
+        try:
+            socket.create_connection((upstream.host, upstream.port),
+                                     timeout=min(1.0, server.config.open_timeout)).close()
+            connect_ms = round((time.perf_counter() - started) * 1000, 2)
+        except OSError:
+            pass
+        report = {"url": f"{upstream.scheme}://{upstream.host_header}{upstream.base_path}",
+                  "reachable": connect_ms is not None, "connect_ms": connect_ms}
     for name, field in (("llm_proxy_upstream_ttfb_seconds", "ttfb_ms"),
                         ("llm_proxy_upstream_latency_seconds", "latency_ms")):
         (p50, p95), count = server.metrics.quantiles(name, 0.5, 0.95)
@@ -8781,9 +8785,14 @@ ADMIN_JS = r"""// llm_proxy admin dashboard (served at /ui/admin.js, after /ui/p
       ? 'Redis ' + (store.redis.reachable ? 'reachable' : 'unreachable') : null;
     const unwritten = store.state && !store.state.written;
     const storeTone = store.ok === false || unwritten || (store.redis && !store.redis.reachable) ? 'bad' : 'ok';
+    const servers = (d.upstreams || []).filter((s) => s.models !== null);  // UPSTREAMS_FILE's
+    const down = servers.filter((s) => !s.up);
     $('cards').replaceChildren(
-      card('Upstream', up.reachable ? 'reachable' : 'unreachable',
-        [up.reachable ? `connect ${ms(up.connect_ms)}` : 'cannot connect', up.url], up.reachable ? 'ok' : 'bad'),
+      servers.length
+        ? card('Model servers', `${num(servers.length - down.length)} of ${num(servers.length)} up`,
+          down.length ? down.map((s) => `${s.name} down`).join(DOT) : 'all up', down.length ? 'bad' : 'ok')
+        : card('Upstream', up.reachable ? 'reachable' : 'unreachable',
+          [up.reachable ? `connect ${ms(up.connect_ms)}` : 'cannot connect', up.url], up.reachable ? 'ok' : 'bad'),
       card('Time to first byte', pair(up.ttfb_ms), count(up.ttfb_ms)),
       card('Latency', pair(up.latency_ms), count(up.latency_ms)),
       card('Errors, last hour', num(errTotal),

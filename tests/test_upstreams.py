@@ -512,6 +512,37 @@ class OperatorViewTests(UpstreamsCase):
         self.assertIsNone(self.server("box2").gate)
 
 
+try:
+    from tests.browser import Browser, find_chromium
+except ImportError:  # (a platform without fcntl)
+    Browser, find_chromium = None, lambda: None
+CHROMIUM = find_chromium()
+
+
+@unittest.skipIf(CHROMIUM is None, "no Chromium to run the dashboard in")
+class DashboardTests(UpstreamsCase):
+    def test_the_dashboard_shows_each_server_and_the_aliases(self):
+        self.ask("beta")
+        self.server("box3").failed()
+        browser = Browser(CHROMIUM)
+        self.addCleanup(browser.close)
+        page = browser.new_page()
+        page.goto(self.proxy.url.replace("0.0.0.0", "127.0.0.1") + "/admin")
+        page.wait_for("document.querySelectorAll('#servers tbody tr').length === 3")
+        rows = page.evaluate("[...document.querySelectorAll('#servers tbody tr')]"
+                             ".map((r) => [...r.cells].map((c) => c.textContent))")
+        self.assertEqual([row[0].split("http")[0] for row in rows], ["box1", "box2", "box3"])
+        self.assertEqual(rows[1][1:4], ["up", "beta, shared", "0"])
+        self.assertEqual(rows[1][5], "1 / 0")
+        self.assertTrue(rows[2][1].startswith("down, probed in"))
+        self.assertEqual(page.text("#aliases"), "Aliases: gpt-4o-mini \u2192 alpha")
+        self.assertFalse(page.evaluate("document.getElementById('servers-section').hidden"))
+        self.assertIn("Model servers2 of 3 upbox3 down", page.text("#cards"))
+        self.assertEqual(page.errors, [])
+        if os.environ.get("SCREENSHOTS_DIR"):
+            page.screenshot(os.path.join(os.environ["SCREENSHOTS_DIR"], "admin-servers.png"))
+
+
 class WithoutTheFileTests(ProxyTestCase):
     def test_base_api_url_serves_every_model_and_is_never_marked_down(self):
         status, _, _ = self.chat(model="whatever-model")
