@@ -7303,15 +7303,20 @@ class Metrics:
         with self._lock:
             found = [(labels, list(self._histograms.get(key, ()))) for labels, key in series]
         for labels, counts in found:
-            counts = counts or [0.0] * (len(self.BUCKETS) + 3)
-            inner = ",".join(f'{k}="{_label_value(v)}"' for k, v in labels)
-            cumulative = 0.0
-            for bound, count in zip(self.BUCKETS, counts):
-                cumulative += count
-                lines.append(f'{name}_bucket{{{inner},le="{bound}"}} {_number(cumulative)}')
-            lines.append(f'{name}_bucket{{{inner},le="+Inf"}} {_number(counts[-1])}')
-            lines.append(f"{name}_sum{{{inner}}} {counts[-2]!r}")
-            lines.append(f"{name}_count{{{inner}}} {_number(counts[-1])}")
+            lines += self._histogram(name, counts or [0.0] * (len(self.BUCKETS) + 3), labels)
+        return lines
+
+    def _histogram(self, name: str, counts: Sequence[float],
+                   labels: tuple[tuple[str, str], ...] = ()) -> list[str]:
+        """One histogram's series (cumulative buckets, sum, count) in the text format."""
+        inner = "".join(f'{k}="{_label_value(v)}",' for k, v in labels)
+        lines, cumulative = [], 0.0
+        for bound, count in zip(self.BUCKETS, counts):
+            cumulative += count
+            lines.append(f'{name}_bucket{{{inner}le="{bound}"}} {_number(cumulative)}')
+        lines.append(f'{name}_bucket{{{inner}le="+Inf"}} {_number(counts[-1])}')
+        lines.append(f"{name}_sum{_labels(labels)} {counts[-2]!r}")
+        lines.append(f"{name}_count{_labels(labels)} {_number(counts[-1])}")
         return lines
 
     def render(self, gauges: Mapping[str, float]) -> str:
@@ -7327,14 +7332,8 @@ class Metrics:
                 for labels, value in sorted(counters.get(name, {}).items()):
                     lines.append(f"{name}{_labels(labels)} {_number(value)}")
             else:
-                counts = histograms.get(name, [0.0] * (len(self.BUCKETS) + 3))
-                cumulative = 0.0
-                for bound, count in zip(self.BUCKETS, counts):
-                    cumulative += count
-                    lines.append(f'{name}_bucket{{le="{bound}"}} {_number(cumulative)}')
-                lines.append(f'{name}_bucket{{le="+Inf"}} {_number(counts[-1])}')
-                lines.append(f"{name}_sum {counts[-2]!r}")
-                lines.append(f"{name}_count {_number(counts[-1])}")
+                lines += self._histogram(name, histograms.get(
+                    name, [0.0] * (len(self.BUCKETS) + 3)))
         return "\n".join(lines) + "\n"
 
 
