@@ -9,6 +9,7 @@ import io
 import json
 import os
 import tempfile
+import threading
 import unittest
 
 import llm_proxy
@@ -221,6 +222,34 @@ class RoutingTests(UpstreamsCase):
         self.ask("beta")
         self.assertEqual(self.box1.requests[-1][2]["Authorization"], "Bearer sk-box1")
         self.assertEqual(self.box2.requests[-1][2]["Authorization"], "Bearer sk-box2-secret")
+
+    def test_a_model_list_the_file_does_not_give_is_read_again_every_refresh(self):
+        self.assertEqual(self.ask("delta")[0], 404)
+        self.box3.models = ["gamma", "delta"]
+        self.clock.advance(59)
+        self.router.tick()
+        self.assertEqual(self.ask("delta")[0], 404)  # (MODELS_REFRESH_SECONDS is 60)
+        self.clock.advance(1)
+        self.router.tick()
+        self.assertEqual(self.ask("delta")[0], 200)
+        self.assertEqual(self.box3.bodies()[-1]["model"], "delta")
+
+    def test_each_server_has_its_own_queue(self):
+        self.write({"upstreams": [entry("box1", self.box1, ["alpha"], max_concurrency=1),
+                                  entry("box2", self.box2, ["beta"], max_concurrency=1)]})
+        self.restart(read_timeout=1)
+        self.box1.fault = "hang"
+        statuses = []
+        threads = [threading.Thread(target=lambda: statuses.append(self.ask("alpha")[0]))
+                   for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        self.assertTrue(wait_until(lambda: self.server("box1").gate.waiting() == 1))
+        self.assertEqual(self.ask("beta")[0], 200)  # box1's queue holds up no one else
+        for thread in threads:
+            thread.join(WAIT)
+        self.assertEqual(sorted(statuses), [504, 504])
+        self.box1.stop.set()
 
     def test_a_toml_file_is_read_too(self):
         path = os.path.join(self.folder, "upstreams.toml")
