@@ -5321,19 +5321,20 @@ class Router:
         lists of those the file gives none every MODELS_REFRESH_SECONDS."""
         if not self.several:
             return
-        now = self.clock()
+        now, every = self.clock(), self.config.models_refresh_seconds
+        timeout = min(PROBE_TIMEOUT, self.config.open_timeout)
         for server in self.servers:
-            due = server.health.probe_due() if not server.up else (
-                server.spec.models is None and (server.refreshed is None or now
-                                                - server.refreshed >= self.config.models_refresh_seconds))
+            if server.up:
+                due = server.spec.models is None and (server.refreshed is None
+                                                      or now - server.refreshed >= every)
+            else:
+                due = server.health.probe_due()
             if not due:
                 continue
-            timeout = min(PROBE_TIMEOUT, self.config.open_timeout)
+            server.refreshed = now
             if server.probe(timeout):
-                server.refreshed = now
                 server.health.answered()
-            elif server.spec.models is None or not server.up:
-                server.refreshed = now
+            else:
                 server.failed()
 
     def gates(self) -> list[FairGate]:
@@ -7705,8 +7706,9 @@ class ProxyServer(ThreadingHTTPServer):
     Methods for the caller: serve_forever(), stop() (from any thread, e.g. a signal handler),
     drain(timeout), server_close(), reload_keys(), request_key_reload(). Tunables:
     request_queue_size (the listen backlog; the default of 5 drops handshakes under bursts),
-    daemon_threads; and, for tests, the clocks and the keys watcher's key_check_interval and
-    keys_settle_seconds (KeysWatcher).
+    daemon_threads; and, for tests, the clocks, the keys watcher's key_check_interval and
+    keys_settle_seconds (KeysWatcher; the upstreams file's watcher uses them too), and
+    health_check_interval (how often the Router's tick() runs, with UPSTREAMS_FILE).
     """
 
     daemon_threads = True

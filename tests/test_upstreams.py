@@ -295,7 +295,8 @@ class ModelListTests(UpstreamsCase):
             json.dump({"keys": [{"name": "a", "key": "sk-a", "models": ["gpt-4o-mini", "beta"]},
                                 {"name": "t", "key": "sk-t", "models": ["alpha"]}]}, f)
         self.restart(keys_file=keys)
-        ids = [m["id"] for m in json.loads(self.request("GET", "/v1/models", key="sk-a")[2])["data"]]
+        listed = json.loads(self.request("GET", "/v1/models", key="sk-a")[2])["data"]
+        ids = [m["id"] for m in listed]
         self.assertEqual(ids, ["beta", "gpt-4o-mini"])
         names = [m["name"] for m in json.loads(self.request("GET", "/api/tags", key="sk-t")[2])
                  ["models"]]
