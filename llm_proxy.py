@@ -7704,9 +7704,9 @@ class ProxyServer(ThreadingHTTPServer):
     metrics, log, connection cap, client deadlines, keys watcher, forwarder).
 
     Methods for the caller: serve_forever(), stop() (from any thread, e.g. a signal handler),
-    drain(timeout), server_close(), reload_keys(), request_key_reload(). Tunables:
-    request_queue_size (the listen backlog; the default of 5 drops handshakes under bursts),
-    daemon_threads; and, for tests, the clocks, the keys watcher's key_check_interval and
+    drain(timeout), server_close(), reload_keys(), reload_upstreams(), request_key_reload().
+    Tunables: request_queue_size (the listen backlog; the default of 5 drops handshakes under
+    bursts), daemon_threads; and, for tests, the clocks, the keys watcher's key_check_interval and
     keys_settle_seconds (KeysWatcher; the upstreams file's watcher uses them too), and
     health_check_interval (how often the Router's tick() runs, with UPSTREAMS_FILE).
     """
