@@ -42,7 +42,9 @@ in brackets, and the index below says where they sit)
        place: Charge.close(ending), once, in one finally.
     5. The Forwarder (forwarder) waits for the request's turn in the fair queue, sends it
        through a keep-alive pool of upstream connections (one retry on a stale one) and reads
-       the answer's head.
+       the answer's head. With several model servers (UPSTREAMS_FILE), the Router (model
+       servers) picks the server of the request's model, and another when the first provably
+       did not run it; the charge is the same whichever runs it.
     6. The relay (relay) sends the head and the body as they arrive, never buffered whole;
        server-sent events reach the client when the upstream writes them, and a client that
        goes away closes the upstream connection at once (which stops generation). A stream's
@@ -138,6 +140,7 @@ __all__ = [
     "BucketPolicy", "Quota", "MemoryBucketStore", "RedisBucketStore", "estimate_cost",
     "prompt_estimate", "request_cost", "Meter", "UsageMeter", "read_headers", "normalize_path",
     "Route", "DEFAULT_ROUTES", "RouteTable", "Exchange", "Charge", "Forwarder", "FairGate", "choose_framing", "relay",
+    "Router", "ModelServer", "read_upstreams_file",
     "Metrics", "ProxyHandler", "ProxyServer", "main",
 ]
 
@@ -606,6 +609,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("NATIVE_API_URL", "", _optional_url,
             "the upstream's root, where Ollama's native /api routes are forwarded (default: "
             "BASE_API_URL without its trailing /v1)"),
+    Setting("UPSTREAMS_FILE", "", _text,
+            "JSON or TOML file of several model servers (name, url, models, ...) and model "
+            "aliases; requests go to a server of their model; reloaded on change and SIGHUP "
+            "(empty: BASE_API_URL serves every model)"),
+    Setting("MODELS_REFRESH_SECONDS", "60", _seconds,
+            "seconds between two reads of the model list of an UPSTREAMS_FILE server that "
+            "names no models of its own"),
     Setting("EXTRA_ROUTES", "", _extra_routes,
             "more routes to forward, comma-separated 'METHOD /path kind' (kind: generate, embed, "
             "free or manage; a path ending in /* covers what is below it)"),
@@ -704,6 +714,8 @@ class Config:
     admin_api_key: str = _default("ADMIN_API_KEY")
     log_format: str = _default("LOG_FORMAT")
     native_api_url: str = _default("NATIVE_API_URL")
+    upstreams_file: str = _default("UPSTREAMS_FILE")
+    models_refresh_seconds: float = _default("MODELS_REFRESH_SECONDS")
     extra_routes: tuple[tuple[str, str, str], ...] = _default("EXTRA_ROUTES")
 
     def __post_init__(self) -> None:
@@ -896,38 +908,48 @@ def utc_text(moment: float) -> str:
 
 def read_keys_file(path: str) -> list[dict]:
     """The entries of a keys file: JSON {"keys": [...]}, or TOML ([[keys]] tables) when the
-    name ends in .toml. Raises ConfigError naming the file. Only a regular file of at most
-    MAX_KEYS_FILE_BYTES is read: /dev/zero would fill the memory, and opening a FIFO would
-    wait for a writer (hence O_NONBLOCK, which does nothing to a regular file). A file that
-    does not exist yet, in a folder that does, holds no keys (the first run: every request is
-    refused until the first key is made)."""
+    name ends in .toml. Raises ConfigError naming the file. A file that does not exist yet, in
+    a folder that does, holds no keys (the first run: every request is refused until the first
+    key is made)."""
     if not os.path.lexists(path) and os.path.isdir(os.path.dirname(os.path.abspath(path))):
         return []
+    document = read_settings_file(path, "KEYS_FILE")
+    if not isinstance(document.get("keys"), list) or set(document) != {"keys"}:
+        raise ConfigError(f'KEYS_FILE {path}: the file must hold only a "keys" list')
+    return document["keys"]
+
+
+def read_settings_file(path: str, setting: str) -> dict:
+    """The document of a file a setting names (KEYS_FILE, UPSTREAMS_FILE): a JSON object, or
+    TOML when the name ends in .toml. Raises ConfigError naming the setting and the file. Only
+    a regular file of at most MAX_KEYS_FILE_BYTES is read: /dev/zero would fill the memory,
+    and opening a FIFO would wait for a writer (hence O_NONBLOCK, which does nothing to a
+    regular file)."""
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
         with open(fd, "rb") as f:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise ConfigError(f"KEYS_FILE {path}: not a regular file")
+                raise ConfigError(f"{setting} {path}: not a regular file")
             data = f.read(MAX_KEYS_FILE_BYTES + 1)
     except OSError as err:
-        raise ConfigError(f"KEYS_FILE {path}: cannot be read ({err.strerror or err})") from None
+        raise ConfigError(f"{setting} {path}: cannot be read ({err.strerror or err})") from None
     if len(data) > MAX_KEYS_FILE_BYTES:
-        raise ConfigError(f"KEYS_FILE {path}: larger than {MAX_KEYS_FILE_BYTES} bytes")
+        raise ConfigError(f"{setting} {path}: larger than {MAX_KEYS_FILE_BYTES} bytes")
     try:
         if path.endswith(".toml"):
-            import tomllib  # Python 3.11+; only needed for TOML keys files
+            import tomllib  # Python 3.11+; only needed for TOML files
             document = tomllib.loads(data.decode("utf-8"))
         else:
             document = json.loads(data)
     except ImportError:
-        raise ConfigError(f"KEYS_FILE {path}: TOML needs Python 3.11 or newer; use JSON") from None
+        raise ConfigError(f"{setting} {path}: TOML needs Python 3.11 or newer; use JSON") \
+            from None
     except (ValueError, UnicodeDecodeError) as err:
-        raise ConfigError(f"KEYS_FILE {path}: not valid "
+        raise ConfigError(f"{setting} {path}: not valid "
                           f"{'TOML' if path.endswith('.toml') else 'JSON'}: {err}") from None
-    if not isinstance(document, dict) or not isinstance(document.get("keys"), list) \
-            or set(document) != {"keys"}:
-        raise ConfigError(f'KEYS_FILE {path}: the file must hold only a "keys" list')
-    return document["keys"]
+    if not isinstance(document, dict):
+        raise ConfigError(f"{setting} {path}: the file must hold a table/object")
+    return document
 
 
 def key_policies(entries: Sequence[object], config: Config, path: str = "KEYS_FILE",
@@ -4548,6 +4570,8 @@ class Route:
 EXTRA = "extra"
 #: The prefix of the paths forwarded under BASE_API_URL (the rest go to the upstream's root).
 V1_PREFIX = "/v1"
+#: Where a server lists its models (read by the router of several servers).
+MODEL_LIST_PATH = "/v1/models"
 
 
 def _row(spec: str, kind: str, api: OpenAIShape = OPENAI, answer: str = "",
@@ -4583,7 +4607,7 @@ DEFAULT_ROUTES = (
     _row("GET /api/tags", FREE, OLLAMA, answer="tags", endpoint="ollama_tags"),
     _row("POST /api/show", FREE, OLLAMA, endpoint="ollama_show"),
     _row("GET /api/version", FREE, OLLAMA, endpoint="ollama_version"),
-    _row("GET /api/ps", FREE, OLLAMA, endpoint="ollama_ps"),
+    _row("GET /api/ps", FREE, OLLAMA, answer="ps", endpoint="ollama_ps"),
     _row("POST /api/pull", MANAGE, OLLAMA, endpoint="ollama_pull"),
     _row("POST /api/push", MANAGE, OLLAMA, endpoint="ollama_push"),
     _row("POST /api/create", MANAGE, OLLAMA, endpoint="ollama_create"),
@@ -4703,7 +4727,8 @@ class Exchange:
 
     __slots__ = ("method", "path", "query", "client", "started", "route", "api", "label",
                  "bucket_key", "policy", "cors", "length", "expects_continue", "body", "body_read",
-                 "payload", "ask", "charge", "ending", "status", "note", "head_sent", "tail")
+                 "payload", "ask", "charge", "ending", "status", "note", "head_sent", "tail",
+                 "model", "server")
 
     def __init__(self, method: str, target: str, client: str) -> None:
         self.method = method
@@ -4729,6 +4754,8 @@ class Exchange:
         self.note = ""
         self.head_sent = False
         self.tail = b""                     # the answer's last bytes, written after the charge
+        self.model: str | None = None       # the model its server must serve (aliases resolved)
+        self.server: ModelServer | None = None  # the server it went to (last, after failover)
 
     @property
     def cost(self) -> int | None:
@@ -4799,14 +4826,34 @@ def check_expiry(policy: KeyPolicy, now: float) -> None:
                          f"{policy.expires_text}.", code="key_expired")
 
 
-def check_model(payload: object, allowed: frozenset[str]) -> None:
-    """A key limited to some models gets 403 for any other (naming the allowed ones)."""
+def check_model(payload: object, allowed: frozenset[str],
+                aliases: Mapping[str, str] | None = None) -> None:
+    """A key limited to some models gets 403 for any other (naming the allowed ones). A model
+    that is an alias is allowed when the list names the alias or its target."""
     model = payload.get("model") if isinstance(payload, dict) else None
-    if model not in allowed:
+    if not may_use(allowed, model, aliases):
         raise ProxyError(HTTPStatus.FORBIDDEN,
                          f"This key may not use model {model!r}. Allowed: "
                          f"{', '.join(sorted(allowed))}.", code="model_not_allowed",
                          param="model")
+
+
+def may_use(allowed: frozenset[str] | None, model: object,
+            aliases: Mapping[str, str] | None = None) -> bool:
+    """Whether a key's models list (None: any) lets it use `model` (an alias: or its target)."""
+    if allowed is None or model in allowed:
+        return True
+    target = aliases.get(model) if aliases and isinstance(model, str) else None
+    return target is not None and target in allowed
+
+
+def model_field(payload: object, api: OpenAIShape) -> str:
+    """Which field of a request body names its model: "model", or on Ollama's native API an
+    older client's "name" when "model" is absent."""
+    if api is OLLAMA and isinstance(payload, dict) and "model" not in payload \
+            and "name" in payload:
+        return "name"
+    return "model"
 
 
 def upstream_body(ex: Exchange, base_model: str) -> tuple[bytes, bytes | None]:
@@ -5361,6 +5408,7 @@ class UpstreamPool:
     def close(self) -> None:
         with self._lock:
             idle, self._idle = self._idle, []
+            self.max_idle = 0  # (a connection given back later is closed: see release)
         for conn in idle:
             conn.close()
 
@@ -5648,6 +5696,7 @@ class Answer:
     #: added, and the upstream took)
     usage_asked: bool = False
     cut: bool = False           # cut short by the proxy's shutdown
+    server: "ModelServer | None" = None  # the server that answered
 
     __hash__ = object.__hash__  # (one answer is one answer, whatever its fields say)
 
@@ -5668,7 +5717,9 @@ class Forwarder:
     raises the error the client gets.
     """
 
-    def __init__(self, config: Config, gate: FairGate | None, metrics: "Metrics") -> None:
+    def __init__(self, config: Config, gate: FairGate | None, metrics: "Metrics",
+                 upstreams: UpstreamsSpec | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.upstreams = {"v1": Upstream.from_url(config.base_api_url),
                           "root": Upstream.root_of(config)}
         self.pools: dict[tuple[str, str, int], UpstreamPool] = {}
@@ -5679,20 +5730,32 @@ class Forwarder:
                     api_key=config.base_api_key)
         self.pool = self.pools[self.upstreams["v1"].address]
         self.gate = gate
+        #: the servers requests go to: BASE_API_URL's alone, or UPSTREAMS_FILE's (Router)
+        default = ModelServer(UpstreamSpec(DEFAULT_UPSTREAM, config.base_api_url, ""),
+                              self.upstreams, self.pools, gate, clock, any_model=True)
+        self.router = Router([default], config, clock)
+        if upstreams is not None:
+            self.close()  # (BASE_API_URL's pools hold no connection yet)
+            self.router.apply(upstreams)
         self.metrics = metrics
         self.queue_timeout = config.upstream_queue_timeout
         self._lock = threading.Lock()
         self._active: set[Answer] = set()  # answers being relayed (cut() ends them)
         self._stopping = False
 
-    def target(self, route: Route, path: str, query: str) -> tuple["UpstreamPool", str]:
-        """The pool and the request target of a forwarded request."""
-        upstream = self.upstreams[route.upstream]
-        return self.pools[upstream.address], upstream.path_for(path, query)
+    def target(self, route: Route, path: str, query: str,
+               server: ModelServer | None = None) -> tuple["UpstreamPool", str]:
+        """The pool and the request target of a forwarded request (at `server`, else at
+        BASE_API_URL's)."""
+        upstreams, pools = (self.upstreams, self.pools) if server is None else (
+            server.upstreams, server.pools)
+        upstream = upstreams[route.upstream]
+        return pools[upstream.address], upstream.path_for(path, query)
 
     def close(self) -> None:
         for pool in self.pools.values():
             pool.close()
+        self.router.close()
 
     def cut(self) -> int:
         """The proxy is stopping: end every answer being relayed (its upstream connection is
@@ -5701,8 +5764,8 @@ class Forwarder:
         with self._lock:
             self._stopping = True
             active = list(self._active)
-        if self.gate is not None:
-            self.gate.close()
+        for gate in {self.gate, *self.router.gates()} - {None}:
+            gate.close()  # type: ignore[union-attr]
         for answer in active:
             answer.cut = True
             try:
@@ -5711,17 +5774,18 @@ class Forwarder:
                 pass  # already closed
         return len(active)
 
-    def turn(self, ex: Exchange, gone: Callable[[], bool]) -> typing.ContextManager[None]:
-        """Hold a slot to the upstream for the body of a `with`. A request that leaves the
-        queue (its client went away, or it waited UPSTREAM_QUEUE_TIMEOUT) never reached the
-        upstream: ex.ending stays NOT_SENT."""
-        return _NO_QUEUE if self.gate is None else self._queued(ex, gone)
+    def turn(self, ex: Exchange, gone: Callable[[], bool],
+             server: ModelServer | None = None) -> typing.ContextManager[None]:
+        """Hold a slot to the upstream (`server`'s own queue, else BASE_API_URL's) for the body
+        of a `with`. A request that leaves the queue (its client went away, or it waited
+        UPSTREAM_QUEUE_TIMEOUT) never reached the upstream: ex.ending stays NOT_SENT."""
+        gate = self.gate if server is None else server.gate
+        return _NO_QUEUE if gate is None else self._queued(ex, gone, gate)
 
     @contextlib.contextmanager
-    def _queued(self, ex: Exchange, gone: Callable[[], bool]) -> Iterator[None]:
-        assert self.gate is not None
-        outcome = self.gate.enter(ex.bucket_key, self.queue_timeout, gone,
-                                  ex.policy.priority if ex.policy is not None else "normal")
+    def _queued(self, ex: Exchange, gone: Callable[[], bool], gate: FairGate) -> Iterator[None]:
+        outcome = gate.enter(ex.bucket_key, self.queue_timeout, gone,
+                             ex.policy.priority if ex.policy is not None else "normal")
         if outcome == "gone":
             raise ClientGone()
         if outcome == "closed":
@@ -5736,13 +5800,39 @@ class Forwarder:
         try:
             yield
         finally:
-            self.gate.leave(ex.bucket_key)
+            gate.leave(ex.bucket_key)
 
     def send(self, ex: Exchange, pool: "UpstreamPool", head: Callable[[bytes], str],
-             body: bytes, fallback: bytes | None, client: socket.socket) -> Answer:
+             body: bytes, fallback: bytes | None, client: socket.socket,
+             server: ModelServer | None = None) -> Answer:
         """Send the request (head(body) makes its head) and read the answer's head, watching
         the client meanwhile. The answer's status may already say how the request ended
-        (upstream_ending); a request that could not be sent at all stays NOT_SENT."""
+        (upstream_ending); a request that could not be sent at all stays NOT_SENT. The
+        server's health follows (a refused or reset connection, or a 502/503/504/529, marks
+        it down), and its own metrics."""
+        if server is None or server.any_model:  # (BASE_API_URL alone: the metrics above)
+            return self._send(ex, pool, head, body, fallback, client)
+        labels = (("upstream", server.name),)
+        self.metrics.inc("llm_proxy_upstream_requests_total", labels)
+        try:
+            answer = self._send(ex, pool, head, body, fallback, client)
+        except ProxyError as err:
+            self.metrics.inc("llm_proxy_upstream_failures_total", labels)
+            if err.code == "upstream_unreachable":
+                server.failed()
+            raise
+        answer.server = server
+        self.metrics.observe("llm_proxy_upstream_ttfb_seconds:" + server.name,
+                             time.perf_counter() - answer.sent)
+        if answer.resp.status in DOWN_STATUSES:
+            self.metrics.inc("llm_proxy_upstream_failures_total", labels)
+            server.failed()
+        else:
+            server.health.answered()
+        return answer
+
+    def _send(self, ex: Exchange, pool: "UpstreamPool", head: Callable[[bytes], str],
+              body: bytes, fallback: bytes | None, client: socket.socket) -> Answer:
         started = time.perf_counter()
         try:
             conn, resp = self._exchange(pool, head(body), body, client)
@@ -5779,8 +5869,11 @@ class Forwarder:
         with self._lock:
             self._active.discard(answer)
         self._done(answer.pool, answer.conn, answer.resp, whole and not answer.cut)
-        self.metrics.observe("llm_proxy_upstream_latency_seconds",
-                             time.perf_counter() - answer.sent)
+        latency = time.perf_counter() - answer.sent
+        self.metrics.observe("llm_proxy_upstream_latency_seconds", latency)
+        if answer.server is not None:
+            self.metrics.observe("llm_proxy_upstream_latency_seconds:" + answer.server.name,
+                                 latency)
 
     @staticmethod
     def _done(pool: "UpstreamPool", conn: _Connection, resp: _UpstreamResponse,
@@ -5836,6 +5929,411 @@ class Forwarder:
         # (typeshed's fp is a BufferedReader; the relay reads it through read1 and peek only)
         resp.fp, resp.length = _BytesReader(error), len(error)  # type: ignore[assignment]
         return False
+
+
+# ################################################################### model servers ####
+
+# Several model servers behind one proxy (UPSTREAMS_FILE): which server serves which model,
+# which are up, and which one a request goes to. Without the file, BASE_API_URL is the one
+# server and serves any model. Everything that decides where a request goes lives here; the
+# money path (policy, bucket, quotas, the charge, the ledger) never looks at it.
+
+_UPSTREAM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_UPSTREAM_FIELDS = ("name", "url", "api_key", "api_key_env", "native_url", "models",
+                    "max_concurrency")
+BACKOFF_FIRST = 1.0        # seconds a server stays down after its first failure
+BACKOFF_MAX = 30.0         # ... doubling at each failed probe, up to this
+PROBE_TIMEOUT = 2.0        # seconds a probe (a server's model list) may take at most
+MAX_NAMED_MODELS = 20      # models a model_not_found error names
+#: Statuses before the answer's head that mark a server down (a gateway's, an overloaded one's).
+DOWN_STATUSES = frozenset({502, 503, 504, 529})
+#: Statuses after which the request is sent to another server: the first provably did not run
+#: it (504 is not one: a gateway that timed out may have let the model run).
+FAILOVER_STATUSES = frozenset({502, 503, 529})
+DEFAULT_UPSTREAM = "default"  # the name of BASE_API_URL's server, without UPSTREAMS_FILE
+
+
+@dataclass(frozen=True)
+class UpstreamSpec:
+    """One model server as the upstreams file describes it (models None: discovered from its
+    own model list; for BASE_API_URL alone: any model)."""
+    name: str
+    url: str
+    native_url: str
+    api_key: str = ""
+    models: frozenset[str] | None = None
+    max_concurrency: int = 0
+
+
+@dataclass(frozen=True)
+class UpstreamsSpec:
+    """The upstreams file: its servers, and the aliases (a name clients send -> the model a
+    server serves)."""
+    upstreams: tuple[UpstreamSpec, ...]
+    aliases: tuple[tuple[str, str], ...] = ()
+
+
+def read_upstreams_file(path: str, config: Config,
+                        environ: Mapping[str, str] | None = None) -> UpstreamsSpec:
+    """The upstreams file, validated; ConfigError naming the file, the entry and the field."""
+    environ = os.environ if environ is None else environ
+    where = f"UPSTREAMS_FILE {path}"
+    document = read_settings_file(path, "UPSTREAMS_FILE")
+    unknown = sorted(set(document) - {"upstreams", "aliases"})
+    if unknown:
+        raise ConfigError(f"{where}: unknown field {unknown[0]!r}")
+    entries = document.get("upstreams")
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError(f'{where}: "upstreams" must be a non-empty list')
+    specs: list[UpstreamSpec] = []
+    for index, entry in enumerate(entries):
+        spec = upstream_spec(entry, f"{where}: upstreams[{index}]", config, environ)
+        if any(s.name == spec.name for s in specs):
+            raise ConfigError(f"{where}: upstreams[{index}] ({spec.name}): name is used by "
+                              "another entry")
+        specs.append(spec)
+    aliases = document.get("aliases", {})
+    if not isinstance(aliases, dict):
+        raise ConfigError(f"{where}: aliases must be a table/object of name = model")
+    listed = {m for s in specs if s.models is not None for m in s.models}
+    discovered = any(s.models is None for s in specs)
+    for alias, model in aliases.items():
+        if not isinstance(model, str) or not model or not alias:
+            raise ConfigError(f"{where}: aliases.{alias}: must name a model (a non-empty string)")
+        if alias in listed:
+            raise ConfigError(f"{where}: aliases.{alias}: a server already serves a model of "
+                              "that name")
+        if model not in listed and not discovered:
+            raise ConfigError(f"{where}: aliases.{alias}: {model!r} is served by no upstream")
+    return UpstreamsSpec(tuple(specs), tuple(sorted(aliases.items())))
+
+
+def upstream_spec(entry: object, where: str, config: Config,
+                  environ: Mapping[str, str]) -> UpstreamSpec:
+    """One entry of the upstreams file, validated (`where` names it in errors)."""
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where}: an entry must be a table/object")
+    if isinstance(entry.get("name"), str):
+        where += f" ({entry['name']})"
+    for field in entry:
+        if field not in _UPSTREAM_FIELDS:
+            raise ConfigError(f"{where}: unknown field {field!r}")
+    for field in ("name", "url"):
+        if field not in entry:
+            raise ConfigError(f"{where}: {field} is required")
+    name = entry["name"]
+    if not isinstance(name, str) or not _UPSTREAM_NAME.fullmatch(name):
+        raise ConfigError(f"{where}: name must be 1 to 64 letters, digits, '.', '_' or '-'")
+    for field in ("url", "native_url", "api_key", "api_key_env"):
+        if field in entry and not isinstance(entry[field], str):
+            raise ConfigError(f"{where}: {field} must be a string")
+    url = _url(f"{where}: url", entry["url"])
+    native = (_url(f"{where}: native_url", entry["native_url"]) if "native_url" in entry
+              else re.sub(V1_PREFIX + "/?$", "", url))
+    if "api_key" in entry and "api_key_env" in entry:
+        raise ConfigError(f"{where}: give at most one of api_key and api_key_env")
+    key = entry.get("api_key", "")
+    if "api_key_env" in entry:
+        if entry["api_key_env"] not in environ:
+            raise ConfigError(f"{where}: api_key_env: the environment variable "
+                              f"{entry['api_key_env']} is not set")
+        key = environ[entry["api_key_env"]]
+    key = _key(f"{where}: the api key", key)
+    models = entry.get("models")
+    if models is not None and (not isinstance(models, list) or not models or not all(
+            isinstance(m, str) and m for m in models)):
+        raise ConfigError(f"{where}: models must be a non-empty list of model names")
+    concurrency = entry.get("max_concurrency", config.max_upstream_concurrency)
+    if type(concurrency) is not int or concurrency < 0:
+        raise ConfigError(f"{where}: max_concurrency must be a whole number, 0 or more")
+    return UpstreamSpec(name, url, native, key, None if models is None else frozenset(models),
+                        concurrency)
+
+
+def serves(names: Iterable[str] | frozenset[str], model: str) -> bool:
+    """Whether a list of model names holds `model`, Ollama's way: a name without a tag is the
+    same as the name with ":latest"."""
+    if model in names:
+        return True
+    if ":" not in model:
+        return model + ":latest" in names
+    return model.endswith(":latest") and model[:-len(":latest")] in names
+
+
+class Health:
+    """Passive health of one server: up until it fails (a refused or reset connection, a
+    502/503/504/529 before the answer's head), then down; a probe (its model list) is due
+    after a back-off of BACKOFF_FIRST seconds, doubling at each failed probe up to
+    BACKOFF_MAX; the first answer brings it back up. `clock` is injected (tests move it)."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
+        self.backoff = 0.0        # 0: up
+        self.probe_at = 0.0
+
+    @property
+    def up(self) -> bool:
+        return not self.backoff
+
+    def failed(self) -> None:
+        self.backoff = min(BACKOFF_MAX, self.backoff * 2) if self.backoff else BACKOFF_FIRST
+        self.probe_at = self.clock() + self.backoff
+
+    def answered(self) -> None:
+        self.backoff = 0.0
+
+    def probe_due(self) -> bool:
+        return bool(self.backoff) and self.clock() >= self.probe_at
+
+    def retry_after(self) -> int:
+        """Seconds until its next probe (at least 1)."""
+        return max(1, math.ceil(self.probe_at - self.clock()))
+
+
+class ModelServer:
+    """One upstream server at run time: its /v1 base and its root (each with a pool of
+    connections), its own fair queue, its health, the models it serves and its requests in
+    flight. `any_model`: BASE_API_URL alone, which serves whatever is asked and is never marked
+    down (without UPSTREAMS_FILE nothing changes)."""
+
+    def __init__(self, spec: UpstreamSpec, upstreams: dict[str, "Upstream"],
+                 pools: dict[tuple[str, str, int], "UpstreamPool"], gate: FairGate | None,
+                 clock: Callable[[], float], any_model: bool = False) -> None:
+        self.spec, self.name = spec, spec.name
+        self.upstreams, self.pools, self.gate = upstreams, pools, gate
+        self.health = Health(clock)
+        self.any_model = any_model
+        self.discovered: frozenset[str] | None = None  # the model list it last gave
+        self.refreshed: float | None = None            # when (clock), for MODELS_REFRESH_SECONDS
+        self.in_flight = 0
+
+    @classmethod
+    def from_spec(cls, spec: UpstreamSpec, config: Config,
+                  clock: Callable[[], float]) -> "ModelServer":
+        upstreams = {"v1": Upstream.from_url(spec.url),
+                     "root": Upstream.from_url(spec.native_url, prefix="")}
+        pools: dict[tuple[str, str, int], UpstreamPool] = {}
+        for upstream in upstreams.values():
+            if upstream.address not in pools:
+                pools[upstream.address] = UpstreamPool(upstream, config.open_timeout,
+                                                       config.read_timeout, api_key=spec.api_key)
+        gate = FairGate(spec.max_concurrency, config.fair_queue) if spec.max_concurrency else None
+        return cls(spec, upstreams, pools, gate, clock)
+
+    @property
+    def models(self) -> frozenset[str]:
+        """The models it serves: its file's list, else the list it last gave."""
+        if self.spec.models is not None:
+            return self.spec.models
+        return self.discovered or frozenset()
+
+    def serves(self, model: str) -> bool:
+        return self.any_model or serves(self.models, model)
+
+    @property
+    def up(self) -> bool:
+        return self.any_model or self.health.up
+
+    def failed(self) -> None:
+        if not self.any_model:
+            self.health.failed()
+
+    def probe(self, timeout: float) -> bool:
+        """Ask for its model list (GET {url}/models, its own API key): whether it answered
+        200 with a list. The list is kept as its models when the file names none."""
+        v1 = self.upstreams["v1"]
+        pool = self.pools[v1.address]
+        maker = (http.client.HTTPSConnection(v1.host, v1.port, timeout=timeout,
+                                             context=pool._ssl) if pool._ssl is not None
+                 else http.client.HTTPConnection(v1.host, v1.port, timeout=timeout))
+        headers = {"Authorization": f"Bearer {self.spec.api_key}"} if self.spec.api_key else {}
+        try:
+            maker.request("GET", v1.path_for(MODEL_LIST_PATH, ""), headers=headers)
+            resp = maker.getresponse()
+            data = resp.read(MAX_METERED_BODY)
+        except (OSError, http.client.HTTPException):
+            return False
+        finally:
+            maker.close()
+        listed = json_or_none(data) if resp.status == HTTPStatus.OK else None
+        rows = listed.get("data") if isinstance(listed, dict) else None
+        if not isinstance(rows, list):
+            return False
+        self.discovered = frozenset(row["id"] for row in rows if isinstance(row, dict)
+                                    and isinstance(row.get("id"), str) and row["id"])
+        return True
+
+    def close(self) -> None:
+        for pool in self.pools.values():
+            pool.close()
+
+
+class Router:
+    """Which server a request goes to: one that serves its model (after aliases), up, with
+    the fewest requests in flight, ties in turn. Holds the servers and aliases in force
+    (replaced whole on a reload of UPSTREAMS_FILE), and looks after their health: probes the
+    servers that are down once their back-off has passed, and reads the model lists of those
+    the file gives none, every MODELS_REFRESH_SECONDS (tick(), from the watcher's thread).
+
+    Methods for the caller: resolve(), check_up(), pick(), release(), alternative(), listed(),
+    owner(), apply(), tick(), close().
+    """
+
+    def __init__(self, servers: Sequence[ModelServer], config: Config,
+                 clock: Callable[[], float], spec: UpstreamsSpec | None = None) -> None:
+        self.config, self.clock = config, clock
+        self.spec = spec
+        self.servers: tuple[ModelServer, ...] = tuple(servers)
+        self.aliases: dict[str, str] = dict(spec.aliases) if spec is not None else {}
+        self._lock = threading.Lock()
+        self._turn = 0
+        self.retired: list[ModelServer] = []   # servers a reload removed (closed at the end)
+
+    @property
+    def several(self) -> bool:
+        """Whether UPSTREAMS_FILE is in force (else BASE_API_URL serves every model)."""
+        return self.spec is not None
+
+    def apply(self, spec: UpstreamsSpec) -> None:
+        """Put a new upstreams file in force: a server whose entry is unchanged keeps its
+        connections, queue, health and model list; the others are made anew."""
+        old = {s.name: s for s in self.servers}
+        servers = []
+        for entry in spec.upstreams:
+            kept = old.get(entry.name)
+            servers.append(kept if kept is not None and kept.spec == entry
+                           else ModelServer.from_spec(entry, self.config, self.clock))
+        gone = [s for s in self.servers if s not in servers]
+        with self._lock:  # (a request sees the old servers and aliases or the new ones)
+            self.servers, self.aliases, self.spec = tuple(servers), dict(spec.aliases), spec
+            self.retired += gone
+        for server in gone:
+            server.close()  # (its idle connections; answers being relayed keep theirs)
+
+    def resolve(self, model: str | None) -> str | None:
+        """The model a request's model names (an alias's target), after checking some server
+        serves it: ProxyError 404 (model_not_found) for one none serves, 400 for a request
+        without one when there are several servers. None: no model, one server."""
+        servers = self.servers
+        if model is None:
+            if len(servers) > 1:
+                raise ProxyError(HTTPStatus.BAD_REQUEST, "This request names no model, and "
+                                 "this proxy has several model servers: say which model "
+                                 "(model).", param="model", code="model_required")
+            return None
+        target = self.aliases.get(model, model)
+        if any(s.serves(target) for s in servers):
+            return target
+        known = self.listed(up_only=False)
+        shown = ", ".join(known[:MAX_NAMED_MODELS]) + (", ..." if len(known) > MAX_NAMED_MODELS
+                                                       else "")
+        raise ProxyError(HTTPStatus.NOT_FOUND, f"The model {model!r} does not exist here. "
+                         f"Models: {shown or 'none'}.", param="model", code="model_not_found")
+
+    def pick(self, model: str | None, tried: Sequence[ModelServer] = ()) -> ModelServer:
+        """The server for a request of `model` (resolved; None: the only one), among those up
+        and not `tried`, with the fewest in flight (ties in turn); counted in flight until
+        release(). ProxyError 503 with Retry-After when every server of the model is down."""
+        with self._lock:
+            servers = self.servers
+            if len(servers) == 1 and not tried:  # (BASE_API_URL alone: nothing to choose)
+                only = servers[0]
+                if only.up and (model is None or only.serves(model)):
+                    only.in_flight += 1
+                    return only
+            found = [s for s in servers if s not in tried
+                     and (model is None or s.serves(model))]
+            healthy = [s for s in found if s.up]
+            if not healthy:
+                raise self._unavailable(found)
+            self._turn += 1
+            start = self._turn % len(healthy)
+            turned = healthy[start:] + healthy[:start]
+            chosen = min(turned, key=lambda s: s.in_flight)
+            chosen.in_flight += 1
+            return chosen
+
+    def release(self, server: ModelServer) -> None:
+        with self._lock:
+            server.in_flight -= 1
+
+    def check_up(self, model: str | None) -> None:
+        """ProxyError 503 (with Retry-After) when no server of `model` is up."""
+        found = [s for s in self.servers if model is None or s.serves(model)]
+        if not any(s.up for s in found):
+            raise self._unavailable(found)
+
+    @staticmethod
+    def _unavailable(servers: Sequence[ModelServer]) -> ProxyError:
+        wait = min((s.health.retry_after() for s in servers), default=1)
+        return ProxyError(HTTPStatus.SERVICE_UNAVAILABLE, "Every server of this model is "
+                          "down; please try again shortly.", type="server_error",
+                          code="upstream_unavailable",
+                          headers=[("Retry-After", str(wait)),
+                                   ("retry-after-ms", str(wait * 1000))])
+
+    def alternative(self, model: str | None, tried: Sequence[ModelServer]) -> bool:
+        """Whether another server that is up serves `model` (one not `tried`)."""
+        return any(s not in tried and s.up and (model is None or s.serves(model))
+                   for s in self.servers)
+
+    def listed(self, up_only: bool = True) -> list[str]:
+        """The models the servers serve (those up only, by default) and the aliases, sorted."""
+        names = {m for s in self.servers if s.up or not up_only for m in s.models}
+        aliases = {a for a, target in self.aliases.items()
+                   if any((s.up or not up_only) and s.serves(target) for s in self.servers)}
+        return sorted(names | aliases)
+
+    def owner(self, model: str) -> str:
+        """The names of the servers up that serve a model (or an alias's target), for the
+        model lists."""
+        target = self.aliases.get(model, model)
+        return ",".join(s.name for s in self.servers if s.up and s.serves(target)) or "llm_proxy"
+
+    def tick(self) -> None:
+        """Probe the servers that are down once their back-off has passed, and read the model
+        lists of those the file gives none every MODELS_REFRESH_SECONDS."""
+        if not self.several:
+            return
+        now, every = self.clock(), self.config.models_refresh_seconds
+        timeout = min(PROBE_TIMEOUT, self.config.open_timeout)
+        for server in self.servers:
+            if server.up:
+                due = server.spec.models is None and (server.refreshed is None
+                                                      or now - server.refreshed >= every)
+            else:
+                due = server.health.probe_due()
+            if not due:
+                continue
+            server.refreshed = now
+            if server.probe(timeout):
+                server.health.answered()
+            else:
+                server.failed()
+
+    def gates(self) -> list[FairGate]:
+        return [s.gate for s in self.servers if s.gate is not None]
+
+    def close(self) -> None:
+        for server in (*self.servers, *self.retired):
+            server.close()
+
+
+class Ticker:
+    """A daemon thread calling `tick` every `interval` seconds until close()."""
+
+    def __init__(self, tick: Callable[[], None], interval: float, name: str) -> None:
+        self._tick, self._interval = tick, interval
+        self._closing = threading.Event()
+        threading.Thread(target=self._run, name=name, daemon=True).start()
+
+    def _run(self) -> None:
+        while not self._closing.wait(self._interval):
+            self._tick()
+
+    def close(self) -> None:
+        self._closing.set()
+
 
 
 # ########################################################################### relay ####
@@ -6683,24 +7181,43 @@ def key_report(server: "ProxyServer") -> list[dict[str, object]]:
 
 
 def answer_models(server: "ProxyServer", ex: Exchange, headers: Headers) -> Reply | None:
-    """With BASE_MODEL set, the model list is that one model; else the upstream's."""
+    """With BASE_MODEL set, the model list is that one model; with several servers
+    (UPSTREAMS_FILE), the models of those up and the aliases, as far as the caller's key may
+    use them; else the upstream's."""
     model = server.config.base_model
     if not model:
-        return None
+        router = server.forwarder.router
+        if not router.several:
+            return None
+        return json_reply(HTTPStatus.OK, {"object": "list", "data": [
+            _model_object(name, router.owner(name)) for name in usable_models(server, ex)]})
     return json_reply(HTTPStatus.OK, {"object": "list", "data": [_model_object(model)]})
 
 
-def _model_object(model: str) -> dict[str, object]:
-    return {"id": model, "object": "model", "created": 0, "owned_by": "llm_proxy"}
+def usable_models(server: "ProxyServer", ex: Exchange) -> list[str]:
+    """The models of the servers that are up, and the aliases, that the caller's key may use."""
+    router = server.forwarder.router
+    allowed = ex.policy.models if ex.policy is not None else None
+    return [name for name in router.listed() if may_use(allowed, name, router.aliases)]
+
+
+def _model_object(model: str, owner: str = "llm_proxy") -> dict[str, object]:
+    return {"id": model, "object": "model", "created": 0, "owned_by": owner}
 
 
 def answer_model(server: "ProxyServer", ex: Exchange, headers: Headers) -> Reply | None:
     """With BASE_MODEL set, /v1/models/{id} knows that one model only; else the upstream's."""
     model = server.config.base_model
-    if not model:
-        return None
     assert ex.route is not None  # (a local answer is for a route found)
     asked = ex.path[len(ex.route.path):]  # (the row covers /v1/models/{id})
+    if not model:
+        if not server.forwarder.router.several:
+            return None
+        if asked not in usable_models(server, ex):
+            raise ProxyError(HTTPStatus.NOT_FOUND, f"The model '{asked}' does not exist.",
+                             param="model", code="model_not_found")
+        return json_reply(HTTPStatus.OK, _model_object(asked,
+                                                       server.forwarder.router.owner(asked)))
     if asked != model:
         raise ProxyError(HTTPStatus.NOT_FOUND, f"The model '{asked}' does not exist.",
                          param="model", code="model_not_found")
@@ -6712,11 +7229,28 @@ def answer_tags(server: "ProxyServer", ex: Exchange, headers: Headers) -> Reply 
     as Ollama's clients expect); else the upstream's."""
     model = server.config.base_model
     if not model:
-        return None
+        if not server.forwarder.router.several:
+            return None
+        return json_reply(HTTPStatus.OK, {"models": [_tag_object(name) for name in
+                                                     usable_models(server, ex)]})
+    return json_reply(HTTPStatus.OK, {"models": [_tag_object(model)]})
+
+
+def _tag_object(model: str) -> dict[str, object]:
     name = model if ":" in model else model + ":latest"
-    return json_reply(HTTPStatus.OK, {"models": [{
-        "name": name, "model": name, "modified_at": "1970-01-01T00:00:00Z", "size": 0,
-        "digest": "", "details": {}}]})
+    return {"name": name, "model": name, "modified_at": "1970-01-01T00:00:00Z", "size": 0,
+            "digest": "", "details": {}}
+
+
+def answer_ps(server: "ProxyServer", ex: Exchange, headers: Headers) -> Reply | None:
+    """With several servers (UPSTREAMS_FILE), Ollama's running models (/api/ps) are the
+    models of the servers up and the aliases the caller may use (which is loaded where is
+    each server's business); else the upstream's."""
+    if not server.forwarder.router.several:
+        return None
+    return json_reply(HTTPStatus.OK, {"models": [
+        {**_tag_object(name), "expires_at": "0001-01-01T00:00:00Z", "size_vram": 0}
+        for name in usable_models(server, ex)]})
 
 
 def answer_preflight(server: "ProxyServer", ex: Exchange, headers: Headers) -> Reply:
@@ -6977,7 +7511,10 @@ def overview(server: "ProxyServer") -> dict[str, object]:
     tally.add(server.usage_rows(recent, now + 3600))
     per_key, names, per_day, per_model = tally.per_key, tally.names, tally.per_day, tally.per_model
     in_flight = server.forwarded_in_flight()
-    waiting = server.gate.waiting_by_key() if server.gate is not None else {}
+    waiting: dict[str, int] = {}
+    for gate in {server.gate, *server.forwarder.router.gates()} - {None}:
+        for bucket, count in gate.waiting_by_key().items():  # type: ignore[union-attr]
+            waiting[bucket] = waiting.get(bucket, 0) + count
     listed = [(policy.bucket_key(digest), policy.name or short_hash(digest), policy)
               for digest, policy in server.keys.entries]
     known = {bucket for bucket, _, _ in listed}
@@ -7017,6 +7554,7 @@ def overview(server: "ProxyServer") -> dict[str, object]:
         "version": __version__, "now": _iso(now, calendar.tz), "timezone": calendar.zone,
         "uptime_seconds": round(now - server.started),
         "store": store_report(server), "upstream": upstream_report(server, in_flight, waiting),
+        "upstreams": servers_report(server), "aliases": dict(server.forwarder.router.aliases),
         "keys": keys,
         "audit": [row.as_json(server.calendar.tz) for row in server.audit.rows(0, 10)],
         "keys_file": {"path": server.config.keys_file,
@@ -7125,17 +7663,22 @@ def upstream_report(server: "ProxyServer", in_flight: Mapping[str, int],
     last hour by kind, and the requests at it and waiting for it."""
     upstream = server.forwarder.upstreams["v1"]
     connect_ms: float | None = None
-    started = time.perf_counter()
-    try:
-        socket.create_connection((upstream.host, upstream.port),
-                                 timeout=min(1.0, server.config.open_timeout)).close()
-        connect_ms = round((time.perf_counter() - started) * 1000, 2)
-    except OSError:
-        pass
-    report: dict[str, object] = {
-        "url": f"{upstream.scheme}://{upstream.host_header}{upstream.base_path}",
-        "reachable": connect_ms is not None, "connect_ms": connect_ms,
-        "probe": server.probe.report()}
+    router = server.forwarder.router
+    if router.several:  # (BASE_API_URL is not used: each server's health is in "upstreams")
+        report: dict[str, object] = {"url": server.config.upstreams_file, "connect_ms": None,
+                                     "reachable": any(s.up for s in router.servers),
+                                     "probe": None}
+    else:
+        started = time.perf_counter()
+        try:
+            socket.create_connection((upstream.host, upstream.port),
+                                     timeout=min(1.0, server.config.open_timeout)).close()
+            connect_ms = round((time.perf_counter() - started) * 1000, 2)
+        except OSError:
+            pass
+        report = {"url": f"{upstream.scheme}://{upstream.host_header}{upstream.base_path}",
+                  "reachable": connect_ms is not None, "connect_ms": connect_ms,
+                  "probe": server.probe.report()}
     for name, field in (("llm_proxy_upstream_ttfb_seconds", "ttfb_ms"),
                         ("llm_proxy_upstream_latency_seconds", "latency_ms")):
         (p50, p95), count = server.metrics.quantiles(name, 0.5, 0.95)
@@ -7149,9 +7692,39 @@ def upstream_report(server: "ProxyServer", in_flight: Mapping[str, int],
     return report
 
 
+def servers_report(server: "ProxyServer") -> list[dict[str, object]]:
+    """Each model server: its name and URL, whether it is up (else when it is probed next),
+    its models, its requests in flight and waiting, its requests and failures since start,
+    its time to first byte and latency (p50, p95)."""
+    report = []
+    metrics = server.metrics
+    with metrics._lock:
+        counters = {n: dict(metrics._counters.get(n, {})) for n in (
+            "llm_proxy_upstream_requests_total", "llm_proxy_upstream_failures_total")}
+    for s in server.forwarder.router.servers:
+        v1 = s.upstreams["v1"]
+        waiting = s.gate.waiting() if s.gate is not None else 0
+        entry: dict[str, object] = {
+            "name": s.name, "url": f"{v1.scheme}://{v1.host_header}{v1.base_path}",
+            "up": s.up, "probe_in_seconds": None if s.up else s.health.retry_after(),
+            "models": None if s.any_model else sorted(s.models),
+            "in_flight": max(0, s.in_flight - waiting), "waiting": waiting,
+            "max_concurrency": s.gate.limit if s.gate is not None else None,
+            **{field: int(counters[name].get((("upstream", s.name),), 0)) for field, name in (
+                ("requests", "llm_proxy_upstream_requests_total"),
+                ("failures", "llm_proxy_upstream_failures_total"))}}
+        for name, field in (("llm_proxy_upstream_ttfb_seconds", "ttfb_ms"),
+                            ("llm_proxy_upstream_latency_seconds", "latency_ms")):
+            (p50, p95), count = metrics.quantiles(f"{name}:{s.name}", 0.5, 0.95)
+            entry[field] = {"p50": None if p50 is None else round(p50 * 1000, 1),
+                            "p95": None if p95 is None else round(p95 * 1000, 1), "count": count}
+        report.append(entry)
+    return report
+
+
 LOCAL_ANSWERS: dict[str, Callable[["ProxyServer", Exchange, Headers], Reply | None]] = {
     "health": answer_health, "metrics": answer_metrics, "admin_keys": answer_admin_keys,
-    "models": answer_models, "model": answer_model, "tags": answer_tags,
+    "models": answer_models, "model": answer_model, "tags": answer_tags, "ps": answer_ps,
     "usage": answer_usage, "admin_usage": answer_admin_usage,
     "preflight": answer_preflight, "page": answer_page, "overview": answer_admin_overview,
     "no_icon": answer_no_icon, "admin_key_create": answer_admin_key_create,
@@ -7473,6 +8046,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if route.kind == MANAGE:  # the administrator's: forwarded free, after the check
             check_manager(server, ex, self.headers)
             ex.body, ex.label = self._read_body(ex), "admin"
+            if server.forwarder.router.several:
+                self._choose_model(ex, server.forwarder.router, None)
             return self._forward_upstream(ex, ex.body, None)
         who = identify(self.headers, server.keys, server.default_policy,
                        ex.client, config.trust_forwarded_for, server.calendar.wall())
@@ -7484,12 +8059,16 @@ class ProxyHandler(BaseHTTPRequestHandler):
             ex.payload = parse_json_object(ex.body)
             if route.kind == GENERATE:
                 ex.ask = route.api.read(ex.payload, route, policy.response_token_reserve)
+        router = server.forwarder.router
         if policy.models is not None and ex.method == "POST":
-            check_model(ex.payload if charged else policed_json(ex.body), policy.models)
+            check_model(ex.payload if charged else policed_json(ex.body), policy.models,
+                        router.aliases)
         if route.answer:
             reply = LOCAL_ANSWERS[route.answer](server, ex, self.headers)
             if reply is not None:
                 return self._reply(ex, reply)
+        if router.several:  # (a model no server serves, or whose servers are all down: free)
+            self._choose_model(ex, router, ex.payload if charged else None)
         slots = server.key_slots
         as_message = policy.limit_response == "message"
         if not self._key_slot(ex, policy):
@@ -7529,18 +8108,68 @@ class ProxyHandler(BaseHTTPRequestHandler):
             raise ClientGone()
         return outcome == "ok"
 
+    def _choose_model(self, ex: Exchange, router: Router, payload: dict | None) -> None:
+        """Several servers (UPSTREAMS_FILE): the model the request's server must serve, an
+        alias's target written into the body (and so into the ledger), before anything is
+        charged: ProxyError 404 for a model no server serves, 400 for a request with a body
+        but no model, 503 when every server of the model is down. A request without a body
+        (GET /api/version) may go to any server."""
+        sent = payload if payload is not None else json_object(ex.body) if ex.body else None
+        field = model_field(sent, ex.api)
+        model = sent.get(field) if sent is not None else None
+        if not isinstance(model, str) or not model:
+            model = None
+            if not ex.body:
+                return
+        ex.model = router.resolve(model)
+        if sent is not None and ex.model != model:
+            sent[field] = ex.model
+            ex.body = json.dumps(sent).encode()
+        router.check_up(ex.model)
+
     def _forward_upstream(self, ex: Exchange, body: bytes, fallback: bytes | None) -> None:
-        forwarder = self.server.forwarder
+        """To the model's server; to another of its servers when the first provably did not
+        run the request (it refused the connection, or answered 502/503/529 before any byte
+        reached the client), each server tried at most once. The model's body and the
+        charge are the same whichever server runs it."""
+        router = self.server.forwarder.router
+        tried: list[ModelServer] = []
+        while True:
+            server = router.pick(ex.model, tried)
+            tried.append(server)
+            ex.server = server
+            try:
+                if self._forward_to(ex, server, body, fallback, tried):
+                    return
+            finally:
+                router.release(server)
+
+    def _forward_to(self, ex: Exchange, server: ModelServer, body: bytes,
+                    fallback: bytes | None, tried: Sequence[ModelServer]) -> bool:
+        """Send the request to one server and relay its answer; False, with nothing sent to
+        the client, when it is to go to another server instead (see _forward_upstream)."""
+        forwarder, router = self.server.forwarder, self.server.forwarder.router
         assert ex.route is not None
-        pool, target = forwarder.target(ex.route, ex.path, ex.query)
+        pool, target = forwarder.target(ex.route, ex.path, ex.query, server)
         peer = self.client_address[0]
 
         def head(data: bytes) -> str:
             return upstream_head(ex.method, target, self.headers, peer, pool,
                                  data, ex.api, self.server.via)
 
-        with forwarder.turn(ex, lambda: peer_closed(self.connection)):
-            answer = forwarder.send(ex, pool, head, body, fallback, self.connection)
+        with forwarder.turn(ex, lambda: peer_closed(self.connection), server):
+            try:
+                answer = forwarder.send(ex, pool, head, body, fallback, self.connection, server)
+            except UpstreamUnreachable:
+                if router.alternative(ex.model, tried):
+                    ex.note = f"{server.name} unreachable, sent to another server"
+                    return False  # (never connected: nothing was sent)
+                raise
+            if answer.resp.status in FAILOVER_STATUSES and router.alternative(ex.model, tried):
+                forwarder.finish(answer, whole=False)
+                ex.ending = NOT_SENT
+                ex.note = f"{server.name} answered {answer.resp.status}, sent to another server"
+                return False
             meter = ex.charge.meter if ex.charge is not None else None
             if answer.usage_asked and meter is not None:
                 meter.strip = meter.expects_usage = True  # (what it adds is taken out again)
@@ -7550,6 +8179,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                                      self.server.streams)
             finally:
                 forwarder.finish(answer, whole)
+        return True
 
     # -- reading the body -------------------------------------------------------------------
 
@@ -7723,6 +8353,9 @@ class Metrics:
         "llm_proxy_tokens_charged_total": ("counter", "Tokens taken from buckets (after refunds and settlement)."),
         "llm_proxy_upstream_errors_total": ("counter", "Upstream failures by kind: refused, timeout, 5xx, invalid, broken."),
         "llm_proxy_key_reloads_total": ("counter", "Keys file reloads by result."),
+        "llm_proxy_upstream_requests_total": ("counter", "Requests sent to each model server."),
+        "llm_proxy_upstream_failures_total": ("counter", "Requests to each model server that failed: no connection, a reset, no answer in time, or a 502/503/504/529."),
+        "llm_proxy_upstreams_reloads_total": ("counter", "Upstreams file reloads by result."),
         "llm_proxy_store_outages_total": ("counter", "Times the shared Redis store became unreachable."),
         "llm_proxy_store_up": ("gauge", "1 while the bucket store is reachable (always 1 in memory)."),
         "llm_proxy_state_written": ("gauge", "0 while the state (STATE_DB, or the ledger in Redis) cannot be written; else 1."),
@@ -7804,6 +8437,30 @@ class Metrics:
                 seen, lower = seen + count, bound
         return tuple(found), int(total)
 
+    def histogram_lines(self, name: str, text: str,
+                        series: Sequence[tuple[tuple[tuple[str, str], ...], str]]) -> list[str]:
+        """A labelled histogram in the text format: each (labels, key) read from the histogram
+        observed under `key` (one per model server)."""
+        lines = [f"# HELP {name} {text}", f"# TYPE {name} histogram"]
+        with self._lock:
+            found = [(labels, list(self._histograms.get(key, ()))) for labels, key in series]
+        for labels, counts in found:
+            lines += self._histogram(name, counts or [0.0] * (len(self.BUCKETS) + 3), labels)
+        return lines
+
+    def _histogram(self, name: str, counts: Sequence[float],
+                   labels: tuple[tuple[str, str], ...] = ()) -> list[str]:
+        """One histogram's series (cumulative buckets, sum, count) in the text format."""
+        inner = "".join(f'{k}="{_label_value(v)}",' for k, v in labels)
+        lines, cumulative = [], 0.0
+        for bound, count in zip(self.BUCKETS, counts):
+            cumulative += count
+            lines.append(f'{name}_bucket{{{inner}le="{bound}"}} {_number(cumulative)}')
+        lines.append(f'{name}_bucket{{{inner}le="+Inf"}} {_number(counts[-1])}')
+        lines.append(f"{name}_sum{_labels(labels)} {counts[-2]!r}")
+        lines.append(f"{name}_count{_labels(labels)} {_number(counts[-1])}")
+        return lines
+
     def render(self, gauges: Mapping[str, float]) -> str:
         lines: list[str] = []
         with self._lock:
@@ -7817,15 +8474,37 @@ class Metrics:
                 for labels, value in sorted(counters.get(name, {}).items()):
                     lines.append(f"{name}{_labels(labels)} {_number(value)}")
             else:
-                counts = histograms.get(name, [0.0] * (len(self.BUCKETS) + 3))
-                cumulative = 0.0
-                for bound, count in zip(self.BUCKETS, counts):
-                    cumulative += count
-                    lines.append(f'{name}_bucket{{le="{bound}"}} {_number(cumulative)}')
-                lines.append(f'{name}_bucket{{le="+Inf"}} {_number(counts[-1])}')
-                lines.append(f"{name}_sum {counts[-2]!r}")
-                lines.append(f"{name}_count {_number(counts[-1])}")
+                lines += self._histogram(name, histograms.get(
+                    name, [0.0] * (len(self.BUCKETS) + 3)))
         return "\n".join(lines) + "\n"
+
+
+def upstream_metric_lines(metrics: Metrics, router: "Router") -> list[str]:
+    """Each model server's gauges (in flight, waiting, up) and its time to first byte and
+    latency histograms (its requests and failures are counters of Metrics); none without
+    UPSTREAMS_FILE (the upstream metrics are BASE_API_URL's)."""
+    servers = router.servers if router.several else ()
+    lines: list[str] = []
+    if not servers:
+        return lines
+    for name, text, value in (
+            ("llm_proxy_upstream_in_flight", "Requests at each model server now.",
+             lambda s: s.in_flight - (s.gate.waiting() if s.gate is not None else 0)),
+            ("llm_proxy_upstream_waiting", "Requests waiting for their turn at each model server.",
+             lambda s: s.gate.waiting() if s.gate is not None else 0),
+            ("llm_proxy_upstream_up", "1 while a model server is up (0: down, being probed).",
+             lambda s: int(s.up))):
+        lines += [f"# HELP {name} {text}", f"# TYPE {name} gauge"]
+        lines += [f'{name}{{upstream="{_label_value(s.name)}"}} {_number(value(s))}'
+                  for s in servers]
+    for name, text in (("llm_proxy_upstream_server_ttfb_seconds",
+                        "Time from sending a request to a model server to its response head."),
+                       ("llm_proxy_upstream_server_latency_seconds",
+                        "Time from sending a request to a model server to the end of its response.")):
+        stored = name.replace("_server", "")
+        lines += metrics.histogram_lines(name, text, [
+            ((("upstream", s.name),), f"{stored}:{s.name}") for s in servers])
+    return lines
 
 
 def _labels(labels: tuple[tuple[str, str], ...]) -> str:
@@ -7894,17 +8573,20 @@ class AccessLog:
     def access(self, ex: Exchange, cost: int | None, duration_ms: float) -> None:
         client, method = loggable(ex.client), loggable(ex.method or "-")
         path, remaining = loggable(ex.path or "-"), ex.remaining
+        server = ex.server  # (named with UPSTREAMS_FILE; BASE_API_URL's line is as it was)
+        upstream = server.name if server is not None and not server.any_model else None
         if self._json:
             self._write(json.dumps({
                 "time": self._timestamp(), "client": client, "key": ex.label, "method": method,
                 "path": path, "status": ex.status, "cost": cost, "remaining": remaining,
-                "duration_ms": round(duration_ms, 1), **({"note": ex.note} if ex.note else {})}))
+                "duration_ms": round(duration_ms, 1), **({"upstream": upstream} if upstream else {}),
+                **({"note": ex.note} if ex.note else {})}))
             return
         self._write(
             f"{self._timestamp()} {client} key={loggable(ex.label)} \"{method} {path}\" {ex.status} "
             f"cost={'-' if cost is None else cost} "
             f"remaining={'-' if remaining is None else remaining} {duration_ms:.1f}ms"
-            + (f" ({ex.note})" if ex.note else ""))
+            + (f" upstream={upstream}" if upstream else "") + (f" ({ex.note})" if ex.note else ""))
 
     def _write(self, line: str) -> None:
         with self._lock:
@@ -8106,7 +8788,7 @@ class KeysWatcher:
 
     def __init__(self, path: str, reload: Callable[[], bool], interval: float,
                  clock: Callable[[], float] = time.monotonic,
-                 settle: float = KEYS_SETTLE_SECONDS) -> None:
+                 settle: float = KEYS_SETTLE_SECONDS, name: str = "llm_proxy-keys") -> None:
         self._path = path
         self._reload = reload
         self._interval = interval
@@ -8117,7 +8799,7 @@ class KeysWatcher:
         self._wanted = False                   # a reload is due once the file has settled
         self._asked = threading.Event()
         self._closing = threading.Event()
-        threading.Thread(target=self._watch, name="llm_proxy-keys", daemon=True).start()
+        threading.Thread(target=self._watch, name=name, daemon=True).start()
 
     def request(self) -> None:
         self._asked.set()
@@ -8320,11 +9002,12 @@ class ProxyServer(ThreadingHTTPServer):
     metrics, log, connection cap, client deadlines, keys watcher, forwarder).
 
     Methods for the caller: serve_forever(), stop() (from any thread, e.g. a signal handler),
-    drain(timeout), server_close(), reload_keys(), request_key_reload(), check_upstream().
-    Tunables:
-    request_queue_size (the listen backlog; the default of 5 drops handshakes under bursts),
-    daemon_threads; and, for tests, the clocks and the keys watcher's key_check_interval and
-    keys_settle_seconds (KeysWatcher).
+    drain(timeout), server_close(), reload_keys(), reload_upstreams(), request_key_reload(),
+    check_upstream(). Tunables: request_queue_size (the listen backlog; the default of 5 drops
+    handshakes under bursts), daemon_threads; and, for tests, the clocks, the keys watcher's
+    key_check_interval and keys_settle_seconds (KeysWatcher; the upstreams file's watcher uses
+    them too), and health_check_interval (how often the Router's tick() runs, with
+    UPSTREAMS_FILE).
     """
 
     daemon_threads = True
@@ -8335,7 +9018,8 @@ class ProxyServer(ThreadingHTTPServer):
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
                  log_stream: typing.TextIO | None = None, handler: type = ProxyHandler,
                  key_check_interval: float = 1.0,
-                 keys_settle_seconds: float = KEYS_SETTLE_SECONDS) -> None:
+                 keys_settle_seconds: float = KEYS_SETTLE_SECONDS,
+                 health_check_interval: float = 0.5) -> None:
         self.config = config
         self.access_log = AccessLog(log_stream if log_stream is not None else sys.stderr,
                                     config.log_format == "json")
@@ -8347,6 +9031,8 @@ class ProxyServer(ThreadingHTTPServer):
         self.keys_file = KeysFile(config.keys_file, config) if config.keys_file else None
         self._keys_lock = threading.Lock()  # (one reload or change at a time)
         self._cli_seen: set[AuditRow] = set()  # (see _record_hand_edit)
+        upstreams = (read_upstreams_file(config.upstreams_file, config)  # ConfigError: invalid
+                     if config.upstreams_file else None)
         self.store = store if store is not None else make_store(config, self.log, self.metrics,
                                                                 clock)
         self.calendar = Calendar(config.quota_timezone, wall)
@@ -8369,7 +9055,8 @@ class ProxyServer(ThreadingHTTPServer):
                                                         for row in config.extra_routes))
         self.cors = CorsPolicy(config.cors_origins,
                                bool(config.keys_file or config.proxy_api_keys))
-        self.forwarder = Forwarder(config, gate, self.metrics)
+        self.forwarder = Forwarder(config, gate, self.metrics, upstreams, clock)
+        self.forwarder.router.tick()  # (UPSTREAMS_FILE: the model lists it does not give)
         self.probe = UpstreamProbe(self.forwarder.upstreams["v1"], config.base_api_key,
                                    config.open_timeout, clock)
         self.key_slots = KeySlots(config.max_concurrent_per_key)
@@ -8390,6 +9077,12 @@ class ProxyServer(ThreadingHTTPServer):
         #: carries it has come round in a loop
         self.via = "llm_proxy-" + secrets.token_hex(4)
         self.deadlines = ClientDeadlines()
+        self.upstreams_watcher = (KeysWatcher(config.upstreams_file, self.reload_upstreams,
+                                              key_check_interval, clock, keys_settle_seconds,
+                                              name="llm_proxy-upstreams")
+                                  if config.upstreams_file else None)
+        self.health_checks = (Ticker(self.forwarder.router.tick, health_check_interval,
+                                     "llm_proxy-health") if config.upstreams_file else None)
         if self.state is not None:
             # (a state file is kept for the memory store only: see above)
             self.writer = StateWriter(self.state, self.store, self.ledger,  # type: ignore[arg-type]
@@ -8537,7 +9230,9 @@ class ProxyServer(ThreadingHTTPServer):
                                     "llm_proxy_store_up": 1 if self.store.status().get(
                                         "reachable", True) else 0,
                                     "llm_proxy_state_written": 0 if self.writer is not None
-                                    and self.writer.problem is not None else 1})
+                                    and self.writer.problem is not None else 1}) \
+            + "".join(line + "\n" for line in upstream_metric_lines(self.metrics,
+                                                                     self.forwarder.router))
 
     # -- keys -------------------------------------------------------------------------------
 
@@ -8631,9 +9326,29 @@ class ProxyServer(ThreadingHTTPServer):
         return result
 
     def request_key_reload(self) -> None:
-        """Reload the keys file soon, off the request path (safe from a signal handler)."""
+        """Reload the keys file (and the upstreams file) soon, off the request path (safe
+        from a signal handler: SIGHUP)."""
         if self.keys_watcher is not None:
             self.keys_watcher.request()
+        if self.upstreams_watcher is not None:
+            self.upstreams_watcher.request()
+
+    def reload_upstreams(self) -> bool:
+        """Read the upstreams file again. An invalid file leaves the servers in force as they
+        were; a server whose entry is unchanged keeps its connections, queue and health."""
+        try:
+            spec = read_upstreams_file(self.config.upstreams_file, self.config)
+        except ConfigError as err:
+            self.metrics.inc("llm_proxy_upstreams_reloads_total", (("result", "error"),))
+            self.log(f"upstreams file not reloaded, the upstreams in force stay: {err}")
+            return False
+        router = self.forwarder.router
+        router.apply(spec)
+        router.tick()  # (the model lists of the new servers that give none in the file)
+        self.metrics.inc("llm_proxy_upstreams_reloads_total", (("result", "ok"),))
+        self.log(f"upstreams file reloaded: {len(spec.upstreams)} upstreams, "
+                 f"{len(spec.aliases)} aliases")
+        return True
 
     # -- stopping ---------------------------------------------------------------------------
 
@@ -8677,6 +9392,10 @@ class ProxyServer(ThreadingHTTPServer):
                 self.log(f"error: at exit, {lost}")
         if self.keys_watcher is not None:
             self.keys_watcher.close()
+        if self.upstreams_watcher is not None:
+            self.upstreams_watcher.close()
+        if self.health_checks is not None:
+            self.health_checks.close()
         super().server_close()
         if self.streams is not None:
             self.streams.close()
@@ -8695,7 +9414,7 @@ def points_at_itself(config: Config, server: ProxyServer) -> bool:
     """Whether an upstream is this proxy's own listening address (a mistyped port)."""
     port = server.server_address[1]
     own = {"0.0.0.0", "::", str(server.server_address[0])}
-    for upstream in server.forwarder.upstreams.values():
+    for upstream in [u for s in server.forwarder.router.servers for u in s.upstreams.values()]:
         if upstream.port != port:
             continue
         try:
@@ -8711,9 +9430,13 @@ def describe(config: Config, server: ProxyServer) -> list[str]:
     upstream = Upstream.from_url(config.base_api_url)
     mode = (f"{config.request_token_cost} per request" if config.token_cost_mode == "request"
             else f"{config.token_cost_mode}, reserve {config.response_token_reserve}")
+    router = server.forwarder.router
     return [
         f"llm_proxy {__version__} listening on {server.url}",
-        f"upstream {upstream.scheme}://{upstream.host}:{upstream.port}"
+        (f"upstreams ({config.upstreams_file}, reloaded on change and SIGHUP): " + ", ".join(
+            f"{s.name} {s.spec.url}" for s in router.servers)
+         + f"; {len(router.aliases)} aliases" if router.several else
+         f"upstream {upstream.scheme}://{upstream.host}:{upstream.port}")
         + (f", model rewritten to {config.base_model}" if config.base_model else ""),
         f"buckets: {config.max_tokens} tokens, +{config.refill_tokens} every "
         f"{_number(config.refill_interval_seconds)} s; cost: {mode}; limit answer: "
@@ -9174,6 +9897,28 @@ ADMIN_HTML = page_html(
         </table>
       </div>
       <p id="no-models" class="meta" hidden>No requests this month.</p>
+
+      <section id="servers-section" hidden>
+      <h2 id="servers-title">Model servers</h2>
+      <div class="table-wrap">
+        <table id="servers" aria-labelledby="servers-title">
+          <thead>
+            <tr>
+              <th scope="col">Server</th>
+              <th scope="col">State</th>
+              <th scope="col">Models</th>
+              <th scope="col" class="n">In flight</th>
+              <th scope="col" class="n">Waiting</th>
+              <th scope="col" class="n">Requests / failures</th>
+              <th scope="col" class="n">TTFB p50 / p95</th>
+              <th scope="col" class="n">Latency p50 / p95</th>
+            </tr>
+          </thead>
+          <tbody></tbody>
+        </table>
+      </div>
+      <p id="aliases" class="meta"></p>
+      </section>
 
       <div class="charts">
         <section class="panel chart-box" aria-labelledby="tokens-title">
@@ -9696,11 +10441,16 @@ ADMIN_JS = r"""// llm_proxy admin dashboard (served at /ui/admin.js, after /ui/p
       ? 'Redis ' + (store.redis.reachable ? 'reachable' : 'unreachable') : null;
     const unwritten = store.state && !store.state.written;
     const storeTone = store.ok === false || unwritten || (store.redis && !store.redis.reachable) ? 'bad' : 'ok';
+    const servers = (d.upstreams || []).filter((s) => s.models !== null);  // UPSTREAMS_FILE's
+    const down = servers.filter((s) => !s.up);
     $('cards').replaceChildren(
-      card('Upstream', up.reachable ? 'reachable' : 'unreachable',
-        [up.reachable ? `connect ${ms(up.connect_ms)}` : 'cannot connect', up.url,
-          probeLine(up.probe)],
-        up.reachable && (!up.probe || up.probe.models) ? 'ok' : 'bad'),
+      servers.length
+        ? card('Model servers', `${num(servers.length - down.length)} of ${num(servers.length)} up`,
+          down.length ? down.map((s) => `${s.name} down`).join(DOT) : 'all up', down.length ? 'bad' : 'ok')
+        : card('Upstream', up.reachable ? 'reachable' : 'unreachable',
+          [up.reachable ? `connect ${ms(up.connect_ms)}` : 'cannot connect', up.url,
+            probeLine(up.probe)],
+          up.reachable && (!up.probe || up.probe.models) ? 'ok' : 'bad'),
       card('Time to first byte', pair(up.ttfb_ms), count(up.ttfb_ms)),
       card('Latency', pair(up.latency_ms), count(up.latency_ms)),
       card('Errors, last hour', num(errTotal),
@@ -9891,6 +10641,23 @@ ADMIN_JS = r"""// llm_proxy admin dashboard (served at /ui/admin.js, after /ui/p
     $('no-models').hidden = models.length > 0;
   }
 
+  // ---- model servers (UPSTREAMS_FILE; BASE_API_URL alone has the Upstream card) ----
+  function renderServers(servers, aliases) {
+    const several = servers.length > 1 || servers.some((s) => s.models !== null);
+    $('servers-section').hidden = !several;
+    if (!several) return;
+    const pair = (t) => (t ? `${ms(t.p50)} / ${ms(t.p95)}` : '\u2014');
+    $('servers').tBodies[0].replaceChildren(...servers.map((s) => el('tr', {},
+      el('td', {class: 'name'}, s.name, el('br'), el('span', {class: 'meta'}, s.url)),
+      el('td', {}, s.up ? 'up' : `down, probed in ${num(s.probe_in_seconds)} s`),
+      el('td', {}, (s.models || []).join(', ') || '\u2014'),
+      el('td', {class: 'n'}, num(s.in_flight)), el('td', {class: 'n'}, num(s.waiting)),
+      el('td', {class: 'n'}, `${num(s.requests)} / ${num(s.failures)}`),
+      el('td', {class: 'n'}, pair(s.ttfb_ms)), el('td', {class: 'n'}, pair(s.latency_ms)))));
+    const names = Object.entries(aliases || {}).map(([alias, target]) => `${alias} \u2192 ${target}`);
+    setText('aliases', names.length ? 'Aliases: ' + names.join(DOT) : 'No aliases.');
+  }
+
   // ---- charts (inline SVG sized to their box) ----
   function niceMax(value) {
     if (!(value > 0)) return 1;
@@ -9995,6 +10762,7 @@ ADMIN_JS = r"""// llm_proxy admin dashboard (served at /ui/admin.js, after /ui/p
     renderKeys(data.keys || []);
     renderAudit(data.audit || []);
     renderModels(data.models || []);
+    renderServers(data.upstreams || [], data.aliases);
     drawCharts();
   }
 
