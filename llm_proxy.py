@@ -3462,10 +3462,18 @@ class UsageMeter(Meter):
         return text if type(text) is str else None
 
     def usage(self) -> tuple[int | None, int, int] | None:
+        """The usage reported, added up over the answers' reports. A server that reports each
+        answer of n on its own (llama.cpp) counts the request's prompt in every report, but
+        processes it once a prompt, and so do its own counters: the prompt is counted once for
+        each prompt the request sent (the largest reports), the completions all added up."""
         found = self._finals or list(self._by_answer.values())
         if not found:
             return None
-        return (sum(n[0] for n in found), sum(n[1] for n in found), sum(n[2] for n in found))
+        prompts = sorted((n[0] for n in found), reverse=True)
+        prompt = sum(prompts[:max(1, len(self.prompt_sizes))])
+        completion = sum(n[1] for n in found)
+        other = sum(n[2] - n[0] - n[1] for n in found)  # (what a total holds besides the two)
+        return prompt, completion, prompt + completion + max(0, other)
 
 
 #: The members of an OpenAI stream chunk; a usage chunk's others are moved, not dropped.

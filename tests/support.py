@@ -648,10 +648,11 @@ def stream_of(path, model, request=None, habit=""):
     events = stream_events(path, model, request, habit)
     total = (usage_of(path, request, completion_tokens=3)["total_tokens"]
              if any(b'"usage": {' in e for e in events) else None)
-    if habit == "llamacpp-n":  # what it reports: every answer's usage chunk, added up
-        totals = [json.loads(e[6:])["usage"]["total_tokens"] for e in events
+    if habit == "llamacpp-n":  # what its counters say: the prompt once, every answer's tokens
+        usages = [json.loads(e[6:])["usage"] for e in events
                   if e.startswith(b"data: {") and b'"choices": [], "usage"' in e]
-        total = sum(totals) if totals else None
+        total = (usages[0]["prompt_tokens"] + sum(u["completion_tokens"] for u in usages)
+                 if usages else None)
     return [("Content-Type", "text/event-stream")], events, total, 1
 
 

@@ -90,7 +90,8 @@ def _openai_chunks(path, request, text, tokens):
                 "total_tokens": prompt + tokens}})
         answer[-1]["timings"] = TIMINGS
         chunks += answer
-    total = (prompt + tokens) * request.get("n", 1) if asked else None
+    # what its counters say: the prompt once (each report repeats it), every answer's tokens
+    total = prompt + tokens * request.get("n", 1) if asked else None
     return chunks, total
 
 
@@ -249,7 +250,9 @@ class SettleExactlyTests(ProxyTestCase):
                                                          **fields}, "wordy", count)
                     self.assertEqual(charged, self.upstream.reported[-1])
 
-    def test_n_streamed_is_charged_the_sum_of_its_usage_chunks(self):
+    def test_n_streamed_is_charged_its_prompt_once_and_every_answer(self):
+        """llama.cpp's usage chunks repeat the prompt in each answer's report; its counters
+        (prompt_tokens_total) count it once: 221 was charged where the server counted 125."""
         body = {"model": "m", "n": 3, "stream": True,
                 "messages": [{"role": "user", "content": "hi"}]}
         charged, answer = self.charged_for("/v1/chat/completions", body, "wordy")

@@ -238,8 +238,10 @@ class UsageSettlementTests(ProxyTestCase):
         self.assertEqual(charged, self.upstream.reported[-1])
 
     def test_usage_chunks_of_every_answer_are_added_up(self):
-        """Streamed, llama.cpp sends one usage chunk per answer: they are added up, not the
-        last one kept (the proxy asked for them, so none reaches the client)."""
+        """Streamed, llama.cpp sends one usage chunk per answer, each with the prompt: their
+        completions are added up, not the last one kept, and the prompt counted once, as the
+        server's own counters count it (the proxy asked for them, so none reaches the
+        client)."""
         charged, _, answer = self.charged_for({**CHAT, "n": 3, "stream": True}, "llamacpp-n")
         self.assertEqual(charged, self.upstream.reported[-1])
         self.assertNotIn(b'"choices": [], "usage"', answer)
