@@ -224,7 +224,21 @@ class NeverAdmitted(ProxyError):
     """A request that costs more than its key's bucket (or a token quota) can ever hold: a 400
     naming the figures, or in message mode the limit said as an answer (`text`)."""
 
-    def __init__(self, cost: int, ceiling: int, holder: str) -> None:
+    def __init__(self, cost: int, ceiling: int, holder: str,
+                 tools: tuple[int, int] = (0, 0)) -> None:
+        count, tokens = tools
+        if tokens and tokens * 2 >= cost or cost - tokens <= ceiling < cost and tokens:
+            # (a chat client's built-in tools: its user cannot send less, its operator can)
+            cause = (f"{tokens} of them are the definitions of the {count} tools it carries; "
+                     "turn tools off for this model in the client, raise the limit, or use "
+                     "TOKEN_COST_MODE=usage with max_reserve_tokens")
+            super().__init__(HTTPStatus.BAD_REQUEST,
+                             f"This request would cost {cost} tokens, but {holder} at most "
+                             f"{ceiling}, so it can never be admitted: {cause}.",
+                             code="request_exceeds_bucket")
+            self.text = (f"limit reached: this request needs {cost} tokens but {holder} at most "
+                         f"{ceiling}; {cause}")
+            return
         super().__init__(HTTPStatus.BAD_REQUEST,
                          f"This request would cost {cost} tokens, but {holder} at most "
                          f"{ceiling}, so it can never be admitted. Send a shorter request or a "
@@ -684,6 +698,7 @@ class KeyPolicy:
     calendar: "CalendarLimits" = None  # type: ignore[assignment]  (set by __post_init__)
     max_output_tokens: int = 4096   # usage mode: the most an answer without a limit may run to
     max_reserve_tokens: int = 0     # usage mode: the most a request reserves (0: all it may cost)
+    users: "UserPolicy | None" = None  # a trusted front end: each of its users has limits too
 
     def __post_init__(self) -> None:
         if self.calendar is None:
@@ -708,6 +723,7 @@ _ENTRY_FIELDS: dict[str, Callable[[object], bool]] = {
     "tokens_per_day": lambda v: v is None or type(v) is int and 1 <= v <= MAX_COUNT,
     "tokens_per_month": lambda v: v is None or type(v) is int and 1 <= v <= MAX_COUNT,
     "requests_per_day": lambda v: v is None or type(v) is int and 1 <= v <= MAX_COUNT,
+    "users": lambda v: isinstance(v, dict),
 }
 _COUNT_RULE = f"a whole number from 1 to {MAX_COUNT}"
 _FIELD_RULES = {
@@ -720,6 +736,7 @@ _FIELD_RULES = {
     "tokens_per_month": _COUNT_RULE + ", or null", "requests_per_day": _COUNT_RULE + ", or null",
     "max_output_tokens": _COUNT_RULE,
     "max_reserve_tokens": f"a whole number from 0 (reserve all a request may cost) to {MAX_COUNT}",
+    "users": 'an object ({"from": "header:NAME" or "body:user", and the limits of each user})',
 }
 
 
@@ -802,8 +819,128 @@ def key_policies(entries: Sequence[object], config: Config, path: str = "KEYS_FI
             entry.get("limit_response", base.limit_response), base.response_token_reserve,
             models, entry.get("disabled", False), calendar,
             entry.get("max_output_tokens", base.max_output_tokens),
-            entry.get("max_reserve_tokens", base.max_reserve_tokens))))
+            entry.get("max_reserve_tokens", base.max_reserve_tokens),
+            user_policy(entry["users"], where, bucket) if "users" in entry else None)))
     return found
+
+
+# -- the users of a trusted front end --------------------------------------------------------
+
+# A front end (Open WebUI, LibreChat, a portal, a bot) holds one key for all of its people. Its
+# keys-file entry may say where each request names its user ("users": {"from": ...}) and what
+# every user may spend; then each user has a bucket and quotas of their own beside the key's,
+# and a request must fit both (MemoryBucketStore.take_together). Only such a key's requests are
+# read for a user: for any other key the header or field means nothing. Everything that reads
+# or shows a user's name lives here: a name is an untrusted string from a trusted sender.
+
+#: The longest user name accepted (an e-mail address is at most 254 characters).
+MAX_USER_NAME = 256
+#: Users a front end's key holds state for by default (the least recently active beyond are
+#: forgotten: their next request starts them anew, inside the key's own limits).
+DEFAULT_MAX_USERS = 10_000
+#: How a user's bucket key is made from its key's: "key:<digest>" + USER_MARK + the name.
+USER_MARK = "/user:"
+#: What a user name may not hold: control characters (C0, DEL, C1), line and paragraph
+#: separators, bidirectional overrides and other invisible format characters, lone surrogates.
+_NOT_IN_NAMES = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u200b-\u200f\u202a-\u202e"
+                           "\u2060-\u206f\ufeff\ud800-\udfff]")
+
+_USER_FIELDS: dict[str, Callable[[object], bool]] = {
+    "from": lambda v: isinstance(v, str) and (v == "body:user" or re.fullmatch(
+        r"header:[!#$%&'*+.^_`|~0-9A-Za-z-]+", v) is not None),
+    "required": lambda v: isinstance(v, bool),
+    "max_users": lambda v: type(v) is int and 1 <= v <= 10_000_000,
+    **{name: _ENTRY_FIELDS[name] for name in (
+        "max_tokens", "refill_tokens", "refill_interval_seconds", "tokens_per_day",
+        "tokens_per_month", "requests_per_day", "models")},
+}
+_USER_RULES = {"from": '"header:NAME" (a header name) or "body:user"', "required": "true or false",
+               "max_users": "a whole number from 1 to 10000000", **_FIELD_RULES}
+
+
+@dataclass(frozen=True)
+class UserPolicy:
+    """What each user of a trusted front end's key may do, and where a request names its
+    user: `header` (a request header's name) or, when it is "", the body's `user` field."""
+    header: str
+    bucket: "BucketPolicy"
+    calendar: "CalendarLimits"
+    models: frozenset[str] | None = None
+    required: bool = False
+    max_users: int = DEFAULT_MAX_USERS
+
+    @property
+    def source(self) -> str:
+        return f"the {self.header} header" if self.header else 'the body\'s "user" field'
+
+
+def user_policy(value: dict, where: str, key_bucket: "BucketPolicy") -> UserPolicy:
+    """The "users" object of a keys-file entry, validated (ConfigError naming the field). A
+    user's bucket defaults to the key's own (each user may then spend what the key may)."""
+    for field, item in value.items():
+        if field not in _USER_FIELDS:
+            raise ConfigError(f"{where}: users: unknown field {field!r}")
+        if not _USER_FIELDS[field](item):
+            raise ConfigError(f"{where}: users: {field} must be {_USER_RULES[field]}")
+    if "from" not in value:
+        raise ConfigError(f'{where}: users: from is required ("header:NAME" or "body:user")')
+    source = value["from"]
+    bucket = BucketPolicy(value.get("max_tokens", key_bucket.capacity),
+                          value.get("refill_tokens", key_bucket.refill_tokens),
+                          float(value.get("refill_interval_seconds", key_bucket.refill_interval)))
+    return UserPolicy(
+        "" if source == "body:user" else source.partition(":")[2], bucket,
+        CalendarLimits(value.get("tokens_per_day"), value.get("tokens_per_month"),
+                       value.get("requests_per_day")),
+        frozenset(value["models"]) if "models" in value else None,
+        value.get("required", False), value.get("max_users", DEFAULT_MAX_USERS))
+
+
+def user_name(raw: object, source: str) -> str:
+    """A user's name as a front end sent it, checked: "" when none was sent; ProxyError(400)
+    when it is not a string, too long, or holds control or invisible characters (a name is
+    shown in pages, reports and logs, and must read there as what it is)."""
+    if raw is None:
+        return ""
+    if not isinstance(raw, str):
+        raise ProxyError(HTTPStatus.BAD_REQUEST, f"The user named in {source} must be a "
+                         "string.", code="invalid_user", param="user")
+    name = raw.strip(" \t")
+    if len(name) > MAX_USER_NAME or _NOT_IN_NAMES.search(name):
+        raise ProxyError(HTTPStatus.BAD_REQUEST, f"The user named in {source} is not a "
+                         f"usable name (at most {MAX_USER_NAME} characters, no control "
+                         "characters).", code="invalid_user", param="user")
+    return name
+
+
+def read_user(users: UserPolicy, headers: "Headers", payload: object) -> str:
+    """The user a trusted front end's request names ("" for none: the key's own work), or
+    ProxyError(400) when the name is unusable or a user is required and none is named."""
+    if users.header:
+        values: list = headers.get_all(users.header) or []  # type: ignore[assignment]
+        if len(values) > 1:
+            raise ProxyError(HTTPStatus.BAD_REQUEST, f"{users.source} was sent more than "
+                             "once.", code="invalid_user", param="user")
+        name = user_name(values[0] if values else None, users.source)
+    else:
+        name = user_name(payload.get("user") if isinstance(payload, dict) else None,
+                         users.source)
+    if not name and users.required:
+        raise ProxyError(HTTPStatus.BAD_REQUEST, f"This key makes requests for its users: "
+                         f"{users.source} must name one.", code="user_required", param="user")
+    return name
+
+
+def user_bucket_key(bucket_key: str, user: str) -> str:
+    return bucket_key + USER_MARK + user
+
+
+def split_user(bucket_key: str) -> tuple[str, str]:
+    """A bucket key as (its key's bucket key, the user's name); the name is "" for a key's own.
+    (A key's bucket key has a fixed length, so a name holding USER_MARK reads back whole.)"""
+    if bucket_key.startswith("key:") and bucket_key[68:68 + len(USER_MARK)] == USER_MARK:
+        return bucket_key[:68], bucket_key[68 + len(USER_MARK):]
+    return bucket_key, ""
 
 
 def load_key_ring(config: Config, pause: Callable[[], None] | None = None) -> "KeyRing":
@@ -1004,6 +1141,14 @@ class Quota(typing.NamedTuple):
     calendar: tuple[CalendarQuota, ...] = ()
 
 
+class Part(typing.NamedTuple):
+    """One of the buckets a request must fit (take_together): a user's or a key's."""
+    key: str                        # the bucket key
+    bucket: BucketPolicy
+    limits: CalendarLimits | None   # its calendar quotas (None: none)
+    max_users: int = 0              # a user's part: how many users its key holds at most
+
+
 class _Bucket:
     __slots__ = ("tokens", "anchor", "policy")
 
@@ -1061,6 +1206,9 @@ class MemoryBucketStore:
         self.persistent = False
         self._changed: tuple[set[str], set[str], set[tuple[str, str]]] = (set(), set(), set())
         self._usage: dict[str, list[int]] = {}
+        #: the users of each front end's key held now: key -> {user's bucket key: None}, the
+        #: least recently active first
+        self._users: dict[str, dict[str, None]] = {}
         self._last_sweep = clock()
 
     def __len__(self) -> int:
@@ -1097,43 +1245,118 @@ class MemoryBucketStore:
             now = self._clock()
             if now - self._last_sweep >= SWEEP_EVERY_SECONDS:
                 self._sweep(now, periods)
-            bucket = self._load(key, policy, now)
-            if limits is None or not limits.any or periods is None:
-                admitted = bucket.tokens >= cost
-                if admitted:
-                    bucket.tokens -= cost
-                    self._count(key, 1, 0, 0, 0, cost)
-                else:
-                    self._count(key, 1, 1, 0, 0, 0)
-                self._store(key, bucket)
-                return bucket.quota(admitted, cost, now)
-            day = self._period(key, "d:" + periods.day)
-            month = self._period(key, "m:" + periods.month)
-            exhausted = []
-            if limits.tokens_per_day is not None and day[0] + cost > limits.tokens_per_day:
-                exhausted.append((periods.day_left, "tokens_per_day"))
-            if limits.tokens_per_month is not None and month[0] + cost > limits.tokens_per_month:
-                exhausted.append((periods.month_left, "tokens_per_month"))
-            if limits.requests_per_day is not None and day[1] + 1 > limits.requests_per_day:
-                exhausted.append((periods.day_left, "requests_per_day"))
-            admitted = bucket.tokens >= cost and not exhausted
+            return self._take(key, cost, policy, limits, periods, now)
+
+    def take_together(self, parts: Sequence["Part"], cost: int,
+                      periods: Periods | None = None) -> tuple[Quota, ...]:
+        """take() on several buckets as one step: `cost` is spent from every part (a user's
+        bucket and quotas, and their key's) only when every part can pay it; otherwise from
+        none. Each part's Quota says how it stands (the first that could not pay is the one to
+        answer with). A part that names a user is counted among its key's users (see
+        forget_users)."""
+        with self._lock:
+            now = self._clock()
+            if now - self._last_sweep >= SWEEP_EVERY_SECONDS:
+                self._sweep(now, periods)
+            fits = all(self._fits(p.key, cost, p.bucket, p.limits, periods, now) for p in parts)
+            quotas = tuple(self._take(p.key, cost, p.bucket, p.limits, periods, now, fits)
+                           for p in parts)
+            for part in parts:
+                if part.max_users:
+                    self._seen_user(part.key, part.max_users)
+            return quotas
+
+    def _fits(self, key: str, cost: int, policy: BucketPolicy, limits: CalendarLimits | None,
+              periods: Periods | None, now: float) -> bool:
+        """Whether take() would admit `cost` now (nothing moves)."""
+        held = self._buckets.get(key)
+        tokens = policy.capacity
+        if held is not None:
+            bucket = _Bucket(held.tokens, held.anchor, policy)
+            bucket.refill(now)
+            tokens = bucket.tokens
+        if tokens < cost:
+            return False
+        if limits is None or not limits.any or periods is None:
+            return True
+        day = self._periods.get((key, "d:" + periods.day)) or [0, 0]
+        month = self._periods.get((key, "m:" + periods.month)) or [0, 0]
+        return not ((limits.tokens_per_day is not None and day[0] + cost > limits.tokens_per_day)
+                    or (limits.tokens_per_month is not None
+                        and month[0] + cost > limits.tokens_per_month)
+                    or (limits.requests_per_day is not None
+                        and day[1] + 1 > limits.requests_per_day))
+
+    def _seen_user(self, key: str, max_users: int) -> None:
+        """A user of a key was active: the most recently active of the key's users are held,
+        at most `max_users` (the least recently active beyond are forgotten)."""
+        owner, _ = split_user(key)
+        users = self._users.setdefault(owner, {})
+        users.pop(key, None)
+        users[key] = None
+        while len(users) > max_users:
+            self._forget(next(iter(users)))
+            del users[next(iter(users))]
+
+    def _forget(self, key: str) -> None:
+        """Everything held for one bucket key: its bucket, counters and quota counters."""
+        self._buckets.pop(key, None)
+        self._usage.pop(key, None)
+        for entry in [e for e in self._periods if e[0] == key]:
+            del self._periods[entry]
+            if self.persistent:
+                self._changed[2].add(entry)
+        if self.persistent:
+            self._changed[0].add(key)
+            self._changed[1].discard(key)  # (its counters row stays in a state file)
+
+    def users_of(self, key: str) -> list[str]:
+        """The users of a key held now, the most recently active last."""
+        with self._lock:
+            return list(self._users.get(key, ()))
+
+    def _take(self, key: str, cost: int, policy: BucketPolicy,
+              limits: CalendarLimits | None, periods: Periods | None, now: float,
+              allowed: bool = True) -> Quota:
+        """take() under the lock; `allowed` false refuses it whatever the bucket holds (another
+        part of the same request could not pay)."""
+        bucket = self._load(key, policy, now)
+        if limits is None or not limits.any or periods is None:
+            admitted = allowed and bucket.tokens >= cost
             if admitted:
                 bucket.tokens -= cost
                 self._count(key, 1, 0, 0, 0, cost)
-                day[0], day[1], month[0], month[1] = day[0] + cost, day[1] + 1, \
-                    month[0] + cost, month[1] + 1
-                self._mark_periods(key, periods)
             else:
                 self._count(key, 1, 1, 0, 0, 0)
             self._store(key, bucket)
-            calendar = calendar_quotas(limits, periods, day, month)
-            quota = bucket.quota(admitted, cost, now)
-            wait, limited_by = quota.wait_seconds, ""
-            if not admitted:
-                wait, limited_by = max(exhausted + ([] if bucket.tokens >= cost else
-                                                    [(quota.wait_seconds, "bucket")]))
-            return Quota(admitted, quota.limit, quota.remaining, quota.reset_seconds, wait,
-                         quota.policy, limited_by, calendar)
+            return bucket.quota(admitted, cost, now)
+        day = self._period(key, "d:" + periods.day)
+        month = self._period(key, "m:" + periods.month)
+        exhausted = []
+        if limits.tokens_per_day is not None and day[0] + cost > limits.tokens_per_day:
+            exhausted.append((periods.day_left, "tokens_per_day"))
+        if limits.tokens_per_month is not None and month[0] + cost > limits.tokens_per_month:
+            exhausted.append((periods.month_left, "tokens_per_month"))
+        if limits.requests_per_day is not None and day[1] + 1 > limits.requests_per_day:
+            exhausted.append((periods.day_left, "requests_per_day"))
+        admitted = allowed and bucket.tokens >= cost and not exhausted
+        if admitted:
+            bucket.tokens -= cost
+            self._count(key, 1, 0, 0, 0, cost)
+            day[0], day[1], month[0], month[1] = day[0] + cost, day[1] + 1, \
+                month[0] + cost, month[1] + 1
+            self._mark_periods(key, periods)
+        else:
+            self._count(key, 1, 1, 0, 0, 0)
+        self._store(key, bucket)
+        calendar = calendar_quotas(limits, periods, day, month)
+        quota = bucket.quota(admitted, cost, now)
+        wait, limited_by = quota.wait_seconds, ""
+        causes = exhausted + ([] if bucket.tokens >= cost else [(quota.wait_seconds, "bucket")])
+        if not admitted and causes:
+            wait, limited_by = max(causes)
+        return Quota(admitted, quota.limit, quota.remaining, quota.reset_seconds, wait,
+                     quota.policy, limited_by, calendar)
 
     def _period(self, key: str, period: str) -> list[int]:
         counts = self._periods.get((key, period))
@@ -1288,6 +1511,10 @@ class MemoryBucketStore:
                 self._buckets[key] = _Bucket(tokens, anchor + offset, policy)
             self._usage.update(counters)
             self._periods.update(periods)
+            for key in [*buckets, *(e[0] for e in periods)]:
+                owner, user = split_user(key)
+                if user:  # (bounded again by the user's next request)
+                    self._users.setdefault(owner, {})[key] = None
 
 
 #: One atomic step on a bucket held in a Redis hash {t: tokens, a: anchor}, on the Redis server's
@@ -1382,6 +1609,84 @@ end
 return {admitted, tostring(tokens), string.format('%.6f', anchor), string.format('%.6f', now),
         tostring(day_tokens), tostring(day_requests), tostring(month_tokens)}
 """
+#: take() on several buckets in one atomic step (RedisBucketStore.take_together): KEYS are
+#: four per part (bucket, usage counters, day, month), ARGV[1..3] the cost, the counters' TTL
+#: and the number of parts, then seven per part (capacity, refill tokens, interval, "1" when
+#: its calendar quotas count, tokens per day, tokens per month, requests per day; -1 for none).
+#: Every part refills as in _BUCKET_SCRIPT; the cost is spent from all only when all can pay.
+#: Returns {admitted, now, then per part: fits, tokens, anchor, day tokens, day requests,
+#: month tokens} as strings.
+_TOGETHER_SCRIPT = """
+local amount, usage_ttl, n = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+local parts, all = {}, 1
+for i = 0, n - 1 do
+  local k, a = i * 4, 3 + i * 7
+  local p = {cap = tonumber(ARGV[a + 1]), refill = tonumber(ARGV[a + 2]),
+             interval = tonumber(ARGV[a + 3]), calendar = ARGV[a + 4] == '1',
+             per_day = tonumber(ARGV[a + 5]), per_month = tonumber(ARGV[a + 6]),
+             requests = tonumber(ARGV[a + 7]), dt = 0, dr = 0, mt = 0, k = k}
+  if p.calendar then
+    p.dt = tonumber(redis.call('HGET', KEYS[k + 3], 't') or '0')
+    p.dr = tonumber(redis.call('HGET', KEYS[k + 3], 'r') or '0')
+    p.mt = tonumber(redis.call('HGET', KEYS[k + 4], 't') or '0')
+  end
+  p.tokens = tonumber(redis.call('HGET', KEYS[k + 1], 't'))
+  p.anchor = tonumber(redis.call('HGET', KEYS[k + 1], 'a'))
+  if p.tokens == nil then p.tokens, p.anchor = p.cap, now end
+  if p.tokens < p.cap then
+    local steps = math.floor((now - p.anchor) / p.interval)
+    if steps > 0 then
+      p.tokens = math.min(p.cap, p.tokens + steps * p.refill)
+      p.anchor = p.anchor + steps * p.interval
+    end
+  end
+  if p.tokens >= p.cap then p.tokens, p.anchor = p.cap, now end
+  p.fits = 1
+  if p.tokens < amount or (p.calendar and ((p.per_day >= 0 and p.dt + amount > p.per_day)
+      or (p.per_month >= 0 and p.mt + amount > p.per_month)
+      or (p.requests >= 0 and p.dr + 1 > p.requests))) then
+    p.fits, all = 0, 0
+  end
+  parts[i + 1] = p
+end
+local result = {all, string.format('%.6f', now)}
+for i = 1, n do
+  local p = parts[i]
+  local k = p.k
+  if all == 1 then
+    p.tokens = p.tokens - amount
+    if p.calendar then
+      p.dt, p.dr, p.mt = p.dt + amount, p.dr + 1, p.mt + amount
+      redis.call('HSET', KEYS[k + 3], 't', p.dt, 'r', p.dr)
+      redis.call('HINCRBY', KEYS[k + 4], 't', amount)
+      redis.call('HINCRBY', KEYS[k + 4], 'r', 1)
+      redis.call('EXPIRE', KEYS[k + 3], 172800)
+      redis.call('EXPIRE', KEYS[k + 4], 2764800)
+    end
+  end
+  if p.tokens >= p.cap then
+    redis.call('DEL', KEYS[k + 1])
+  else
+    redis.call('HSET', KEYS[k + 1], 't', p.tokens, 'a', string.format('%.6f', p.anchor))
+    local full_at = p.anchor + math.ceil((p.cap - p.tokens) / p.refill) * p.interval
+    redis.call('PEXPIRE', KEYS[k + 1], math.max(1, math.ceil((full_at - now) * 1000)))
+  end
+  redis.call('HINCRBY', KEYS[k + 2], 'requests', 1)
+  if all == 1 then
+    redis.call('HINCRBY', KEYS[k + 2], 'tokens_charged', amount)
+  else
+    redis.call('HINCRBY', KEYS[k + 2], 'limited_requests', 1)
+  end
+  redis.call('EXPIRE', KEYS[k + 2], usage_ttl)
+  for _, v in ipairs({p.fits, tostring(p.tokens), string.format('%.6f', p.anchor),
+                      tostring(p.dt), tostring(p.dr), tostring(p.mt)}) do
+    table.insert(result, v)
+  end
+end
+return result
+"""
 USAGE_FIELDS = ("requests", "limited_requests", "prompt_tokens", "completion_tokens",
                 "tokens_charged")
 USAGE_TTL_SECONDS = 30 * 24 * 3600
@@ -1416,6 +1721,7 @@ class RedisBucketStore:
         except ValueError:
             raise ConfigError("REDIS_URL is not a valid Redis URL") from None
         self._script = self._redis.register_script(_BUCKET_SCRIPT)
+        self._together = self._redis.register_script(_TOGETHER_SCRIPT)
         self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
         self.local = MemoryBucketStore(clock, max_buckets_of(config))
         self.prefix = config.redis_prefix
@@ -1445,6 +1751,86 @@ class RedisBucketStore:
         return self._either(lambda: self._bucket("take", key, cost, policy, limits=limits,
                                                  periods=periods),
                             lambda: self.local.take(key, cost, policy, limits, periods))
+
+    def take_together(self, parts: Sequence[Part], cost: int,
+                      periods: Periods | None = None) -> tuple[Quota, ...]:
+        """MemoryBucketStore.take_together, as one Lua script (every part's Redis keys share
+        the hash tag of the key's digest, so they are on one Cluster slot); the users of a key
+        are a sorted set by last activity, trimmed to max_users."""
+        def remote() -> tuple[Quota, ...]:
+            quotas = self._take_together(parts, cost, periods)
+            for part in parts:
+                if part.max_users:
+                    self._seen_user(part.key, part.max_users, periods)
+            return quotas
+        return self._either(remote, lambda: self.local.take_together(  # type: ignore[return-value]
+            parts, cost, periods))
+
+    def _take_together(self, parts: Sequence[Part], cost: int,
+                       periods: Periods | None) -> tuple[Quota, ...]:
+        keys: list[str] = []
+        args: list[str | int | float] = [cost, USAGE_TTL_SECONDS, len(parts)]
+        for part in parts:
+            limits = part.limits if periods is not None else None
+            name = self._name("b:", part.key)
+            keys += [name, self._name("u:", part.key),
+                     self._period_name(part.key, "d:" + periods.day) if periods and limits
+                     else name,
+                     self._period_name(part.key, "m:" + periods.month) if periods and limits
+                     else name]
+            args += [part.bucket.capacity, part.bucket.refill_tokens, part.bucket.refill_interval,
+                     "1" if limits else "0", *([-1 if v is None else v for v in (
+                         limits.tokens_per_day, limits.tokens_per_month,
+                         limits.requests_per_day)] if limits else [-1, -1, -1])]
+        found: list = self._together(keys=keys, args=args)  # type: ignore[arg-type]
+        admitted, now = bool(int(found[0])), float(found[1])
+        quotas = []
+        for index, part in enumerate(parts):
+            fits, tokens, anchor, day_t, day_r, month_t = found[2 + 6 * index:8 + 6 * index]
+            bucket = _Bucket(int(float(tokens)), float(anchor), part.bucket)
+            quota = bucket.quota(admitted, cost, now)
+            counts: tuple[CalendarQuota, ...] = ()
+            if periods is not None and part.limits:
+                counts = calendar_quotas(part.limits, periods, [int(day_t), int(day_r)],
+                                         [int(month_t), 0])
+            if not admitted and not int(fits):
+                waits = [(q.reset_seconds, q.name) for q in counts
+                         if q.used + (1 if q.name == "requests_per_day" else cost) > q.limit]
+                if bucket.tokens < cost:
+                    waits.append((quota.wait_seconds, "bucket"))
+                wait, limited_by = max(waits)
+                quota = quota._replace(wait_seconds=wait, limited_by=limited_by)
+            quotas.append(quota._replace(calendar=counts))
+        return tuple(quotas)
+
+    def _seen_user(self, key: str, max_users: int, periods: Periods | None) -> None:
+        """The key's users by last activity (on this instance's clock); the least recently
+        active beyond max_users are forgotten: their bucket, counters and quota counters."""
+        owner, _ = split_user(key)
+        users = self._name("users:", owner)
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.zadd(users, {key: time.time()})
+        pipe.zcard(users)
+        pipe.expire(users, USAGE_TTL_SECONDS)
+        held = int(pipe.execute()[1])
+        if held <= max_users:
+            return
+        popped: list = self._redis.zpopmin(users, held - max_users)  # type: ignore[assignment]
+        gone = [m.decode("utf-8", "surrogateescape") if isinstance(m, bytes) else str(m)
+                for m, _ in popped]
+        names = [self._name(kind, user) for user in gone for kind in ("b:", "u:")]
+        if periods is not None:
+            names += [self._period_name(user, period) for user in gone
+                      for period in ("d:" + periods.day, "m:" + periods.month)]
+        if names:
+            self._redis.delete(*names)
+
+    def users_of(self, key: str) -> list[str]:
+        def remote() -> list[str]:
+            found: list = self._redis.zrange(self._name("users:", key), 0, -1)  # type: ignore[assignment]
+            return [m.decode("utf-8", "surrogateescape") if isinstance(m, bytes) else str(m)
+                    for m in found]
+        return self._either(remote, lambda: self.local.users_of(key))  # type: ignore[return-value]
 
     def settle(self, key: str, delta: int, policy: BucketPolicy, *, prompt: int = 0,
                completion: int = 0, periods: Periods | None = None,
@@ -1496,15 +1882,20 @@ class RedisBucketStore:
     # -- Redis, and what to do without it ---------------------------------------------------
 
     def _name(self, kind: str, key: str) -> str:
-        # the digest in braces is a hash tag: both of a key's hashes land on one Cluster slot
-        return f"{self.prefix}{kind}{{{key_digest(key)}}}"
+        # the digest in braces is a hash tag: both of a key's hashes land on one Cluster slot,
+        # and so do its users' (tagged with their key's digest, named by their own)
+        owner, user = split_user(key)
+        return f"{self.prefix}{kind}{{{key_digest(owner)}}}" + (
+            f":{key_digest(key)}" if user else "")
 
     def ledger(self, retention_days: int) -> "RedisLedger":
         """The usage ledger beside these buckets."""
         return RedisLedger(self._redis, self.prefix, retention_days, self._errors)
 
     def _period_name(self, key: str, period: str) -> str:
-        return f"{self.prefix}q:{{{key_digest(key)}}}:{period}"
+        owner, user = split_user(key)
+        return f"{self.prefix}q:{{{key_digest(owner)}}}:" + (
+            f"{key_digest(key)}:" if user else "") + period
 
     def _bucket(self, op: str, key: str, amount: int, policy: BucketPolicy, prompt: int = 0,
                 completion: int = 0, *, limits: CalendarLimits | None = None,
@@ -2252,6 +2643,14 @@ def prompt_estimate(body: Mapping[str, object]) -> int:
     one for each token id sent as a number in an array."""
     count, chars, tokens = _text_stats(body)
     return math.ceil((chars + max(0, count - 1)) / 4) + tokens
+
+
+def tools_estimate(body: Mapping[str, object]) -> tuple[int, int]:
+    """How many tool (or function) definitions a request carries and what they add to its
+    prompt estimate: Open WebUI sends about 36 built-in tools (26 KB) with every chat."""
+    tools = [t for name in ("tools", "functions") if isinstance(body.get(name), list)
+             for t in body[name]]  # type: ignore[attr-defined]
+    return (len(tools), prompt_estimate({"tools": tools})) if tools else (0, 0)
 
 
 def estimate_cost(body: Mapping[str, object], reserve: int) -> int:
@@ -3830,7 +4229,8 @@ class Exchange:
 
     __slots__ = ("method", "path", "query", "client", "started", "route", "api", "label",
                  "bucket_key", "policy", "cors", "length", "expects_continue", "body", "body_read",
-                 "payload", "ask", "charge", "ending", "status", "note", "head_sent", "tail")
+                 "payload", "ask", "charge", "ending", "status", "note", "head_sent", "tail",
+                 "user")
 
     def __init__(self, method: str, target: str, client: str) -> None:
         self.method = method
@@ -3856,6 +4256,7 @@ class Exchange:
         self.note = ""
         self.head_sent = False
         self.tail = b""                     # the answer's last bytes, written after the charge
+        self.user = ""                      # the user a trusted front end named ("" for none)
 
     @property
     def cost(self) -> int | None:
@@ -3990,7 +4391,8 @@ class Charge:
     """
 
     __slots__ = ("store", "key", "bucket", "held", "state", "quota", "meter", "prompt_estimate",
-                 "periods", "cost", "prompt_tokens", "completion_tokens", "note", "output_limit")
+                 "periods", "cost", "prompt_tokens", "completion_tokens", "note", "output_limit",
+                 "also")
 
     def __init__(self, store: "BucketStore | None", key: str, bucket: BucketPolicy | None,
                  quota: Quota | None, held: int, *, meter: Meter | None = None,
@@ -4008,6 +4410,9 @@ class Charge:
         self.prompt_tokens = self.completion_tokens = 0  # usage mode: what it settled with
         self.note = ""
         self.output_limit: int | None = None  # written into the forwarded body (usage mode)
+        #: the other buckets it was taken from (a user's key, behind the user's own): each
+        #: moves as this one does, (bucket key, policy, the periods its quotas count in)
+        self.also: tuple[tuple[str, BucketPolicy, Periods | None], ...] = ()
 
     @classmethod
     def declined(cls, quota: Quota | None) -> "Charge":
@@ -4024,6 +4429,8 @@ class Charge:
         rest."""
         assert self.state == "held" and self.store is not None and self.bucket is not None
         settled = self.store.settle(self.key, tokens, self.bucket, periods=self.periods)
+        for key, bucket, periods in self.also:
+            self.store.settle(key, tokens, bucket, periods=periods)
         assert self.quota is not None
         self.quota = self.quota._replace(remaining=settled.remaining, calendar=tuple(
             q if q.name == "requests_per_day" else q._replace(used=q.used + tokens)
@@ -4072,6 +4479,10 @@ class Charge:
                                                prompt=prompt, completion=completion,
                                                periods=self.periods,
                                                refund=state == "refunded")
+                for key, bucket, periods in self.also:
+                    self.store.settle(key, total - self.held, bucket, prompt=prompt,
+                                      completion=completion, periods=periods,
+                                      refund=state == "refunded")
             except StoreUnavailable:
                 self.note = "not settled: the store is unreachable"
                 return
@@ -4089,29 +4500,59 @@ def admit(ex: Exchange, store: "BucketStore", metrics: "Metrics",
     bucket = policy.bucket
     cost = request_cost(payload, policy, route.kind, ex.ask)
     limits = policy.calendar
+    users = policy.users if ex.user else None
     ceiling = min((v for v in (bucket.capacity, limits.tokens_per_day, limits.tokens_per_month)
                    if v is not None))
+    holder = "a bucket holds" if ceiling == bucket.capacity else "this key's quota allows"
+    if users is not None:
+        mine = min((v for v in (users.bucket.capacity, users.calendar.tokens_per_day,
+                                users.calendar.tokens_per_month) if v is not None))
+        if mine < ceiling:
+            ceiling, holder = mine, ("a user's bucket holds" if mine == users.bucket.capacity
+                                     else "a user's quota allows")
     if cost > ceiling:
-        raise NeverAdmitted(cost, ceiling, "a bucket holds" if ceiling == bucket.capacity
-                            else "this key's quota allows")
-    periods = calendar.periods() if limits and calendar is not None else None
-    quota = store.take(ex.bucket_key, cost, bucket, limits if periods else None, periods)
+        raise NeverAdmitted(cost, ceiling, holder, tools_estimate(payload))
+    counted = limits or (users is not None and users.calendar)
+    periods = calendar.periods() if counted and calendar is not None else None
+    also: tuple[tuple[str, BucketPolicy, Periods | None], ...] = ()
+    key = refused_by = ex.bucket_key
+    if users is None:
+        quota = room = store.take(ex.bucket_key, cost, bucket, limits if periods else None,
+                                  periods)
+    else:  # the user's bucket and quotas, and the key's: both pay, or neither
+        key = user_bucket_key(ex.bucket_key, ex.user)
+        user_part = Part(key, users.bucket, users.calendar if users.calendar else None,
+                         users.max_users)
+        quotas = store.take_together(
+            (user_part, Part(ex.bucket_key, bucket, limits if limits else None)), cost, periods)
+        quota = quotas[1] if quotas[1].limited_by and not quotas[0].limited_by else quotas[0]
+        refused_by = ex.bucket_key if quota is quotas[1] else key
+        room = quota._replace(remaining=min(q.remaining for q in quotas),
+                              calendar=quotas[0].calendar + quotas[1].calendar)
+        bucket = users.bucket
+        also = ((ex.bucket_key, policy.bucket, periods if limits else None),)
+        periods = periods if users.calendar else None
     if not quota.admitted:
         metrics.inc("llm_proxy_limited_requests_total", (("key", metrics.key(ex.label)),))
-        return Charge.declined(quota)
+        declined = Charge.declined(quota)
+        declined.key = refused_by  # (whose limit the answer speaks of)
+        return declined
     if policy.token_cost_mode != "usage":
-        return Charge(store, ex.bucket_key, bucket, quota, cost, periods=periods)
+        charge = Charge(store, key, bucket, quota, cost, periods=periods)
+        charge.also = also
+        return charge
     meter = route.api.meter(route.path, ex.ask, payload)
     estimate = prompt_estimate(payload)
     if ex.ask is not None and ex.ask.prompts > 1:
         meter.prompt_floor = estimate
-    charge = Charge(store, ex.bucket_key, bucket, quota, cost, meter=meter,
+    charge = Charge(store, key, bucket, quota, cost, meter=meter,
                     prompt_estimate=estimate, periods=periods)
+    charge.also = also
     if ex.ask is not None and route.kind == GENERATE:
         if ex.ask.bounded:  # its own limit, written where every server reads one
             charge.output_limit = ex.ask.reserve
         else:
-            bound_output(charge, ex.ask, policy, quota)
+            bound_output(charge, ex.ask, policy, room)
     return charge
 
 
@@ -6059,13 +6500,14 @@ def busy_reply(route: Route, payload: dict | None, limit: int, as_message: bool)
 
 
 def limited_reply(route: Route, payload: dict, quota: Quota, as_message: bool,
-                  calendar: Calendar | None = None) -> Reply:
+                  calendar: Calendar | None = None, subject: str = "this key") -> Reply:
     """An empty bucket or a spent calendar quota: the limit text (naming what ran out and
-    when it comes back, in words) as an assistant message, or the 429."""
+    when it comes back, in words) as an assistant message, or the 429. `subject` is whose
+    limit it is: "this key", or "you" (a front end's user, whose figures the quota holds)."""
     text = (LIMIT_TEXTS[quota.limited_by].format(reset_text(quota.wait_seconds, calendar))
             if quota.limited_by in LIMIT_TEXTS else limit_message(quota.wait_seconds))
     err = ProxyError(HTTPStatus.TOO_MANY_REQUESTS,
-                     f"Rate limit reached for this key: {text}. Please try again in "
+                     f"Rate limit reached for {subject}: {text}. Please try again in "
                      f"{math.ceil(quota.wait_seconds)}s.", type="requests",
                      code="rate_limit_exceeded",
                      headers=rate_limit_headers(quota) + retry_headers(
@@ -6365,6 +6807,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 ex.ask = route.api.read(ex.payload, route.path, policy.response_token_reserve)
         if policy.models is not None and ex.method == "POST":
             check_model(ex.payload if charged else policed_json(ex.body), policy.models)
+        if policy.users is not None and charged:
+            ex.user = read_user(policy.users, self.headers, ex.payload)  # type: ignore[arg-type]
+            if ex.user and policy.users.models is not None and ex.method == "POST":
+                check_model(ex.payload, policy.users.models)
         if route.answer:
             reply = LOCAL_ANSWERS[route.answer](server, ex, self.headers)  # type: ignore[arg-type]
             if reply is not None:
@@ -6385,7 +6831,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 if ex.charge.state == "declined":
                     assert ex.charge.quota is not None
                     return self._reply(ex, limited_reply(route, ex.payload, ex.charge.quota,
-                                                         as_message, server.calendar))
+                                                         as_message, server.calendar,
+                                                         "you" if split_user(ex.charge.key)[1]
+                                                         else "this key"))
                 body, fallback = upstream_body(ex, config.base_model)
             else:
                 body, fallback = ex.body, None
