@@ -2427,7 +2427,7 @@ def redis_ledger_rows(config: Config, since: float,
         raise ConfigError(f"REDIS_URL: the usage ledger cannot be read ({err})") from None
 
 
-REPORT_GROUPS = ("key", "model", "day", "hour")
+REPORT_GROUPS = ("key", "user", "model", "day", "hour")
 
 
 def usage_report(rows: Iterable[tuple[LedgerKey, Sequence[int]]], by: str,
@@ -2435,9 +2435,14 @@ def usage_report(rows: Iterable[tuple[LedgerKey, Sequence[int]]], by: str,
     """The ledger's rows added up by key (its name), model, day or hour (in QUOTA_TIMEZONE),
     in order."""
     groups: dict[str, list[int]] = {}
+    users: dict[str, tuple[str, str]] = {}
     for entry, counts in rows:
         if by == "key":
             group = entry.name
+        elif by == "user":  # (each user under their key; a key's own work as user "")
+            user = split_user(entry.key)[1]
+            group = json.dumps([entry.name, user])
+            users[group] = (entry.name, user)
         elif by == "model":
             group = entry.model
         else:
@@ -2446,13 +2451,16 @@ def usage_report(rows: Iterable[tuple[LedgerKey, Sequence[int]]], by: str,
         totals = groups.setdefault(group, [0] * len(LEDGER_FIELDS))
         for i, value in enumerate(counts):
             totals[i] += value
+    if by == "user":
+        return [{"key": users[group][0], "user": users[group][1],
+                 **dict(zip(LEDGER_FIELDS, totals))} for group, totals in sorted(groups.items())]
     return [{by: group, **dict(zip(LEDGER_FIELDS, totals))}
             for group, totals in sorted(groups.items())]
 
 
 def format_report(report: list[dict[str, object]], by: str, form: str) -> str:
     """A report as an aligned table (with a total), CSV, or JSON."""
-    columns = [by, *LEDGER_FIELDS]
+    columns = ["key", "user", *LEDGER_FIELDS] if by == "user" else [by, *LEDGER_FIELDS]
     if form == "json":
         return json.dumps(report, indent=1) + "\n"
     if form == "csv":
@@ -2461,10 +2469,11 @@ def format_report(report: list[dict[str, object]], by: str, form: str) -> str:
         writer.writeheader()
         writer.writerows(report)
         return out.getvalue()
-    total = {by: "total", **{f: sum(int(r[f]) for r in report) for f in LEDGER_FIELDS}}  # type: ignore[call-overload]
+    total = {by: "total", "key": "total", "user": "",
+             **{f: sum(int(r[f]) for r in report) for f in LEDGER_FIELDS}}  # type: ignore[call-overload]
     table = [columns] + [[str(r[c]) for c in columns] for r in (*report, total)]
     widths = [max(len(row[i]) for row in table) for i in range(len(columns))]
-    return "".join("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
+    return "".join("  ".join(cell.ljust(w) if i < len(columns) - len(LEDGER_FIELDS) else cell.rjust(w)
                              for i, (cell, w) in enumerate(zip(row, widths))).rstrip() + "\n"
                    for row in table)
 
@@ -3004,8 +3013,16 @@ class UsageMeter(Meter):
         super().__init__(stream, strip, expects_usage)
         self._finals: list[tuple[int, int, int]] = []
         self._by_answer: dict[object, tuple[int, int, int]] = {}
+        #: the proxy asked for counts on every chunk (ask_for_counts): they are read, and taken
+        #: out of what the client gets
+        self.counts_asked = False
+        self._running: tuple[int, int] | None = None  # llama.cpp's timings: (prompt, generated)
 
     def observe(self, obj: dict) -> bool:
+        timings = obj.get("timings")
+        if type(timings) is dict:  # (llama.cpp: on every chunk when timings_per_token is set)
+            self._running = (_count(timings.get("prompt_n")) + _count(timings.get("cache_n")),
+                             _count(timings.get("predicted_n")))
         usage = obj.get("usage")
         if usage is None and "error" not in obj and "type" not in obj:  # a chunk of text
             self.generated += generated_chars(obj)
@@ -3026,6 +3043,9 @@ class UsageMeter(Meter):
         return final and self.strip
 
     def rewrite(self, event: bytes) -> bytes:
+        if self.counts_asked and (b'"timings"' in event or b'"usage":{' in event
+                                  or b'"usage": {' in event):
+            event = self._without_counts(event)
         if self.strip and b'"usage"' in event:
             for member in _USAGE_NULL_MEMBERS:  # (the usual spellings, found without the regex)
                 at = event.find(member)
@@ -3036,8 +3056,28 @@ class UsageMeter(Meter):
             return _USAGE_NULL.sub(b"", event)
         return event
 
+    def _without_counts(self, event: bytes) -> bytes:
+        """A chunk of text without the counts the proxy asked for on it: llama.cpp's
+        `timings` and vLLM's continuous `usage` (null, as the client would have had it). The
+        usage chunk and an answer's last chunk keep theirs (a server sends those unasked)."""
+        obj = self._parse(event)
+        choices = obj.get("choices") if obj is not None else None
+        if obj is None or type(choices) is not list or not choices or any(
+                type(c) is not dict or c.get("finish_reason") is not None for c in choices):
+            return event
+        usage = obj.get("usage")
+        if "timings" not in obj and not (type(usage) is dict and any(
+                _count(v) for v in usage.values())):
+            return event  # (Ollama's zeroed usage on every chunk is its own)
+        obj.pop("timings", None)
+        if usage is not None:
+            obj["usage"] = None
+        return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() \
+            + b"\n\n"
+
     def text_piece(self, obj: dict) -> str | None:
-        if obj.get("usage") is not None or "error" in obj or "type" in obj or "output" in obj:
+        if obj.get("usage") is not None or "error" in obj or "type" in obj or "output" in obj \
+                or "timings" in obj:
             return None
         choices = obj.get("choices")
         if type(choices) is not list or len(choices) != 1 or type(choices[0]) is not dict:
@@ -3056,6 +3096,9 @@ class UsageMeter(Meter):
 
     def usage(self) -> tuple[int | None, int, int] | None:
         found = self._finals or list(self._by_answer.values())
+        if not found and self._running is not None and self._running[0]:
+            prompt, generated = self._running  # (a stream cut before its usage: as counted)
+            return prompt, generated, prompt + generated
         if not found:
             return None
         return (sum(n[0] for n in found), sum(n[1] for n in found), sum(n[2] for n in found))
@@ -3365,6 +3408,20 @@ class OpenAIShape:
             return False
         payload["stream_options"] = {**(options if isinstance(options, dict) else {}),
                                      "include_usage": True}
+        return True
+
+    def ask_for_counts(self, payload: dict, path: str) -> bool:
+        """Usage mode, a stream on chat or completions: ask for the counts so far on every
+        chunk (llama.cpp: timings_per_token; vLLM: stream_options.continuous_usage_stats), so
+        that a stream its client stops (a chat UI's Stop button) is charged what the server
+        counted rather than the prompt's estimate. Whether the body changed."""
+        if path not in (CHAT_ROUTE, COMPLETIONS_ROUTE) or "timings_per_token" in payload:
+            return False
+        options = payload.get("stream_options")
+        if options is not None and not isinstance(options, dict):
+            return False
+        payload["timings_per_token"] = True
+        payload["stream_options"] = {**(options or {}), "continuous_usage_stats": True}
         return True
 
     def meter(self, path: str, ask: Ask | None, payload: dict) -> Meter:
@@ -4352,6 +4409,8 @@ def upstream_body(ex: Exchange, base_model: str) -> tuple[bytes, bytes | None]:
         if route.api.ask_for_usage(payload, route.path):
             fallback = plain
             meter.strip = meter.expects_usage = changed = True
+            if isinstance(meter, UsageMeter):  # (and the counts so far, on every chunk)
+                meter.counts_asked = route.api.ask_for_counts(payload, route.path)
     return (json.dumps(payload).encode() if changed else ex.body), fallback
 
 
@@ -6193,25 +6252,39 @@ def answer_usage(server: "ProxyServer", ex: Exchange, headers: Headers) -> Reply
     who = identify(headers, server.keys, server.default_policy, ex.client,
                    server.config.trust_forwarded_for)
     ex.label, ex.bucket_key = who.label, who.bucket_key
-    policy, store, calendar = who.policy, server.store, server.calendar
-    quota = store.peek(who.bucket_key, policy.bucket)
+    store, calendar = server.store, server.calendar
+    bucket_key, bucket, limits = who.bucket_key, who.policy.bucket, who.policy.calendar
+    users = who.policy.users
+    if users is not None:  # a front end asking for one of its users
+        raw = (headers.get(users.header) if users.header else
+               (urllib.parse.parse_qs(ex.query).get("user") or [""])[-1])
+        ex.user = user_name(raw, users.source if users.header else 'the "user" parameter')
+        if ex.user:
+            bucket_key = user_bucket_key(who.bucket_key, ex.user)
+            bucket, limits = users.bucket, users.calendar
+    quota = store.peek(bucket_key, bucket)
     now = calendar.wall()
     periods = calendar.periods(now)
-    quotas = store.calendar(who.bucket_key, policy.calendar, periods) if policy.calendar else ()
+    quotas = store.calendar(bucket_key, limits, periods) if limits else ()
     day_start, month_start = calendar.start_of(periods.day), calendar.start_of(periods.month)
     usage: dict[str, dict[str, dict[str, int]]] = {"today": {}, "this_month": {}}
-    for entry, counts in server.usage_rows(month_start, now + 3600, who.bucket_key):
+    if users is not None and not ex.user:  # the key's usage: its own work and its users'
+        rows = [(e, c) for e, c in server.usage_rows(month_start, now + 3600)
+                if split_user(e.key)[0] == who.bucket_key]
+    else:
+        rows = server.usage_rows(month_start, now + 3600, bucket_key)
+    for entry, counts in rows:
         for span, since in (("today", day_start), ("this_month", month_start)):
             if entry.hour >= since - 3599:  # (an hour that began before midnight counts on)
                 totals = usage[span].setdefault(entry.model, dict.fromkeys(LEDGER_FIELDS, 0))
                 for field, value in zip(LEDGER_FIELDS, counts):
                     totals[field] += value
     return json_reply(HTTPStatus.OK, {
-        "key": who.label,
+        "key": who.label, **({"user": ex.user} if ex.user else {}),
         "bucket": {"limit": quota.limit, "balance": quota.remaining,
                    "next_refill_seconds": math.ceil(quota.reset_seconds),
-                   "refill_tokens": policy.bucket.refill_tokens,
-                   "refill_interval_seconds": policy.bucket.refill_interval},
+                   "refill_tokens": bucket.refill_tokens,
+                   "refill_interval_seconds": bucket.refill_interval},
         "quotas": [{"name": q.name, "limit": q.limit, "used": q.used, "remaining": q.remaining,
                     "resets_at": _iso(now + q.reset_seconds, calendar.tz),
                     "resets_in_seconds": math.ceil(q.reset_seconds)} for q in quotas],
@@ -6233,7 +6306,7 @@ def answer_admin_usage(server: "ProxyServer", ex: Exchange, headers: Headers) ->
     arg = lambda name, default=None: (query.get(name) or [default])[-1]  # noqa: E731
     by, form = arg("by", "key"), arg("format", "json")
     if by not in REPORT_GROUPS or form not in ("json", "csv"):
-        raise ProxyError(HTTPStatus.BAD_REQUEST, "by must be key, model, day or hour and format "
+        raise ProxyError(HTTPStatus.BAD_REQUEST, "by must be key, user, model, day or hour and format "
                          "json or csv.")
     try:
         since, until = report_window(server.calendar, arg("since"), arg("until"))
@@ -6317,7 +6390,8 @@ def overview(server: "ProxyServer") -> dict[str, object]:
               for digest, policy in server.keys.entries]
     known = {bucket for bucket, _, _ in listed}
     listed += [(bucket, names.get(bucket) or bucket_name(bucket), server.default_policy)
-               for bucket in sorted({*per_key, *in_flight} - known)][:MAX_OVERVIEW_KEYS]
+               for bucket in sorted({*per_key, *in_flight} - known)
+               if not split_user(bucket)[1]][:MAX_OVERVIEW_KEYS]
     keys = []
     for bucket, name, policy in listed:
         try:
@@ -6340,6 +6414,8 @@ def overview(server: "ProxyServer") -> dict[str, object]:
                        for q in quotas],
             "in_flight": max(0, in_flight.get(bucket, 0) - waiting.get(bucket, 0)),
             "waiting": waiting.get(bucket, 0)})
+        if policy.users is not None:  # a front end's key: its users, under it
+            keys[-1]["users"] = users_overview(server, bucket, policy.users, per_key, periods)
     first_minute, minutes = server.metrics.recent.window()
     stacked = sorted(per_day.items(), key=lambda item: -sum(item[1].values()))
     if len(stacked) > MAX_CHART_KEYS:
@@ -6367,6 +6443,41 @@ def overview(server: "ProxyServer") -> dict[str, object]:
             for name, by_day in stacked]}}
 
 
+MAX_OVERVIEW_USERS = 200  # users of a front end's key the dashboard lists (the most active)
+
+
+def users_overview(server: "ProxyServer", key: str, users: UserPolicy,
+                   per_key: Mapping[str, Mapping[str, list[int]]],
+                   periods: Periods) -> list[dict[str, object]]:
+    """A front end's users as the dashboard lists them: each one's bucket and quotas now, and
+    tokens, requests and limited requests today and this month (the ledger's), the most
+    tokens this month first."""
+    zero = {"today": [0, 0, 0], "this_month": [0, 0, 0]}
+    held = {k for k in per_key if split_user(k)[0] == key and split_user(k)[1]}
+    try:
+        held.update(server.store.users_of(key))
+    except StoreUnavailable:
+        pass
+    ranked = sorted(held, key=lambda k: (-per_key.get(k, zero)["this_month"][0], k))
+    found: list[dict[str, object]] = []
+    for bucket in ranked[:MAX_OVERVIEW_USERS]:
+        spans = per_key.get(bucket, zero)
+        try:
+            quota: Quota | None = server.store.peek(bucket, users.bucket)
+            quotas = (server.store.calendar(bucket, users.calendar, periods)
+                      if users.calendar else ())
+        except StoreUnavailable:
+            quota, quotas = None, ()
+        found.append({
+            "user": split_user(bucket)[1], "limit": users.bucket.capacity,
+            "balance": None if quota is None else quota.remaining,
+            **{span: dict(zip(("tokens", "requests", "limited"), spans[span]))
+               for span in ("today", "this_month")},
+            "quotas": [{"name": q.name, "limit": q.limit, "used": q.used,
+                        "remaining": q.remaining} for q in quotas]})
+    return found
+
+
 class LedgerTally:
     """What the dashboard adds up from the usage ledger: per bucket key and per model, tokens,
     requests (and limited requests) today and this month; per key name, tokens per day over
@@ -6390,15 +6501,17 @@ class LedgerTally:
             if entry.hour >= month_start:
                 model = self.per_model.setdefault(entry.model, {"today": [0, 0],
                                                                 "this_month": [0, 0]})
-                spans = self.per_key.setdefault(entry.key, {"today": [0, 0, 0],
-                                                            "this_month": [0, 0, 0]})
+                owner, user = split_user(entry.key)  # (a user's row counts for its key too)
+                held = [self.per_key.setdefault(k, {"today": [0, 0, 0], "this_month": [0, 0, 0]})
+                        for k in ((entry.key, owner) if user else (entry.key,))]
                 for span in ("today", "this_month") if today else ("this_month",):
                     model[span][0] += tokens
                     model[span][1] += requests
-                    totals = spans[span]
-                    totals[0] += tokens
-                    totals[1] += requests
-                    totals[2] += limited
+                    for spans in held:
+                        totals = spans[span]
+                        totals[0] += tokens
+                        totals[1] += requests
+                        totals[2] += limited
             if entry.hour >= self.since - 3599:
                 day = self._days.get(entry.hour)
                 if day is None:
@@ -6856,6 +6969,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
             meter = ex.charge.meter if ex.charge is not None else None
             if answer.without_stream_options and meter is not None:
                 meter.strip = meter.expects_usage = False  # settled by estimate
+                if isinstance(meter, UsageMeter):
+                    meter.counts_asked = False
             whole = False
             try:
                 whole = relay_answer(ex, answer, self, pool.read_timeout, self.server.metrics,
@@ -7643,7 +7758,8 @@ class ProxyServer(ThreadingHTTPServer):
         if charge is not None and route is not None and route.kind in (GENERATE, EMBED):
             model = ex.payload.get("model") if ex.payload is not None else None
             hour = int(self.calendar.wall() // 3600 * 3600)
-            self.ledger.record(hour, ex.bucket_key, ex.label,
+            self.ledger.record(hour, user_bucket_key(ex.bucket_key, ex.user) if ex.user
+                               else ex.bucket_key, ex.label,
                                model if isinstance(model, str) else "", route.kind,
                                (1, int(charge.state == "declined"), charge.prompt_tokens,
                                 charge.completion_tokens, charge.cost))
@@ -8192,6 +8308,8 @@ tr.disabled td.name::after {
 tr.disabled .bar .fill { background: var(--muted); }
 .table-wrap.narrow { max-width: 560px; }
 .sub-line { display: block; font-size: 11px; color: var(--muted); }
+tr.user td { font-size: 12px; }
+td.user-name { padding-left: 18px; max-width: 22em; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
 table.totals th[scope="row"] { font-weight: 400; }
 
 /* bars with their numbers */
@@ -8539,8 +8657,25 @@ ADMIN_JS = r"""// llm_proxy admin dashboard (served at /ui/admin.js, after /ui/p
       el('td', {class: 'n'}, num(k.waiting)));
   }
 
+  // a front end's users, each under its key (a name is the front end's text: set as text)
+  function userRow(u) {
+    const quotas = Object.fromEntries((u.quotas || []).map((q) => [q.name, q]));
+    const today = u.today || {};
+    const month = u.this_month || {};
+    const low = u.limit > 0 && u.balance / u.limit < 0.1;
+    return el('tr', {class: 'user'},
+      el('td', {class: 'name user-name', title: u.user}, '\u21b3 ' + u.user),
+      el('td', {class: 'n'}, `${num(u.balance)} / ${num(u.limit)}`, bar(u.balance, u.limit, low ? 'low' : null, 'under')),
+      el('td', {}, 'user'),
+      quotaCell(today.tokens, quotas.tokens_per_day),
+      quotaCell(month.tokens, quotas.tokens_per_month),
+      quotaCell(today.requests, quotas.requests_per_day),
+      el('td', {class: 'n'}, num(today.limited)),
+      el('td', {}), el('td', {}));
+  }
+
   function renderKeys(keys) {
-    $('keys').tBodies[0].replaceChildren(...keys.map(keyRow));
+    $('keys').tBodies[0].replaceChildren(...keys.flatMap((k) => [keyRow(k), ...(k.users || []).map(userRow)]));
     $('no-keys').hidden = keys.length > 0;
   }
 
