@@ -1329,7 +1329,9 @@ class MemoryBucketStore:
             else:
                 self._count(key, 1, 1, 0, 0, 0)
             self._store(key, bucket)
-            return bucket.quota(admitted, cost, now)
+            quota = bucket.quota(admitted, cost, now)
+            return quota if admitted or bucket.tokens >= cost else quota._replace(
+                limited_by="bucket")
         day = self._period(key, "d:" + periods.day)
         month = self._period(key, "m:" + periods.month)
         exhausted = []
@@ -1914,7 +1916,8 @@ class RedisBucketStore:
         bucket = _Bucket(int(float(tokens)), float(anchor), policy)
         quota = bucket.quota(bool(int(admitted)), amount if op == "take" else 0, float(now))
         if op != "take" or not calendar or not limits or periods is None:
-            return quota
+            return quota if quota.admitted or bucket.tokens >= amount else quota._replace(
+                limited_by="bucket")
         counts = calendar_quotas(limits, periods, [int(day_t), int(day_r)], [int(month_t), 0])
         if quota.admitted:
             return quota._replace(calendar=counts)
