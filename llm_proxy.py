@@ -227,7 +227,7 @@ class NeverAdmitted(ProxyError):
     def __init__(self, cost: int, ceiling: int, holder: str,
                  tools: tuple[int, int] = (0, 0)) -> None:
         count, tokens = tools
-        if tokens and tokens * 2 >= cost or cost - tokens <= ceiling < cost and tokens:
+        if tokens and (tokens * 2 >= cost or cost - tokens <= ceiling):
             # (a chat client's built-in tools: its user cannot send less, its operator can)
             cause = (f"{tokens} of them are the definitions of the {count} tools it carries; "
                      "turn tools off for this model in the client, raise the limit, or use "
@@ -1252,8 +1252,8 @@ class MemoryBucketStore:
         """take() on several buckets as one step: `cost` is spent from every part (a user's
         bucket and quotas, and their key's) only when every part can pay it; otherwise from
         none. Each part's Quota says how it stands (the first that could not pay is the one to
-        answer with). A part that names a user is counted among its key's users (see
-        forget_users)."""
+        answer with). A part that names a user is counted among its key's users, the least
+        recently active forgotten beyond its max_users."""
         with self._lock:
             now = self._clock()
             if now - self._last_sweep >= SWEEP_EVERY_SECONDS:
@@ -7326,12 +7326,16 @@ class AccessLog:
         path, remaining = loggable(ex.path or "-"), ex.remaining
         if self._json:
             self._write(json.dumps({
-                "time": self._timestamp(), "client": client, "key": ex.label, "method": method,
+                "time": self._timestamp(), "client": client, "key": ex.label,
+                **({"user": ex.user} if ex.user else {}), "method": method,
                 "path": path, "status": ex.status, "cost": cost, "remaining": remaining,
                 "duration_ms": duration_ms, **({"note": ex.note} if ex.note else {})}))
             return
         self._write(
-            f"{self._timestamp()} {client} key={loggable(ex.label)} \"{method} {path}\" {ex.status} "
+            f"{self._timestamp()} {client} key={loggable(ex.label)}"
+            # (a front end's user: quoted and escaped as JSON, a name may hold spaces)
+            + (f" user={json.dumps(ex.user)}" if ex.user else "")
+            + f" \"{method} {path}\" {ex.status} "
             f"cost={'-' if cost is None else cost} "
             f"remaining={'-' if remaining is None else remaining} {duration_ms:.1f}ms"
             + (f" ({ex.note})" if ex.note else ""))
