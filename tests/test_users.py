@@ -487,3 +487,31 @@ class StoppedStreamTests(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+@unittest.skipIf(NO_REDIS, NO_REDIS)
+class RedisFrontEndTests(WithRedis, FrontEndTestCase):
+    """The same front end with its buckets in Redis: users limited on their own, settled to
+    both, listed under their key."""
+
+    def start_proxy(self, **settings):
+        settings.setdefault("redis_url", self.redis.url)
+        settings.setdefault("redis_timeout", WAIT)
+        return super().start_proxy(**settings)
+
+    def setUp(self):
+        client = self.redis.client()
+        client.flushall()
+        client.close()
+        super().setUp()
+
+    def test_users_in_redis_reach_their_own_limits_and_show_under_their_key(self):
+        for email in ("pat@example.com", "pat@example.com", "pat@example.com", "quinn@example.com"):
+            self.ask(email)
+        self.assertEqual((self.usage("pat@example.com")["bucket"]["balance"],
+                          self.usage("quinn@example.com")["bucket"]["balance"],
+                          self.usage()["bucket"]["balance"]), (0, 1, 2))
+        status, _, body = self.request("GET", "/admin/overview", key=ADMIN)
+        card = next(k for k in json.loads(body)["keys"] if k["name"] == "open-webui")
+        self.assertEqual(sorted((u["user"], u["balance"]) for u in card["users"]),
+                         [("pat@example.com", 0), ("quinn@example.com", 1)])
