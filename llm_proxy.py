@@ -3022,10 +3022,18 @@ class UsageMeter(Meter):
         self._running: tuple[int, int] | None = None  # llama.cpp's timings: (prompt, generated)
 
     def observe(self, obj: dict) -> bool:
-        timings = obj.get("timings")
-        if type(timings) is dict:  # (llama.cpp: on every chunk when timings_per_token is set)
-            self._running = (_count(timings.get("prompt_n")) + _count(timings.get("cache_n")),
-                             _count(timings.get("predicted_n")))
+        timings, progress = obj.get("timings"), obj.get("prompt_progress")
+        if type(timings) is dict or type(progress) is dict:  # (llama.cpp, asked: see
+            prompt, generated = self._running or (0, 0)   # ask_for_counts)
+            if type(progress) is dict:  # the whole prompt's count, before it is evaluated
+                prompt = max(prompt, _count(progress.get("total")))
+            if type(timings) is dict:
+                prompt = max(prompt, _count(timings.get("prompt_n"))
+                             + _count(timings.get("cache_n")))
+                generated = max(generated, _count(timings.get("predicted_n")))
+            self._running = (prompt, generated)
+            if type(progress) is dict and self.counts_asked:
+                return True  # (a chunk of progress only: the client did not ask for it)
         usage = obj.get("usage")
         if usage is None and "error" not in obj and "type" not in obj:  # a chunk of text
             self.generated += generated_chars(obj)
@@ -3415,15 +3423,19 @@ class OpenAIShape:
 
     def ask_for_counts(self, payload: dict, path: str) -> bool:
         """Usage mode, a stream on chat or completions: ask for the counts so far on every
-        chunk (llama.cpp: timings_per_token; vLLM: stream_options.continuous_usage_stats), so
-        that a stream its client stops (a chat UI's Stop button) is charged what the server
-        counted rather than the prompt's estimate. Whether the body changed."""
+        chunk (llama.cpp: timings_per_token, and return_progress, whose first chunk, sent
+        before the prompt is evaluated, holds the prompt's count; vLLM:
+        stream_options.continuous_usage_stats), so that a stream its client stops (a chat UI's
+        Stop button) is charged what the server counted rather than the prompt's estimate
+        (Open WebUI's tool definitions make that estimate thousands of tokens too many).
+        Whether the body changed."""
         if path not in (CHAT_ROUTE, COMPLETIONS_ROUTE) or "timings_per_token" in payload:
             return False
         options = payload.get("stream_options")
         if options is not None and not isinstance(options, dict):
             return False
         payload["timings_per_token"] = True
+        payload["return_progress"] = True  # (llama.cpp: the prompt's count comes first)
         payload["stream_options"] = {**(options or {}), "continuous_usage_stats": True}
         return True
 

@@ -313,7 +313,8 @@ class UsageModeTests(ProxyTestCase):
                 # (and the counts so far on every chunk: llama.cpp's and vLLM's ways)
                 self.assertEqual(sent["stream_options"], {"include_usage": True,
                                                           "continuous_usage_stats": True})
-                self.assertIs(sent["timings_per_token"], True)
+                self.assertEqual((sent["timings_per_token"], sent["return_progress"]),
+                                 (True, True))
                 self.assertEqual(self.charged() - before, self.upstream.reported[-1])
                 self.assertEqual(body, self.direct(path, request))  # byte for byte
 

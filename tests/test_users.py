@@ -469,6 +469,16 @@ class StoppedStreamTests(unittest.TestCase):
         self.assertEqual(relayed, self.chunk("Hi") * 3)  # as the client would have had it
         self.assertEqual(meter.cost(4015), (60, 3, 63))   # not the prompt's estimate
 
+    def test_a_stop_before_the_first_token_is_charged_the_prompt_the_server_counts(self):
+        """llama.cpp's return_progress: a first chunk, before the prompt is evaluated, says
+        how long it is (a chunk the client did not ask for: not relayed)."""
+        meter = self.meter()
+        progress = {"total": 46, "cache": 27, "processed": 27, "time_ms": 0}
+        relayed = meter.feed(self.chunk(None, prompt_progress=progress, timings={
+            "cache_n": 27, "prompt_n": 0, "predicted_n": 0}))
+        self.assertEqual(relayed, b"")
+        self.assertEqual(meter.cost(3273), (46, 0, 46))  # not the tools' estimate
+
     def test_vllm_continuous_usage_is_read_and_not_relayed(self):
         meter = self.meter()
         relayed = meter.feed(self.chunk("Hi", usage={"prompt_tokens": 60, "completion_tokens": 7,
@@ -480,8 +490,8 @@ class StoppedStreamTests(unittest.TestCase):
         shape = llm_proxy.OPENAI
         payload = {"model": "m", "stream": True}
         self.assertTrue(shape.ask_for_counts(payload, "/v1/chat/completions"))
-        self.assertEqual((payload["timings_per_token"], payload["stream_options"]),
-                         (True, {"continuous_usage_stats": True}))
+        self.assertEqual((payload["timings_per_token"], payload["return_progress"],
+                          payload["stream_options"]), (True, True, {"continuous_usage_stats": True}))
         self.assertFalse(shape.ask_for_counts({"model": "m"}, "/v1/responses"))
 
 
