@@ -8,7 +8,9 @@ What it is
     by itself: with an OpenAI-shaped assistant message ("limit reached, wait 5 min") that chat
     UIs simply display, or, with LIMIT_RESPONSE=429, with the 429 error that OpenAI SDKs raise as
     RateLimitError. Otherwise clients must not notice the proxy: same bodies, same statuses, same
-    streaming cadence as the upstream.
+    streaming cadence as the upstream. A key the keys file marks as a trusted front end (Open
+    WebUI, with "users") has each of the users it names charged a bucket of their own as well
+    (keys: the users of a trusted front end).
 
 How to run
     python3 llm_proxy.py                 # defaults: listen on :8899, upstream Ollama on :11434
