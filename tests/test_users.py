@@ -246,10 +246,11 @@ class FrontEndTests(FrontEndTestCase):
         self.assertEqual((status, headers["x-ratelimit-remaining"]), (200, "1"))
         self.assertNotIn("limit reached", body.decode())
         self.assertEqual(len(self.upstream.requests), 3)  # the refused one never went up
-        self.assertIn(' key=open-webui user="alice@example.com" "POST /v1/chat/completions" 200',
-                      self.log.getvalue())
+        self.assertTrue(self.log.wait_for(lambda text: (
+            ' key=open-webui user="alice@example.com" "POST /v1/chat/completions" 200' in text)))
         self.ask('Zo\u00eb "x" y')  # (a name as text: quoted, escaped, nothing it could forge)
-        self.assertIn(' user="Zo\\u00eb \\"x\\" y" "POST', self.log.getvalue())
+        self.assertTrue(self.log.wait_for(  # (the line is written once the answer is out)
+            lambda text: ' user="Zo\\u00eb \\"x\\" y" "POST' in text), self.log.getvalue())
         self.assertEqual(self.usage()["bucket"]["balance"], 1)  # the key paid for all four
 
     def test_the_keys_own_limit_is_the_front_ends_total(self):
