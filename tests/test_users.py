@@ -487,6 +487,18 @@ class StoppedStreamTests(unittest.TestCase):
         self.assertEqual(relayed, self.chunk("Hi"))
         self.assertEqual(meter.cost(4015), (60, 7, 67))
 
+    def test_an_anthropic_stream_stopped_is_charged_the_input_tokens_it_began_with(self):
+        meter = llm_proxy.AnthropicMeter(True)
+        meter.begin(200, None, True)
+        start = {"type": "message_start", "message": {
+            "id": "msg_1", "type": "message", "role": "assistant", "content": [],
+            "usage": {"input_tokens": 2, "cache_read_input_tokens": 58, "output_tokens": 0}}}
+        delta = {"type": "content_block_delta", "index": 0,
+                 "delta": {"type": "text_delta", "text": "Hi there"}}
+        for name, data in (("message_start", start), ("content_block_delta", delta)):
+            meter.feed(f"event: {name}\ndata: {json.dumps(data)}\n\n".encode())
+        self.assertEqual(meter.cost(4015), (60, 2, 62))  # the client left here
+
     def test_the_counts_are_asked_for_only_where_the_proxy_asks_for_usage(self):
         shape = llm_proxy.OPENAI
         payload = {"model": "m", "stream": True}
