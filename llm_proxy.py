@@ -3022,6 +3022,33 @@ class UsageMeter(Meter):
         #: out of what the client gets
         self.counts_asked = False
         self._running: tuple[int, int] | None = None  # llama.cpp's timings: (prompt, generated)
+        self._timings = b""  # the last per-chunk timings taken off a chunk, read when needed
+
+    _TIMINGS = b',"timings":{'
+
+    def _event(self, event: bytes) -> bytes | None:
+        """With counts asked for, llama.cpp's per-chunk `timings` member (its last, an object
+        of numbers) is taken off the chunk's bytes before anything else looks at it: the chunk
+        is then the one the client would have had, and the fast path (the event template)
+        still serves it; the last one is read only when the cost is (_counts)."""
+        if self.counts_asked:
+            at = event.find(self._TIMINGS)
+            if at > 0 and b'"finish_reason":null' in event:
+                end = event.find(b"}", at + len(self._TIMINGS))
+                if end > 0 and event[end + 1:end + 2] == b"}" and \
+                        b"{" not in event[at + len(self._TIMINGS):end]:
+                    self._timings = event[at + len(self._TIMINGS) - 1:end + 1]
+                    event = event[:at] + event[end + 1:]
+        return super()._event(event)
+
+    def _counts(self) -> tuple[int, int] | None:
+        """(prompt, generated) as the server last counted them while the stream ran."""
+        prompt, generated = self._running or (0, 0)
+        timings = json_object(self._timings) if self._timings else None
+        if timings is not None:
+            prompt = max(prompt, _count(timings.get("prompt_n")) + _count(timings.get("cache_n")))
+            generated = max(generated, _count(timings.get("predicted_n")))
+        return (prompt, generated) if prompt else None
 
     def observe(self, obj: dict) -> bool:
         timings, progress = obj.get("timings"), obj.get("prompt_progress")
@@ -3109,8 +3136,9 @@ class UsageMeter(Meter):
 
     def usage(self) -> tuple[int | None, int, int] | None:
         found = self._finals or list(self._by_answer.values())
-        if not found and self._running is not None and self._running[0]:
-            prompt, generated = self._running  # (a stream cut before its usage: as counted)
+        counted = None if found else self._counts()
+        if counted is not None:  # (a stream cut before its usage: as the server counted)
+            prompt, generated = counted
             return prompt, generated, prompt + generated
         if not found:
             return None
