@@ -8,7 +8,9 @@ What it is
     by itself: with an OpenAI-shaped assistant message ("limit reached, wait 5 min") that chat
     UIs simply display, or, with LIMIT_RESPONSE=429, with the 429 error that OpenAI SDKs raise as
     RateLimitError. Otherwise clients must not notice the proxy: same bodies, same statuses, same
-    streaming cadence as the upstream.
+    streaming cadence as the upstream. A key the keys file marks as a trusted front end (Open
+    WebUI, with "users") has each of the users it names charged a bucket of their own as well
+    (keys: the users of a trusted front end).
 
 How to run
     python3 llm_proxy.py                 # defaults: listen on :8899, upstream Ollama on :11434
@@ -254,7 +256,21 @@ class NeverAdmitted(ProxyError):
     """A request that costs more than its key's bucket (or a token quota) can ever hold: a 400
     naming the figures, or in message mode the limit said as an answer (`text`)."""
 
-    def __init__(self, cost: int, ceiling: int, holder: str) -> None:
+    def __init__(self, cost: int, ceiling: int, holder: str,
+                 tools: tuple[int, int] = (0, 0)) -> None:
+        count, tokens = tools
+        if tokens and (tokens * 2 >= cost or cost - tokens <= ceiling):
+            # (a chat client's built-in tools: its user cannot send less, its operator can)
+            cause = (f"{tokens} of them are the definitions of the {count} tools it carries; "
+                     "turn tools off for this model in the client, raise the limit, or use "
+                     "TOKEN_COST_MODE=usage with max_reserve_tokens")
+            super().__init__(HTTPStatus.BAD_REQUEST,
+                             f"This request would cost {cost} tokens, but {holder} at most "
+                             f"{ceiling}, so it can never be admitted: {cause}.",
+                             code="request_exceeds_bucket")
+            self.text = (f"limit reached: this request needs {cost} tokens but {holder} at most "
+                         f"{ceiling}; {cause}")
+            return
         super().__init__(HTTPStatus.BAD_REQUEST,
                          f"This request would cost {cost} tokens, but {holder} at most "
                          f"{ceiling}, so it can never be admitted. Send a shorter request or a "
@@ -826,6 +842,7 @@ class KeyPolicy:
     def bucket_key(self, digest: str) -> str:
         """The key of its bucket in the store: the first digest it had, across rotations."""
         return "key:" + (self.bucket_digest or digest)
+    users: "UserPolicy | None" = None  # a trusted front end: each of its users has limits too
 
     def __post_init__(self) -> None:
         if self.calendar is None:
@@ -862,6 +879,7 @@ _ENTRY_FIELDS: dict[str, Callable[[typing.Any], bool]] = {
     and re.fullmatch(r"[0-9a-fA-F]{64}", v) is not None,
     "previous_valid_until": lambda v: isinstance(v, str) and _moment_form(v),
     "bucket_sha256": lambda v: isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) is not None,
+    "users": lambda v: isinstance(v, dict),
 }
 _COUNT_RULE = f"a whole number from 1 to {MAX_COUNT}"
 _FIELD_RULES = {
@@ -880,6 +898,7 @@ _FIELD_RULES = {
     "note": "a string of at most 1000 characters", "created_at": "a date and time",
     "previous_key_sha256": "64 hex digits", "previous_valid_until": "a date and time",
     "bucket_sha256": "64 lower-case hex digits",
+    "users": 'an object ({"from": "header:NAME" or "body:user", and the limits of each user})',
 }
 
 
@@ -1000,6 +1019,7 @@ def key_policies(entries: Sequence[object], config: Config, path: str = "KEYS_FI
             models, entry.get("disabled", False), calendar,
             entry.get("max_output_tokens", base.max_output_tokens),
             entry.get("max_reserve_tokens", base.max_reserve_tokens),
+            users=user_policy(entry["users"], where, bucket) if "users" in entry else None,
             **lifetime_fields(entry, time_zone(config.quota_timezone)))))
         if entry.get("previous_key_sha256", "").lower() in digests:
             raise ConfigError(f"{where}: previous_key_sha256 is another entry's key")
@@ -1020,6 +1040,125 @@ def lifetime_fields(entry: Mapping[str, object], tz: datetime.tzinfo) -> dict[st
         fields["previous_until"] = parse_moment(str(entry.get("previous_valid_until") or
                                                     "1970-01-01T00:00:00+00:00"), tz)
     return fields
+
+
+# -- the users of a trusted front end --------------------------------------------------------
+
+# A front end (Open WebUI, LibreChat, a portal, a bot) holds one key for all of its people. Its
+# keys-file entry may say where each request names its user ("users": {"from": ...}) and what
+# every user may spend; then each user has a bucket and quotas of their own beside the key's,
+# and a request must fit both (MemoryBucketStore.take_together). Only such a key's requests are
+# read for a user: for any other key the header or field means nothing. Everything that reads
+# or shows a user's name lives here: a name is an untrusted string from a trusted sender.
+
+#: The longest user name accepted (an e-mail address is at most 254 characters).
+MAX_USER_NAME = 256
+#: Users a front end's key holds state for by default (the least recently active beyond are
+#: forgotten: their next request starts them anew, inside the key's own limits).
+DEFAULT_MAX_USERS = 10_000
+#: How a user's bucket key is made from its key's: "key:<digest>" + USER_MARK + the name.
+USER_MARK = "/user:"
+#: What a user name may not hold: control characters (C0, DEL, C1), line and paragraph
+#: separators, bidirectional overrides and other invisible format characters, lone surrogates.
+_NOT_IN_NAMES = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u200b-\u200f\u202a-\u202e"
+                           "\u2060-\u206f\ufeff\ud800-\udfff]")
+
+_USER_FIELDS: dict[str, Callable[[object], bool]] = {
+    "from": lambda v: isinstance(v, str) and (v == "body:user" or re.fullmatch(
+        r"header:[!#$%&'*+.^_`|~0-9A-Za-z-]+", v) is not None),
+    "required": lambda v: isinstance(v, bool),
+    "max_users": lambda v: type(v) is int and 1 <= v <= 10_000_000,
+    **{name: _ENTRY_FIELDS[name] for name in (
+        "max_tokens", "refill_tokens", "refill_interval_seconds", "tokens_per_day",
+        "tokens_per_month", "requests_per_day", "models")},
+}
+_USER_RULES = {"from": '"header:NAME" (a header name) or "body:user"', "required": "true or false",
+               "max_users": "a whole number from 1 to 10000000", **_FIELD_RULES}
+
+
+@dataclass(frozen=True)
+class UserPolicy:
+    """What each user of a trusted front end's key may do, and where a request names its
+    user: `header` (a request header's name) or, when it is "", the body's `user` field."""
+    header: str
+    bucket: "BucketPolicy"
+    calendar: "CalendarLimits"
+    models: frozenset[str] | None = None
+    required: bool = False
+    max_users: int = DEFAULT_MAX_USERS
+
+    @property
+    def source(self) -> str:
+        return f"the {self.header} header" if self.header else 'the body\'s "user" field'
+
+
+def user_policy(value: dict, where: str, key_bucket: "BucketPolicy") -> UserPolicy:
+    """The "users" object of a keys-file entry, validated (ConfigError naming the field). A
+    user's bucket defaults to the key's own (each user may then spend what the key may)."""
+    for field, item in value.items():
+        if field not in _USER_FIELDS:
+            raise ConfigError(f"{where}: users: unknown field {field!r}")
+        if not _USER_FIELDS[field](item):
+            raise ConfigError(f"{where}: users: {field} must be {_USER_RULES[field]}")
+    if "from" not in value:
+        raise ConfigError(f'{where}: users: from is required ("header:NAME" or "body:user")')
+    source = value["from"]
+    bucket = BucketPolicy(value.get("max_tokens", key_bucket.capacity),
+                          value.get("refill_tokens", key_bucket.refill_tokens),
+                          float(value.get("refill_interval_seconds", key_bucket.refill_interval)))
+    return UserPolicy(
+        "" if source == "body:user" else source.partition(":")[2], bucket,
+        CalendarLimits(value.get("tokens_per_day"), value.get("tokens_per_month"),
+                       value.get("requests_per_day")),
+        frozenset(value["models"]) if "models" in value else None,
+        value.get("required", False), value.get("max_users", DEFAULT_MAX_USERS))
+
+
+def user_name(raw: object, source: str) -> str:
+    """A user's name as a front end sent it, checked: "" when none was sent; ProxyError(400)
+    when it is not a string, too long, or holds control or invisible characters (a name is
+    shown in pages, reports and logs, and must read there as what it is)."""
+    if raw is None:
+        return ""
+    if not isinstance(raw, str):
+        raise ProxyError(HTTPStatus.BAD_REQUEST, f"The user named in {source} must be a "
+                         "string.", code="invalid_user", param="user")
+    name = raw.strip(" \t")
+    if len(name) > MAX_USER_NAME or _NOT_IN_NAMES.search(name):
+        raise ProxyError(HTTPStatus.BAD_REQUEST, f"The user named in {source} is not a "
+                         f"usable name (at most {MAX_USER_NAME} characters, no control "
+                         "characters).", code="invalid_user", param="user")
+    return name
+
+
+def read_user(users: UserPolicy, headers: "Headers", payload: object) -> str:
+    """The user a trusted front end's request names ("" for none: the key's own work), or
+    ProxyError(400) when the name is unusable or a user is required and none is named."""
+    if users.header:
+        values: list = headers.get_all(users.header) or []  # type: ignore[assignment]
+        if len(values) > 1:
+            raise ProxyError(HTTPStatus.BAD_REQUEST, f"{users.source} was sent more than "
+                             "once.", code="invalid_user", param="user")
+        name = user_name(values[0] if values else None, users.source)
+    else:
+        name = user_name(payload.get("user") if isinstance(payload, dict) else None,
+                         users.source)
+    if not name and users.required:
+        raise ProxyError(HTTPStatus.BAD_REQUEST, f"This key makes requests for its users: "
+                         f"{users.source} must name one.", code="user_required", param="user")
+    return name
+
+
+def user_bucket_key(bucket_key: str, user: str) -> str:
+    return bucket_key + USER_MARK + user
+
+
+def split_user(bucket_key: str) -> tuple[str, str]:
+    """A bucket key as (its key's bucket key, the user's name); the name is "" for a key's own.
+    (A key's bucket key has a fixed length, so a name holding USER_MARK reads back whole.)"""
+    if bucket_key.startswith("key:") and bucket_key[68:68 + len(USER_MARK)] == USER_MARK:
+        return bucket_key[:68], bucket_key[68 + len(USER_MARK):]
+    return bucket_key, ""
 
 
 def load_key_ring(config: Config, pause: Callable[[], None] | None = None,
@@ -1488,6 +1627,14 @@ class Quota(typing.NamedTuple):
     calendar: tuple[CalendarQuota, ...] = ()
 
 
+class Part(typing.NamedTuple):
+    """One of the buckets a request must fit (take_together): a user's or a key's."""
+    key: str                        # the bucket key
+    bucket: BucketPolicy
+    limits: CalendarLimits | None   # its calendar quotas (None: none)
+    max_users: int = 0              # a user's part: how many users its key holds at most
+
+
 class _Bucket:
     __slots__ = ("tokens", "anchor", "policy")
 
@@ -1545,6 +1692,9 @@ class MemoryBucketStore:
         self.persistent = False
         self._changed: tuple[set[str], set[str], set[tuple[str, str]]] = (set(), set(), set())
         self._usage: dict[str, list[int]] = {}
+        #: the users of each front end's key held now: key -> {user's bucket key: None}, the
+        #: least recently active first
+        self._users: dict[str, dict[str, None]] = {}
         self._last_sweep = clock()
 
     def __len__(self) -> int:
@@ -1581,43 +1731,120 @@ class MemoryBucketStore:
             now = self._clock()
             if now - self._last_sweep >= SWEEP_EVERY_SECONDS:
                 self._sweep(now, periods)
-            bucket = self._load(key, policy, now)
-            if limits is None or not limits.any or periods is None:
-                admitted = bucket.tokens >= cost
-                if admitted:
-                    bucket.tokens -= cost
-                    self._count(key, 1, 0, 0, 0, cost)
-                else:
-                    self._count(key, 1, 1, 0, 0, 0)
-                self._store(key, bucket)
-                return bucket.quota(admitted, cost, now)
-            day = self._period(key, "d:" + periods.day)
-            month = self._period(key, "m:" + periods.month)
-            exhausted = []
-            if limits.tokens_per_day is not None and day[0] + cost > limits.tokens_per_day:
-                exhausted.append((periods.day_left, "tokens_per_day"))
-            if limits.tokens_per_month is not None and month[0] + cost > limits.tokens_per_month:
-                exhausted.append((periods.month_left, "tokens_per_month"))
-            if limits.requests_per_day is not None and day[1] + 1 > limits.requests_per_day:
-                exhausted.append((periods.day_left, "requests_per_day"))
-            admitted = bucket.tokens >= cost and not exhausted
+            return self._take(key, cost, policy, limits, periods, now)
+
+    def take_together(self, parts: Sequence["Part"], cost: int,
+                      periods: Periods | None = None) -> tuple[Quota, ...]:
+        """take() on several buckets as one step: `cost` is spent from every part (a user's
+        bucket and quotas, and their key's) only when every part can pay it; otherwise from
+        none. Each part's Quota says how it stands (the first that could not pay is the one to
+        answer with). A part that names a user is counted among its key's users, the least
+        recently active forgotten beyond its max_users."""
+        with self._lock:
+            now = self._clock()
+            if now - self._last_sweep >= SWEEP_EVERY_SECONDS:
+                self._sweep(now, periods)
+            fits = all(self._fits(p.key, cost, p.bucket, p.limits, periods, now) for p in parts)
+            quotas = tuple(self._take(p.key, cost, p.bucket, p.limits, periods, now, fits)
+                           for p in parts)
+            for part in parts:
+                if part.max_users:
+                    self._seen_user(part.key, part.max_users)
+            return quotas
+
+    def _fits(self, key: str, cost: int, policy: BucketPolicy, limits: CalendarLimits | None,
+              periods: Periods | None, now: float) -> bool:
+        """Whether take() would admit `cost` now (nothing moves)."""
+        held = self._buckets.get(key)
+        tokens = policy.capacity
+        if held is not None:
+            bucket = _Bucket(held.tokens, held.anchor, policy)
+            bucket.refill(now)
+            tokens = bucket.tokens
+        if tokens < cost:
+            return False
+        if limits is None or not limits.any or periods is None:
+            return True
+        day = self._periods.get((key, "d:" + periods.day)) or [0, 0]
+        month = self._periods.get((key, "m:" + periods.month)) or [0, 0]
+        return not ((limits.tokens_per_day is not None and day[0] + cost > limits.tokens_per_day)
+                    or (limits.tokens_per_month is not None
+                        and month[0] + cost > limits.tokens_per_month)
+                    or (limits.requests_per_day is not None
+                        and day[1] + 1 > limits.requests_per_day))
+
+    def _seen_user(self, key: str, max_users: int) -> None:
+        """A user of a key was active: the most recently active of the key's users are held,
+        at most `max_users` (the least recently active beyond are forgotten)."""
+        owner, _ = split_user(key)
+        users = self._users.setdefault(owner, {})
+        users.pop(key, None)
+        users[key] = None
+        while len(users) > max_users:
+            self._forget(next(iter(users)))
+            del users[next(iter(users))]
+
+    def _forget(self, key: str) -> None:
+        """Everything held for one bucket key: its bucket, counters and quota counters."""
+        self._buckets.pop(key, None)
+        self._usage.pop(key, None)
+        for entry in [e for e in self._periods if e[0] == key]:
+            del self._periods[entry]
+            if self.persistent:
+                self._changed[2].add(entry)
+        if self.persistent:
+            self._changed[0].add(key)
+            self._changed[1].discard(key)  # (its counters row stays in a state file)
+
+    def users_of(self, key: str) -> list[str]:
+        """The users of a key held now, the most recently active last."""
+        with self._lock:
+            return list(self._users.get(key, ()))
+
+    def _take(self, key: str, cost: int, policy: BucketPolicy,
+              limits: CalendarLimits | None, periods: Periods | None, now: float,
+              allowed: bool = True) -> Quota:
+        """take() under the lock; `allowed` false refuses it whatever the bucket holds (another
+        part of the same request could not pay)."""
+        bucket = self._load(key, policy, now)
+        if limits is None or not limits.any or periods is None:
+            admitted = allowed and bucket.tokens >= cost
             if admitted:
                 bucket.tokens -= cost
                 self._count(key, 1, 0, 0, 0, cost)
-                day[0], day[1], month[0], month[1] = day[0] + cost, day[1] + 1, \
-                    month[0] + cost, month[1] + 1
-                self._mark_periods(key, periods)
             else:
                 self._count(key, 1, 1, 0, 0, 0)
             self._store(key, bucket)
-            calendar = calendar_quotas(limits, periods, day, month)
             quota = bucket.quota(admitted, cost, now)
-            wait, limited_by = quota.wait_seconds, ""
-            if not admitted:
-                wait, limited_by = max(exhausted + ([] if bucket.tokens >= cost else
-                                                    [(quota.wait_seconds, "bucket")]))
-            return Quota(admitted, quota.limit, quota.remaining, quota.reset_seconds, wait,
-                         quota.policy, limited_by, calendar)
+            return quota if admitted or bucket.tokens >= cost else quota._replace(
+                limited_by="bucket")
+        day = self._period(key, "d:" + periods.day)
+        month = self._period(key, "m:" + periods.month)
+        exhausted = []
+        if limits.tokens_per_day is not None and day[0] + cost > limits.tokens_per_day:
+            exhausted.append((periods.day_left, "tokens_per_day"))
+        if limits.tokens_per_month is not None and month[0] + cost > limits.tokens_per_month:
+            exhausted.append((periods.month_left, "tokens_per_month"))
+        if limits.requests_per_day is not None and day[1] + 1 > limits.requests_per_day:
+            exhausted.append((periods.day_left, "requests_per_day"))
+        admitted = allowed and bucket.tokens >= cost and not exhausted
+        if admitted:
+            bucket.tokens -= cost
+            self._count(key, 1, 0, 0, 0, cost)
+            day[0], day[1], month[0], month[1] = day[0] + cost, day[1] + 1, \
+                month[0] + cost, month[1] + 1
+            self._mark_periods(key, periods)
+        else:
+            self._count(key, 1, 1, 0, 0, 0)
+        self._store(key, bucket)
+        calendar = calendar_quotas(limits, periods, day, month)
+        quota = bucket.quota(admitted, cost, now)
+        wait, limited_by = quota.wait_seconds, ""
+        causes = exhausted + ([] if bucket.tokens >= cost else [(quota.wait_seconds, "bucket")])
+        if not admitted and causes:
+            wait, limited_by = max(causes)
+        return Quota(admitted, quota.limit, quota.remaining, quota.reset_seconds, wait,
+                     quota.policy, limited_by, calendar)
 
     def _period(self, key: str, period: str) -> list[int]:
         counts = self._periods.get((key, period))
@@ -1764,6 +1991,10 @@ class MemoryBucketStore:
                 self._buckets[key] = _Bucket(tokens, anchor + offset, policy)
             self._usage.update(counters)
             self._periods.update(periods)
+            for key in [*buckets, *(e[0] for e in periods)]:
+                owner, user = split_user(key)
+                if user:  # (bounded again by the user's next request)
+                    self._users.setdefault(owner, {})[key] = None
 
 
 #: One atomic step on a bucket held in a Redis hash {t: tokens, a: anchor}, on the Redis server's
@@ -1858,6 +2089,84 @@ end
 return {admitted, tostring(tokens), string.format('%.6f', anchor), string.format('%.6f', now),
         tostring(day_tokens), tostring(day_requests), tostring(month_tokens)}
 """
+#: take() on several buckets in one atomic step (RedisBucketStore.take_together): KEYS are
+#: four per part (bucket, usage counters, day, month), ARGV[1..3] the cost, the counters' TTL
+#: and the number of parts, then seven per part (capacity, refill tokens, interval, "1" when
+#: its calendar quotas count, tokens per day, tokens per month, requests per day; -1 for none).
+#: Every part refills as in _BUCKET_SCRIPT; the cost is spent from all only when all can pay.
+#: Returns {admitted, now, then per part: fits, tokens, anchor, day tokens, day requests,
+#: month tokens} as strings.
+_TOGETHER_SCRIPT = """
+local amount, usage_ttl, n = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+local parts, all = {}, 1
+for i = 0, n - 1 do
+  local k, a = i * 4, 3 + i * 7
+  local p = {cap = tonumber(ARGV[a + 1]), refill = tonumber(ARGV[a + 2]),
+             interval = tonumber(ARGV[a + 3]), calendar = ARGV[a + 4] == '1',
+             per_day = tonumber(ARGV[a + 5]), per_month = tonumber(ARGV[a + 6]),
+             requests = tonumber(ARGV[a + 7]), dt = 0, dr = 0, mt = 0, k = k}
+  if p.calendar then
+    p.dt = tonumber(redis.call('HGET', KEYS[k + 3], 't') or '0')
+    p.dr = tonumber(redis.call('HGET', KEYS[k + 3], 'r') or '0')
+    p.mt = tonumber(redis.call('HGET', KEYS[k + 4], 't') or '0')
+  end
+  p.tokens = tonumber(redis.call('HGET', KEYS[k + 1], 't'))
+  p.anchor = tonumber(redis.call('HGET', KEYS[k + 1], 'a'))
+  if p.tokens == nil then p.tokens, p.anchor = p.cap, now end
+  if p.tokens < p.cap then
+    local steps = math.floor((now - p.anchor) / p.interval)
+    if steps > 0 then
+      p.tokens = math.min(p.cap, p.tokens + steps * p.refill)
+      p.anchor = p.anchor + steps * p.interval
+    end
+  end
+  if p.tokens >= p.cap then p.tokens, p.anchor = p.cap, now end
+  p.fits = 1
+  if p.tokens < amount or (p.calendar and ((p.per_day >= 0 and p.dt + amount > p.per_day)
+      or (p.per_month >= 0 and p.mt + amount > p.per_month)
+      or (p.requests >= 0 and p.dr + 1 > p.requests))) then
+    p.fits, all = 0, 0
+  end
+  parts[i + 1] = p
+end
+local result = {all, string.format('%.6f', now)}
+for i = 1, n do
+  local p = parts[i]
+  local k = p.k
+  if all == 1 then
+    p.tokens = p.tokens - amount
+    if p.calendar then
+      p.dt, p.dr, p.mt = p.dt + amount, p.dr + 1, p.mt + amount
+      redis.call('HSET', KEYS[k + 3], 't', p.dt, 'r', p.dr)
+      redis.call('HINCRBY', KEYS[k + 4], 't', amount)
+      redis.call('HINCRBY', KEYS[k + 4], 'r', 1)
+      redis.call('EXPIRE', KEYS[k + 3], 172800)
+      redis.call('EXPIRE', KEYS[k + 4], 2764800)
+    end
+  end
+  if p.tokens >= p.cap then
+    redis.call('DEL', KEYS[k + 1])
+  else
+    redis.call('HSET', KEYS[k + 1], 't', p.tokens, 'a', string.format('%.6f', p.anchor))
+    local full_at = p.anchor + math.ceil((p.cap - p.tokens) / p.refill) * p.interval
+    redis.call('PEXPIRE', KEYS[k + 1], math.max(1, math.ceil((full_at - now) * 1000)))
+  end
+  redis.call('HINCRBY', KEYS[k + 2], 'requests', 1)
+  if all == 1 then
+    redis.call('HINCRBY', KEYS[k + 2], 'tokens_charged', amount)
+  else
+    redis.call('HINCRBY', KEYS[k + 2], 'limited_requests', 1)
+  end
+  redis.call('EXPIRE', KEYS[k + 2], usage_ttl)
+  for _, v in ipairs({p.fits, tostring(p.tokens), string.format('%.6f', p.anchor),
+                      tostring(p.dt), tostring(p.dr), tostring(p.mt)}) do
+    table.insert(result, v)
+  end
+end
+return result
+"""
 USAGE_FIELDS = ("requests", "limited_requests", "prompt_tokens", "completion_tokens",
                 "tokens_charged")
 USAGE_TTL_SECONDS = 30 * 24 * 3600
@@ -1892,6 +2201,7 @@ class RedisBucketStore:
         except ValueError:
             raise ConfigError("REDIS_URL is not a valid Redis URL") from None
         self._script = self._redis.register_script(_BUCKET_SCRIPT)
+        self._together = self._redis.register_script(_TOGETHER_SCRIPT)
         self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
         self.local = MemoryBucketStore(clock, max_buckets_of(config))
         self.prefix = config.redis_prefix
@@ -1921,6 +2231,86 @@ class RedisBucketStore:
         return self._either(lambda: self._bucket("take", key, cost, policy, limits=limits,
                                                  periods=periods),
                             lambda: self.local.take(key, cost, policy, limits, periods))
+
+    def take_together(self, parts: Sequence[Part], cost: int,
+                      periods: Periods | None = None) -> tuple[Quota, ...]:
+        """MemoryBucketStore.take_together, as one Lua script (every part's Redis keys share
+        the hash tag of the key's digest, so they are on one Cluster slot); the users of a key
+        are a sorted set by last activity, trimmed to max_users."""
+        def remote() -> tuple[Quota, ...]:
+            quotas = self._take_together(parts, cost, periods)
+            for part in parts:
+                if part.max_users:
+                    self._seen_user(part.key, part.max_users, periods)
+            return quotas
+        return self._either(remote, lambda: self.local.take_together(  # type: ignore[return-value]
+            parts, cost, periods))
+
+    def _take_together(self, parts: Sequence[Part], cost: int,
+                       periods: Periods | None) -> tuple[Quota, ...]:
+        keys: list[str] = []
+        args: list[str | int | float] = [cost, USAGE_TTL_SECONDS, len(parts)]
+        for part in parts:
+            limits = part.limits if periods is not None else None
+            name = self._name("b:", part.key)
+            keys += [name, self._name("u:", part.key),
+                     self._period_name(part.key, "d:" + periods.day) if periods and limits
+                     else name,
+                     self._period_name(part.key, "m:" + periods.month) if periods and limits
+                     else name]
+            args += [part.bucket.capacity, part.bucket.refill_tokens, part.bucket.refill_interval,
+                     "1" if limits else "0", *([-1 if v is None else v for v in (
+                         limits.tokens_per_day, limits.tokens_per_month,
+                         limits.requests_per_day)] if limits else [-1, -1, -1])]
+        found: list = self._together(keys=keys, args=args)  # type: ignore[arg-type]
+        admitted, now = bool(int(found[0])), float(found[1])
+        quotas = []
+        for index, part in enumerate(parts):
+            fits, tokens, anchor, day_t, day_r, month_t = found[2 + 6 * index:8 + 6 * index]
+            bucket = _Bucket(int(float(tokens)), float(anchor), part.bucket)
+            quota = bucket.quota(admitted, cost, now)
+            counts: tuple[CalendarQuota, ...] = ()
+            if periods is not None and part.limits:
+                counts = calendar_quotas(part.limits, periods, [int(day_t), int(day_r)],
+                                         [int(month_t), 0])
+            if not admitted and not int(fits):
+                waits = [(q.reset_seconds, q.name) for q in counts
+                         if q.used + (1 if q.name == "requests_per_day" else cost) > q.limit]
+                if bucket.tokens < cost:
+                    waits.append((quota.wait_seconds, "bucket"))
+                wait, limited_by = max(waits)
+                quota = quota._replace(wait_seconds=wait, limited_by=limited_by)
+            quotas.append(quota._replace(calendar=counts))
+        return tuple(quotas)
+
+    def _seen_user(self, key: str, max_users: int, periods: Periods | None) -> None:
+        """The key's users by last activity (on this instance's clock); the least recently
+        active beyond max_users are forgotten: their bucket, counters and quota counters."""
+        owner, _ = split_user(key)
+        users = self._name("users:", owner)
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.zadd(users, {key: time.time()})
+        pipe.zcard(users)
+        pipe.expire(users, USAGE_TTL_SECONDS)
+        held = int(pipe.execute()[1])
+        if held <= max_users:
+            return
+        popped: list = self._redis.zpopmin(users, held - max_users)  # type: ignore[assignment]
+        gone = [m.decode("utf-8", "surrogateescape") if isinstance(m, bytes) else str(m)
+                for m, _ in popped]
+        names = [self._name(kind, user) for user in gone for kind in ("b:", "u:")]
+        if periods is not None:
+            names += [self._period_name(user, period) for user in gone
+                      for period in ("d:" + periods.day, "m:" + periods.month)]
+        if names:
+            self._redis.delete(*names)
+
+    def users_of(self, key: str) -> list[str]:
+        def remote() -> list[str]:
+            found: list = self._redis.zrange(self._name("users:", key), 0, -1)  # type: ignore[assignment]
+            return [m.decode("utf-8", "surrogateescape") if isinstance(m, bytes) else str(m)
+                    for m in found]
+        return self._either(remote, lambda: self.local.users_of(key))  # type: ignore[return-value]
 
     def settle(self, key: str, delta: int, policy: BucketPolicy, *, prompt: int = 0,
                completion: int = 0, periods: Periods | None = None,
@@ -1953,15 +2343,20 @@ class RedisBucketStore:
     # -- Redis, and what to do without it ---------------------------------------------------
 
     def _name(self, kind: str, key: str) -> str:
-        # the digest in braces is a hash tag: both of a key's hashes land on one Cluster slot
-        return f"{self.prefix}{kind}{{{key_digest(key)}}}"
+        # the digest in braces is a hash tag: both of a key's hashes land on one Cluster slot,
+        # and so do its users' (tagged with their key's digest, named by their own)
+        owner, user = split_user(key)
+        return f"{self.prefix}{kind}{{{key_digest(owner)}}}" + (
+            f":{key_digest(key)}" if user else "")
 
     def ledger(self, retention_days: int) -> "RedisLedger":
         """The usage ledger beside these buckets."""
         return RedisLedger(self._redis, self.prefix, retention_days, self._errors)
 
     def _period_name(self, key: str, period: str) -> str:
-        return f"{self.prefix}q:{{{key_digest(key)}}}:{period}"
+        owner, user = split_user(key)
+        return f"{self.prefix}q:{{{key_digest(owner)}}}:" + (
+            f"{key_digest(key)}:" if user else "") + period
 
     def _bucket(self, op: str, key: str, amount: int, policy: BucketPolicy, prompt: int = 0,
                 completion: int = 0, *, limits: CalendarLimits | None = None,
@@ -1980,7 +2375,8 @@ class RedisBucketStore:
         bucket = _Bucket(int(float(tokens)), float(anchor), policy)
         quota = bucket.quota(bool(int(admitted)), amount if op == "take" else 0, float(now))
         if op != "take" or not calendar or not limits or periods is None:
-            return quota
+            return quota if quota.admitted or bucket.tokens >= amount else quota._replace(
+                limited_by="bucket")
         counts = calendar_quotas(limits, periods, [int(day_t), int(day_r)], [int(month_t), 0])
         if quota.admitted:
             return quota._replace(calendar=counts)
@@ -2606,7 +3002,7 @@ def redis_ledger_rows(config: Config, since: float,
         raise ConfigError(f"REDIS_URL: the usage ledger cannot be read ({err})") from None
 
 
-REPORT_GROUPS = ("key", "model", "day", "hour")
+REPORT_GROUPS = ("key", "user", "model", "day", "hour")
 
 
 def usage_report(rows: Iterable[tuple[LedgerKey, Sequence[int]]], by: str,
@@ -2614,9 +3010,14 @@ def usage_report(rows: Iterable[tuple[LedgerKey, Sequence[int]]], by: str,
     """The ledger's rows added up by key (its name), model, day or hour (in QUOTA_TIMEZONE),
     in order."""
     groups: dict[str, list[int]] = {}
+    users: dict[str, tuple[str, str]] = {}
     for entry, counts in rows:
         if by == "key":
             group = entry.name
+        elif by == "user":  # (each user under their key; a key's own work as user "")
+            user = split_user(entry.key)[1]
+            group = json.dumps([entry.name, user])
+            users[group] = (entry.name, user)
         elif by == "model":
             group = entry.model
         else:
@@ -2625,13 +3026,16 @@ def usage_report(rows: Iterable[tuple[LedgerKey, Sequence[int]]], by: str,
         totals = groups.setdefault(group, [0] * len(LEDGER_FIELDS))
         for i, value in enumerate(counts):
             totals[i] += value
+    if by == "user":
+        return [{"key": users[group][0], "user": users[group][1],
+                 **dict(zip(LEDGER_FIELDS, totals))} for group, totals in sorted(groups.items())]
     return [{by: group, **dict(zip(LEDGER_FIELDS, totals))}
             for group, totals in sorted(groups.items())]
 
 
 def format_report(report: list[dict[str, object]], by: str, form: str) -> str:
     """A report as an aligned table (with a total), CSV, or JSON."""
-    columns = [by, *LEDGER_FIELDS]
+    columns = ["key", "user", *LEDGER_FIELDS] if by == "user" else [by, *LEDGER_FIELDS]
     if form == "json":
         return json.dumps(report, indent=1) + "\n"
     if form == "csv":
@@ -2640,11 +3044,11 @@ def format_report(report: list[dict[str, object]], by: str, form: str) -> str:
         writer.writeheader()
         writer.writerows(report)
         return out.getvalue()
-    total: dict[str, object] = {by: "total"}
+    total: dict[str, object] = {by: "total", "key": "total", "user": ""}
     total.update((f, sum(typing.cast(int, r[f]) for r in report)) for f in LEDGER_FIELDS)
     table = [columns] + [[str(r[c]) for c in columns] for r in (*report, total)]
     widths = [max(len(row[i]) for row in table) for i in range(len(columns))]
-    return "".join("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
+    return "".join("  ".join(cell.ljust(w) if i < len(columns) - len(LEDGER_FIELDS) else cell.rjust(w)
                              for i, (cell, w) in enumerate(zip(row, widths))).rstrip() + "\n"
                    for row in table)
 
@@ -2839,6 +3243,14 @@ def prompt_estimate(body: Mapping[str, object]) -> int:
     holds its chat template's own tokens, which no reading of the body can know.)"""
     count, size, tokens = _text_stats(body)
     return size + max(0, count - 1) + tokens
+
+
+def tools_estimate(body: Mapping[str, object]) -> tuple[int, int]:
+    """How many tool (or function) definitions a request carries and what they add to its
+    prompt estimate: Open WebUI sends about 36 built-in tools (26 KB) with every chat."""
+    tools = [t for name in ("tools", "functions") if isinstance(body.get(name), list)
+             for t in body[name]]  # type: ignore[attr-defined]
+    return (len(tools), prompt_estimate({"tools": tools})) if tools else (0, 0)
 
 
 def estimate_cost(body: Mapping[str, object], reserve: int) -> int:
@@ -3324,8 +3736,26 @@ class UsageMeter(Meter):
         self._finish_seen = False                # the event just observed ends an answer
         self._held: bytes | None = None          # an answer's last chunk, held (strip)
         self._moved: dict[str, object] = {}      # the dropped usage chunk's other members
+        #: the proxy asked for counts on every chunk (ask_for_counts): they are read, and taken
+        #: out of what the client gets
+        self.counts_asked = False
+        self._running: tuple[int, int] | None = None  # llama.cpp's timings: (prompt, generated)
+        self._timings = b""  # the last per-chunk timings taken off a chunk, read when needed
+
 
     def observe(self, obj: dict) -> bool:
+        timings, progress = obj.get("timings"), obj.get("prompt_progress")
+        if type(timings) is dict or type(progress) is dict:  # (llama.cpp, asked: see
+            prompt, generated = self._running or (0, 0)   # ask_for_counts)
+            if type(progress) is dict:  # the whole prompt's count, before it is evaluated
+                prompt = max(prompt, _count(progress.get("total")))
+            if type(timings) is dict:
+                prompt = max(prompt, _count(timings.get("prompt_n"))
+                             + _count(timings.get("cache_n")))
+                generated = max(generated, _count(timings.get("predicted_n")))
+            self._running = (prompt, generated)
+            if type(progress) is dict and self.counts_asked:
+                return True  # (a chunk of progress only: the client did not ask for it)
         usage = obj.get("usage")
         if usage is None and "error" not in obj and "type" not in obj:  # a chunk of text
             self.generated += generated_bound(obj)
@@ -3392,7 +3822,34 @@ class UsageMeter(Meter):
             more_prompt += sum(prorated(prompt, measured, n) for n in rest)
         return more_prompt, more_completion
 
+    _TIMINGS = b',"timings":{'
+
+    def _without_timings(self, event: bytes) -> bytes:
+        """With counts asked for, llama.cpp's per-chunk `timings` member (its last, an object
+        of numbers) is taken off a chunk's bytes before anything else looks at it: the chunk
+        is then the one the client would have had, and the fast path (the event template)
+        still serves it; the last one taken is read only when the cost is (_counts)."""
+        at = event.find(self._TIMINGS)
+        if at > 0 and b'"finish_reason":null' in event:
+            end = event.find(b"}", at + len(self._TIMINGS))
+            if end > 0 and event[end + 1:end + 2] == b"}" and \
+                    b"{" not in event[at + len(self._TIMINGS):end]:
+                self._timings = event[at + len(self._TIMINGS) - 1:end + 1]
+                return event[:at] + event[end + 1:]
+        return event
+
+    def _counts(self) -> tuple[int, int] | None:
+        """(prompt, generated) as the server last counted them while the stream ran."""
+        prompt, generated = self._running or (0, 0)
+        timings = json_object(self._timings) if self._timings else None
+        if timings is not None:
+            prompt = max(prompt, _count(timings.get("prompt_n")) + _count(timings.get("cache_n")))
+            generated = max(generated, _count(timings.get("predicted_n")))
+        return (prompt, generated) if prompt else None
+
     def _event(self, event: bytes) -> bytes | None:
+        if self.counts_asked:
+            event = self._without_timings(event)
         template = self._template
         if template is not None and self._held is None:  # (the usual event, first)
             relayed = template.fill(event, self)
@@ -3433,6 +3890,9 @@ class UsageMeter(Meter):
         return held or b""
 
     def rewrite(self, event: bytes) -> bytes:
+        if self.counts_asked and (b'"timings"' in event or b'"usage":{' in event
+                                  or b'"usage": {' in event):
+            event = self._without_counts(event)
         if self.strip and b'"usage"' in event:
             for member in _USAGE_NULL_MEMBERS:  # (the usual spellings, found without the regex)
                 at = event.find(member)
@@ -3443,8 +3903,28 @@ class UsageMeter(Meter):
             return _USAGE_NULL.sub(b"", event)
         return event
 
+    def _without_counts(self, event: bytes) -> bytes:
+        """A chunk of text without the counts the proxy asked for on it: llama.cpp's
+        `timings` and vLLM's continuous `usage` (null, as the client would have had it). The
+        usage chunk and an answer's last chunk keep theirs (a server sends those unasked)."""
+        obj = self._parse(event)
+        choices = obj.get("choices") if obj is not None else None
+        if obj is None or type(choices) is not list or not choices or any(
+                type(c) is not dict or c.get("finish_reason") is not None for c in choices):
+            return event
+        usage = obj.get("usage")
+        if "timings" not in obj and not (type(usage) is dict and any(
+                _count(v) for v in usage.values())):
+            return event  # (Ollama's zeroed usage on every chunk is its own)
+        obj.pop("timings", None)
+        if usage is not None:
+            obj["usage"] = None
+        return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() \
+            + b"\n\n"
+
     def text_piece(self, obj: dict) -> str | None:
-        if obj.get("usage") is not None or "error" in obj or "type" in obj or "output" in obj:
+        if obj.get("usage") is not None or "error" in obj or "type" in obj or "output" in obj \
+                or "timings" in obj:
             return None
         choices = obj.get("choices")
         if type(choices) is not list or len(choices) != 1 or type(choices[0]) is not dict:
@@ -3467,6 +3947,10 @@ class UsageMeter(Meter):
         processes it once a prompt, and so do its own counters: the prompt is counted once for
         each prompt the request sent (the largest reports), the completions all added up."""
         found = self._finals or list(self._by_answer.values())
+        counted = None if found else self._counts()
+        if counted is not None:  # (a stream cut before its usage: as the server counted)
+            prompt, generated = counted
+            return prompt, generated, prompt + generated
         if not found:
             return None
         prompts = sorted((n[0] for n in found), reverse=True)
@@ -3828,6 +4312,24 @@ class OpenAIShape:
             return False
         payload["stream_options"] = {**(options if isinstance(options, dict) else {}),
                                      "include_usage": True}
+        return True
+
+    def ask_for_counts(self, payload: dict, route: Route) -> bool:
+        """Usage mode, a stream on chat or completions: ask for the counts so far on every
+        chunk (llama.cpp: timings_per_token, and return_progress, whose first chunk, sent
+        before the prompt is evaluated, holds the prompt's count; vLLM:
+        stream_options.continuous_usage_stats), so that a stream its client stops (a chat UI's
+        Stop button) is charged what the server counted rather than the prompt's estimate
+        (Open WebUI's tool definitions make that estimate thousands of tokens too many).
+        Whether the body changed."""
+        if route.endpoint not in self.USAGE_CHUNK_ENDPOINTS or "timings_per_token" in payload:
+            return False
+        options = payload.get("stream_options")
+        if options is not None and not isinstance(options, dict):
+            return False
+        payload["timings_per_token"] = True
+        payload["return_progress"] = True  # (llama.cpp: the prompt's count comes first)
+        payload["stream_options"] = {**(options or {}), "continuous_usage_stats": True}
         return True
 
     def meter(self, route: Route, ask: Ask | None, payload: dict) -> Meter:
@@ -4736,7 +5238,7 @@ class Exchange:
     __slots__ = ("method", "path", "query", "client", "started", "route", "api", "label",
                  "bucket_key", "policy", "cors", "length", "expects_continue", "body", "body_read",
                  "payload", "ask", "charge", "ending", "status", "note", "head_sent", "tail",
-                 "model", "server")
+                 "model", "server", "user", "counts_asked")
 
     def __init__(self, method: str, target: str, client: str) -> None:
         self.method = method
@@ -4764,6 +5266,8 @@ class Exchange:
         self.tail = b""                     # the answer's last bytes, written after the charge
         self.model: str | None = None       # the model its server must serve (aliases resolved)
         self.server: ModelServer | None = None  # the server it went to (last, after failover)
+        self.user = ""                      # the user a trusted front end named ("" for none)
+        self.counts_asked = False           # the forwarded body asks for counts on every chunk
 
     @property
     def cost(self) -> int | None:
@@ -4889,6 +5393,8 @@ def upstream_body(ex: Exchange, base_model: str) -> tuple[bytes, bytes | None]:
         plain = json.dumps(payload).encode() if changed else ex.body
         if route.api.ask_for_usage(payload, route):
             fallback, changed = plain, True
+            # (and the counts so far, on every chunk: see ask_for_counts)
+            ex.counts_asked = route.api.ask_for_counts(payload, route)
     return (json.dumps(payload).encode() if changed else ex.body), fallback
 
 
@@ -4928,7 +5434,8 @@ class Charge:
     """
 
     __slots__ = ("store", "key", "bucket", "held", "state", "quota", "meter", "prompt_estimate",
-                 "periods", "cost", "prompt_tokens", "completion_tokens", "note", "output_limit")
+                 "periods", "cost", "prompt_tokens", "completion_tokens", "note", "output_limit",
+                 "also")
 
     def __init__(self, store: "BucketStore | None", key: str, bucket: BucketPolicy | None,
                  quota: Quota | None, held: int, *, meter: Meter | None = None,
@@ -4946,6 +5453,9 @@ class Charge:
         self.prompt_tokens = self.completion_tokens = 0  # usage mode: what it settled with
         self.note = ""
         self.output_limit: int | None = None  # written into the forwarded body (usage mode)
+        #: the other buckets it was taken from (a user's key, behind the user's own): each
+        #: moves as this one does, (bucket key, policy, the periods its quotas count in)
+        self.also: tuple[tuple[str, BucketPolicy, Periods | None], ...] = ()
 
     @classmethod
     def declined(cls, quota: Quota | None) -> "Charge":
@@ -4962,6 +5472,8 @@ class Charge:
         rest."""
         assert self.state == "held" and self.store is not None and self.bucket is not None
         settled = self.store.settle(self.key, tokens, self.bucket, periods=self.periods)
+        for key, bucket, periods in self.also:
+            self.store.settle(key, tokens, bucket, periods=periods)
         assert self.quota is not None
         self.quota = self.quota._replace(remaining=settled.remaining, calendar=tuple(
             q if q.name == "requests_per_day" else q._replace(used=q.used + tokens)
@@ -5012,6 +5524,10 @@ class Charge:
                                                prompt=prompt, completion=completion,
                                                periods=self.periods,
                                                refund=state == "refunded")
+                for key, bucket, periods in self.also:
+                    self.store.settle(key, total - self.held, bucket, prompt=prompt,
+                                      completion=completion, periods=periods,
+                                      refund=state == "refunded")
             except StoreUnavailable:
                 self.note = "not settled: the store is unreachable"
                 return
@@ -5044,18 +5560,47 @@ def admit(ex: Exchange, store: "BucketStore", metrics: "Metrics",
     bucket = policy.bucket
     cost = request_cost(payload, policy, route.kind, ex.ask)
     limits = policy.calendar
+    users = policy.users if ex.user else None
     ceiling = min((v for v in (bucket.capacity, limits.tokens_per_day, limits.tokens_per_month)
                    if v is not None))
+    holder = "a bucket holds" if ceiling == bucket.capacity else "this key's quota allows"
+    if users is not None:
+        mine = min((v for v in (users.bucket.capacity, users.calendar.tokens_per_day,
+                                users.calendar.tokens_per_month) if v is not None))
+        if mine < ceiling:
+            ceiling, holder = mine, ("a user's bucket holds" if mine == users.bucket.capacity
+                                     else "a user's quota allows")
     if cost > ceiling:
-        raise NeverAdmitted(cost, ceiling, "a bucket holds" if ceiling == bucket.capacity
-                            else "this key's quota allows")
-    periods = calendar.periods() if limits and calendar is not None else None
-    quota = store.take(ex.bucket_key, cost, bucket, limits if periods else None, periods)
+        raise NeverAdmitted(cost, ceiling, holder, tools_estimate(payload))
+    counted = limits or (users is not None and users.calendar)
+    periods = calendar.periods() if counted and calendar is not None else None
+    also: tuple[tuple[str, BucketPolicy, Periods | None], ...] = ()
+    key = refused_by = ex.bucket_key
+    if users is None:
+        quota = room = store.take(ex.bucket_key, cost, bucket, limits if periods else None,
+                                  periods)
+    else:  # the user's bucket and quotas, and the key's: both pay, or neither
+        key = user_bucket_key(ex.bucket_key, ex.user)
+        user_part = Part(key, users.bucket, users.calendar if users.calendar else None,
+                         users.max_users)
+        quotas = store.take_together(
+            (user_part, Part(ex.bucket_key, bucket, limits if limits else None)), cost, periods)
+        quota = quotas[1] if quotas[1].limited_by and not quotas[0].limited_by else quotas[0]
+        refused_by = ex.bucket_key if quota is quotas[1] else key
+        room = quota._replace(remaining=min(q.remaining for q in quotas),
+                              calendar=quotas[0].calendar + quotas[1].calendar)
+        bucket = users.bucket
+        also = ((ex.bucket_key, policy.bucket, periods if limits else None),)
+        periods = periods if users.calendar else None
     if not quota.admitted:
         metrics.inc("llm_proxy_limited_requests_total", (("key", metrics.key(ex.label)),))
-        return Charge.declined(quota)
+        declined = Charge.declined(quota)
+        declined.key = refused_by  # (whose limit the answer speaks of)
+        return declined
     if policy.token_cost_mode != "usage":
-        return Charge(store, ex.bucket_key, bucket, quota, cost, periods=periods)
+        charge = Charge(store, key, bucket, quota, cost, periods=periods)
+        charge.also = also
+        return charge
     meter = route.api.meter(route, ex.ask, payload)
     estimate = prompt_estimate(payload)
     if ex.ask is not None:
@@ -5064,13 +5609,14 @@ def admit(ex: Exchange, store: "BucketStore", metrics: "Metrics",
             meter.output_limit = ex.ask.reserve * ex.ask.answers  # (0 or -1 anywhere: none)
         if ex.ask.prompts > 1:
             meter.prompt_sizes = prompt_sizes(payload)
-    charge = Charge(store, ex.bucket_key, bucket, quota, cost, meter=meter,
+    charge = Charge(store, key, bucket, quota, cost, meter=meter,
                     prompt_estimate=estimate, periods=periods)
+    charge.also = also
     if ex.ask is not None and route.kind == GENERATE:
         if ex.ask.bounded:  # its own limit, written where every server reads one
             charge.output_limit = ex.ask.reserve
         else:
-            bound_output(charge, ex.ask, policy, quota)
+            bound_output(charge, ex.ask, policy, room)
     return charge
 
 
@@ -7281,25 +7827,39 @@ def answer_usage(server: "ProxyServer", ex: Exchange, headers: Headers) -> Reply
     who = identify(headers, server.keys, server.default_policy, ex.client,
                    server.config.trust_forwarded_for, server.calendar.wall())
     ex.label, ex.bucket_key = who.label, who.bucket_key
-    policy, store, calendar = who.policy, server.store, server.calendar
-    quota = store.peek(who.bucket_key, policy.bucket)
+    store, calendar = server.store, server.calendar
+    bucket_key, bucket, limits = who.bucket_key, who.policy.bucket, who.policy.calendar
+    users = who.policy.users
+    if users is not None:  # a front end asking for one of its users
+        raw = (headers.get(users.header) if users.header else
+               (urllib.parse.parse_qs(ex.query).get("user") or [""])[-1])
+        ex.user = user_name(raw, users.source if users.header else 'the "user" parameter')
+        if ex.user:
+            bucket_key = user_bucket_key(who.bucket_key, ex.user)
+            bucket, limits = users.bucket, users.calendar
+    quota = store.peek(bucket_key, bucket)
     now = calendar.wall()
     periods = calendar.periods(now)
-    quotas = store.calendar(who.bucket_key, policy.calendar, periods) if policy.calendar else ()
+    quotas = store.calendar(bucket_key, limits, periods) if limits else ()
     day_start, month_start = calendar.start_of(periods.day), calendar.start_of(periods.month)
     usage: dict[str, dict[str, dict[str, int]]] = {"today": {}, "this_month": {}}
-    for entry, counts in server.usage_rows(month_start, now + 3600, who.bucket_key):
+    if users is not None and not ex.user:  # the key's usage: its own work and its users'
+        rows = [(e, c) for e, c in server.usage_rows(month_start, now + 3600)
+                if split_user(e.key)[0] == who.bucket_key]
+    else:
+        rows = server.usage_rows(month_start, now + 3600, bucket_key)
+    for entry, counts in rows:
         for span, since in (("today", day_start), ("this_month", month_start)):
             if entry.hour >= since - 3599:  # (an hour that began before midnight counts on)
                 totals = usage[span].setdefault(entry.model, dict.fromkeys(LEDGER_FIELDS, 0))
                 for field, value in zip(LEDGER_FIELDS, counts):
                     totals[field] += value
     return json_reply(HTTPStatus.OK, {
-        "key": who.label,
+        "key": who.label, **({"user": ex.user} if ex.user else {}),
         "bucket": {"limit": quota.limit, "balance": quota.remaining,
                    "next_refill_seconds": math.ceil(quota.reset_seconds),
-                   "refill_tokens": policy.bucket.refill_tokens,
-                   "refill_interval_seconds": policy.bucket.refill_interval},
+                   "refill_tokens": bucket.refill_tokens,
+                   "refill_interval_seconds": bucket.refill_interval},
         "quotas": [{"name": q.name, "limit": q.limit, "used": q.used, "remaining": q.remaining,
                     "resets_at": _iso(now + q.reset_seconds, calendar.tz),
                     "resets_in_seconds": math.ceil(q.reset_seconds)} for q in quotas],
@@ -7321,7 +7881,7 @@ def answer_admin_usage(server: "ProxyServer", ex: Exchange, headers: Headers) ->
     arg = lambda name, default=None: (query.get(name) or [default])[-1]  # noqa: E731
     by, form = arg("by", "key"), arg("format", "json")
     if by not in REPORT_GROUPS or form not in ("json", "csv"):
-        raise ProxyError(HTTPStatus.BAD_REQUEST, "by must be key, model, day or hour and format "
+        raise ProxyError(HTTPStatus.BAD_REQUEST, "by must be key, user, model, day or hour and format "
                          "json or csv.")
     try:
         since, until = report_window(server.calendar, arg("since"), arg("until"))
@@ -7527,7 +8087,8 @@ def overview(server: "ProxyServer") -> dict[str, object]:
               for digest, policy in server.keys.entries]
     known = {bucket for bucket, _, _ in listed}
     listed += [(bucket, names.get(bucket) or bucket_name(bucket), server.default_policy)
-               for bucket in sorted({*per_key, *in_flight} - known)][:MAX_OVERVIEW_KEYS]
+               for bucket in sorted({*per_key, *in_flight} - known)
+               if not split_user(bucket)[1]][:MAX_OVERVIEW_KEYS]
     keys = []
     for bucket, name, policy in listed:
         try:
@@ -7550,6 +8111,8 @@ def overview(server: "ProxyServer") -> dict[str, object]:
                        for q in quotas],
             "in_flight": max(0, in_flight.get(bucket, 0) - waiting.get(bucket, 0)),
             "waiting": waiting.get(bucket, 0), **key_settings(server, policy)})
+        if policy.users is not None:  # a front end's key: its users, under it
+            keys[-1]["users"] = users_overview(server, bucket, policy.users, per_key, periods)
     first_minute, minutes = server.metrics.recent.window()
     stacked = sorted(per_day.items(), key=lambda item: -sum(item[1].values()))
     if len(stacked) > MAX_CHART_KEYS:
@@ -7582,6 +8145,41 @@ def overview(server: "ProxyServer") -> dict[str, object]:
             for name, by_day in stacked]}}
 
 
+MAX_OVERVIEW_USERS = 200  # users of a front end's key the dashboard lists (the most active)
+
+
+def users_overview(server: "ProxyServer", key: str, users: UserPolicy,
+                   per_key: Mapping[str, Mapping[str, list[int]]],
+                   periods: Periods) -> list[dict[str, object]]:
+    """A front end's users as the dashboard lists them: each one's bucket and quotas now, and
+    tokens, requests and limited requests today and this month (the ledger's), the most
+    tokens this month first."""
+    zero = {"today": [0, 0, 0], "this_month": [0, 0, 0]}
+    held = {k for k in per_key if split_user(k)[0] == key and split_user(k)[1]}
+    try:
+        held.update(server.store.users_of(key))
+    except StoreUnavailable:
+        pass
+    ranked = sorted(held, key=lambda k: (-per_key.get(k, zero)["this_month"][0], k))
+    found: list[dict[str, object]] = []
+    for bucket in ranked[:MAX_OVERVIEW_USERS]:
+        spans = per_key.get(bucket, zero)
+        try:
+            quota: Quota | None = server.store.peek(bucket, users.bucket)
+            quotas = (server.store.calendar(bucket, users.calendar, periods)
+                      if users.calendar else ())
+        except StoreUnavailable:
+            quota, quotas = None, ()
+        found.append({
+            "user": split_user(bucket)[1], "limit": users.bucket.capacity,
+            "balance": None if quota is None else quota.remaining,
+            **{span: dict(zip(("tokens", "requests", "limited"), spans[span]))
+               for span in ("today", "this_month")},
+            "quotas": [{"name": q.name, "limit": q.limit, "used": q.used,
+                        "remaining": q.remaining} for q in quotas]})
+    return found
+
+
 class LedgerTally:
     """What the dashboard adds up from the usage ledger: per bucket key and per model, tokens,
     requests (and limited requests) today and this month; per key name, tokens per day over
@@ -7605,15 +8203,17 @@ class LedgerTally:
             if entry.hour >= month_start:
                 model = self.per_model.setdefault(entry.model, {"today": [0, 0],
                                                                 "this_month": [0, 0]})
-                spans = self.per_key.setdefault(entry.key, {"today": [0, 0, 0],
-                                                            "this_month": [0, 0, 0]})
+                owner, user = split_user(entry.key)  # (a user's row counts for its key too)
+                held = [self.per_key.setdefault(k, {"today": [0, 0, 0], "this_month": [0, 0, 0]})
+                        for k in ((entry.key, owner) if user else (entry.key,))]
                 for span in ("today", "this_month") if today else ("this_month",):
                     model[span][0] += tokens
                     model[span][1] += requests
-                    totals = spans[span]
-                    totals[0] += tokens
-                    totals[1] += requests
-                    totals[2] += limited
+                    for spans in held:
+                        totals = spans[span]
+                        totals[0] += tokens
+                        totals[1] += requests
+                        totals[2] += limited
             if entry.hour >= self.since - 3599:
                 day = self._days.get(entry.hour)
                 if day is None:
@@ -7753,13 +8353,14 @@ def busy_reply(route: Route, payload: dict | None, limit: int, as_message: bool)
 
 
 def limited_reply(route: Route, payload: dict, quota: Quota, as_message: bool,
-                  calendar: Calendar | None = None) -> Reply:
+                  calendar: Calendar | None = None, subject: str = "this key") -> Reply:
     """An empty bucket or a spent calendar quota: the limit text (naming what ran out and
-    when it comes back, in words) as an assistant message, or the 429."""
+    when it comes back, in words) as an assistant message, or the 429. `subject` is whose
+    limit it is: "this key", or "you" (a front end's user, whose figures the quota holds)."""
     text = (LIMIT_TEXTS[quota.limited_by].format(reset_text(quota.wait_seconds, calendar))
             if quota.limited_by in LIMIT_TEXTS else limit_message(quota.wait_seconds))
     err = ProxyError(HTTPStatus.TOO_MANY_REQUESTS,
-                     f"Rate limit reached for this key: {text}. Please try again in "
+                     f"Rate limit reached for {subject}: {text}. Please try again in "
                      f"{math.ceil(quota.wait_seconds)}s.", type="requests",
                      code="rate_limit_exceeded",
                      headers=rate_limit_headers(quota) + retry_headers(
@@ -8071,6 +8672,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if policy.models is not None and ex.method == "POST":
             check_model(ex.payload if charged else policed_json(ex.body), policy.models,
                         router.aliases)
+        if policy.users is not None and charged:
+            ex.user = read_user(policy.users, self.headers, ex.payload)
+            if ex.user and policy.users.models is not None and ex.method == "POST":
+                check_model(ex.payload, policy.users.models)
         if route.answer:
             reply = LOCAL_ANSWERS[route.answer](server, ex, self.headers)
             if reply is not None:
@@ -8094,7 +8699,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 if ex.charge.state == "declined":
                     assert ex.charge.quota is not None
                     return self._reply(ex, limited_reply(route, ex.payload, ex.charge.quota,
-                                                         as_message, server.calendar))
+                                                         as_message, server.calendar,
+                                                         "you" if split_user(ex.charge.key)[1]
+                                                         else "this key"))
                 body, fallback = upstream_body(ex, config.base_model)
             else:
                 body, fallback = ex.body, None
@@ -8181,6 +8788,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
             meter = ex.charge.meter if ex.charge is not None else None
             if answer.usage_asked and meter is not None:
                 meter.strip = meter.expects_usage = True  # (what it adds is taken out again)
+                if isinstance(meter, UsageMeter):
+                    meter.counts_asked = ex.counts_asked
             whole = False
             try:
                 whole = relay_answer(ex, answer, self, pool.read_timeout, self.server.metrics,
@@ -8585,13 +9194,17 @@ class AccessLog:
         upstream = server.name if server is not None and not server.any_model else None
         if self._json:
             self._write(json.dumps({
-                "time": self._timestamp(), "client": client, "key": ex.label, "method": method,
+                "time": self._timestamp(), "client": client, "key": ex.label,
+                **({"user": ex.user} if ex.user else {}), "method": method,
                 "path": path, "status": ex.status, "cost": cost, "remaining": remaining,
                 "duration_ms": round(duration_ms, 1), **({"upstream": upstream} if upstream else {}),
                 **({"note": ex.note} if ex.note else {})}))
             return
         self._write(
-            f"{self._timestamp()} {client} key={loggable(ex.label)} \"{method} {path}\" {ex.status} "
+            f"{self._timestamp()} {client} key={loggable(ex.label)}"
+            # (a front end's user: quoted and escaped as JSON, a name may hold spaces)
+            + (f" user={json.dumps(ex.user)}" if ex.user else "")
+            + f" \"{method} {path}\" {ex.status} "
             f"cost={'-' if cost is None else cost} "
             f"remaining={'-' if remaining is None else remaining} {duration_ms:.1f}ms"
             + (f" upstream={upstream}" if upstream else "") + (f" ({ex.note})" if ex.note else ""))
@@ -9202,7 +9815,8 @@ class ProxyServer(ThreadingHTTPServer):
         if charge is not None and route is not None and route.kind in (GENERATE, EMBED):
             model = ex.payload.get("model") if ex.payload is not None else None
             hour = int(self.calendar.wall() // 3600 * 3600)
-            self.ledger.record(hour, ex.bucket_key, ex.label,
+            self.ledger.record(hour, user_bucket_key(ex.bucket_key, ex.user) if ex.user
+                               else ex.bucket_key, ex.label,
                                model if isinstance(model, str) else "", route.kind,
                                (1, int(charge.state == "declined"), charge.prompt_tokens,
                                 charge.completion_tokens, charge.cost))
@@ -10117,6 +10731,8 @@ td.actions button.small { font-size: 12px; padding: 2px 6px; margin-right: 2px; 
 .secret { border: 2px solid #b58100; padding: 8px 12px; margin-bottom: 10px; }
 .secret code { font-size: 14px; word-break: break-all; user-select: all; }
 #manage { margin-top: 16px; }
+tr.user td { font-size: 12px; }
+td.user-name { padding-left: 18px; max-width: 22em; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
 table.totals th[scope="row"] { font-weight: 400; }
 
 /* bars with their numbers */
@@ -10632,8 +11248,25 @@ ADMIN_JS = r"""// llm_proxy admin dashboard (served at /ui/admin.js, after /ui/p
       : `${file.path} is TOML, which the proxy reads but cannot write: convert it to JSON to manage keys here.`);
   }
 
+  // a front end's users, each under its key (a name is the front end's text: set as text)
+  function userRow(u) {
+    const quotas = Object.fromEntries((u.quotas || []).map((q) => [q.name, q]));
+    const today = u.today || {};
+    const month = u.this_month || {};
+    const low = u.limit > 0 && u.balance / u.limit < 0.1;
+    return el('tr', {class: 'user'},
+      el('td', {class: 'name user-name', title: u.user}, '\u21b3 ' + u.user),
+      el('td', {class: 'n'}, `${num(u.balance)} / ${num(u.limit)}`, bar(u.balance, u.limit, low ? 'low' : null, 'under')),
+      el('td', {}, 'user'),
+      quotaCell(today.tokens, quotas.tokens_per_day),
+      quotaCell(month.tokens, quotas.tokens_per_month),
+      quotaCell(today.requests, quotas.requests_per_day),
+      el('td', {class: 'n'}, num(today.limited)),
+      el('td', {}), el('td', {}));
+  }
+
   function renderKeys(keys) {
-    $('keys').tBodies[0].replaceChildren(...keys.map(keyRow));
+    $('keys').tBodies[0].replaceChildren(...keys.flatMap((k) => [keyRow(k), ...(k.users || []).map(userRow)]));
     $('no-keys').hidden = keys.length > 0;
   }
 

@@ -310,7 +310,11 @@ class UsageModeTests(ProxyTestCase):
                 status, _, body = self.request("POST", path, request)
                 self.settled(len(self.upstream.requests))
                 sent = json.loads(self.upstream.requests[-1][3])
-                self.assertEqual(sent["stream_options"], {"include_usage": True})
+                # (and the counts so far on every chunk: llama.cpp's and vLLM's ways)
+                self.assertEqual(sent["stream_options"], {"include_usage": True,
+                                                          "continuous_usage_stats": True})
+                self.assertEqual((sent["timings_per_token"], sent["return_progress"]),
+                                 (True, True))
                 self.assertEqual(self.charged() - before, self.upstream.reported[-1])
                 self.assertEqual(body, self.direct(path, request))  # byte for byte
 
