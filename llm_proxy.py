@@ -1070,7 +1070,7 @@ _USER_FIELDS: dict[str, Callable[[object], bool]] = {
     "max_users": lambda v: type(v) is int and 1 <= v <= 10_000_000,
     **{name: _ENTRY_FIELDS[name] for name in (
         "max_tokens", "refill_tokens", "refill_interval_seconds", "tokens_per_day",
-        "tokens_per_month", "requests_per_day", "models")},
+        "tokens_per_month", "requests_per_day", "models", "priority")},
 }
 _USER_RULES = {"from": '"header:NAME" (a header name) or "body:user"', "required": "true or false",
                "max_users": "a whole number from 1 to 10000000", **_FIELD_RULES}
@@ -1086,6 +1086,7 @@ class UserPolicy:
     models: frozenset[str] | None = None
     required: bool = False
     max_users: int = DEFAULT_MAX_USERS
+    priority: str | None = None     # its users' class in the upstream queue (None: the key's)
 
     @property
     def source(self) -> str:
@@ -1111,7 +1112,19 @@ def user_policy(value: dict, where: str, key_bucket: "BucketPolicy") -> UserPoli
         CalendarLimits(value.get("tokens_per_day"), value.get("tokens_per_month"),
                        value.get("requests_per_day")),
         frozenset(value["models"]) if "models" in value else None,
-        value.get("required", False), value.get("max_users", DEFAULT_MAX_USERS))
+        value.get("required", False), value.get("max_users", DEFAULT_MAX_USERS),
+        value.get("priority"))
+
+
+def request_priority(ex: "Exchange") -> str:
+    """The class a request waits in for an upstream slot: its user's (a trusted front end's
+    users may have their own), else its key's."""
+    policy = ex.policy
+    if policy is None:
+        return "normal"
+    if ex.user and policy.users is not None and policy.users.priority is not None:
+        return policy.users.priority
+    return policy.priority
 
 
 def user_name(raw: object, source: str) -> str:
@@ -6338,8 +6351,7 @@ class Forwarder:
 
     @contextlib.contextmanager
     def _queued(self, ex: Exchange, gone: Callable[[], bool], gate: FairGate) -> Iterator[None]:
-        outcome = gate.enter(ex.bucket_key, self.queue_timeout, gone,
-                             ex.policy.priority if ex.policy is not None else "normal")
+        outcome = gate.enter(ex.bucket_key, self.queue_timeout, gone, request_priority(ex))
         if outcome == "gone":
             raise ClientGone()
         if outcome == "closed":

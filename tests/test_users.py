@@ -50,6 +50,23 @@ class UsersPolicyTests(unittest.TestCase):
                           True, 50))
         self.assertEqual(policy.bucket.capacity, 2000000)  # the key's own: the front end's total
 
+    def test_a_users_priority_is_their_class_in_the_queue_else_the_keys(self):
+        """A front end's users may wait in a class of their own (Open WebUI's people as
+        `high`, its key's own background work as `low`)."""
+        (_, policy), = self.policies({"from": "header:" + EMAIL, "priority": "high"},
+                                     priority="low")
+        ex = llm_proxy.Exchange("POST", "/v1/chat/completions", "127.0.0.1")
+        ex.policy = policy
+        self.assertEqual(llm_proxy.request_priority(ex), "low")  # no user: the key's own work
+        ex.user = "alice@example.com"
+        self.assertEqual(llm_proxy.request_priority(ex), "high")
+        (_, policy), = self.policies({"from": "header:" + EMAIL}, priority="low")
+        ex.policy = policy
+        self.assertEqual(llm_proxy.request_priority(ex), "low")  # none of their own: the key's
+        with self.assertRaises(llm_proxy.ConfigError) as caught:
+            self.policies({"from": "header:" + EMAIL, "priority": "urgent"})
+        self.assertIn("users: priority must be high, normal or low", str(caught.exception))
+
     def test_body_user_reads_the_openai_user_field_and_limits_default_to_the_keys(self):
         (_, policy), = self.policies({"from": "body:user"}, max_tokens=70)
         self.assertEqual((policy.users.header, policy.users.bucket.capacity,
@@ -61,7 +78,8 @@ class UsersPolicyTests(unittest.TestCase):
                              ({"from": "cookie:x"}, "from must be"),
                              ({"from": "header:Bad Name"}, "from must be"),
                              ({"from": "body:user", "max_tokens": 0}, "max_tokens must be"),
-                             ({"from": "body:user", "priority": 1}, "unknown field 'priority'"),
+                             ({"from": "body:user", "priority": 1}, "priority must be"),
+                             ({"from": "body:user", "weight": 1}, "unknown field 'weight'"),
                              ({"from": "body:user", "required": "yes"}, "required must be"),
                              ({"from": "body:user", "max_users": 0}, "max_users must be")):
             with self.subTest(users=users), self.assertRaises(ConfigError) as caught:
