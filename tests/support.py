@@ -1080,6 +1080,16 @@ class FakeClock:
         self.now += seconds
 
 
+def until(test: unittest.TestCase, predicate: Callable[[], object]) -> None:
+    """Wait (in short waits on an event, not sleeps) until predicate() holds, or fail `test`."""
+    done = threading.Event()
+    for _ in range(10_000):
+        if predicate():
+            return
+        done.wait(0.001)
+    test.fail("never happened")
+
+
 def at_once(count: int, target: Callable[[int], object], timeout: float = 0) -> None:
     """Run target(0) ... target(count - 1) in `count` threads released together by a barrier,
     and wait for them all (each for `timeout`, WAIT by default)."""
@@ -1281,6 +1291,18 @@ class ProxyTestCase(unittest.TestCase):
         conn.request("POST", path, json.dumps(body),
                      {"Authorization": f"Bearer {CLIENT_KEY}", "X-Fake-Scenario": scenario})
         return conn, conn.getresponse()
+
+    def hold_stream(self, key):
+        """A stream that stays in flight (holding its upstream slot) until the fake upstream's
+        `release` is set."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.proxy.server_address[1], timeout=WAIT)
+        self.addCleanup(conn.close)
+        conn.request("POST", "/v1/chat/completions",
+                     json.dumps({"model": "hold", "stream": True, "messages": []}),
+                     {"Authorization": f"Bearer {key}", "X-Fake-Scenario": "gate"})
+        resp = conn.getresponse()
+        resp.readline()
+        return resp
 
     def assert_openai_error(self, status, body, expected_status, code=None):
         self.assertEqual(status, expected_status, body)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import http.client
 import json
 import socket
 import threading
@@ -329,17 +328,6 @@ class HardeningTests(ProxyTestCase):
 class FairQueueTests(ProxyTestCase):
     """MAX_UPSTREAM_CONCURRENCY: a fair queue in front of a small upstream."""
 
-    def hold_the_slot(self, key):
-        """A stream that holds the only upstream slot until the fake's `release` is set."""
-        conn = http.client.HTTPConnection("127.0.0.1", self.proxy.server_address[1], timeout=WAIT)
-        self.addCleanup(conn.close)
-        conn.request("POST", "/v1/chat/completions",
-                     json.dumps({"model": "hold", "stream": True, "messages": []}),
-                     {"Authorization": f"Bearer {key}", "X-Fake-Scenario": "gate"})
-        resp = conn.getresponse()
-        resp.readline()
-        return resp
-
     def queue(self, key, model, results):
         def send():
             results.append((model, self.chat(key=key, model=model)[0]))
@@ -353,7 +341,7 @@ class FairQueueTests(ProxyTestCase):
 
     def order_with(self, fair):
         self.restart(max_upstream_concurrency=1, fair_queue=fair)
-        held = self.hold_the_slot("key-a")
+        held = self.hold_stream("key-a")
         results = []
         threads = []
         for index, (key, model) in enumerate((("key-a", "a2"), ("key-a", "a3"),
@@ -375,7 +363,7 @@ class FairQueueTests(ProxyTestCase):
 
     def test_waiting_past_the_timeout_is_503_and_refunded(self):
         self.restart(max_upstream_concurrency=1, upstream_queue_timeout=0.5)
-        self.hold_the_slot("key-a")
+        self.hold_stream("key-a")
         status, headers, body = self.chat(key="key-b")
         self.assert_openai_error(status, body, 503, "upstream_busy")
         self.assertEqual(headers["retry-after"], "1")
@@ -384,7 +372,7 @@ class FairQueueTests(ProxyTestCase):
 
     def test_a_queued_client_that_leaves_is_not_charged(self):
         self.restart(max_upstream_concurrency=1)
-        self.hold_the_slot("key-a")
+        self.hold_stream("key-a")
         sock = socket.create_connection(("127.0.0.1", self.proxy.server_address[1]),
                                         timeout=WAIT)
         body = json.dumps({"model": "left", "messages": []}).encode()
@@ -403,7 +391,7 @@ class FairQueueTests(ProxyTestCase):
             with self.subTest(mode=mode):
                 self.upstream.release.clear()
                 self.restart(max_concurrent_per_key=1, limit_response=mode)
-                held = self.hold_the_slot("key-a")
+                held = self.hold_stream("key-a")
                 status, _, body = self.chat(key="key-a")
                 self.assertEqual(status, expected)
                 if mode == "message":

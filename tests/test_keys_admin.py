@@ -3,7 +3,6 @@ rotation, priority classes, per-key concurrency and the audit trail (issue 24)."
 from __future__ import annotations
 
 import contextlib
-import http.client
 import io
 import json
 import os
@@ -16,7 +15,7 @@ import tempfile
 import threading
 import unittest
 
-from tests.support import WAIT, FakeClock, ProxyTestCase
+from tests.support import WAIT, FakeClock, ProxyTestCase, until
 
 import llm_proxy
 from llm_proxy import Config, ProxyServer
@@ -70,25 +69,9 @@ class KeysAdminCase(ProxyTestCase):
     def audit(self):
         return self.admin("GET", "/admin/audit")[1]["audit"]
 
-    def hold(self, key):
-        """A stream that stays in flight until the fake upstream's `release` is set."""
-        conn = http.client.HTTPConnection("127.0.0.1", self.proxy.server_address[1], timeout=WAIT)
-        self.addCleanup(conn.close)
-        conn.request("POST", "/v1/chat/completions",
-                     json.dumps({"model": "hold", "stream": True, "messages": []}),
-                     {"Authorization": f"Bearer {key}", "X-Fake-Scenario": "gate"})
-        resp = conn.getresponse()
-        resp.readline()
-        return resp
 
     def until(self, predicate):
-        """Wait (in short waits on an event, not sleeps) until predicate() holds."""
-        done = threading.Event()
-        for _ in range(10_000):
-            if predicate():
-                return
-            done.wait(0.001)
-        self.fail("never happened")
+        until(self, predicate)
 
 
 class FirstRunTests(KeysAdminCase):
@@ -488,12 +471,7 @@ class PriorityGateTests(unittest.TestCase):
         self.until(lambda: self.gate.waiting_by_key().get(key, 0) >= 1)
 
     def until(self, predicate):
-        done = threading.Event()
-        for _ in range(10_000):
-            if predicate():
-                return
-            done.wait(0.001)
-        self.fail("never happened")
+        until(self, predicate)
 
     def serve_all(self, holder):
         """Hand the slot on, one waiter at a time, in the order the gate picks."""
@@ -547,7 +525,7 @@ class PriorityOverHttpTests(KeysAdminCase):
     def test_the_high_key_goes_before_the_low_key_that_queued_first(self):
         holder = self.create("holder")
         low, high = self.create("batch", priority="low"), self.create("person", priority="high")
-        held = self.hold(holder)
+        held = self.hold_stream(holder)
         answers = []
         threads = []
         for key, model in ((low, "from-low"), (high, "from-high")):
@@ -586,7 +564,7 @@ class MaxConcurrentTests(KeysAdminCase):
 
     def test_over_http_a_request_beyond_max_concurrent_waits_instead_of_429(self):
         secret = self.create("one-at-a-time", max_concurrent=1)
-        held = self.hold(secret)
+        held = self.hold_stream(secret)
         answers = []
         thread = threading.Thread(target=lambda: answers.append(self.chat(key=secret)[0]))
         thread.start()
@@ -600,7 +578,7 @@ class MaxConcurrentTests(KeysAdminCase):
     def test_it_waits_at_most_the_queue_timeout(self):
         self.proxy = self.start_another(upstream_queue_timeout=0.01)
         secret = self.create("one", max_concurrent=1)
-        held = self.hold(secret)
+        held = self.hold_stream(secret)
         status, _, body = self.chat(key=secret)
         self.assertEqual(status, 200)  # limit_response "message": the limit in words
         self.assertIn("too many requests at once", body.decode())

@@ -14,7 +14,7 @@ import unittest
 
 import llm_proxy
 from llm_proxy import (BucketPolicy, CalendarLimits, Config, ConfigError, MemoryBucketStore,
-                       Part, ProxyError, ProxyServer)
+                       Part, ProxyError)
 from tests.support import (NO_REDIS, WAIT, FakeClock, LogCapture, ProxyTestCase, WithRedis,
                            at_once, sse_events)
 
