@@ -74,9 +74,10 @@ Sections (`grep -n '^# ####' llm_proxy.py` gives their lines)
     constants       fixed limits, header sets, the route kinds
     errors          ConfigError, ProxyError (the error boundary's one exception)
     config          SETTINGS (one row per setting), Config, the --flags
-    keys            KeyPolicy, KeyRing, the keys file: who may ask, with which limits
+    keys            KeyPolicy, KeyRing, the keys file (read and written in place), the
+                    users of a trusted front end: who may ask, with which limits
     buckets         Quota, the memory and Redis bucket stores, calendar quotas
-    state           the SQLite state file, its writer, the usage ledger
+    state           the SQLite state file, its writer, the usage ledger, the audit trail
     pricing         what a request takes at admission (estimate, reserve)
     metering        the meters that read what an answer really cost
     API shapes      one class per API: what a request asks for, errors, the limit answer
@@ -84,9 +85,10 @@ Sections (`grep -n '^# ####' llm_proxy.py` gives their lines)
     routes          Route, DEFAULT_ROUTES, RouteTable: the only place that knows a path
     exchange        Exchange: one request from its head to its access-log line
     charge          admission and Charge.close, the one place money moves
-    forwarder       the fair queue, the upstream pool, the answer's head
+    forwarder       the fair queue (priority classes), the upstream pool, the answer's head
+    model servers   several upstreams (UPSTREAMS_FILE): routing by model, health, failover
     relay           framing, BodyReader, the body relays (threads, the epoll StreamRelay)
-    local answers   health, models, metrics, admin, usage, pages
+    local answers   health, models, metrics, admin (keys managed, audit), usage, pages
     handler         ProxyHandler: steps 1 to 7 above, in the order they run
     server parts    access log, connection cap, deadlines, keys-file watcher, metrics
     server          ProxyServer, assembled from the parts
