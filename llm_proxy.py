@@ -749,6 +749,10 @@ class Config:
                                       f"setting (read as text it is {checked!r})")
             if checked is not value:
                 object.__setattr__(self, setting.field, checked)
+        if self.base_model and self.upstreams_file:  # (rows check one setting each)
+            raise ConfigError("BASE_MODEL and UPSTREAMS_FILE cannot be used together: the "
+                              "servers are chosen by each request's model; give a name to a "
+                              "model with the file's aliases instead")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None,

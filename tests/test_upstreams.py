@@ -472,6 +472,15 @@ class ReloadTests(UpstreamsCase):
 
 
 class BadFileAtStartTests(unittest.TestCase):
+    def test_base_model_beside_the_file_is_refused_in_one_line(self):
+        """BASE_MODEL rewrites every model, and the file routes by model: together the request
+        would go to a server that may not serve what it is rewritten to."""
+        status, err, _ = self.start({"upstreams": [{"name": "a", "url": "http://x/v1",
+                                                    "models": ["m"]}]}, BASE_MODEL="m")
+        self.assertEqual(status, 2)
+        self.assertEqual(len(err.strip().splitlines()), 1, err)
+        self.assertIn("BASE_MODEL and UPSTREAMS_FILE cannot be used together", err)
+
     def start(self, document, **env):
         folder = tempfile.mkdtemp()
         path = os.path.join(folder, "up.json")
