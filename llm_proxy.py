@@ -7566,8 +7566,9 @@ def relay_answer(ex: Exchange, answer: Answer, client: ClientSide, read_timeout:
     resp = answer.resp
     charge = ex.charge
     meter = charge.meter if charge is not None else None
+    stream = is_stream(resp)
     if meter is not None:
-        meter.begin(resp.status, resp.getheader("Content-Encoding"), is_stream(resp))
+        meter.begin(resp.status, resp.getheader("Content-Encoding"), stream)
     headers = response_headers(resp, charge.quota if charge is not None else None)
     framing = choose_framing(status=resp.status, method=ex.method,
                              http11=client.request_version == "HTTP/1.1",
@@ -7584,7 +7585,6 @@ def relay_answer(ex: Exchange, answer: Answer, client: ClientSide, read_timeout:
         resp.close()
         end = RelayEnd(WHOLE, tail=head)
     else:
-        stream = is_stream(resp)
         if stream and streams is not None and streams.takes(answer, client.connection):
             end = streams.relay(answer, client.connection, head, framing, meter, read_timeout)
             ex.head_sent = ex.head_sent or end.sent
