@@ -2533,37 +2533,42 @@ class Ledger:
                counts: Sequence[int]) -> None:
         """A request's row, as it ended (`counts` in LEDGER_FIELDS order)."""
         limited = counts[1]
-        model = LIMITED_MODELS if limited else self._model_of(
-            hour, key, stored_text(model[:MAX_MODEL_NAME]))
-        self.add(LedgerKey(hour, stored_text(key), stored_text(name), model, kind), counts)
+        model = LIMITED_MODELS if limited else stored_text(model[:MAX_MODEL_NAME])
+        with self._lock:  # (one acquisition a request: the model's count and the row)
+            if not limited:
+                model = self._model_of(hour, key, model)
+            self._add(LedgerKey(hour, stored_text(key), stored_text(name), model, kind), counts)
 
     def _model_of(self, hour: int, key: str, model: str) -> str:
         """`model`, or OTHER_MODELS once the key has named MAX_MODELS_PER_KEY_HOUR others this
-        hour."""
-        with self._lock:
-            if hour != self._models_hour or len(self._models) > MAX_TRACKED_KEYS:
-                self._models_hour, self._models = hour, {}  # (a new hour counts anew)
-            seen = self._models.setdefault(key, set())
-            if model not in seen:
-                if len(seen) >= MAX_MODELS_PER_KEY_HOUR:
-                    return OTHER_MODELS
-                seen.add(model)
-            return model
+        hour. Under the lock."""
+        if hour != self._models_hour or len(self._models) > MAX_TRACKED_KEYS:
+            self._models_hour, self._models = hour, {}  # (a new hour counts anew)
+        seen = self._models.setdefault(key, set())
+        if model not in seen:
+            if len(seen) >= MAX_MODELS_PER_KEY_HOUR:
+                return OTHER_MODELS
+            seen.add(model)
+        return model
 
     def add(self, entry: LedgerKey, counts: Sequence[int]) -> None:
         with self._lock:
-            row = self._rows.get(entry)
-            if row is None:
-                self._rows[entry] = list(counts)
-                if len(self._rows) % 4096 == 0:  # (only a ledger no file takes grows)
-                    cutoff = entry.hour - self.retention
-                    if len(self._rows) >= MAX_LEDGER_ROWS:
-                        cutoff = max(cutoff, min(e.hour for e in self._rows) + 1)
-                    for old in [e for e in self._rows if e.hour < cutoff]:
-                        del self._rows[old]
-            else:
-                for i, value in enumerate(counts):
-                    row[i] += value
+            self._add(entry, counts)
+
+    def _add(self, entry: LedgerKey, counts: Sequence[int]) -> None:
+        """add(), under the lock."""
+        row = self._rows.get(entry)
+        if row is None:
+            self._rows[entry] = list(counts)
+            if len(self._rows) % 4096 == 0:  # (only a ledger no file takes grows)
+                cutoff = entry.hour - self.retention
+                if len(self._rows) >= MAX_LEDGER_ROWS:
+                    cutoff = max(cutoff, min(e.hour for e in self._rows) + 1)
+                for old in [e for e in self._rows if e.hour < cutoff]:
+                    del self._rows[old]
+        else:
+            for i, value in enumerate(counts):
+                row[i] += value
 
     def __len__(self) -> int:
         return len(self._rows)
