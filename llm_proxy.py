@@ -2537,37 +2537,42 @@ class Ledger:
                counts: Sequence[int]) -> None:
         """A request's row, as it ended (`counts` in LEDGER_FIELDS order)."""
         limited = counts[1]
-        model = LIMITED_MODELS if limited else self._model_of(
-            hour, key, stored_text(model[:MAX_MODEL_NAME]))
-        self.add(LedgerKey(hour, stored_text(key), stored_text(name), model, kind), counts)
+        model = LIMITED_MODELS if limited else stored_text(model[:MAX_MODEL_NAME])
+        with self._lock:  # (one acquisition a request: the model's count and the row)
+            if not limited:
+                model = self._model_of(hour, key, model)
+            self._add(LedgerKey(hour, stored_text(key), stored_text(name), model, kind), counts)
 
     def _model_of(self, hour: int, key: str, model: str) -> str:
         """`model`, or OTHER_MODELS once the key has named MAX_MODELS_PER_KEY_HOUR others this
-        hour."""
-        with self._lock:
-            if hour != self._models_hour or len(self._models) > MAX_TRACKED_KEYS:
-                self._models_hour, self._models = hour, {}  # (a new hour counts anew)
-            seen = self._models.setdefault(key, set())
-            if model not in seen:
-                if len(seen) >= MAX_MODELS_PER_KEY_HOUR:
-                    return OTHER_MODELS
-                seen.add(model)
-            return model
+        hour. Under the lock."""
+        if hour != self._models_hour or len(self._models) > MAX_TRACKED_KEYS:
+            self._models_hour, self._models = hour, {}  # (a new hour counts anew)
+        seen = self._models.setdefault(key, set())
+        if model not in seen:
+            if len(seen) >= MAX_MODELS_PER_KEY_HOUR:
+                return OTHER_MODELS
+            seen.add(model)
+        return model
 
     def add(self, entry: LedgerKey, counts: Sequence[int]) -> None:
         with self._lock:
-            row = self._rows.get(entry)
-            if row is None:
-                self._rows[entry] = list(counts)
-                if len(self._rows) % 4096 == 0:  # (only a ledger no file takes grows)
-                    cutoff = entry.hour - self.retention
-                    if len(self._rows) >= MAX_LEDGER_ROWS:
-                        cutoff = max(cutoff, min(e.hour for e in self._rows) + 1)
-                    for old in [e for e in self._rows if e.hour < cutoff]:
-                        del self._rows[old]
-            else:
-                for i, value in enumerate(counts):
-                    row[i] += value
+            self._add(entry, counts)
+
+    def _add(self, entry: LedgerKey, counts: Sequence[int]) -> None:
+        """add(), under the lock."""
+        row = self._rows.get(entry)
+        if row is None:
+            self._rows[entry] = list(counts)
+            if len(self._rows) % 4096 == 0:  # (only a ledger no file takes grows)
+                cutoff = entry.hour - self.retention
+                if len(self._rows) >= MAX_LEDGER_ROWS:
+                    cutoff = max(cutoff, min(e.hour for e in self._rows) + 1)
+                for old in [e for e in self._rows if e.hour < cutoff]:
+                    del self._rows[old]
+        else:
+            for i, value in enumerate(counts):
+                row[i] += value
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -7570,8 +7575,9 @@ def relay_answer(ex: Exchange, answer: Answer, client: ClientSide, read_timeout:
     resp = answer.resp
     charge = ex.charge
     meter = charge.meter if charge is not None else None
+    stream = is_stream(resp)
     if meter is not None:
-        meter.begin(resp.status, resp.getheader("Content-Encoding"), is_stream(resp))
+        meter.begin(resp.status, resp.getheader("Content-Encoding"), stream)
     headers = response_headers(resp, charge.quota if charge is not None else None)
     framing = choose_framing(status=resp.status, method=ex.method,
                              http11=client.request_version == "HTTP/1.1",
@@ -7588,7 +7594,6 @@ def relay_answer(ex: Exchange, answer: Answer, client: ClientSide, read_timeout:
         resp.close()
         end = RelayEnd(WHOLE, tail=head)
     else:
-        stream = is_stream(resp)
         if stream and streams is not None and streams.takes(answer, client.connection):
             end = streams.relay(answer, client.connection, head, framing, meter, read_timeout)
             ex.head_sent = ex.head_sent or end.sent
