@@ -1298,6 +1298,9 @@ class KeysFile:
         self.config = config
         self.before_rename: Callable[[], None] = lambda: None
         self._lock = self._locks.setdefault(os.path.realpath(path), threading.Lock())
+        #: the file as this object last wrote it (_file_signature, taken under the folder's
+        #: lock): what the proxy loaded itself, whatever another writer does after
+        self.written: tuple[int, int, int] | None = None
 
     def read(self) -> list[dict]:
         return [dict(entry) for entry in read_keys_file(self.path)]
@@ -1350,6 +1353,7 @@ class KeysFile:
                 os.unlink(temporary)
                 return False
             os.replace(temporary, real)
+            self.written = _file_signature(real)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(temporary)
@@ -5363,13 +5367,14 @@ def check_expiry(policy: KeyPolicy, now: float) -> None:
 
 
 def check_model(payload: object, allowed: frozenset[str],
-                aliases: Mapping[str, str] | None = None) -> None:
-    """A key limited to some models gets 403 for any other (naming the allowed ones). A model
-    that is an alias is allowed when the list names the alias or its target."""
+                aliases: Mapping[str, str] | None = None, who: str = "This key") -> None:
+    """A key (or a front end's user) limited to some models gets 403 for any other (naming
+    the allowed ones). A model that is an alias is allowed when the list names the alias or
+    its target."""
     model = payload.get("model") if isinstance(payload, dict) else None
     if not may_use(allowed, model, aliases):
         raise ProxyError(HTTPStatus.FORBIDDEN,
-                         f"This key may not use model {model!r}. Allowed: "
+                         f"{who} may not use model {model!r}. Allowed: "
                          f"{', '.join(sorted(allowed))}.", code="model_not_allowed",
                          param="model")
 
@@ -6137,16 +6142,21 @@ class FairGate:
             del self._inflight[key]
         self._forget(key)
         while self._busy < self.limit and self._waiting:
-            ranks = {k: self._rank(queue[0]) for k, queue in self._waiting.items()}
+            # each key's first waiter of its best class (a front end's users may wait in
+            # another class than the key's own work: the key ranks by its best)
+            firsts = {k: min(queue, key=lambda w: (self._rank(w), w.seq))
+                      for k, queue in self._waiting.items()}
+            ranks = {k: self._rank(w) for k, w in firsts.items()}
             best = min(ranks.values())
             if self.fair:
                 chosen = min((k for k in self._waiting if ranks[k] == best),
                              key=lambda k: (self._inflight.get(k, 0), self._served.get(k, 0)))
             else:
                 chosen = min((k for k in self._waiting if ranks[k] == best),
-                             key=lambda k: self._waiting[k][0].seq)
+                             key=lambda k: firsts[k].seq)
             queue = self._waiting[chosen]
-            waiter = queue.pop(0)
+            waiter = firsts[chosen]
+            queue.remove(waiter)
             if not queue:
                 del self._waiting[chosen]
             self._grant(chosen)
@@ -6694,7 +6704,9 @@ class ModelServer:
             if upstream.address not in pools:
                 pools[upstream.address] = UpstreamPool(upstream, config.open_timeout,
                                                        config.read_timeout, api_key=spec.api_key)
-        gate = FairGate(spec.max_concurrency, config.fair_queue) if spec.max_concurrency else None
+        gate = (FairGate(spec.max_concurrency, config.fair_queue,
+                         config.priority_max_wait_seconds, clock)
+                if spec.max_concurrency else None)
         return cls(spec, upstreams, pools, gate, clock)
 
     @property
@@ -8698,7 +8710,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if policy.users is not None and charged:
             ex.user = read_user(policy.users, self.headers, ex.payload)
             if ex.user and policy.users.models is not None and ex.method == "POST":
-                check_model(ex.payload, policy.users.models)
+                check_model(ex.payload, policy.users.models, router.aliases, "This user")
         if route.answer:
             reply = LOCAL_ANSWERS[route.answer](server, ex, self.headers)
             if reply is not None:
@@ -8707,7 +8719,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self._choose_model(ex, router, ex.payload if charged else None)
         slots = server.key_slots
         as_message = policy.limit_response == "message"
-        if not self._key_slot(ex, policy):
+        counted = self._key_slot(ex, policy)
+        if counted is None:
             ex.charge = Charge.declined(None)
             return self._reply(ex, busy_reply(route, ex.payload,
                                               policy.max_concurrent or slots.limit, as_message))
@@ -8730,21 +8743,27 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 body, fallback = ex.body, None
             self._forward_upstream(ex, body, fallback)
         finally:
-            slots.leave(ex.bucket_key)
+            if counted:
+                slots.leave(ex.bucket_key)
 
-    def _key_slot(self, ex: Exchange, policy: KeyPolicy) -> bool:
-        """Whether the request may go on under its key's cap on requests in flight: beyond
-        MAX_CONCURRENT_PER_KEY it is refused; beyond the key's own max_concurrent it waits
-        its turn, up to UPSTREAM_QUEUE_TIMEOUT. leave() follows either way."""
+    def _key_slot(self, ex: Exchange, policy: KeyPolicy) -> bool | None:
+        """Whether the request may go on under its key's cap on requests in flight: None
+        (refused) beyond MAX_CONCURRENT_PER_KEY; beyond the key's own max_concurrent it waits
+        its turn, up to UPSTREAM_QUEUE_TIMEOUT (None after that). Else whether it was counted
+        in the key's requests in flight, and so whether leave() must follow: a request let in
+        uncounted (no cap when it came) must not take a count another one holds, as it would
+        once the key gained a max_concurrent meanwhile."""
         slots = self.server.key_slots
         if policy.max_concurrent is None:
-            return slots.enter(ex.bucket_key)
+            if not slots.limit:
+                return False
+            return True if slots.enter(ex.bucket_key) else None
         outcome = slots.wait(ex.bucket_key, policy.max_concurrent,
                              self.server.config.upstream_queue_timeout,
                              lambda: peer_closed(self.connection))
         if outcome == "gone":
             raise ClientGone()
-        return outcome == "ok"
+        return True if outcome == "ok" else None
 
     def _choose_model(self, ex: Exchange, router: Router, payload: dict | None) -> None:
         """Several servers (UPSTREAMS_FILE): the model the request's server must serve, an
@@ -9448,10 +9467,11 @@ class KeysWatcher:
     def request(self) -> None:
         self._asked.set()
 
-    def loaded(self) -> None:
-        """The proxy has just loaded the file as it is now (its own write): no reload due."""
-        current = _file_signature(self._path)
-        self._loaded = self._looked = current
+    def loaded(self, signature: tuple[int, int, int] | None) -> None:
+        """The proxy has just loaded the file as it wrote it (`signature`, taken when it did,
+        under the folder's lock): no reload due for that version. Another writer's version,
+        even one that came in between, differs from it and is reloaded."""
+        self._loaded = self._looked = signature
         self._wanted = False
 
     def close(self) -> None:
@@ -9962,7 +9982,7 @@ class ProxyServer(ThreadingHTTPServer):
             self.keys = load_key_ring(self.config, raw=after)
             self.key_entries = after
         if self.keys_watcher is not None:
-            self.keys_watcher.loaded()
+            self.keys_watcher.loaded(self.keys_file.written)
         if action == "changed":  # the fields that did change, not all that were sent
             fields = next((f for _, n, f in entry_changes(before, after) if n == name), [])
         self.audit.record(AuditRow(self.calendar.wall(), who, origin, action, name,

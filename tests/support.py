@@ -1302,6 +1302,7 @@ class ProxyTestCase(unittest.TestCase):
                      {"Authorization": f"Bearer {key}", "X-Fake-Scenario": "gate"})
         resp = conn.getresponse()
         resp.readline()
+        resp.conn = conn  # (for a test whose client hangs up: resp.conn.sock.shutdown)
         return resp
 
     def assert_openai_error(self, status, body, expected_status, code=None):

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import shutil
+import socket
 import sqlite3
 import stat
 import subprocess
@@ -255,6 +256,32 @@ class HandEditRaceTests(KeysAdminCase):
         self.assertEqual([p.wait(WAIT) for p in procs], [0, 0, 0, 0])
         self.assertEqual(sorted(e["name"] for e in self.entries()),
                          [f"api{i}" for i in range(4)] + [f"proc{i}" for i in range(4)])
+
+
+class OwnWriteTests(unittest.TestCase):
+    def test_a_write_landing_just_after_the_proxys_own_is_still_reloaded(self):
+        """The proxy marks as loaded the version it wrote, not whatever the file holds when it
+        gets round to it: `keys disable a` from the command line in between is reloaded."""
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        path = os.path.join(folder, "keys.json")
+        with open(path, "w") as f:
+            f.write(llm_proxy.keys_file_text([{"name": "a",
+                                               "key_sha256": llm_proxy.key_digest("sk-a")}]))
+        config = Config(keys_file=path)
+        clock, reloads = FakeClock(100), []
+        watcher = llm_proxy.KeysWatcher(path, lambda: reloads.append(1) or True, 3600,
+                                        clock=clock, settle=1.0)
+        self.addCleanup(watcher.close)
+        mine = llm_proxy.KeysFile(path, config)
+        mine.change(lambda entries: entries.append(
+            {"name": "b", "key_sha256": llm_proxy.key_digest("sk-b")}))
+        llm_proxy.KeysFile(path, config).change(lambda entries: entries[0].update(disabled=True))
+        watcher.loaded(mine.written)  # the proxy's own write, put in force
+        for _ in range(3):
+            clock.advance(2)
+            watcher.check()
+        self.assertEqual(len(reloads), 1)
 
 
 class ExpiryTests(KeysAdminCase):
@@ -510,6 +537,16 @@ class PriorityGateTests(unittest.TestCase):
         self.serve_all("holder")
         self.assertEqual(self.order, ["batch", "normal-1"])
 
+    def test_a_keys_higher_class_waiter_is_not_stuck_behind_its_own_low_one(self):
+        """A front end's key may wait low for its own side work while its users wait high:
+        both share the key's queue, and the key ranks by its best waiter."""
+        self.assertEqual(self.gate.enter("holder", WAIT, lambda: False), "ok")
+        self.wait_in_line("front-end", "low")  # its own work, queued first
+        self.wait_in_line("other", "normal")
+        self.wait_in_line("front-end", "high")  # one of its users
+        self.serve_all("holder")
+        self.assertEqual(self.order, ["front-end", "other", "front-end"])
+
     def test_fair_within_a_class(self):
         self.assertEqual(self.gate.enter("a", WAIT, lambda: False, "high"), "ok")
         self.wait_in_line("a", "high")
@@ -572,6 +609,27 @@ class MaxConcurrentTests(KeysAdminCase):
         self.assertEqual(answers, [])  # waiting its turn, not refused
         self.upstream.release.set()
         held.read()
+        thread.join(WAIT)
+        self.assertEqual(answers, [200])
+
+    def test_a_request_let_in_before_the_cap_was_set_frees_no_counted_slot(self):
+        """A request admitted while the key had no cap was not counted: when it ends it must
+        not take the count of one admitted under the cap set meanwhile."""
+        secret = self.create("later-capped")
+        bucket = "key:" + llm_proxy.key_digest(secret)
+        early = self.hold_stream(secret)  # in flight, uncounted
+        self.assertEqual(self.admin("PATCH", "/admin/keys/later-capped",
+                                    {"max_concurrent": 1})[0], 200)
+        counted = self.hold_stream(secret)  # the one the cap lets in
+        early.conn.sock.shutdown(socket.SHUT_RDWR)  # its client hangs up: that request ends
+        self.assertTrue(self.log.wait_for(lambda text: "client closed" in text))
+        answers = []
+        thread = threading.Thread(target=lambda: answers.append(self.chat(key=secret)[0]))
+        thread.start()
+        self.until(lambda: self.proxy.key_slots.waiting(bucket) == 1)  # not let in beside it
+        self.assertEqual(answers, [])
+        self.upstream.release.set()
+        counted.read()
         thread.join(WAIT)
         self.assertEqual(answers, [200])
 

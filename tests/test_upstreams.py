@@ -16,7 +16,7 @@ import llm_proxy
 from llm_proxy import Config, ProxyServer
 from tests.support import (
     CLIENT_KEY, SCENARIOS, WAIT, FakeUpstream, FakeUpstreamHandler, NO_REDIS, ProxyTestCase,
-    WithRedis, free_port, parse_metrics, wait_until)
+    FakeClock, WithRedis, free_port, parse_metrics, wait_until)
 
 try:
     import openai
@@ -306,6 +306,18 @@ class ModelListTests(UpstreamsCase):
         self.assertEqual(self.chat(key="sk-t", model="gpt-4o-mini")[0], 200)
         self.assertEqual(self.chat(key="sk-a", model="alpha")[0], 403)
 
+    def test_a_front_end_users_models_list_takes_aliases_as_a_keys_does(self):
+        keys = os.path.join(self.folder, "keys.json")
+        with open(keys, "w") as f:
+            json.dump({"keys": [{"name": "owui", "key": "sk-fe", "users": {
+                "from": "header:X-User", "models": ["alpha"]}}]}, f)
+        self.restart(keys_file=keys)
+        user = {"X-User": "ann"}
+        self.assertEqual(self.chat(key="sk-fe", model="gpt-4o-mini", headers=user)[0], 200)
+        status, _, body = self.chat(key="sk-fe", model="beta", headers=user)
+        self.assertEqual(status, 403)
+        self.assertIn("This user may not use model 'beta'", json.loads(body)["error"]["message"])
+
 
 class FailoverTests(UpstreamsCase):
     """box1 and box2 serve "shared"; box1 is the one that fails."""
@@ -469,6 +481,15 @@ class ReloadTests(UpstreamsCase):
     def test_sighup_asks_for_a_reload(self):
         self.proxy.request_key_reload()
         self.assertTrue(self.proxy.upstreams_watcher._asked.is_set())
+
+
+class ServerQueueTests(unittest.TestCase):
+    def test_each_servers_queue_ages_low_requests_after_priority_max_wait_seconds(self):
+        spec = llm_proxy.UpstreamSpec("box", "http://127.0.0.1:1/v1", "http://127.0.0.1:1",
+                                      max_concurrency=2)
+        server = llm_proxy.ModelServer.from_spec(
+            spec, llm_proxy.Config(priority_max_wait_seconds=5), FakeClock())
+        self.assertEqual(server.gate.max_wait, 5)
 
 
 class BadFileAtStartTests(unittest.TestCase):
