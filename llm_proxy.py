@@ -2262,9 +2262,15 @@ class RedisBucketStore:
         are a sorted set by last activity, trimmed to max_users."""
         def remote() -> tuple[Quota, ...]:
             quotas = self._take_together(parts, cost, periods)
-            for part in parts:
-                if part.max_users:
-                    self._seen_user(part.key, part.max_users, periods)
+            try:
+                for part in parts:
+                    if part.max_users:
+                        self._seen_user(part.key, part.max_users, periods)
+            except self._errors:
+                # The take stands in Redis (and is settled there): falling back to the local
+                # store now would take the request twice. Only the users' activity order
+                # missed this request; the next request that reaches Redis says if it is down.
+                pass
             return quotas
         return self._either(remote, lambda: self.local.take_together(  # type: ignore[return-value]
             parts, cost, periods))

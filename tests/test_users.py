@@ -11,6 +11,7 @@ import sqlite3
 import tempfile
 import threading
 import unittest
+import unittest.mock
 
 import llm_proxy
 from llm_proxy import (BucketPolicy, CalendarLimits, Config, ConfigError, MemoryBucketStore,
@@ -206,6 +207,19 @@ class RedisTogetherTests(WithRedis, TogetherContract, unittest.TestCase):
         tag = "{" + llm_proxy.key_digest(self.KEY) + "}"
         self.assertTrue(names and all(tag in n for n in names), names)
         self.assertNotIn(b"alice", b" ".join(n.encode() for n in names))
+
+    def test_a_failure_after_the_take_never_takes_the_request_twice(self):
+        """Redis fails after the script took the request (while the users' activity is
+        noted): the take stands in Redis, and the local store takes nothing."""
+        import redis
+        with unittest.mock.patch.object(self.store, "_seen_user",
+                                        side_effect=redis.ConnectionError("gone")):
+            quotas = self.store.take_together(self.parts("ann"), 5)
+        self.assertTrue(all(q.admitted for q in quotas))
+        self.assertEqual(self.store.peek(self.user("ann"), BucketPolicy(30, 1, 300.0)).remaining,
+                         25)
+        self.assertEqual(self.store.local.peek(self.user("ann"),
+                                               BucketPolicy(30, 1, 300.0)).remaining, 30)
 
 
 class FrontEndTestCase(ProxyTestCase):
