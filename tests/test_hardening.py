@@ -150,7 +150,8 @@ class HardeningTests(ProxyTestCase):
             sock = self.connect()
             sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: a")
             slow.append(sock)
-        self.assertTrue(wait_until(lambda: self.proxy.connections == 2))
+        # (both marked reading before the clock moves: a mark after it would be a fresh stall)
+        self.assertTrue(wait_until(lambda: self.proxy.cap.states() == ["reading", "reading"]))
         self.clock.advance(2)  # both have been reading their request head for 2 s
         self.assertEqual(self.chat()[0], 200)
         self.assertEqual(self.read_all(slow[0]), b"")
