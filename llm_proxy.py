@@ -4713,7 +4713,7 @@ ANTHROPIC, OLLAMA = AnthropicShape(), OllamaShape()
 # ################################################################### HTTP messages ####
 
 _NAME, _VALUE = operator.itemgetter(0), operator.itemgetter(1)
-_FIELD_LINE = "%s: %s"  # (a field's line, made by map from its (name, value): no loop)
+_FIELD_LINE = ": ".join  # (a field's line from its (name, value), made by map: no loop)
 
 
 class Headers:
@@ -4940,6 +4940,7 @@ READ_FIELDS: dict[str, frozenset[str]] = {
     "options": frozenset({"num_predict"}),
     "stream_options": frozenset({"include_usage"}),
 }
+_TOP_FIELDS = READ_FIELDS[""]
 #: The non-ASCII letters whose Unicode simple case folding is an ASCII letter (CaseFolding.txt,
 #: status C and S); the dotted and dotless i fold only to themselves in Go.
 _SIMPLE_FOLDS_TO_ASCII = str.maketrans({"\u212a": "k", "\u017f": "s"})
@@ -4977,6 +4978,9 @@ def check_read_keys(payload: dict) -> None:
     """ProxyError(400) for a key that is not a field the proxy reads but that a server
     matching keys case-insensitively (Ollama) would take for one ("MAX_TOKENS", "Model",
     "max_to\u212aens"): it would then read a value the proxy never saw."""
+    if _TOP_FIELDS.issuperset(payload) and "options" not in payload \
+            and "stream_options" not in payload:
+        return  # (the usual body: only fields the proxy reads, nothing nested to look at)
     for where, fields in READ_FIELDS.items():
         obj = payload.get(where) if where else payload
         if type(obj) is not dict:
@@ -5840,6 +5844,13 @@ class _UpstreamResponse(http.client.HTTPResponse):
             raise http.client.HTTPException(str(err)) from None
 
 
+#: struct tcp_info (linux/tcp.h): the state is its first byte; tcpi_bytes_received (Linux 4.1),
+#: counting the peer's closing as one, ends at byte 136.
+_TCP_INFO_SIZE = 136
+_TCP_ESTABLISHED = 1
+_BYTES_RECEIVED = struct.Struct("@128xQ")
+
+
 class SocketReader(io.RawIOBase):
     """The raw reading side of a socket, for a BufferedReader, with a timeout that raises
     TimeoutError. socket.makefile's SocketIO does the same with more checks per read, and
@@ -5849,28 +5860,66 @@ class SocketReader(io.RawIOBase):
 
     def __init__(self, sock: socket.socket) -> None:
         super().__init__()
+        self._sock = sock
         self._recv_into = sock.recv_into
         #: Whether peek_buffered() may look without waiting (a TLS socket takes no flags).
         self.can_peek = not isinstance(sock, ssl.SSLSocket)
         self._dont_wait = False
+        self._no_read = False  # (see held)
         #: The peer closed its end (seen by peek_buffered: a read that returned nothing).
         self.ended = False
+        #: Bytes received from the socket so far (by this, or as the stream relay adds them).
+        self.received = 0
+        #: Whether arrived() can tell (plain TCP on Linux, until TCP_INFO says too little).
+        self.tcp_info = (self.can_peek and sys.platform.startswith("linux")
+                         and hasattr(socket, "TCP_INFO")
+                         and sock.family in (socket.AF_INET, socket.AF_INET6))
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer: typing.Any) -> int | None:  # (any writable buffer)
+        if self._no_read:
+            return None
         if self._dont_wait:
             try:
                 count = self._recv_into(buffer, 0, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 return None  # nothing there: the buffered reader's peek returns b""
             self.ended = count == 0
+            self.received += count
             return count
         try:
-            return self._recv_into(buffer)
+            count = self._recv_into(buffer)
         except BlockingIOError:  # the kernel's receive timeout
             raise TimeoutError("timed out") from None
+        self.received += count
+        return count
+
+    def arrived(self) -> bool | None:
+        """Whether the socket has received what was not read from it (bytes, or the peer's
+        closing), from the kernel's TCP_INFO: a system call that keeps the interpreter lock.
+        One that lets go of it (a look with recv) hands it, under load, to another thread,
+        and waits up to the switch interval to have it back. None where TCP_INFO cannot tell
+        (then peek_buffered looks)."""
+        if not self.tcp_info:
+            return None
+        try:
+            info = self._sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_SIZE)
+        except OSError:
+            return True  # (a socket that cannot say is not one to use)
+        if len(info) < _TCP_INFO_SIZE:  # (a kernel before 4.1: no tcpi_bytes_received)
+            self.tcp_info = False
+            return None
+        return info[0] != _TCP_ESTABLISHED or _BYTES_RECEIVED.unpack_from(info)[0] != self.received
+
+    def held(self, reader: io.BufferedReader) -> bytes:
+        """What `reader` (reading from this) holds, without any system call."""
+        self._no_read = True
+        try:
+            return reader.peek(1)
+        finally:
+            self._no_read = False
 
     def peek_buffered(self, reader: io.BufferedReader) -> bytes:
         """What `reader` (reading from this) holds or the socket has already received,
@@ -5971,6 +6020,9 @@ class _Connection:
         arrive, bytes no request asked for, or a connection closed while it was idle (a
         server may close an idle keep-alive connection at any time; llama.cpp's does so
         after streams when many are open at once)."""
+        arrived = self.raw.arrived()
+        if arrived is not None:
+            return arrived or bool(self.raw.held(self.reader))
         try:
             return peek_now(self.reader, self.sock) is not None
         except (OSError, ValueError):  # (reset by the upstream: not usable)
@@ -6324,7 +6376,7 @@ def upstream_head(method: str, target: str, headers: Headers, peer: str, pool: "
             forwarded[name] = f"{forwarded[name]}, {value}" if name in forwarded else value
         kept = list(forwarded.items())
     lines = [f"{method} {target} HTTP/1.1", pool.host_line, "Accept-Encoding: identity",
-             *map(_FIELD_LINE.__mod__, kept)]
+             *map(_FIELD_LINE, kept)]
     previous = ", ".join(headers.get_all("X-Forwarded-For", ())) \
         if "x-forwarded-for" in headers else ""
     lines.append(f"X-Forwarded-For: {previous}, {peer}" if previous else f"X-Forwarded-For: {peer}")
@@ -6546,7 +6598,8 @@ class Forwarder:
             conn, reused = pool.acquire(new=attempt == 2)
             try:
                 resp = conn.send_request(head, body)
-                wait_readable(conn.sock, client, pool.read_timeout)
+                if not conn.has_unread():  # (under load it often has come: no poll)
+                    wait_readable(conn.sock, client, pool.read_timeout)
                 resp.begin()
                 return conn, resp
             except (ConnectionResetError, BrokenPipeError, http.client.RemoteDisconnected):
@@ -7239,7 +7292,7 @@ class StreamJob:
 
     __slots__ = ("upstream", "client", "body", "transform", "chunked", "head", "out",
                  "paused", "read_timeout", "send_timeout", "read_by", "write_by", "owed", "sent",
-                 "end", "error", "done", "up_mask", "client_mask", "mark")
+                 "end", "error", "done", "up_mask", "client_mask", "mark", "received")
 
     def __init__(self, upstream: socket.socket, client: socket.socket, body: BodyReader,
                  transform: BodyTransform | None, chunked: bool, head: bytes,
@@ -7260,6 +7313,7 @@ class StreamJob:
         self.done = threading.Event()
         self.up_mask = self.client_mask = -1     # what epoll watches (-1: not registered)
         self.mark = mark
+        self.received = 0               # bytes read from the upstream (see SocketReader.arrived)
 
     # -- from the upstream ------------------------------------------------------------------
 
@@ -7432,6 +7486,7 @@ class StreamRelay:
             if job.error is not None:
                 raise job.error
         assert job.end is not None
+        conn.raw.received += job.received  # (read here, not through the connection's reader)
         if job.end.how == CLIENT_GONE:
             shut(conn.sock)
         elif job.end.how == WHOLE and job.body.extra:
@@ -7546,6 +7601,7 @@ class StreamRelay:
             return job.stop(UPSTREAM_BROKE, type(exc).__name__)
         if not data:
             return job.upstream_closed()
+        job.received += len(data)
         try:
             job.take(data, now)
         except ValueError:
@@ -9048,7 +9104,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                       headers: list[tuple[str, str]]) -> bytes:
         """The status line and headers (CORS and Connection: close added here)."""
         ex.status = status
-        lines = [f"{self.protocol_version} {status} {reason}", *map(_FIELD_LINE.__mod__, headers)]
+        lines = [f"{self.protocol_version} {status} {reason}", *map(_FIELD_LINE, headers)]
         if ex.cors:
             lines.append(ex.cors)
         if self.close_connection:
@@ -9315,16 +9371,35 @@ class RecentMinutes:
         return first, [held.get(minute, {}) for minute in range(first, last + 1)]
 
 
+LOG_FLUSH_SECONDS = 0.05  # how long a line written to a file may wait to go with others
+
+
 class AccessLog:
     """The log: one line per request (written from its Exchange) and operational messages
     (errors, reloads), as text or, with LOG_FORMAT=json, one JSON object per line. Lines are
-    written whole under a lock; a log that cannot be written never takes a request down."""
+    written whole under a lock; a log that cannot be written never takes a request down.
+
+    Into a file (stderr as the proxy runs), lines wait up to LOG_FLUSH_SECONDS and go in one
+    write, from the log's own thread, as nginx's `access_log ... flush=` does: a write is a
+    system call, and under load one that lets go of the interpreter lock waits for it (a
+    quarter of the CPU a request took at 64 connections). close() writes what waits, and
+    every later line at once; a crash loses at most the last LOG_FLUSH_SECONDS of lines.
+    Into anything else (a StringIO in tests), each line is written at once."""
 
     def __init__(self, stream: typing.TextIO, json_lines: bool) -> None:
         self._stream = stream
         self._json = json_lines
         self._lock = threading.Lock()
         self._second, self._stamp = -1, ""
+        #: the lines waiting for the log's thread (None: each is written at once)
+        self._waiting: collections.deque[str] | None = None
+        self._wake = threading.Event()
+        self._closing = threading.Event()
+        self._thread: threading.Thread | None = None
+        if is_file(stream):
+            self._waiting = collections.deque()
+            self._thread = threading.Thread(target=self._run, name="llm_proxy-log", daemon=True)
+            self._thread.start()
 
     def message(self, text: str) -> None:
         if self._json:
@@ -9355,12 +9430,46 @@ class AccessLog:
             + (f" upstream={upstream}" if upstream else "") + (f" ({ex.note})" if ex.note else ""))
 
     def _write(self, line: str) -> None:
+        waiting = self._waiting
+        if waiting is None:
+            return self._put(line + "\n")
+        waiting.append(line)
+        if not self._wake.is_set():  # (told once a batch: see _run)
+            self._wake.set()
+
+    def _put(self, text: str) -> None:
         with self._lock:
             try:
-                self._stream.write(line + "\n")
+                self._stream.write(text)
                 self._stream.flush()
             except (OSError, ValueError):
                 pass  # a closed or full log must not take requests down with it
+
+    def _run(self) -> None:
+        """The log's thread. The flag is cleared before the lines are taken: a line added
+        after that sets it again, so none waits for a later one."""
+        while not self._closing.is_set():
+            self._wake.wait()
+            self._closing.wait(LOG_FLUSH_SECONDS)  # (the batch gathers)
+            self._wake.clear()
+            self._put_waiting()
+
+    def _put_waiting(self) -> None:
+        waiting = self._waiting
+        if waiting:
+            lines = [waiting.popleft() for _ in range(len(waiting))]
+            self._put("\n".join(lines) + "\n")
+
+    def close(self) -> None:
+        """Write what waits; from now on every line is written at once (the last lines of a
+        proxy that stops)."""
+        if self._thread is None:
+            return
+        self._closing.set()
+        self._wake.set()
+        self._thread.join(5)
+        self._put_waiting()  # (what came as the thread ended)
+        self._waiting = None
 
     def _timestamp(self) -> str:
         now = int(time.time())
@@ -9475,6 +9584,15 @@ class ConnectionCap:
             refused, self._refused = list(self._refused), collections.deque()
         for _, sock in refused:
             sock.close()
+
+
+def is_file(stream: object) -> bool:
+    """Whether a stream writes to a file descriptor (stderr, a file), not to memory."""
+    try:
+        typing.cast(typing.IO[str], stream).fileno()
+    except (OSError, ValueError, AttributeError):
+        return False
+    return True
 
 
 def canned_503(message: str, code: str) -> bytes:
@@ -10163,6 +10281,7 @@ class ProxyServer(ThreadingHTTPServer):
         if self.streams is not None:
             self.streams.close()
         self.forwarder.close()
+        self.access_log.close()
 
     @property
     def url(self) -> str:
