@@ -2595,8 +2595,7 @@ class Ledger:
                 for old in [e for e in self._rows if e.hour < cutoff]:
                     del self._rows[old]
         else:
-            for i, value in enumerate(counts):
-                row[i] += value
+            row[:] = map(operator.add, row, counts)
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -6014,6 +6013,12 @@ class _Connection:
         # (HTTPResponse takes a socket; all it does with one is makefile(), which this has)
         return _UpstreamResponse(self, method=head.partition(" ")[0])  # type: ignore[arg-type]
 
+    def answer_begun(self) -> bool:
+        """Whether the answer to the request just sent has begun to arrive, found out without
+        waiting (the reader holds nothing of this connection's: the pool looked)."""
+        arrived = self.raw.arrived()
+        return self.has_unread() if arrived is None else arrived
+
     def has_unread(self) -> bool:
         """Whether bytes wait to be read (buffered, or received by the kernel), or the
         upstream has closed its end, found out without waiting: an answer that has begun to
@@ -6598,7 +6603,7 @@ class Forwarder:
             conn, reused = pool.acquire(new=attempt == 2)
             try:
                 resp = conn.send_request(head, body)
-                if not conn.has_unread():  # (under load it often has come: no poll)
+                if not conn.answer_begun():  # (under load it often has come: no poll)
                     wait_readable(conn.sock, client, pool.read_timeout)
                 resp.begin()
                 return conn, resp
@@ -8596,6 +8601,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
     rfile: io.BufferedReader            # (setup(): a BufferedReader over SocketReader)
     #: read by read_headers (parse_request), not by the email parser the base class uses
     headers: "Headers"  # type: ignore[assignment]  # (the base declares email.message.Message)
+    #: who the last request on this connection was, and from what (see _identify)
+    _known: "tuple[KeyRing, KeyPolicy, str | None, str | None, Identity] | None" = None
 
     def setup(self) -> None:
         """The connection's reader and writer (StreamRequestHandler's), reading through
@@ -8800,13 +8807,14 @@ class ProxyHandler(BaseHTTPRequestHandler):
     # -- dispatch ---------------------------------------------------------------------------
 
     def _dispatch(self, ex: Exchange) -> None:
-        ex.api = api_of_path(ex.path)  # (a target that is not a path is refused in its shape)
         origin = self.headers.get("Origin")
-        ex.cors = self.server.cors.lines(origin, self.headers.get("Host"))
-        ex.path, ex.query = normalize_path(self.path)
-        if ex.path != self.path:  # (a path written otherwise may belong to another API)
+        try:
+            ex.cors = self.server.cors.lines(origin, self.headers.get("Host"))
+            ex.path, ex.query = normalize_path(self.path)
+            route = self.server.routes.find(ex.method, ex.path)
+        except ProxyError:  # (refused in the shape of the API its path names, as it stands)
             ex.api = api_of_path(ex.path)
-        route = self.server.routes.find(ex.method, ex.path)
+            raise
         ex.route, ex.api = route, route.api
         if route.kind in (ADMIN, MANAGE):  # never for another site's page: no CORS, no Origin
             ex.cors = ""
@@ -8843,8 +8851,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             if server.forwarder.router.several:
                 self._choose_model(ex, server.forwarder.router, None)
             return self._forward_upstream(ex, ex.body, None)
-        who = identify(self.headers, server.keys, server.default_policy,
-                       ex.client, config.trust_forwarded_for, server.calendar.wall())
+        who = self._identify(server)
         ex.bucket_key, ex.policy, ex.label = who.bucket_key, who.policy, who.label
         ex.body = self._read_body(ex)
         policy = who.policy
@@ -8895,6 +8902,25 @@ class ProxyHandler(BaseHTTPRequestHandler):
         finally:
             if counted:
                 slots.leave(ex.bucket_key)
+
+    def _identify(self, server: "ProxyServer") -> Identity:
+        """identify(), remembered for this connection's next requests that present the same
+        key to the same key ring and default policy (a client sends the same key on a
+        kept-alive connection: no hash, no lookup). Expiry is checked every time; a caller
+        known by its address, or a key in a rotation's grace, is looked up every time."""
+        headers, keys, default = self.headers, server.keys, server.default_policy
+        auth, api_key = headers.get("Authorization"), headers.get("x-api-key")
+        now = server.calendar.wall()
+        known = self._known
+        if known is not None and known[0] is keys and known[1] is default \
+                and known[2] == auth and known[3] == api_key:
+            check_expiry(known[4].policy, now)
+            return known[4]
+        who = identify(headers, keys, default, self.client_address[0],
+                       server.config.trust_forwarded_for, now)
+        if not who.bucket_key.startswith("ip:") and not who.policy.previous_digest:
+            self._known = (keys, default, auth, api_key, who)
+        return who
 
     def _key_slot(self, ex: Exchange, policy: KeyPolicy) -> bool | None:
         """Whether the request may go on under its key's cap on requests in flight: None
@@ -9155,6 +9181,10 @@ def _label_value(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
+#: a status's label in llm_proxy_requests_total, by its hundreds ("2xx")
+_STATUS_CLASSES = tuple(("status", f"{hundreds}xx") for hundreds in range(10))
+
+
 class Metrics:
     """Counters and histograms, rendered in the Prometheus text exposition format by hand.
 
@@ -9193,7 +9223,8 @@ class Metrics:
         self.recent = RecentMinutes(wall, self._lock)
 
     def key(self, label: str) -> str:
-        """The key label to use: `label`, or "other" once MAX_KEY_SERIES keys are in use."""
+        """The key label to use: `label`, or "other" once MAX_KEY_SERIES keys are in use.
+        (A label in use is read without a call where it matters: count_request.)"""
         if label in self._keys:
             return label
         with self._lock:
@@ -9213,8 +9244,8 @@ class Metrics:
                       forwarded: bool = False, limited: bool = False) -> None:
         """A request answered: llm_proxy_requests_total and the tokens charged, and, for a
         forwarded route, this minute's requests (limited, errors), in one go."""
-        key = self.key(label)
-        labels = (("key", key), ("route", route), ("status", f"{status // 100}xx"))
+        key = label if label in self._keys else self.key(label)
+        labels = (("key", key), ("route", route), _STATUS_CLASSES[status // 100])
         with self._lock:
             series = self._counters.setdefault("llm_proxy_requests_total", {})
             series[labels] = series.get(labels, 0) + 1
@@ -9950,6 +9981,7 @@ class ProxyServer(ThreadingHTTPServer):
         self._tally: tuple[float, float, LedgerTally] | None = None  # (see tally())
         self._tally_lock = threading.Lock()
         self._idle = threading.Condition()  # (told when no request is in flight: see drain)
+        self._draining_waits = False
         if ":" in config.host:
             self.address_family = socket.AF_INET6
         self.cap = ConnectionCap(config.max_connections, clock)
@@ -10034,10 +10066,11 @@ class ProxyServer(ThreadingHTTPServer):
         self.exchanges.add(ex)
 
     def request_finished(self, ex: Exchange) -> None:
-        """The request is done. The last one in flight tells drain(): it looks under the
-        condition's lock, so a wake-up cannot fall between its look and its wait."""
+        """The request is done. The last one in flight tells drain() when it waits: drain
+        looks under the condition's lock, so a wake-up cannot fall between its look and its
+        wait."""
         self.exchanges.discard(ex)
-        if not self.exchanges:
+        if not self.exchanges and self._draining_waits:
             with self._idle:
                 self._idle.notify_all()
 
@@ -10241,8 +10274,10 @@ class ProxyServer(ThreadingHTTPServer):
         threading.Thread(target=self.shutdown, name="llm_proxy-shutdown", daemon=True).start()
 
     def drain(self, timeout: float) -> bool:
-        """Wait until no request is in flight, at most `timeout` seconds."""
+        """Wait until no request is in flight, at most `timeout` seconds. (The flag is set
+        before the look: a request that ends after the look sees it and tells.)"""
         with self._idle:
+            self._draining_waits = True
             return self._idle.wait_for(lambda: not self.exchanges, timeout)
 
     def stop_listening(self) -> None:

@@ -4,7 +4,9 @@ interpreter lock), and the short switch interval only while streams are relayed.
 
 from __future__ import annotations
 
+import http.client
 import io
+import json
 import os
 import socket
 import sys
@@ -14,6 +16,7 @@ import unittest
 import llm_proxy
 from llm_proxy import AccessLog, SocketReader, Upstream, UpstreamPool
 from tests.support import CLIENT_KEY, WAIT, ProxyTestCase, until
+from tests.test_keys_admin import ADMIN, KeysAdminCase
 
 
 class BatchedLogTests(unittest.TestCase):
@@ -140,3 +143,52 @@ class SwitchIntervalStaysWithoutRelayTests(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class KnownCallerTests(KeysAdminCase):
+    """A connection remembers who its last request was from (no hash, no lookup for the next
+    one with the same key): what changes the key still applies to the very next request."""
+
+    def post(self, conn, key):
+        conn.request("POST", "/v1/chat/completions",
+                     json.dumps({"model": "fake-a", "messages": []}),
+                     {"Authorization": f"Bearer {key}"})
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+
+    def connection(self):
+        conn = http.client.HTTPConnection("127.0.0.1", self.proxy.server_address[1],
+                                          timeout=WAIT)
+        self.addCleanup(conn.close)
+        return conn
+
+    def test_a_key_disabled_or_deleted_is_refused_on_a_kept_alive_connection(self):
+        secret, conn = self.create("bob"), self.connection()
+        self.assertEqual(self.post(conn, secret)[0], 200)
+        self.assertEqual(self.admin("PATCH", "/admin/keys/bob", {"disabled": True})[0], 200)
+        self.assertEqual(self.post(conn, secret)[0], 401)
+        self.assertEqual(self.admin("PATCH", "/admin/keys/bob", {"disabled": False})[0], 200)
+        self.assertEqual(self.post(conn, secret)[0], 200)
+        self.assertEqual(self.request("DELETE", "/admin/keys/bob", key=ADMIN)[0], 204)
+        self.assertEqual(self.post(conn, secret)[0], 401)
+
+    def test_a_key_that_expires_is_refused_on_a_kept_alive_connection(self):
+        secret, conn = self.create("temp", expires_at="2027-01-16"), self.connection()
+        self.assertEqual(self.post(conn, secret)[0], 200)
+        self.wall.advance(86400)
+        status, body = self.post(conn, secret)
+        self.assertEqual((status, body["error"]["code"]), (401, "key_expired"))
+
+    def test_another_key_on_the_same_connection_is_its_own(self):
+        first, second = self.create("ann", max_tokens=1000), self.create("bob", max_tokens=2000)
+        conn = self.connection()
+        limits = []
+        for key in (first, second, first):
+            conn.request("POST", "/v1/chat/completions",
+                         json.dumps({"model": "fake-a", "messages": []}),
+                         {"Authorization": f"Bearer {key}"})
+            resp = conn.getresponse()
+            resp.read()
+            limits.append(resp.getheader("x-ratelimit-limit"))
+        self.assertEqual(limits, ["1000", "2000", "1000"])
+        self.assertEqual(self.post(conn, "sk-nobody")[0], 401)
