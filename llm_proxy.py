@@ -4786,7 +4786,8 @@ _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 section 5.6.2
 _FORBIDDEN_IN_VALUE = re.compile(rb"[\x00\r\n]")
 _FIELD = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\x00\r\n]*\r\n"
 #: one field: its name, and its value without the blanks around it
-_HEADER_FIELD = re.compile(r"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\x00\r\n]*?)[ \t]*\r\n")
+_HEADER_FIELD = re.compile(
+    r"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*((?:[^\x00\r\n]*[^\x00\r\n \t])?)[ \t]*\r\n")
 _HEADER_BLOCK = re.compile(f"(?:{_FIELD})*")
 
 
@@ -9439,7 +9440,8 @@ class AccessLog:
             self._write(f"{self._timestamp()} {text}")
 
     def access(self, ex: Exchange, cost: int | None, duration_ms: float) -> None:
-        client, method = loggable(ex.client), loggable(ex.method or "-")
+        method = ex.method if ex.method in HANDLED_METHODS else loggable(ex.method or "-")
+        client = ex.client  # (the peer's address, as the socket gives it)
         path, remaining = loggable(ex.path or "-"), ex.remaining
         server = ex.server  # (named with UPSTREAMS_FILE; BASE_API_URL's line is as it was)
         upstream = server.name if server is not None and not server.any_model else None
