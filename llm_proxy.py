@@ -5660,18 +5660,9 @@ def admit(ex: Exchange, store: "BucketStore", metrics: "Metrics",
     cost = request_cost(payload, policy, route.kind, ex.ask)
     limits = policy.calendar
     users = policy.users if ex.user else None
-    ceiling = min((v for v in (bucket.capacity, limits.tokens_per_day, limits.tokens_per_month)
-                   if v is not None))
-    holder = "a bucket holds" if ceiling == bucket.capacity else "this key's quota allows"
-    if users is not None:
-        mine = min((v for v in (users.bucket.capacity, users.calendar.tokens_per_day,
-                                users.calendar.tokens_per_month) if v is not None))
-        if mine < ceiling:
-            ceiling, holder = mine, ("a user's bucket holds" if mine == users.bucket.capacity
-                                     else "a user's quota allows")
-    if cost > ceiling:
-        raise NeverAdmitted(cost, ceiling, holder, tools_estimate(payload))
-    counted = limits or (users is not None and users.calendar)
+    if cost > bucket.capacity or limits.any or users is not None:  # (else it fits: the usual)
+        check_fits(cost, bucket, limits, users, payload)
+    counted = limits.any or (users is not None and users.calendar)
     periods = calendar.periods() if counted and calendar is not None else None
     also: tuple[tuple[str, BucketPolicy, Periods | None], ...] = ()
     key = refused_by = ex.bucket_key
@@ -5717,6 +5708,23 @@ def admit(ex: Exchange, store: "BucketStore", metrics: "Metrics",
         else:
             bound_output(charge, ex.ask, policy, room)
     return charge
+
+
+def check_fits(cost: int, bucket: BucketPolicy, limits: CalendarLimits,
+               users: "UserPolicy | None", payload: dict) -> None:
+    """NeverAdmitted for a request that costs more than its bucket (or a token quota, or its
+    user's) can ever hold."""
+    ceiling = min((v for v in (bucket.capacity, limits.tokens_per_day, limits.tokens_per_month)
+                   if v is not None))
+    holder = "a bucket holds" if ceiling == bucket.capacity else "this key's quota allows"
+    if users is not None:
+        mine = min((v for v in (users.bucket.capacity, users.calendar.tokens_per_day,
+                                users.calendar.tokens_per_month) if v is not None))
+        if mine < ceiling:
+            ceiling, holder = mine, ("a user's bucket holds" if mine == users.bucket.capacity
+                                     else "a user's quota allows")
+    if cost > ceiling:
+        raise NeverAdmitted(cost, ceiling, holder, tools_estimate(payload))
 
 
 def bound_output(charge: Charge, ask: Ask, policy: KeyPolicy, quota: Quota) -> None:
@@ -8664,10 +8672,14 @@ class ProxyHandler(BaseHTTPRequestHandler):
         parser above. Only "METHOD target HTTP/1.x" is accepted: an HTTP/0.9 line has no
         headers, and http.server would wait for them.
         """
-        self.command = None  # type: ignore[assignment]  # (as the base's own parse_request)
-        self.request_version = "HTTP/1.0"
         self.close_connection = True
         self.requestline = self.raw_requestline.decode("latin-1").rstrip("\r\n")
+        plain = _PLAIN_REQUEST_LINE.fullmatch(self.requestline)
+        if plain is not None:  # (the usual line: the checks below, passed at once)
+            self.command, self.path, self.request_version = plain.groups()
+            return self._read_request_headers(plain.group(3) == "HTTP/1.1")
+        self.command = None  # type: ignore[assignment]  # (as the base's own parse_request)
+        self.request_version = "HTTP/1.0"
         words = self.requestline.split()
         if not words:
             return False
@@ -8685,6 +8697,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.send_error(HTTPStatus.HTTP_VERSION_NOT_SUPPORTED)
             return False
         self.path, self.request_version = words[1], version
+        return self._read_request_headers(int(minor) >= 1)
+
+    def _read_request_headers(self, http11: bool) -> bool:
+        """The headers of a request whose line was read (parse_request's contract)."""
         try:
             self.headers = read_headers(
                 self.rfile, self.server.config.max_header_bytes)
@@ -8694,9 +8710,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         except EOFError:
             return False
         tokens = connection_tokens(self.headers)
-        self.close_connection = "close" in tokens or (
-            int(minor) < 1 and "keep-alive" not in tokens)
-        if int(minor) >= 1 and len(self.headers.get_all("Host") or ()) != 1:
+        self.close_connection = "close" in tokens or (not http11 and "keep-alive" not in tokens)
+        if http11 and len(self.headers.get_all("Host") or ()) != 1:
             self.send_error(HTTPStatus.BAD_REQUEST)  # RFC 9112 section 3.2: exactly one Host
             return False
         return True  # (Expect: 100-continue is answered once the key and size are checked)
@@ -9169,6 +9184,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
 CROSS_SITE = frozenset({"cross-site", "same-site"})
 HANDLED_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _HTTP_VERSION = re.compile(r"HTTP/([0-9]{1,2})\.([0-9]{1,2})")  # ASCII digits only
+#: A request line parse_request takes as it is: a method, a target, HTTP/1.0 or 1.1, each
+#: parted by one space (anything else goes the long way, with its checks).
+_PLAIN_REQUEST_LINE = re.compile(r"([A-Z]+) ([!-~]+) (HTTP/1\.[01])")
 
 
 
