@@ -5797,6 +5797,7 @@ class Upstream:
 
 
 _NO_BODY_STATUSES = frozenset({HTTPStatus.NO_CONTENT, HTTPStatus.NOT_MODIFIED})
+_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([2-5][0-9][0-9])(?: ([^\r\n]*))?\r\n")
 _DIGITS = re.compile(r"[0-9]+")  # str.isdigit() also takes "²" and other Unicode digits
 
 
@@ -5815,7 +5816,7 @@ class _UpstreamResponse(http.client.HTTPResponse):
         if self.headers is not None:
             return
         while True:
-            version, status, reason = self._read_status()
+            version, status, reason = self._status_line()
             if status == 101:  # Switching Protocols, never asked for: not HTTP any more
                 raise http.client.HTTPException("unexpected 101 Switching Protocols")
             if not 100 <= status < 200:
@@ -5844,6 +5845,16 @@ class _UpstreamResponse(http.client.HTTPResponse):
             self.length = 0
         if not self.will_close and not self.chunked and self.length is None:
             self.will_close = True
+
+    def _status_line(self) -> tuple[str, int, str]:
+        """http.client's _read_status, for the usual line at once: one that came whole, of a
+        final status, by HTTP/1.x (any other, http.client's own reads)."""
+        line = _STATUS_LINE.match(self.fp.peek(1))
+        if line is None:  # (http.client's own, private, as begin's model: typeshed omits it)
+            return self._read_status()  # type: ignore[attr-defined,no-any-return]
+        self.fp.read(line.end())
+        minor, status, reason = line.groups()
+        return f"HTTP/1.{minor[0] - 48}", int(status), (reason or b"").decode("latin-1")
 
     def _headers_or_error(self) -> Headers:
         try:
@@ -6149,13 +6160,16 @@ def wait_readable(upstream: socket.socket, client: socket.socket | None, timeout
         if not events:
             raise UpstreamTimeout()
         watching = client is not None
+        readable = False
         for fd, _ in events:
             if client is not None and fd == client.fileno():
                 if peer_closed(client):
                     raise ClientGone()
                 poller.unregister(client)
                 client, watching = None, False
-        if any(fd == upstream.fileno() for fd, _ in events):
+            elif fd == upstream.fileno():
+                readable = True
+        if readable:
             return watching
 
 
@@ -6497,13 +6511,13 @@ class Forwarder:
                 pass  # already closed
         return len(active)
 
-    def turn(self, ex: Exchange, gone: Callable[[], bool],
+    def turn(self, ex: Exchange, client: socket.socket,
              server: ModelServer | None = None) -> typing.ContextManager[None]:
         """Hold a slot to the upstream (`server`'s own queue, else BASE_API_URL's) for the body
-        of a `with`. A request that leaves the queue (its client went away, or it waited
+        of a `with`. A request that leaves the queue (its `client` went away, or it waited
         UPSTREAM_QUEUE_TIMEOUT) never reached the upstream: ex.ending stays NOT_SENT."""
         gate = self.gate if server is None else server.gate
-        return _NO_QUEUE if gate is None else self._queued(ex, gone, gate)
+        return _NO_QUEUE if gate is None else self._queued(ex, lambda: peer_closed(client), gate)
 
     @contextlib.contextmanager
     def _queued(self, ex: Exchange, gone: Callable[[], bool], gate: FairGate) -> Iterator[None]:
@@ -9006,7 +9020,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             return upstream_head(ex.method, target, self.headers, peer, pool,
                                  data, ex.api, self.server.via)
 
-        with forwarder.turn(ex, lambda: peer_closed(self.connection), server):
+        with forwarder.turn(ex, self.connection, server):
             try:
                 answer = forwarder.send(ex, pool, head, body, fallback, self.connection, server)
             except UpstreamUnreachable:
