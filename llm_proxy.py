@@ -4775,8 +4775,8 @@ class Headers:
         """Whether a name appears more than once."""
         return self._all is not None
 
-    def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and name.lower() in self._first
+    def __contains__(self, name: str) -> bool:
+        return name.lower() in self._first
 
     def __len__(self) -> int:
         return len(self._items)
@@ -8839,7 +8839,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def _dispatch(self, ex: Exchange) -> None:
         origin = self.headers.get("Origin")
         try:
-            ex.cors = self.server.cors.lines(origin, self.headers.get("Host"))
+            ex.cors = self.server.cors.lines(
+                origin, self.headers.get("Host") if origin is not None else None)
             ex.path, ex.query = normalize_path(self.path)
             route = self.server.routes.find(ex.method, ex.path)
         except ProxyError:  # (refused in the shape of the API its path names, as it stands)
