@@ -4999,7 +4999,10 @@ _DECODE_UNIQUE = json.JSONDecoder(object_pairs_hook=_unique_keys).decode
 
 def _read_unique(body: bytes) -> object:
     """json.loads(body), every object's keys unique (else ProxyError(400))."""
-    return _DECODE_UNIQUE(body.decode(json.detect_encoding(body), "surrogatepass"))
+    # (an object's '{' first, and no NUL after it: UTF-8, with no BOM, as json would find)
+    encoding = "utf-8" if body[:1] == b"{" and body[1:2] != b"\0" \
+        else json.detect_encoding(body)
+    return _DECODE_UNIQUE(body.decode(encoding, "surrogatepass"))
 
 
 def parse_json_object(body: bytes) -> dict:
@@ -8654,7 +8657,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 self.close_connection = True  # the client closed its idle connection
                 return
             cap.mark(self.connection, READING)
-            if b"\r\n\r\n" not in first:  # (a head that came whole needs no deadline)
+            watched = b"\r\n\r\n" not in first  # (a head that came whole needs no deadline)
+            if watched:
                 deadlines.set(self, config.client_header_timeout)
             self.raw_requestline = self.rfile.readline(config.max_header_bytes + 1)
             if len(self.raw_requestline) > config.max_header_bytes:
@@ -8666,7 +8670,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 return
             if not self.parse_request():
                 return
-            deadlines.set(self, None)
+            if watched:
+                deadlines.set(self, None)
             cap.mark(self.connection, BUSY)
             if self.command not in HANDLED_METHODS:
                 self.send_error(HTTPStatus.NOT_IMPLEMENTED)
@@ -8945,7 +8950,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         known = self._known
         if known is not None and known[0] is keys and known[1] is default \
                 and known[2] == auth and known[3] == api_key:
-            check_expiry(known[4].policy, now)
+            if known[4].policy.expires_at is not None:
+                check_expiry(known[4].policy, now)
             return known[4]
         who = identify(headers, keys, default, self.client_address[0],
                        server.config.trust_forwarded_for, now)
