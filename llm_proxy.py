@@ -7615,8 +7615,8 @@ class StreamRelay:
         it until the switch interval forces a hand-off: 5 ms by default, several times per
         request (at 0.5 ms the fan-out figure's time to first event p99 went from 21 to 12 ms).
         Without streams this thread sleeps in epoll, and the short interval only makes the
-        handler threads hand the lock to one another more often: at 64 connections, 455
-        instead of 350 µs of CPU per plain request (tools/bench_llm_proxy.py, wrk)."""
+        handler threads hand the lock to one another more often: at 64 connections, 5 to 10 %
+        more CPU per plain request (tools/bench_llm_proxy.py with wrk)."""
         busy = bool(self._fds)
         if self.switch_interval is not None and busy != self._paced:
             self._paced = busy
@@ -9442,36 +9442,23 @@ class RecentMinutes:
         return first, [held.get(minute, {}) for minute in range(first, last + 1)]
 
 
-LOG_FLUSH_SECONDS = 0.05  # how long a line written to a file may wait to go with others
-
-
 class AccessLog:
     """The log: one line per request (written from its Exchange) and operational messages
     (errors, reloads), as text or, with LOG_FORMAT=json, one JSON object per line. Lines are
     written whole under a lock; a log that cannot be written never takes a request down.
 
-    Into a file (stderr as the proxy runs), lines wait up to LOG_FLUSH_SECONDS and go in one
-    write, from the log's own thread, as nginx's `access_log ... flush=` does: a write is a
-    system call that lets go of the interpreter lock, and under load getting it back means
-    waiting for another thread (at 64 connections, a line a request written at once took 7 %
-    more CPU and half again as many context switches). close() writes what waits, and every
-    later line at once; a crash loses at most the last LOG_FLUSH_SECONDS of lines.
-    Into anything else (a StringIO in tests), each line is written at once."""
+    Each line is written as it comes, by the request's own thread. Written in batches from a
+    thread of its own (tried), the log cost 7 % less CPU per request at 64 connections, but
+    the p99 latency there went from 50 to 350 ms (850 ms at 100 connections): the threads
+    queueing on this lock, while one writes, are threads not contending for the interpreter
+    lock, and without that queue the threads that come back from short system calls take the
+    interpreter lock again and again ahead of those that wait for it."""
 
     def __init__(self, stream: typing.TextIO, json_lines: bool) -> None:
         self._stream = stream
         self._json = json_lines
         self._lock = threading.Lock()
         self._second, self._stamp = -1, ""
-        #: the lines waiting for the log's thread (None: each is written at once)
-        self._waiting: collections.deque[str] | None = None
-        self._wake = threading.Event()
-        self._closing = threading.Event()
-        self._thread: threading.Thread | None = None
-        if is_file(stream):
-            self._waiting = collections.deque()
-            self._thread = threading.Thread(target=self._run, name="llm_proxy-log", daemon=True)
-            self._thread.start()
 
     def message(self, text: str) -> None:
         if self._json:
@@ -9503,46 +9490,12 @@ class AccessLog:
             + (f" upstream={upstream}" if upstream else "") + (f" ({ex.note})" if ex.note else ""))
 
     def _write(self, line: str) -> None:
-        waiting = self._waiting
-        if waiting is None:
-            return self._put(line + "\n")
-        waiting.append(line)
-        if not self._wake.is_set():  # (told once a batch: see _run)
-            self._wake.set()
-
-    def _put(self, text: str) -> None:
         with self._lock:
             try:
-                self._stream.write(text)
+                self._stream.write(line + "\n")
                 self._stream.flush()
             except (OSError, ValueError):
                 pass  # a closed or full log must not take requests down with it
-
-    def _run(self) -> None:
-        """The log's thread. The flag is cleared before the lines are taken: a line added
-        after that sets it again, so none waits for a later one."""
-        while not self._closing.is_set():
-            self._wake.wait()
-            self._closing.wait(LOG_FLUSH_SECONDS)  # (the batch gathers)
-            self._wake.clear()
-            self._put_waiting()
-
-    def _put_waiting(self) -> None:
-        waiting = self._waiting
-        if waiting:
-            lines = [waiting.popleft() for _ in range(len(waiting))]
-            self._put("\n".join(lines) + "\n")
-
-    def close(self) -> None:
-        """Write what waits; from now on every line is written at once (the last lines of a
-        proxy that stops)."""
-        if self._thread is None:
-            return
-        self._closing.set()
-        self._wake.set()
-        self._thread.join(5)
-        self._put_waiting()  # (what came as the thread ended)
-        self._waiting = None
 
     def _timestamp(self) -> str:
         now = int(time.time())
@@ -9657,15 +9610,6 @@ class ConnectionCap:
             refused, self._refused = list(self._refused), collections.deque()
         for _, sock in refused:
             sock.close()
-
-
-def is_file(stream: object) -> bool:
-    """Whether a stream writes to a file descriptor (stderr, a file), not to memory."""
-    try:
-        typing.cast(typing.IO[str], stream).fileno()
-    except (OSError, ValueError, AttributeError):
-        return False
-    return True
 
 
 def canned_503(message: str, code: str) -> bytes:
@@ -10358,7 +10302,6 @@ class ProxyServer(ThreadingHTTPServer):
         if self.streams is not None:
             self.streams.close()
         self.forwarder.close()
-        self.access_log.close()
 
     @property
     def url(self) -> str:

@@ -1,64 +1,19 @@
-"""What the hot path leans on to be fast, kept honest: the log written in batches from its own
-thread, the look at a pooled connection through TCP_INFO (a system call that keeps the
-interpreter lock), and the short switch interval only while streams are relayed."""
+"""What the hot path leans on to be fast, kept honest: the look at a pooled connection through
+TCP_INFO (a system call that keeps the interpreter lock), the short switch interval only while
+streams are relayed, and the caller a connection remembers."""
 
 from __future__ import annotations
 
 import http.client
-import io
 import json
-import os
 import socket
 import sys
-import tempfile
 import unittest
 
 import llm_proxy
-from llm_proxy import AccessLog, SocketReader, Upstream, UpstreamPool
+from llm_proxy import SocketReader, Upstream, UpstreamPool
 from tests.support import CLIENT_KEY, WAIT, ProxyTestCase, until
 from tests.test_keys_admin import ADMIN, KeysAdminCase
-
-
-class BatchedLogTests(unittest.TestCase):
-    """Into a file, lines go in batches from the log's thread; whole, in order, none left."""
-
-    def setUp(self):
-        self.file = tempfile.NamedTemporaryFile("w+", encoding="utf-8", delete=False)
-        self.addCleanup(os.unlink, self.file.name)
-        self.addCleanup(self.file.close)
-        self.log = AccessLog(self.file, json_lines=False)
-        self.addCleanup(self.log.close)
-
-    def text(self):
-        with open(self.file.name, encoding="utf-8") as f:
-            return f.read()
-
-    def test_lines_reach_the_file_whole_and_in_order_without_a_close(self):
-        for i in range(500):
-            self.log.message(f"line {i}")
-        until(self, lambda: self.text().count("\n") == 500)
-        lines = self.text().splitlines()
-        self.assertEqual([line.split(" ", 1)[1] for line in lines],
-                         [f"line {i}" for i in range(500)])
-
-    def test_a_line_after_a_batch_went_is_not_left_waiting(self):
-        self.log.message("first")
-        until(self, lambda: "first" in self.text())
-        self.log.message("second")  # (the log's thread is idle again: this one wakes it)
-        until(self, lambda: "second" in self.text())
-
-    def test_close_writes_what_waits_and_later_lines_go_at_once(self):
-        for i in range(50):
-            self.log.message(f"line {i}")
-        self.log.close()
-        self.assertEqual(self.text().count("\n"), 50)
-        self.log.message("after close")
-        self.assertIn("after close", self.text())  # (no thread any more: written at once)
-
-    def test_a_memory_stream_gets_each_line_at_once(self):
-        stream = io.StringIO()
-        AccessLog(stream, json_lines=False).message("now")
-        self.assertIn("now", stream.getvalue())
 
 
 class ArrivedTests(unittest.TestCase):
