@@ -5480,6 +5480,8 @@ def upstream_body(ex: Exchange, base_model: str) -> tuple[bytes, bytes | None]:
     (Answer.usage_asked), from which the meter is configured once."""
     payload, route, ask = ex.payload, ex.route, ex.ask
     assert payload is not None and route is not None and ex.policy is not None
+    if not base_model and ex.policy.token_cost_mode == "request":
+        return ex.body, None  # (nothing to write into it, nothing to ask for)
     changed = False
     fallback = None
     if base_model and route.kind == GENERATE:
@@ -5870,6 +5872,7 @@ class _UpstreamResponse(http.client.HTTPResponse):
 #: counting the peer's closing as one, ends at byte 136.
 _TCP_INFO_SIZE = 136
 _TCP_ESTABLISHED = 1
+_IPPROTO_TCP, _TCP_INFO = socket.IPPROTO_TCP, getattr(socket, "TCP_INFO", 11)
 _BYTES_RECEIVED = struct.Struct("@128xQ")
 
 
@@ -5927,7 +5930,7 @@ class SocketReader(io.RawIOBase):
         if not self.tcp_info:
             return None
         try:
-            info = self._sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_SIZE)
+            info = self._sock.getsockopt(_IPPROTO_TCP, _TCP_INFO, _TCP_INFO_SIZE)
         except OSError:
             return True  # (a socket that cannot say is not one to use)
         if len(info) < _TCP_INFO_SIZE:  # (a kernel before 4.1: no tcpi_bytes_received)
@@ -8946,15 +8949,14 @@ class ProxyHandler(BaseHTTPRequestHandler):
         known by its address, or a key in a rotation's grace, is looked up every time."""
         headers, keys, default = self.headers, server.keys, server.default_policy
         auth, api_key = headers.get("Authorization"), headers.get("x-api-key")
-        now = server.calendar.wall()
         known = self._known
         if known is not None and known[0] is keys and known[1] is default \
                 and known[2] == auth and known[3] == api_key:
             if known[4].policy.expires_at is not None:
-                check_expiry(known[4].policy, now)
+                check_expiry(known[4].policy, server.calendar.wall())
             return known[4]
         who = identify(headers, keys, default, self.client_address[0],
-                       server.config.trust_forwarded_for, now)
+                       server.config.trust_forwarded_for, server.calendar.wall())
         if not who.bucket_key.startswith("ip:") and not who.policy.previous_digest:
             self._known = (keys, default, auth, api_key, who)
         return who
