@@ -4712,6 +4712,7 @@ ANTHROPIC, OLLAMA = AnthropicShape(), OllamaShape()
 # ################################################################### HTTP messages ####
 
 _NAME, _VALUE = operator.itemgetter(0), operator.itemgetter(1)
+_NO_TOKENS: frozenset[str] = frozenset()
 _FIELD_LINE = ": ".join  # (a field's line from its (name, value), made by map: no loop)
 
 
@@ -4737,7 +4738,7 @@ class Headers:
             self._all = {}
             for key, (_, value) in zip(lower, items):
                 self._all.setdefault(key, []).append(value)
-        self._tokens: frozenset[str] | None = None  # (see connection_tokens)
+        self._tokens: frozenset[str] | None = None  # (see connection_tokens: read once)
 
     @typing.overload
     def get(self, name: str) -> str | None: ...
@@ -4769,6 +4770,16 @@ class Headers:
         """The fields (in order) whose lower-case name is not in `names`."""
         return list(itertools.compress(self._items, map(operator.not_,
                                                         map(names.__contains__, self._lower))))
+
+    def connection_tokens(self) -> frozenset[str]:
+        """The options of the Connection fields, lower case (the names of hop-by-hop fields),
+        read once."""
+        tokens = self._tokens
+        if tokens is None:
+            values = self.get_all("Connection")
+            tokens = self._tokens = _NO_TOKENS if not values else frozenset(
+                t.strip().lower() for v in values for t in v.split(","))
+        return tokens
 
     @property
     def repeated(self) -> bool:
@@ -5044,10 +5055,7 @@ def request_framing(headers: Headers) -> int | None:
     the next request: ambiguous or invalid framing is ProxyError(400) and closes the connection
     (request smuggling, RFC 9112 section 6.3)."""
     if not headers.repeated and "transfer-encoding" not in headers:  # (the usual: one length)
-        raw = headers.get("content-length", "0").strip()
-        if not _ASCII_DIGITS.fullmatch(raw):
-            raise ProxyError(HTTPStatus.BAD_REQUEST, "Invalid Content-Length.", close=True)
-        return int(raw)
+        return content_length(headers.get("content-length", "0").strip())
     lengths = [v.strip() for v in headers.get_all("Content-Length") or []]
     encoding = ",".join(headers.get_all("Transfer-Encoding") or []).strip().lower()
     if encoding:
@@ -5061,24 +5069,14 @@ def request_framing(headers: Headers) -> int | None:
     if len(lengths) > 1:  # duplicate or conflicting: which one the next hop uses is unknown
         raise ProxyError(HTTPStatus.BAD_REQUEST, "Conflicting Content-Length headers.",
                          close=True)
-    raw = lengths[0] if lengths else "0"
+    return content_length(lengths[0] if lengths else "0")
+
+
+def content_length(raw: str) -> int:
+    """A request's one Content-Length value (stripped), or ProxyError(400)."""
     if not _ASCII_DIGITS.fullmatch(raw):
         raise ProxyError(HTTPStatus.BAD_REQUEST, "Invalid Content-Length.", close=True)
     return int(raw)
-
-
-def connection_tokens(headers: Headers) -> frozenset[str]:
-    """The options of the Connection headers, lower case (the names of hop-by-hop headers);
-    read once for each block of headers."""
-    tokens = headers._tokens
-    if tokens is None:
-        values = headers.get_all("Connection")
-        tokens = headers._tokens = _NO_TOKENS if not values else frozenset(
-            t.strip().lower() for v in values for t in v.split(","))
-    return tokens
-
-
-_NO_TOKENS: frozenset[str] = frozenset()
 
 
 class CorsPolicy:
@@ -5851,6 +5849,16 @@ class _UpstreamResponse(http.client.HTTPResponse):
         if not self.will_close and not self.chunked and self.length is None:
             self.will_close = True
 
+    def getheader(self, name: str, default: typing.Any = None) -> typing.Any:
+        """http.client's (a repeated field's values joined), reading Headers directly."""
+        headers: Headers = self.headers  # type: ignore[assignment]  # (see begin)
+        if headers is None:
+            raise http.client.ResponseNotReady()
+        if headers.repeated:
+            values = headers.get_all(name)
+            return default if values is None else ", ".join(values)
+        return headers.get(name, default)
+
     def _status_line(self) -> tuple[str, int, str]:
         """http.client's _read_status, for the usual line at once: one that came whole, of a
         final status, by HTTP/1.x (any other, http.client's own reads)."""
@@ -6402,7 +6410,7 @@ def upstream_head(method: str, target: str, headers: Headers, peer: str, pool: "
     Anthropic API as x-api-key too (llama.cpp takes either, vLLM only the first, servers made
     for Anthropic's clients may want the second). Every value was checked when it was parsed
     (read_headers) or configured (Config)."""
-    named = connection_tokens(headers)
+    named = headers.connection_tokens()
     kept = headers.without(NOT_FORWARDED_UP | named if named else NOT_FORWARDED_UP)
     if headers.repeated:
         forwarded: dict[str, str] = {}
@@ -7718,7 +7726,7 @@ def response_headers(resp: http.client.HTTPResponse,
     proxy's X-RateLimit-* for a charged request."""
     dropped = NOT_FORWARDED_DOWN if quota is None else _NOT_FORWARDED_CHARGED
     # (typeshed says HTTPMessage; _UpstreamResponse.begin() makes it a Headers)
-    named = connection_tokens(resp.headers)  # type: ignore[arg-type]
+    named = resp.headers.connection_tokens()  # type: ignore[attr-defined]
     if named:
         dropped = dropped | named
     headers = resp.headers.without(dropped)  # type: ignore[attr-defined]
@@ -7731,16 +7739,10 @@ _NOT_FORWARDED_CHARGED = NOT_FORWARDED_DOWN | {n.lower() for n in RATE_LIMIT_HEA
 _STREAM_TYPE = re.compile(r"text/event-stream|application/x-ndjson", re.IGNORECASE)
 
 
-def answer_field(resp: http.client.HTTPResponse, name: str) -> str | None:
-    """resp.getheader(name): a repeated field's values joined."""
-    headers: Headers = resp.headers  # type: ignore[assignment]  # (see _UpstreamResponse)
-    return ", ".join(headers.get_all(name, ())) if headers.repeated else headers.get(name)
-
-
 def is_stream(resp: http.client.HTTPResponse) -> bool:
     """Whether the answer is generated while it is relayed (server-sent events, or Ollama's
     lines of JSON)."""
-    return _STREAM_TYPE.search(answer_field(resp, "content-type") or "") is not None
+    return _STREAM_TYPE.search(resp.getheader("Content-Type") or "") is not None
 
 
 class ClientSide(Protocol):
@@ -7770,7 +7772,7 @@ def relay_answer(ex: Exchange, answer: Answer, client: ClientSide, read_timeout:
     meter = charge.meter if charge is not None else None
     stream = is_stream(resp)
     if meter is not None:
-        meter.begin(resp.status, answer_field(resp, "content-encoding"), stream)
+        meter.begin(resp.status, resp.getheader("Content-Encoding"), stream)
     headers = response_headers(resp, charge.quota if charge is not None else None)
     framing = choose_framing(status=resp.status, method=ex.method,
                              http11=client.request_version == "HTTP/1.1",
@@ -8731,7 +8733,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             return False
         except EOFError:
             return False
-        tokens = connection_tokens(self.headers)
+        tokens = self.headers.connection_tokens()
         self.close_connection = "close" in tokens or (not http11 and "keep-alive" not in tokens)
         if http11 and len(self.headers.get_all("Host") or ()) != 1:
             self.send_error(HTTPStatus.BAD_REQUEST)  # RFC 9112 section 3.2: exactly one Host
