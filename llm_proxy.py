@@ -910,9 +910,16 @@ _FIELD_RULES = {
 }
 
 
+def from_iso(text: str) -> datetime.datetime:
+    """datetime.fromisoformat, reading a trailing Z as UTC on Python 3.10 too (3.11 does)."""
+    if text[-1:] in ("Z", "z"):
+        text = text[:-1] + "+00:00"
+    return datetime.datetime.fromisoformat(text)
+
+
 def _moment_form(text: str) -> bool:
     try:
-        datetime.datetime.fromisoformat(text)
+        from_iso(text)
     except ValueError:
         return False
     return True
@@ -921,7 +928,7 @@ def _moment_form(text: str) -> bool:
 def parse_moment(text: str, tz: datetime.tzinfo) -> float:
     """A keys-file date ("2027-01-31": its first moment) or date and time as a wall-clock
     timestamp; without an offset it is in `tz` (QUOTA_TIMEZONE)."""
-    moment = datetime.datetime.fromisoformat(text)
+    moment = from_iso(text)
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=tz)
     return moment.timestamp()
@@ -3105,7 +3112,7 @@ def report_window(calendar: Calendar, since: str | None, until: str | None) -> t
     wall-clock times: by default from the start of this month until now."""
     def moment(text: str, name: str) -> float:
         try:
-            value = datetime.datetime.fromisoformat(text)
+            value = from_iso(text)
         except ValueError:
             raise ConfigError(f"{name}: {text!r} is not a date (2026-11-01) or a date and time "
                               "(2026-11-01T13:00)") from None

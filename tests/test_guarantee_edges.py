@@ -93,6 +93,7 @@ class NoStoreTests(ProxyTestCase):
                 self.assertEqual(headers.get("cache-control"), "no-store")
 
 
+@unittest.skipIf(sys.version_info < (3, 11), "TOML files need tomllib (Python 3.11)")
 class KeysFileSettleTests(ProxyTestCase):
     """A keys file is loaded once it has stayed unchanged for KEYS_SETTLE_SECONDS: one
     rewritten slowly in place is never read half-written. The watcher's thread is parked (an

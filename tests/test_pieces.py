@@ -4,6 +4,7 @@ parser against the standard library's."""
 
 from __future__ import annotations
 
+import datetime
 import http.client
 import io
 import json
@@ -266,3 +267,14 @@ class HeaderParserTests(unittest.TestCase):
             with self.subTest(block=block[:20]):
                 for reader in (io.BufferedReader(io.BytesIO(block)), _LinesOnly(block)):
                     self.assertEqual(self.parse(reader), ("refused", status))
+
+
+class IsoMomentTests(unittest.TestCase):
+    def test_a_trailing_z_is_utc_on_every_python(self):
+        """The keys file and the audit trail write times with a Z, which Python 3.10's
+        fromisoformat does not read."""
+        utc = datetime.timezone.utc
+        self.assertEqual(llm_proxy.from_iso("2026-12-07T00:31:27Z"),
+                         datetime.datetime(2026, 12, 7, 0, 31, 27, tzinfo=utc))
+        self.assertEqual(llm_proxy.from_iso("2026-12-07T00:31"),
+                         datetime.datetime(2026, 12, 7, 0, 31))

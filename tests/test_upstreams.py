@@ -8,6 +8,7 @@ import http.client
 import io
 import json
 import os
+import sys
 import tempfile
 import threading
 import unittest
@@ -251,6 +252,7 @@ class RoutingTests(UpstreamsCase):
         self.assertEqual(sorted(statuses), [504, 504])
         self.box1.stop.set()
 
+    @unittest.skipIf(sys.version_info < (3, 11), "TOML files need tomllib (Python 3.11)")
     def test_a_toml_file_is_read_too(self):
         path = os.path.join(self.folder, "upstreams.toml")
         with open(path, "w") as f:
