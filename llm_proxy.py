@@ -111,7 +111,6 @@ import hmac
 import http.client
 import io
 import ipaddress
-import itertools
 import json
 import math
 import operator
@@ -4718,7 +4717,6 @@ ANTHROPIC, OLLAMA = AnthropicShape(), OllamaShape()
 
 # ################################################################### HTTP messages ####
 
-_NAME, _VALUE = operator.itemgetter(0), operator.itemgetter(1)
 _NO_TOKENS: frozenset[str] = frozenset()
 _FIELD_LINE = ": ".join  # (a field's line from its (name, value), made by map: no loop)
 
@@ -4730,21 +4728,28 @@ class Headers:
     items), without the email package's parser, which is a large share of the cost of a request.
     """
 
-    __slots__ = ("_items", "_lower", "_first", "_all", "_tokens")
+    __slots__ = ("_items", "_first", "_all", "_tokens", "repeated")
 
     def __init__(self, items: list[tuple[str, str]]) -> None:
-        # Built with map and zip, not a loop: a request has two header blocks, and this is the
-        # larger part of what reading one costs.
+        # (a loop, not map and zip: for the handful of fields of a block it is faster)
         self._items = items
-        self._lower = lower = list(map(str.lower, map(_NAME, items)))
-        #: each name's first value (the first one wins: built from the end)
-        self._first = dict(zip(reversed(lower), map(_VALUE, reversed(items))))
+        first: dict[str, str] = {}
+        for name, value in items:
+            first[name.lower()] = value  # (the last one wins here; see below)
         #: every value of each name, made only when a name repeats (None: none does)
         self._all: dict[str, list[str]] | None = None
-        if len(self._first) != len(items):
-            self._all = {}
-            for key, (_, value) in zip(lower, items):
-                self._all.setdefault(key, []).append(value)
+        #: whether a name appears more than once
+        self.repeated = len(first) != len(items)
+        if self.repeated:
+            first = {}
+            every: dict[str, list[str]] = {}
+            for name, value in items:
+                key = name.lower()
+                first.setdefault(key, value)
+                every.setdefault(key, []).append(value)
+            self._all = every
+        #: each name's first value
+        self._first = first
         self._tokens: frozenset[str] | None = None  # (see connection_tokens: read once)
 
     @typing.overload
@@ -4775,8 +4780,7 @@ class Headers:
 
     def without(self, names: frozenset[str]) -> list[tuple[str, str]]:
         """The fields (in order) whose lower-case name is not in `names`."""
-        return list(itertools.compress(self._items, map(operator.not_,
-                                                        map(names.__contains__, self._lower))))
+        return [item for item in self._items if item[0].lower() not in names]
 
     def connection_tokens(self) -> frozenset[str]:
         """The options of the Connection fields, lower case (the names of hop-by-hop fields),
@@ -4788,11 +4792,6 @@ class Headers:
                 t.strip().lower() for v in values for t in v.split(","))
         return tokens
 
-    @property
-    def repeated(self) -> bool:
-        """Whether a name appears more than once."""
-        return self._all is not None
-
     def __contains__(self, name: str) -> bool:
         return name.lower() in self._first
 
@@ -4802,11 +4801,14 @@ class Headers:
 
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 section 5.6.2
 _FORBIDDEN_IN_VALUE = re.compile(rb"[\x00\r\n]")
-_FIELD = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\x00\r\n]*\r\n"
-#: one field: its name, and its value without the blanks around it
-_HEADER_FIELD = re.compile(
-    r"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*((?:[^\x00\r\n]*[^\x00\r\n \t])?)[ \t]*\r\n")
-_HEADER_BLOCK = re.compile(f"(?:{_FIELD})*")
+#: one whole line of a block (from a line's start, to its CRLF): a field's name, and its value
+#: without the blanks before it; _TRIMMED_FIELD without those after it too (slower: it
+#: backtracks, so it serves only a block with a blank at a line's end)
+_HEADER_FIELD = re.compile(r"^([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\x00\r\n]*)\r\n",
+                           re.MULTILINE)
+_TRIMMED_FIELD = re.compile(
+    r"^([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*((?:[^\x00\r\n]*[^\x00\r\n \t])?)[ \t]*\r\n",
+    re.MULTILINE)
 
 
 class HeaderError(Exception):
@@ -4865,11 +4867,13 @@ def _read_header_block(fp: typing.BinaryIO | io.BufferedIOBase,
     elif end < 0:
         return None
     block = data[:end + 2].decode("latin-1")
-    if not _HEADER_BLOCK.fullmatch(block):
-        return None
-    items = _HEADER_FIELD.findall(block)  # (each value without the blanks around it)
-    if len(items) >= MAX_HEADER_LINES or end + 4 > max_bytes:
-        return None  # let the slow path raise the error
+    pattern = _TRIMMED_FIELD if " \r\n" in block or "\t\r\n" in block else _HEADER_FIELD
+    items = pattern.findall(block)
+    # Each match is one whole line (it starts where a line does and ends at its CRLF), so as
+    # many matches as line feeds means every line matched: the block is well formed.
+    if len(items) != block.count("\n") or len(items) >= MAX_HEADER_LINES \
+            or end + 4 > max_bytes:
+        return None  # (the slow path reads it, and accepts it or raises the error)
     fp.read(end + 4)
     return Headers(items)
 

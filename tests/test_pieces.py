@@ -245,9 +245,12 @@ class HeaderParserTests(unittest.TestCase):
 
     def test_both_paths_agree_with_each_other_and_with_the_standard_library(self):
         rng = random.Random(20261201)
-        accepted = 0
+        accepted = whole = 0
         for _ in range(4000):
             block = self.random_block(rng)
+            # (the one-pattern path takes a block or leaves it all to the line-by-line one)
+            whole += llm_proxy._read_header_block(io.BufferedReader(io.BytesIO(block)),
+                                                  4096) is not None
             buffered = io.BufferedReader(io.BytesIO(block))
             lines_only = _LinesOnly(block)
             fast, slow = self.parse(buffered), self.parse(lines_only)
@@ -259,6 +262,7 @@ class HeaderParserTests(unittest.TestCase):
                 self.assertEqual(fast[1], [(n, v.rstrip(" \t")) for n, v in stdlib.items()],
                                  block)
         self.assertGreater(accepted, 1000)  # the comparison with the stdlib really ran
+        self.assertGreater(whole, 1000)  # and the fast path was among what was compared
 
     def test_refusals(self):
         for block, status in ((b"A : x\r\n\r\n", 400), (b" A: x\r\n\r\n", 400),
