@@ -5815,16 +5815,48 @@ _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([2-5][0-9][0-9])(?: ([^\r\n]*))?\r\
 _DIGITS = re.compile(r"[0-9]+")  # str.isdigit() also takes "²" and other Unicode digits
 
 
-class _UpstreamResponse(http.client.HTTPResponse):
+class _UpstreamResponse:
     """http.client's response, reading its headers with read_headers instead of the email
-    package. The framing rules are http.client's own.
+    package. The framing rules are http.client's own: its HTTPResponse's methods (read,
+    read1, the chunked decoding, its private _read_status and _check_close), taken onto this
+    plain object (see below), which an answer's reading uses and nothing else. An
+    HTTPResponse is an io object besides: made, closed and finalised as one, it cost about a
+    third of reading a small answer.
 
-    begin() follows CPython 3.10-3.13's HTTPResponse.begin (Lib/http/client.py) and uses its
-    private _read_status and _check_close. What it changes: headers come from read_headers
-    (not the email parser); every interim 1xx is skipped (CPython skips only 100) and 101 is
-    refused; a 204/304 that claims a body marks the connection as not reusable; Content-Length
-    must be ASCII digits.
+    begin() follows CPython 3.10-3.13's HTTPResponse.begin (Lib/http/client.py). What it
+    changes: headers come from read_headers (not the email parser); every interim 1xx is
+    skipped (CPython skips only 100) and 101 is refused; a 204/304 that claims a body marks
+    the connection as not reusable; Content-Length must be ASCII digits.
     """
+
+    __slots__ = ("fp", "_method", "debuglevel", "headers", "msg", "version", "status", "code",
+                 "reason", "chunked", "chunk_left", "length", "will_close")
+
+    def __init__(self, reader: io.BufferedReader, method: str) -> None:
+        #: the connection's reader (or a body put back: _PutBack); None once read or closed
+        self.fp: typing.Any = reader
+        self._method = method
+        self.debuglevel = 0
+        self.headers: Headers | None = None
+        self.version = 11
+        self.status = self.code = 0
+        self.reason = ""
+        self.chunked = False
+        self.chunk_left: int | None = None
+        self.length: int | None = None
+        self.will_close = True
+
+    if typing.TYPE_CHECKING:  # (http.client's, taken on below the class)
+        def read(self, amt: int | None = None) -> bytes: ...
+        def read1(self, n: int = -1) -> bytes: ...
+        def isclosed(self) -> bool: ...
+        def _read_status(self) -> tuple[str, int, str]: ...
+        def _check_close(self) -> bool: ...
+        def _close_conn(self) -> None: ...
+
+    def close(self) -> None:
+        if self.fp is not None:
+            self._close_conn()
 
     def begin(self) -> None:
         if self.headers is not None:
@@ -5862,7 +5894,7 @@ class _UpstreamResponse(http.client.HTTPResponse):
 
     def getheader(self, name: str, default: typing.Any = None) -> typing.Any:
         """http.client's (a repeated field's values joined), reading Headers directly."""
-        headers: Headers = self.headers  # type: ignore[assignment]  # (see begin)
+        headers = self.headers
         if headers is None:
             raise http.client.ResponseNotReady()
         if headers.repeated:
@@ -5885,6 +5917,14 @@ class _UpstreamResponse(http.client.HTTPResponse):
             return read_headers(self.fp)
         except (HeaderError, EOFError) as err:
             raise http.client.HTTPException(str(err)) from None
+
+
+# http.client's framing, on _UpstreamResponse: each method of its HTTPResponse that this one
+# does not define, but those that only an io object has (they call super()).
+for _name, _function in vars(http.client.HTTPResponse).items():
+    if callable(_function) and _name not in vars(_UpstreamResponse) \
+            and _name not in ("flush", "readline", "__iter__"):
+        setattr(_UpstreamResponse, _name, _function)
 
 
 #: struct tcp_info (linux/tcp.h): the state is its first byte; tcpi_bytes_received (Linux 4.1),
@@ -6047,16 +6087,11 @@ class _Connection:
         self.raw = SocketReader(sock)
         self.reader = _ConnectionReader(self.raw, READ_BUFFER)
 
-    def makefile(self, mode: str = "rb") -> _ConnectionReader:
-        """HTTPResponse(sock) reads from sock.makefile(): the connection's one reader."""
-        return self.reader
-
     def send_request(self, head: str, body: bytes) -> "_UpstreamResponse":
         """Send a request whose head (request line and headers, without the empty line that
         ends them) is `head`; the response object that will read its answer."""
         self.sock.sendall(head.encode("latin-1") + b"\r\n\r\n" + body)
-        # (HTTPResponse takes a socket; all it does with one is makefile(), which this has)
-        return _UpstreamResponse(self, method=head.partition(" ")[0])  # type: ignore[arg-type]
+        return _UpstreamResponse(self.reader, head.partition(" ")[0])
 
     def answer_begun(self) -> bool:
         """Whether the answer to the request just sent has begun to arrive, found out without
@@ -7168,7 +7203,7 @@ class RelayEnd(typing.NamedTuple):
     tail: bytes = b""           # WHOLE: the bytes that complete the answer, not yet written
 
 
-def relay(resp: http.client.HTTPResponse, upstream: socket.socket, write: Callable[[bytes], None],
+def relay(resp: _UpstreamResponse, upstream: socket.socket, write: Callable[[bytes], None],
           head: bytes, framing: Framing, transform: BodyTransform | None,
           watch: socket.socket | None, read_timeout: float) -> RelayEnd:
     """Send `head` with the first piece of the body, then each piece as it arrives, framed as
@@ -7210,7 +7245,7 @@ def relay(resp: http.client.HTTPResponse, upstream: socket.socket, write: Callab
     return RelayEnd(WHOLE, tail=tail)
 
 
-def _buffered(resp: http.client.HTTPResponse, sock: socket.socket) -> bool:
+def _buffered(resp: _UpstreamResponse, sock: socket.socket) -> bool:
     """Whether the response already holds unread bytes (so waiting on the socket would stall).
 
     http.client reads through a BufferedReader; peek_now looks at it without waiting.
@@ -7732,16 +7767,17 @@ def shut(sock: socket.socket) -> None:
         pass
 
 
-def response_headers(resp: http.client.HTTPResponse,
+def response_headers(resp: _UpstreamResponse,
                      quota: Quota | None) -> list[tuple[str, str]]:
     """The upstream's headers minus hop-by-hop ones and those the proxy sets itself; with the
     proxy's X-RateLimit-* for a charged request."""
     dropped = NOT_FORWARDED_DOWN if quota is None else _NOT_FORWARDED_CHARGED
-    # (typeshed says HTTPMessage; _UpstreamResponse.begin() makes it a Headers)
-    named = resp.headers.connection_tokens()  # type: ignore[attr-defined]
+    received = resp.headers
+    assert received is not None  # (begin() has read them)
+    named = received.connection_tokens()
     if named:
         dropped = dropped | named
-    headers = resp.headers.without(dropped)  # type: ignore[attr-defined]
+    headers = received.without(dropped)
     if quota is not None:
         headers += rate_limit_headers(quota)
     return headers
@@ -7751,7 +7787,7 @@ _NOT_FORWARDED_CHARGED = NOT_FORWARDED_DOWN | {n.lower() for n in RATE_LIMIT_HEA
 _STREAM_TYPE = re.compile(r"text/event-stream|application/x-ndjson", re.IGNORECASE)
 
 
-def is_stream(resp: http.client.HTTPResponse) -> bool:
+def is_stream(resp: _UpstreamResponse) -> bool:
     """Whether the answer is generated while it is relayed (server-sent events, or Ollama's
     lines of JSON)."""
     return _STREAM_TYPE.search(resp.getheader("Content-Type") or "") is not None
