@@ -7242,7 +7242,7 @@ def relay(resp: _UpstreamResponse, upstream: socket.socket, write: Callable[[byt
     except (OSError, ValueError, http.client.HTTPException) as exc:
         return RelayEnd(UPSTREAM_BROKE, not head, type(exc).__name__,
                         held_back(transform, chunked))
-    return RelayEnd(WHOLE, tail=tail)
+    return RelayEnd(WHOLE, True, "", tail)
 
 
 def _buffered(resp: _UpstreamResponse, sock: socket.socket) -> bool:
@@ -10413,6 +10413,44 @@ def describe(config: Config, server: ProxyServer) -> list[str]:
     ]
 
 
+def start_as_module() -> None:
+    """`python3 llm_proxy.py`: start again at once, in the same process (exec: the same pid,
+    the same open files), as this file imported as a module, and so without the memory a
+    script keeps. CPython holds a script's parse tree for as long as the script runs, and it
+    is what keeps the compiler's memory from going back to the system (with it, 50 MiB from
+    the start; without it and give_back_start_memory, 30); a module's tree is freed once it
+    is compiled (and its compiled form cached, where __pycache__ can be written). The command
+    line names this file and keeps the interpreter's options. Not under a debugger, a profiler
+    or a frozen build, nor off POSIX: there the script runs on as it started. Returns only
+    where it does not start again."""
+    if __spec__ is not None or os.name != "posix" or getattr(sys, "frozen", False) \
+            or not sys.executable or sys.gettrace() is not None \
+            or sys.getprofile() is not None:
+        return
+    script = os.path.abspath(__file__)
+    given = getattr(sys, "orig_argv", [])
+    options = given[1:given.index(sys.argv[0], 1)] if sys.argv[0] in given[1:] else []
+    start = (f"import os, runpy, sys; script = {script!r}; "
+             "sys.path.insert(0, os.path.dirname(script)); "
+             "runpy.run_module('llm_proxy', run_name='__main__', alter_sys=True)")
+    try:
+        os.execv(sys.executable, [sys.executable, *options, "-c", start, *sys.argv[1:]])
+    except OSError:
+        return  # (the script runs on as it started)
+
+
+def give_back_start_memory() -> None:
+    """Return to the system what starting took and no longer uses (compiling this file
+    takes some 20 MiB, freed once done but kept by the C allocator): glibc's malloc_trim.
+    Elsewhere (another C library, no ctypes) nothing happens."""
+    try:
+        import ctypes
+        trim = ctypes.CDLL(None).malloc_trim
+    except (ImportError, OSError, AttributeError):
+        return
+    trim(0)
+
+
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["keygen"]:
@@ -10453,6 +10491,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         signal.signal(signum, lambda *_: server.stop())
     if hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, lambda *_: server.request_key_reload())
+    give_back_start_memory()
     status = 0
     try:
         server.serve_forever()
@@ -11844,4 +11883,5 @@ PAGE_ASSETS = {
 
 
 if __name__ == "__main__":
+    start_as_module()
     sys.exit(main())

@@ -1,18 +1,22 @@
 """What the hot path leans on to be fast, kept honest: the look at a pooled connection through
 TCP_INFO (a system call that keeps the interpreter lock), the short switch interval only while
-streams are relayed, and the caller a connection remembers."""
+streams are relayed, the caller a connection remembers, and the script started again as a
+module (a script's parse tree is held for as long as it runs)."""
 
 from __future__ import annotations
 
 import http.client
 import json
+import os
+import re
 import socket
+import subprocess
 import sys
 import unittest
 
 import llm_proxy
 from llm_proxy import SocketReader, Upstream, UpstreamPool
-from tests.support import CLIENT_KEY, WAIT, ProxyTestCase, until
+from tests.support import CLIENT_KEY, HERE, WAIT, ProxyTestCase, until
 from tests.test_keys_admin import ADMIN, KeysAdminCase
 
 
@@ -94,6 +98,33 @@ class SwitchIntervalStaysWithoutRelayTests(unittest.TestCase):
         before = sys.getswitchinterval()
         relay.pace()
         self.assertEqual(sys.getswitchinterval(), before)
+
+
+@unittest.skipUnless(sys.platform.startswith("linux"), "reads /proc/PID/cmdline")
+class StartAsModuleTests(unittest.TestCase):
+    """`python3 llm_proxy.py` starts again, in the same process, as the module imported: the
+    same pid, the interpreter's options kept, the file named on the command line."""
+
+    def test_the_script_starts_again_as_a_module_with_its_options(self):
+        proc = subprocess.Popen(
+            [sys.executable, "-X", "utf8", os.path.join(HERE, "llm_proxy.py")],
+            env={**os.environ, "HOST": "127.0.0.1", "PORT": "0", "STATE_DB": "off",
+                 "BASE_API_URL": "http://127.0.0.1:9/v1"},
+            stderr=subprocess.PIPE, text=True)
+        self.addCleanup(proc.wait, WAIT)
+        self.addCleanup(proc.terminate)
+        first = proc.stderr.readline()  # (written by main(), after the start again)
+        port = re.search(r"listening on http://127\.0\.0\.1:([0-9]+)", first)
+        self.assertIsNotNone(port, first)
+        with open(f"/proc/{proc.pid}/cmdline", "rb") as f:
+            args = f.read().decode().split("\0")[:-1]
+        self.assertEqual(args[1:4], ["-X", "utf8", "-c"])
+        self.assertIn(repr(os.path.join(HERE, "llm_proxy.py")), args[4])
+        self.assertIn("run_module('llm_proxy'", args[4])
+        conn = http.client.HTTPConnection("127.0.0.1", int(port.group(1)), timeout=WAIT)
+        conn.request("GET", "/health")
+        self.assertEqual(conn.getresponse().status, 200)
+        conn.close()
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ import contextlib
 import functools
 import http.client
 import json
+import math
 import os
 import re
 import resource
@@ -179,6 +180,16 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mib(pid: int, field: str) -> float:
+    """A process's resident memory now (VmRSS) or at its peak so far (VmHWM): the peak of a
+    proxy started without a cached compiled module is the compiling of llm_proxy.py."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return math.nan
 
 
 def pct(values: list[float], q: float) -> float:
@@ -1043,6 +1054,10 @@ def proxy_rows(up_port: int, requests: int, seconds: int, firsts: int, quick: bo
                          f"{pct(p_gaps, q) - pct(d_gaps, q):+.2f}"))
         rows.append(("50 streams, event spacing mean (ms)", f"{statistics.mean(d_gaps):.2f}",
                      f"{statistics.mean(p_gaps):.2f}", ""))
+        rows.append(("proxy RSS after all of the above (MiB)", "",
+                     f"{rss_mib(proxy.pid, 'VmRSS'):.1f}", ""))
+        rows.append(("proxy peak RSS, start-up included (MiB)", "",
+                     f"{rss_mib(proxy.pid, 'VmHWM'):.1f}", ""))
     finally:
         proxy.terminate()
         proxy.wait(30)
