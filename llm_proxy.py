@@ -21,7 +21,9 @@ How to run
     Configuration comes from environment variables, each with a matching --flag (the flag wins).
     `Config.from_env` is the only place that reads them (config: one row per setting). Bind to
     127.0.0.1 unless you mean to share the proxy, and set PROXY_API_KEYS when you do: without
-    it any bearer token is accepted and simply gets its own bucket.
+    it any bearer token is accepted and simply gets its own bucket. Run as a script, the file
+    starts again at once as the module imported, in the same process (start_as_module, CLI):
+    CPython keeps a script's parse tree for as long as it runs, two thirds of its memory.
 
 The life of a request (in the order it happens; the sections that hold each step are named
 in brackets, and the index below says where they sit)

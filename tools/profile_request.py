@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Count the Python work of one plain request: the opcodes a handler thread runs for it, and
 the calls, by function. Unlike a timing, the count does not move from run to run, so it shows
-what a change to the hot path adds or takes away (the timings are the benchmark's).
+what a change to the hot path adds or takes away (the timings are the benchmark's). Opcodes
+are not the cost: a chain of map and zip runs fewer of them than a loop and can cost more in
+C; tools/instructions_per_request.py counts all of a request's work, C included.
 
     python3 tools/profile_request.py                 # this checkout: totals and the top 30
     python3 tools/profile_request.py --top 0         # totals only
