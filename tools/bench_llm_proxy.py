@@ -182,6 +182,19 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def send_plain(conn: http.client.HTTPConnection, count: int, key: str) -> None:
+    """`count` plain chat completions on one kept-alive connection, each read whole: the
+    request the counting tools (profile_request, instructions_per_request) measure."""
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                       "max_tokens": 16})
+    for _ in range(count):
+        conn.request("POST", "/v1/chat/completions", body,
+                     {"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+        resp = conn.getresponse()
+        resp.read()
+        assert resp.status == 200, resp.status
+
+
 def rss_mib(pid: int, field: str) -> float:
     """A process's resident memory now (VmRSS) or at its peak so far (VmHWM): the peak of a
     proxy started without a cached compiled module is the compiling of llm_proxy.py."""

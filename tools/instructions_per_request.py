@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import json
 import os
 import shutil
 import signal
@@ -56,14 +55,7 @@ def total_instructions(proxy: str, upstream_port: int, requests: int, folder: st
             raise SystemExit(f"the proxy in {proxy} did not start under valgrind")
         time.sleep(0.1)
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}],
-                       "max_tokens": 16})
-    for _ in range(requests):
-        conn.request("POST", "/v1/chat/completions", body,
-                     {"Authorization": "Bearer sk-count", "Content-Type": "application/json"})
-        resp = conn.getresponse()
-        resp.read()
-        assert resp.status == 200, resp.status
+    bench.send_plain(conn, requests, "sk-count")
     conn.close()
     proc.send_signal(signal.SIGINT)
     proc.wait(120)

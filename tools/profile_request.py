@@ -21,7 +21,6 @@ import argparse
 import collections
 import http.client
 import io
-import json
 import os
 import sys
 import threading
@@ -39,6 +38,8 @@ def main() -> int:
     sys.path.insert(0, os.path.abspath(args.proxy))
     import llm_proxy  # (the one in --proxy)
     sys.path.append(ROOT)
+    sys.path.insert(0, os.path.join(ROOT, "tools"))  # (this folder's bench, not --proxy's)
+    from bench_llm_proxy import send_plain
     from tests.support import FakeUpstream
 
     upstream = FakeUpstream()
@@ -74,16 +75,9 @@ def main() -> int:
 
     llm_proxy.ProxyHandler.handle_one_request = traced  # type: ignore[method-assign]
     conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1])
-    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}],
-                       "max_tokens": 16})
 
     def run(count: int) -> None:
-        for _ in range(count):
-            conn.request("POST", "/v1/chat/completions", body,
-                         {"Authorization": "Bearer sk-profile", "Content-Type": "application/json"})
-            resp = conn.getresponse()
-            resp.read()
-            assert resp.status == 200, resp.status
+        send_plain(conn, count, "sk-profile")
 
     run(50)  # (the first requests make what later ones reuse)
     opcodes.clear()
