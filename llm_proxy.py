@@ -10423,18 +10423,20 @@ def start_as_module() -> None:
     the start; without it and give_back_start_memory, 30); a module's tree is freed once it
     is compiled (and its compiled form cached, where __pycache__ can be written). The command
     line names this file and keeps the interpreter's options. Not under a debugger, a profiler
-    or a frozen build, nor off POSIX: there the script runs on as it started. Returns only
-    where it does not start again."""
+    or a frozen build, nor off POSIX, nor for a copy whose name cannot be imported
+    (/usr/local/bin/llm-proxy): there the script runs on as it started. Returns only where it
+    does not start again."""
+    script = os.path.abspath(__file__)
+    module, extension = os.path.splitext(os.path.basename(script))
     if __spec__ is not None or os.name != "posix" or getattr(sys, "frozen", False) \
             or not sys.executable or sys.gettrace() is not None \
-            or sys.getprofile() is not None:
+            or sys.getprofile() is not None or extension != ".py" or not module.isidentifier():
         return
-    script = os.path.abspath(__file__)
     given = getattr(sys, "orig_argv", [])
     options = given[1:given.index(sys.argv[0], 1)] if sys.argv[0] in given[1:] else []
     start = (f"import os, runpy, sys; script = {script!r}; "
              "sys.path.insert(0, os.path.dirname(script)); "
-             "runpy.run_module('llm_proxy', run_name='__main__', alter_sys=True)")
+             f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)")
     try:
         os.execv(sys.executable, [sys.executable, *options, "-c", start, *sys.argv[1:]])
     except OSError:

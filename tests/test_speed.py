@@ -9,9 +9,11 @@ import http.client
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import unittest
 
 import llm_proxy
@@ -125,6 +127,22 @@ class StartAsModuleTests(unittest.TestCase):
         conn.request("GET", "/health")
         self.assertEqual(conn.getresponse().status, 200)
         conn.close()
+
+    def test_a_copy_whose_name_is_no_module_runs_as_the_script_it_is(self):
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        with open(os.path.join(HERE, "llm_proxy.py")) as f:
+            # (marked, to tell it from another llm_proxy the interpreter could import)
+            text = f.read().replace('description="Share one', 'description="Marked: share one')
+        for name in ("llm-proxy", "proxy_copy.py"):
+            copy = os.path.join(folder, name)
+            with open(copy, "w") as f:
+                f.write(text)
+            done = subprocess.run([sys.executable, copy, "--help"], capture_output=True,
+                                  text=True, timeout=WAIT, cwd=folder)
+            self.assertEqual(done.returncode, 0, done.stderr)
+            self.assertIn("Marked: share one", done.stdout)  # (itself, not an installed one)
+            self.assertEqual(done.stderr, "")
 
 
 if __name__ == "__main__":
