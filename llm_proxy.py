@@ -5908,8 +5908,8 @@ class _UpstreamResponse:
         """http.client's _read_status, for the usual line at once: one that came whole, of a
         final status, by HTTP/1.x (any other, http.client's own reads)."""
         line = _STATUS_LINE.match(self.fp.peek(1))
-        if line is None:  # (http.client's own, private, as begin's model: typeshed omits it)
-            return self._read_status()  # type: ignore[attr-defined,no-any-return]
+        if line is None:  # (http.client's own reading, with all its checks)
+            return self._read_status()
         self.fp.read(line.end())
         minor, status, reason = line.groups()
         return f"HTTP/1.{minor[0] - 48}", int(status), (reason or b"").decode("latin-1")
@@ -5927,6 +5927,7 @@ for _name, _function in vars(http.client.HTTPResponse).items():
     if callable(_function) and _name not in vars(_UpstreamResponse) \
             and _name not in ("flush", "readline", "__iter__"):
         setattr(_UpstreamResponse, _name, _function)
+del _name, _function
 
 
 #: struct tcp_info (linux/tcp.h): the state is its first byte; tcpi_bytes_received (Linux 4.1),
@@ -6103,11 +6104,11 @@ class _Connection:
         return peek_now(self.reader, self.sock) is not None
 
     def has_unread(self) -> bool:
-        """Whether bytes wait to be read (buffered, or received by the kernel), or the
-        upstream has closed its end, found out without waiting: an answer that has begun to
-        arrive, bytes no request asked for, or a connection closed while it was idle (a
-        server may close an idle keep-alive connection at any time; llama.cpp's does so
-        after streams when many are open at once)."""
+        """Whether an idle connection has bytes waiting to be read (buffered, or received by
+        the kernel), or the upstream has closed its end, found out without waiting: bytes no
+        request asked for, or a connection closed while it was idle (a server may close an
+        idle keep-alive connection at any time; llama.cpp's does so after streams when many
+        are open at once). The pool's look before reuse."""
         arrived = self.raw.arrived()
         if arrived is not None:
             return arrived or bool(self.raw.held(self.reader))

@@ -145,10 +145,6 @@ class StartAsModuleTests(unittest.TestCase):
             self.assertEqual(done.stderr, "")
 
 
-if __name__ == "__main__":
-    unittest.main()
-
-
 class KnownCallerTests(KeysAdminCase):
     """A connection remembers who its last request was from (no hash, no lookup for the next
     one with the same key): what changes the key still applies to the very next request."""
@@ -196,3 +192,7 @@ class KnownCallerTests(KeysAdminCase):
             limits.append(resp.getheader("x-ratelimit-limit"))
         self.assertEqual(limits, ["1000", "2000", "1000"])
         self.assertEqual(self.post(conn, "sk-nobody")[0], 401)
+
+
+if __name__ == "__main__":
+    unittest.main()
